@@ -1,0 +1,282 @@
+"""NumPy backend: CTC loss and gradient for a whole batch on the CPU.
+
+The forward (alpha) and backward (beta) recursions of Graves et al. (2006) run in log space in float64, as a Python
+loop over time that is vectorized over the batch and the ``L = 2S + 1`` positions of the extended label sequence
+``l' = (blank, l_1, blank, l_2, ..., l_S, blank)``:
+
+.. math::
+
+    \\log\\alpha_t(s) = \\log \\sum_{k \\in K(s)} \\alpha_{t-1}(s - k) + \\log y_t(l'_s), \\qquad
+    \\log\\beta'_t(s) = \\log \\sum_{k \\in K'(s)} \\beta'_{t+1}(s + k)\\, y_{t+1}(l'_{s+k}),
+
+with ``K(s) = {0, 1}`` plus ``2`` when ``l'_s`` is a label different from ``l'_{s-2}`` (``beta'`` excludes the
+emission at ``t``). ``-log p(l|x) = -log(alpha_{T_n-1}(L_n-1) + alpha_{T_n-1}(L_n-2))`` and the posterior of being at
+position ``s`` at time ``t`` is ``gamma_t(s) = alpha_t(s) beta'_t(s) / p(l|x)``. The gradient, in torch's convention
+(the gradient through an upstream log_softmax, Graves eq. 16; pytorch issue #52241), is
+
+.. math::
+
+    \\frac{\\partial(-\\log p)}{\\partial \\log y_t(c)} \\Big|_{torch} = y_t(c) - \\sum_{s: l'_s = c} \\gamma_t(s),
+
+and ``-sum gamma`` in the "plain" convention. Log space keeps long (T in the thousands) and peaky (log-probs down to
+-1e3) inputs exact where a scaled probability-space recursion would flush states to zero.
+
+"Log zero" is the finite ``NEG = -1e30`` rather than ``-inf``: ``exp(NEG - m)`` underflows to exactly 0 for any real
+``m`` and ``NEG - NEG`` is 0 rather than NaN, so the recursion needs no guards; log-probabilities of ``-inf`` are
+clamped to ``NEG`` and a log-likelihood below ``NEG / 2`` is reported as an infinite loss. NaN inside the input
+lengths propagates to a NaN loss, as in torch; frames at ``t >= input_lengths[n]`` never enter the results.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+NEG = -1e30
+_NEG_THRESHOLD = NEG / 2
+# Rows of the (T, N, C) gradient handled by one task: a few MB, so exp/scale/scatter stay cache-resident.
+_GRAD_CHUNK_BYTES = 4 << 20
+
+
+def forward_backward(problem, grad_scale=None, convention="torch"):
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (see ``notes/CONTRACT.md``).
+
+    Args:
+        problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
+        grad_scale: ``(N,)`` float64 per-sample gradient weights, or None for the loss alone.
+        convention: ``"torch"`` (``exp(lp) - posterior``) or ``"plain"`` (``-posterior``).
+
+    Returns:
+        ``(nll, grad)``: ``nll`` ``(N,)`` float64, ``+inf`` for infeasible targets; ``grad`` ``(T, N, C)`` in
+        ``problem.log_probs.dtype`` (None without ``grad_scale``) with rows ``t >= input_lengths[n]`` exactly 0 and
+        rows of infinite-loss samples NaN (0 when ``problem.zero_infinity``).
+    """
+    lp = problem.log_probs  # (T, N, C)
+    T, N, C = lp.shape
+    il, tl = problem.input_lengths, problem.target_lengths  # (N,), (N,)
+    lattice = _Lattice(problem.targets, tl, problem.blank)
+    t_max = int(il.max())
+
+    nll = np.where(tl == 0, 0.0, np.inf)  # (N,) value for input_length 0
+    grad = None if grad_scale is None else np.zeros((T, N, C), dtype=lp.dtype)
+    if t_max == 0:
+        return nll, grad
+
+    lpe = lattice.emissions(lp, il, t_max)  # (t_max, N, L)
+    alpha, last = _alpha(lpe, lattice, il, store=grad is not None)  # (t_max, N, L + 2) or None; (N, L + 2)
+    ended = il > 0
+    log_p = _final_log_likelihood(last, lattice)  # (N,)
+    nll[ended] = -log_p[ended]
+    nll[nll > -_NEG_THRESHOLD] = np.inf
+    if grad is None:
+        return nll, None
+
+    beta = _beta(lpe, lattice, il)  # (t_max, N, L)
+    del lpe
+    feasible = np.isfinite(nll) & ended  # NaN losses count as infeasible: their rows become NaN below
+    posterior = _posterior(alpha, beta, nll, il, feasible)  # (t_max, N, L)
+    del alpha, beta
+    _fill_gradient(grad, lp, posterior, lattice, il, np.asarray(grad_scale, dtype=np.float64), convention)
+    for n in np.flatnonzero(~feasible & ended):
+        grad[: il[n], n, :] = 0.0 if problem.zero_infinity and not np.isnan(nll[n]) else np.nan
+    return nll, grad
+
+
+class _Lattice:
+    """The extended label sequences of a batch and the transitions allowed between their positions.
+
+    Attributes:
+        ext: ``(N, L)`` int64 extended labels, ``L = 2S + 1``; positions ``s >= L_n`` hold ``blank`` (never reached).
+        lengths: ``(N,)`` ``L_n = 2 target_lengths + 1``.
+        skip_alpha: ``(3, N, L)`` additive log-weights of the moves ``s-0, s-1, s-2 -> s``: 0 allowed, NEG not.
+        skip_beta: ``(3, N, L)`` the same for ``s <- s+0, s+1, s+2``.
+    """
+
+    def __init__(self, targets, target_lengths, blank):
+        N, S = targets.shape
+        L = 2 * S + 1
+        self.L = L
+        self.lengths = 2 * target_lengths + 1  # (N,)
+        self.ext = np.full((N, L), blank, dtype=np.int64)  # (N, L)
+        self.ext[:, 1::2] = targets
+        # s - 2 -> s is allowed into a label that differs from the label two positions back.
+        allowed = np.zeros((N, L), dtype=bool)  # (N, L) indexed by the destination s
+        allowed[:, 3::2] = targets[:, 1:] != targets[:, :-1]
+        self.skip_alpha = np.zeros((3, N, L))
+        self.skip_alpha[2][~allowed] = NEG
+        self.skip_beta = np.zeros((3, N, L))
+        self.skip_beta[2, :, : L - 2][~allowed[:, 2:]] = NEG
+        self.skip_beta[2, :, L - 2:] = NEG
+
+    def emissions(self, lp, il, t_max):
+        """``(t_max, N, L)`` float64 ``log y_t(l'_s)``; frames past ``input_lengths[n]`` repeat its last frame.
+
+        Repeating the last valid frame (instead of reading the padding) keeps NaN or garbage in the padding out of
+        the recursions; the values computed there are never used.
+        """
+        N = lp.shape[1]
+        t_index = np.minimum(np.arange(t_max)[:, None], np.maximum(il - 1, 0)[None, :])  # (t_max, N)
+        lpe = lp[t_index[:, :, None], np.arange(N)[None, :, None], self.ext[None, :, :]]  # (t_max, N, L)
+        lpe = lpe.astype(np.float64, copy=False)
+        return np.maximum(lpe, NEG, out=lpe)  # -inf -> NEG; NaN stays NaN
+
+    def groups(self, C):
+        """Group the valid lattice positions of each sample by class, for the scatter into ``(N, C)`` columns.
+
+        Returns:
+            ``(samples, positions, starts, columns)``: ``samples`` and ``positions`` ``(P,)`` index the valid
+            ``(n, s)`` lattice cells, sorted by class within each sample; ``starts`` the first entry of each
+            (sample, class) group (for ``np.add.reduceat``); ``columns`` the flattened ``(N * C)`` column of each group.
+        """
+        N, L = self.ext.shape
+        valid = np.arange(L)[None, :] < self.lengths[:, None]  # (N, L)
+        keys = (np.arange(N)[:, None] * C + self.ext)[valid]  # (P,) flattened (n, class)
+        samples, positions = np.nonzero(valid)  # (P,), (P,)
+        order = np.argsort(keys, kind="stable")
+        keys, samples, positions = keys[order], samples[order], positions[order]
+        columns, starts = np.unique(keys, return_index=True)
+        return samples, positions, starts, columns
+
+
+def _lse3(shifted, skip, out, scratch, m):
+    """``out = log(sum_k exp(shifted[k] + skip[k]))`` over k = 0..2, with the max subtracted first.
+
+    ``shifted`` ``(3, N, L)`` (a strided view); ``scratch`` ``(3, N, L)`` and ``m`` ``(N, L)`` are work buffers.
+    """
+    np.add(shifted, skip, out=scratch)
+    np.max(scratch, axis=0, out=m)
+    np.subtract(scratch, m, out=scratch)
+    np.exp(scratch, out=scratch)
+    np.sum(scratch, axis=0, out=out)
+    np.log(out, out=out)
+    np.add(out, m, out=out)
+
+
+def _alpha(lpe, lattice, il, store):
+    """Forward variables ``log alpha``.
+
+    Returns:
+        ``(table, last)``: ``table`` ``(t_max, N, L + 2)`` when ``store`` (else None); ``last`` ``(N, L + 2)`` the row
+        at each sample's last frame ``t = input_lengths[n] - 1``. Columns 0 and 1 hold NEG so that ``s - 1`` and
+        ``s - 2`` of the first positions read "log zero"; column ``s + 2`` holds position ``s``.
+    """
+    t_max, N, L = lpe.shape
+    table = np.full((t_max if store else 2, N, L + 2), NEG)
+    table[0, :, 2:4] = lpe[0, :, :2]
+    last = np.empty((N, L + 2))
+    ends_at = _samples_ending_at(il, t_max)
+    scratch, m = np.empty((3, N, L)), np.empty((N, L))
+    row_stride, col_stride = table.strides[1], table.strides[2]
+    for t in range(t_max):
+        cur = table[t if store else t % 2]
+        if t > 0:
+            prev = table[(t - 1) if store else (t - 1) % 2]
+            # shifted[k, n, s] = log alpha_{t-1}(s - k)
+            shifted = as_strided(prev[:, 2:], shape=(3, N, L), strides=(-col_stride, row_stride, col_stride))
+            out = cur[:, 2:]
+            _lse3(shifted, lattice.skip_alpha, out, scratch, m)
+            np.add(out, lpe[t], out=out)
+        if t in ends_at:
+            last[ends_at[t]] = cur[ends_at[t]]
+    return (table if store else None), last
+
+
+def _samples_ending_at(il, t_max):
+    """``{t: samples whose last frame is t}`` for ``t < t_max``."""
+    order = np.argsort(il, kind="stable")
+    return {int(t) - 1: order[il[order] == t] for t in np.unique(il) if 0 < t <= t_max}
+
+
+def _final_log_likelihood(last, lattice):
+    """``log p(l | x_n) = logaddexp(alpha(L_n - 1), alpha(L_n - 2))`` at each sample's last frame, ``(N,)``."""
+    n = np.arange(last.shape[0])
+    end = lattice.lengths + 1  # column of position L_n - 1
+    a_last = last[n, end]  # (N,)
+    a_prev = np.where(lattice.lengths > 1, last[n, end - 1], NEG)  # (N,)
+    return np.logaddexp(a_last, a_prev)
+
+
+def _beta(lpe, lattice, il):
+    """Backward variables ``log beta'`` (excluding the emission at ``t``), ``(t_max, N, L)``.
+
+    ``beta'_{T_n - 1}(s)`` is 1 at the two final positions ``L_n - 1, L_n - 2`` and 0 elsewhere; each sample's
+    recursion restarts at its own last frame, so rows ``t >= input_lengths[n]`` are unused garbage.
+    """
+    t_max, N, L = lpe.shape
+    table = np.empty((t_max, N, L))
+    start = np.full((N, L), NEG)  # (N, L) log beta' at the last frame
+    n = np.arange(N)
+    start[n, lattice.lengths - 1] = 0.0
+    start[n[lattice.lengths > 1], lattice.lengths[lattice.lengths > 1] - 2] = 0.0
+    ends_at = _samples_ending_at(il, t_max)
+    nxt = np.full((N, L + 2), NEG)  # log beta'_{t+1}(s) + log y_{t+1}(s); columns L, L+1 stay NEG
+    scratch, m = np.empty((3, N, L)), np.empty((N, L))
+    row_stride, col_stride = nxt.strides
+    # shifted[k, n, s] = nxt[n, s + k]
+    shifted = as_strided(nxt, shape=(3, N, L), strides=(col_stride, row_stride, col_stride))
+    table[t_max - 1] = start
+    for t in range(t_max - 2, -1, -1):
+        np.add(table[t + 1], lpe[t + 1], out=nxt[:, :L])
+        _lse3(shifted, lattice.skip_beta, table[t], scratch, m)
+        if t in ends_at:
+            table[t][ends_at[t]] = start[ends_at[t]]
+    return table
+
+
+def _posterior(alpha, beta, nll, il, feasible):
+    """``gamma_t(s) = exp(log alpha + log beta' + nll)``, ``(t_max, N, L)``, 0 at ``t >= input_lengths[n]``.
+
+    Computed in place in ``alpha``'s storage. Infeasible samples get 0 here; their gradient rows are set apart.
+    """
+    t_max = alpha.shape[0]
+    post = alpha[:, :, 2:]  # (t_max, N, L) view
+    np.add(post, beta, out=post)
+    np.add(post, np.where(feasible, nll, 0.0)[None, :, None], out=post)
+    np.exp(post, out=post)
+    rows_used = (np.arange(t_max)[:, None] < il[None, :]) & feasible[None, :]  # (t_max, N)
+    np.multiply(post, rows_used[:, :, None], out=post)
+    return post
+
+
+def _fill_gradient(grad, lp, posterior, lattice, il, grad_scale, convention):
+    """Write ``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c} gamma_t(s))`` for ``t < il[n]``.
+
+    ``grad`` ``(T, N, C)`` arrives zeroed. Work is split into blocks of rows that threads run concurrently (NumPy
+    releases the GIL inside its loops); each block exponentiates, scales, and subtracts the class-aggregated
+    posterior, so the ``(T, N, C)`` array is touched once while cache-resident.
+    """
+    T, N, C = grad.shape
+    t_max = posterior.shape[0]
+    samples, positions, starts, columns = lattice.groups(C)
+    column_scale = grad_scale[columns // C]  # (G,)
+    grad_rows = grad.reshape(T, N * C)
+    step = max(1, _GRAD_CHUNK_BYTES // (N * C * grad.itemsize))
+    scale = None if np.all(grad_scale == 1.0) else grad_scale.astype(grad.dtype)[None, :, None]  # (1, N, 1)
+
+    def block(t0):
+        t1 = min(t0 + step, t_max)
+        g = grad[t0:t1]  # (rows, N, C)
+        if convention == "torch":
+            np.exp(lp[t0:t1], out=g)
+            if scale is not None:
+                np.multiply(g, scale, out=g)
+            for n in np.flatnonzero(il < t1):
+                g[max(il[n] - t0, 0):, n, :] = 0.0
+        # (rows, G): posterior summed over the lattice positions of each (sample, class)
+        if positions.size:
+            agg = np.add.reduceat(posterior[t0:t1, samples, positions], starts, axis=1)
+            agg *= column_scale
+            rows = grad_rows[t0:t1]
+            rows[:, columns] -= agg.astype(grad.dtype, copy=False)
+
+    blocks = range(0, t_max, step)
+    workers = min(len(blocks), os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(block, blocks))
+    else:
+        for t0 in blocks:
+            block(t0)

@@ -1,0 +1,41 @@
+"""deploy_ctc for ONNX: the deploy_ctc::CTCLoss / CTCLossGrad ops and everything to run and export them.
+
+- :func:`register_schemas` -- OpSchemas so onnx.checker / shape inference validate models using the ops.
+- :func:`session_options` -- onnxruntime SessionOptions running the ops with deploy_ctc (the fast path).
+- :func:`reference_ops` -- onnx.reference OpRun classes for ``ReferenceEvaluator(new_ops=...)``.
+- :func:`export` -- torch.onnx.export for modules that call ``F.ctc_loss`` / ``nn.CTCLoss``.
+- :func:`append_ctc_loss` -- add the loss to an already exported ONNX model.
+
+Nodes carry a portable model-local function body (standard ONNX ops) by default, so plain
+onnxruntime runs them without any extension.  Needs ``pip install deploy_ctc[onnx]``.
+"""
+
+from deploy_ctc.onnx import schemas
+from deploy_ctc.onnx.schemas import DOMAIN, register_schemas
+from deploy_ctc.onnx.extension import custom_op_library_path, session_options
+from deploy_ctc.onnx.reference import reference_ops
+
+__all__ = [
+    "DOMAIN",
+    "append_ctc_loss",
+    "custom_op_library_path",
+    "export",
+    "reference_ops",
+    "register_schemas",
+    "schemas",
+    "session_options",
+]
+
+
+def export(*args, **kwargs):
+    """See :func:`deploy_ctc.onnx.export.export` (imported lazily: it needs torch)."""
+    from deploy_ctc.onnx.export import export as _export
+
+    return _export(*args, **kwargs)
+
+
+def append_ctc_loss(*args, **kwargs):
+    """See :func:`deploy_ctc.onnx.append.append_ctc_loss`."""
+    from deploy_ctc.onnx.append import append_ctc_loss as _append
+
+    return _append(*args, **kwargs)

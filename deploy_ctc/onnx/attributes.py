@@ -1,0 +1,27 @@
+"""Node attributes of deploy_ctc::CTCLoss / CTCLossGrad, checked with the Python API's messages."""
+
+from __future__ import annotations
+
+
+def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
+    """Validate ONNX attribute values; returns (blank: int, reduction: str, zero_infinity: bool).
+
+    ONNX stores ``zero_infinity`` as an int (0/1); 0 and 1 map to False/True and any other value is
+    handed to ``deploy_ctc.validation.check_options`` unchanged, so its error message names it.
+
+    Raises:
+        ValueError / TypeError: as ``deploy_ctc.ctc_loss`` for the same option values.
+    """
+    from deploy_ctc.validation import check_options
+
+    if isinstance(reduction, bytes):
+        reduction = reduction.decode("utf-8", "replace")
+    if type(zero_infinity) is int and zero_infinity in (0, 1):
+        zero_infinity = bool(zero_infinity)
+    return check_options(blank, reduction, zero_infinity)
+
+
+def node_attributes(blank=0, reduction="mean", zero_infinity=False) -> dict:
+    """Checked attribute values as written on a node: every attribute explicit (the extension requires it)."""
+    blank, reduction, zero_infinity = check_node_attributes(blank, reduction, zero_infinity)
+    return {"blank": blank, "reduction": reduction, "zero_infinity": int(zero_infinity)}

@@ -1,0 +1,139 @@
+"""ONNX operator schemas for ``deploy_ctc::CTCLoss`` and ``deploy_ctc::CTCLossGrad`` (opset 1).
+
+``CTCLoss(log_probs, targets, input_lengths, target_lengths) -> loss``
+    log_probs       (T, N, C) float/double, log-probabilities (e.g. from LogSoftmax over C)
+    targets         (N, S) padded or (sum(target_lengths),) concatenated, int32/int64
+    input_lengths   (N,) int32/int64, each <= T
+    target_lengths  (N,) int32/int64
+    loss            () for reduction "mean"/"sum", (N,) for "none"; dtype of log_probs
+
+``CTCLossGrad(d_loss, log_probs, targets, input_lengths, target_lengths) -> d_log_probs``
+    d_loss          upstream gradient of ``loss`` (same shape as ``loss``)
+    d_log_probs     (T, N, C): d_loss-weighted ``exp(log_probs) - posterior`` (torch's convention,
+                    the gradient through an upstream log_softmax); 0 for frames t >= input_lengths[n]
+
+Attributes (both ops): ``blank`` (int, 0), ``reduction`` (string, "mean"), ``zero_infinity`` (int, 0),
+with exactly torch.nn.CTCLoss's meaning.
+
+The schemas live in the ONNX Python registry of this process only: ``register_schemas()`` lets
+``onnx.checker.check_model(full_check=True)`` and ``onnx.shape_inference`` validate models using the ops.
+ONNX Runtime never sees them; it runs either the node's model-local function body or the extension kernel.
+"""
+
+from __future__ import annotations
+
+from deploy_ctc.onnx._deps import require_onnx
+
+DOMAIN = "deploy_ctc"
+OPSET_VERSION = 1
+
+# Attribute name -> default, in torch.nn.CTCLoss's order.
+ATTRIBUTE_DEFAULTS = {"blank": 0, "reduction": "mean", "zero_infinity": 0}
+REDUCTIONS = ("none", "mean", "sum")
+
+_FLOAT_TYPES = ["tensor(float)", "tensor(double)"]
+_INT_TYPES = ["tensor(int32)", "tensor(int64)"]
+
+
+def _attribute_values(ctx) -> dict:
+    """The node's attribute values with schema defaults filled in, checked like the Python API."""
+    from deploy_ctc.onnx.attributes import check_node_attributes
+
+    onnx = require_onnx()
+    values = {}
+    for name, default in ATTRIBUTE_DEFAULTS.items():
+        proto = ctx.get_attribute(name)
+        values[name] = default if proto is None else onnx.helper.get_attribute_value(proto)
+    if isinstance(values["reduction"], bytes):
+        values["reduction"] = values["reduction"].decode()
+    return check_node_attributes(**values)
+
+
+def _infer_ctc_loss(ctx) -> None:
+    """loss: dtype of log_probs; () for mean/sum, (N,) for none with N = log_probs.shape[1]."""
+    onnx = require_onnx()
+    _, reduction, _ = _attribute_values(ctx)
+    lp_type = ctx.get_input_type(0)
+    elem_type = lp_type.tensor_type.elem_type
+    if reduction != "none":
+        out = onnx.helper.make_tensor_type_proto(elem_type, [])
+    elif lp_type.tensor_type.HasField("shape") and len(lp_type.tensor_type.shape.dim) == 3:
+        out = onnx.helper.make_tensor_type_proto(elem_type, [None])
+        out.tensor_type.shape.dim[0].CopyFrom(lp_type.tensor_type.shape.dim[1])
+    else:
+        out = onnx.helper.make_tensor_type_proto(elem_type, [None])
+    ctx.set_output_type(0, out)
+
+
+def _infer_ctc_loss_grad(ctx) -> None:
+    """d_log_probs: the type and shape of log_probs."""
+    _attribute_values(ctx)
+    ctx.set_output_type(0, ctx.get_input_type(1))
+
+
+def _attributes(onnx) -> list:
+    docs = {
+        "blank": "index of the blank class in [0, C)",
+        "reduction": "'none' | 'mean' | 'sum', as torch.nn.CTCLoss",
+        "zero_infinity": "1: infinite losses (infeasible alignments) and their gradients become 0",
+    }
+    return [
+        onnx.defs.OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), docs[name])
+        for name, default in ATTRIBUTE_DEFAULTS.items()
+    ]
+
+
+def _ctc_inputs(onnx) -> list:
+    param = onnx.defs.OpSchema.FormalParameter
+    return [
+        param("log_probs", "T", "(T, N, C) log-probabilities"),
+        param("targets", "I", "(N, S) padded or (sum(target_lengths),) concatenated class indices"),
+        param("input_lengths", "I2", "(N,) frames used per sample"),
+        param("target_lengths", "I3", "(N,) target length per sample"),
+    ]
+
+
+def _type_constraints() -> list:
+    return [
+        ("T", _FLOAT_TYPES, "log-probabilities and loss"),
+        ("I", _INT_TYPES, "targets"),
+        ("I2", _INT_TYPES, "input lengths"),
+        ("I3", _INT_TYPES, "target lengths"),
+    ]
+
+
+def make_schemas() -> tuple:
+    """Build (not register) the CTCLoss and CTCLossGrad OpSchemas."""
+    onnx = require_onnx()
+    param = onnx.defs.OpSchema.FormalParameter
+    loss = onnx.defs.OpSchema(
+        "CTCLoss", DOMAIN, OPSET_VERSION,
+        "CTC loss with torch.nn.CTCLoss's exact behaviour (Graves et al., ICML 2006).",
+        inputs=_ctc_inputs(onnx),
+        outputs=[param("loss", "T", "() for mean/sum, (N,) for none")],
+        type_constraints=_type_constraints(),
+        attributes=_attributes(onnx),
+    )
+    loss.set_type_and_shape_inference_function(_infer_ctc_loss)
+    grad = onnx.defs.OpSchema(
+        "CTCLossGrad", DOMAIN, OPSET_VERSION,
+        "Gradient of CTCLoss w.r.t. log_probs, weighted by d_loss (torch's exp(lp) - posterior convention).",
+        inputs=[param("d_loss", "T", "upstream gradient, shape of CTCLoss's loss")] + _ctc_inputs(onnx),
+        outputs=[param("d_log_probs", "T", "(T, N, C)")],
+        type_constraints=_type_constraints(),
+        attributes=_attributes(onnx),
+    )
+    grad.set_type_and_shape_inference_function(_infer_ctc_loss_grad)
+    return loss, grad
+
+
+def register_schemas() -> None:
+    """Register both schemas with onnx.defs, once per process (later calls do nothing).
+
+    Raises:
+        ImportError: onnx is not installed (``pip install deploy_ctc[onnx]``).
+    """
+    onnx = require_onnx()
+    for schema in make_schemas():
+        if not onnx.defs.has(schema.name, OPSET_VERSION, DOMAIN):
+            onnx.defs.register_schema(schema)

@@ -1,0 +1,268 @@
+"""Argument checking shared by every backend, the torch adapter and the ONNX Runtime op.
+
+``validate`` turns what a user may pass to :func:`deploy_ctc.ctc_loss` (the argument forms ``torch.nn.CTCLoss``
+accepts) into one canonical :class:`CTCProblem`, or raises a ``ValueError``/``TypeError`` whose message names the
+argument and the offending value. Backends only ever see a validated problem, so kernels never index out of bounds.
+
+Where torch reads out of bounds or silently casts (target values outside ``[0, C)``, targets equal to ``blank``,
+float targets), this module refuses with a clear error instead.
+
+On CuPy the checks on target values run on the device; the lengths and the count of bad target values come back to
+the host in one small transfer (size ``2N + 1``), the only synchronisation on the success path.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(frozen=True)
+class CTCProblem:
+    """A validated batch, in the layout every backend consumes.
+
+    Attributes:
+        xp: the array module of ``log_probs`` (``numpy`` or ``cupy``).
+        log_probs: ``(T, N, C)`` float32 or float64 (float16 input already upcast to float32); may be a strided view
+            of the caller's array, never a modified one.
+        targets: ``(N, S)`` int64, C-contiguous, ``S = max(target_lengths)``; entries at ``s >= target_lengths[n]``
+            are 0, every other entry is in ``[0, C)`` and differs from ``blank``.
+        input_lengths: ``(N,)`` int64 NumPy array on the host, each in ``[0, T]``.
+        target_lengths: ``(N,)`` int64 NumPy array on the host, each ``>= 0``.
+        blank, reduction, zero_infinity: the validated options.
+        batched: False for the unbatched ``(T, C)`` form (results then drop the batch axis).
+        out_dtype: dtype of the caller's ``log_probs``; losses and gradients are returned in it.
+    """
+
+    xp: Any
+    log_probs: Any
+    targets: Any
+    input_lengths: np.ndarray
+    target_lengths: np.ndarray
+    blank: int
+    reduction: str
+    zero_infinity: bool
+    batched: bool
+    out_dtype: Any
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(T, N, C)``."""
+        return tuple(self.log_probs.shape)
+
+
+def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
+    """Validate the three options of ``nn.CTCLoss`` (and the ONNX op's attributes).
+
+    ``blank`` is range-checked against C later, in :func:`validate`.
+
+    Returns:
+        ``(blank, reduction, zero_infinity)`` as ``(int, str, bool)``.
+
+    Raises:
+        TypeError: ``blank`` is not an integer, ``reduction`` not a string, ``zero_infinity`` not a bool or 0/1.
+        ValueError: ``reduction`` is not one of ``'none'``, ``'mean'``, ``'sum'``; ``zero_infinity`` is an integer
+            other than 0 or 1.
+    """
+    if isinstance(blank, (bool, np.bool_)) or not isinstance(blank, numbers.Integral):
+        raise TypeError(f"blank must be an integer, got {blank!r} of type {type(blank).__name__}")
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a string, one of {REDUCTIONS}, got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if isinstance(zero_infinity, (bool, np.bool_)):
+        zero_infinity = bool(zero_infinity)
+    elif isinstance(zero_infinity, numbers.Integral):
+        # The ONNX op carries zero_infinity as an int attribute.
+        if zero_infinity not in (0, 1):
+            raise ValueError(f"zero_infinity must be a bool (or 0/1), got {zero_infinity!r}")
+        zero_infinity = bool(zero_infinity)
+    else:
+        raise TypeError(f"zero_infinity must be a bool, got {zero_infinity!r} of type {type(zero_infinity).__name__}")
+    return int(blank), reduction, zero_infinity
+
+
+def array_module(log_probs):
+    """The array module (``numpy`` or ``cupy``) that owns ``log_probs``.
+
+    Raises:
+        TypeError: ``log_probs`` is neither a NumPy nor a CuPy array.
+    """
+    if isinstance(log_probs, np.ndarray):
+        return np
+    if type(log_probs).__module__.startswith("cupy"):
+        import cupy
+
+        if isinstance(log_probs, cupy.ndarray):
+            return cupy
+    hint = " (use deploy_ctc.torch for torch tensors)" if type(log_probs).__module__.startswith("torch") else ""
+    raise TypeError(f"log_probs must be a numpy.ndarray or cupy.ndarray, got {type(log_probs).__name__}{hint}")
+
+
+def _float_log_probs(log_probs, xp):
+    """Return ``(log_probs as float32/float64, caller's dtype)``; float16 is upcast (torch refuses half)."""
+    dtype = log_probs.dtype
+    if dtype == np.float16:
+        return log_probs.astype(np.float32), dtype
+    if dtype in (np.float32, np.float64):
+        return log_probs, dtype
+    raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
+
+
+def _integer_array(value, name: str, xp):
+    """Convert an int / sequence / integer array to an integer array of ``xp`` without copying device data."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be integers, got {value!r}")
+    if xp is not np and isinstance(value, xp.ndarray):
+        arr = value
+    elif isinstance(value, (list, tuple)):
+        arr = np.asarray(value)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise TypeError(f"{name} must be integers, got {value!r}")
+        arr = arr.astype(np.int64)
+    elif isinstance(value, numbers.Integral):
+        arr = np.asarray(operator.index(value), dtype=np.int64)
+    elif isinstance(value, np.ndarray) or type(value).__module__.startswith("cupy"):
+        arr = value
+    else:
+        raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {arr.dtype}")
+    return arr
+
+
+def _lengths(value, name: str, n: int, batched: bool, xp):
+    """``(N,)`` int64 array of ``xp`` from any accepted lengths form."""
+    arr = _integer_array(value, name, xp)
+    if batched:
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ValueError(f"{name} must have N={n} entries (one per batch item), got shape {tuple(arr.shape)}")
+    elif arr.size != 1 or arr.ndim > 1:
+        raise ValueError(f"{name} must be a single length for unbatched (T, C) log_probs, got shape {tuple(arr.shape)}")
+    return xp.asarray(arr.reshape(n), dtype=np.int64)
+
+
+def _first_index(mask) -> tuple[int, ...]:
+    """Index of the first True entry of a (host) boolean array."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+
+
+def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
+             zero_infinity=False) -> CTCProblem:
+    """Check the arguments of :func:`deploy_ctc.ctc_loss` and return them as a :class:`CTCProblem`.
+
+    Accepted forms (those of ``torch.nn.CTCLoss``): ``log_probs`` ``(T, N, C)`` or unbatched ``(T, C)``; ``targets``
+    padded ``(N, S)``, concatenated 1-D of length ``sum(target_lengths)``, or ``(S,)`` unbatched; lengths as an int,
+    a tuple/list of ints or an integer array (0-d or size 1 for unbatched). Inputs are never modified.
+
+    Raises:
+        TypeError: non-float ``log_probs``; non-integer targets or lengths; non-array ``log_probs``.
+        ValueError: wrong ranks or lengths counts, empty ``log_probs``, ``blank`` outside ``[0, C)``, negative
+            lengths, ``input_lengths[n] > T``, ``target_lengths[n] > S``, concatenated length mismatch, a target value
+            outside ``[0, C)`` or equal to ``blank`` within its target's length; bad ``reduction``.
+    """
+    blank, reduction, zero_infinity = check_options(blank, reduction, zero_infinity)
+    xp = array_module(log_probs)
+    log_probs, out_dtype = _float_log_probs(log_probs, xp)
+
+    if log_probs.ndim not in (2, 3):
+        raise ValueError(f"log_probs must be 3-D (T, N, C) or 2-D (T, C), got shape {tuple(log_probs.shape)}")
+    batched = log_probs.ndim == 3
+    if not batched:
+        log_probs = log_probs[:, None, :]  # (T, 1, C)
+    T, N, C = log_probs.shape
+    if T == 0 or N == 0 or C == 0:
+        raise ValueError(f"log_probs must not be empty, got shape {tuple(log_probs.shape if batched else (T, C))}")
+    if not 0 <= blank < C:
+        raise ValueError(f"blank={blank} must be in [0, C={C})")
+
+    il = _lengths(input_lengths, "input_lengths", N, batched, xp)  # (N,)
+    tl = _lengths(target_lengths, "target_lengths", N, batched, xp)  # (N,)
+
+    targets = _integer_array(targets, "targets", xp)
+    targets = xp.asarray(targets)
+    if targets.ndim == 0:
+        raise ValueError("targets must be 1-D or 2-D, got a scalar")
+    padded = targets.ndim == 2
+    if targets.ndim > 2 or (not batched and padded):
+        raise ValueError(f"targets must be (N, S) or 1-D for batched log_probs and (S,) for unbatched, "
+                         f"got shape {tuple(targets.shape)}")
+    if padded and targets.shape[0] != N:
+        raise ValueError(f"targets must have N={N} rows, got shape {tuple(targets.shape)}")
+    concatenated = batched and not padded
+    width = targets.shape[-1]  # S of the padded / unbatched form, total length when concatenated
+
+    # Device-side check of target values: only entries inside each target's length count.
+    if concatenated:
+        ends = xp.cumsum(tl)  # (N,) end offset of each target
+        bad_value = (targets < 0) | (targets >= C) | (targets == blank)  # (P,)
+        inside = xp.arange(width) < ends[-1]  # (P,) entries covered by the lengths
+    else:
+        flat_targets = targets.reshape(N, width)  # (N, S)
+        bad_value = (flat_targets < 0) | (flat_targets >= C) | (flat_targets == blank)  # (N, S)
+        inside = xp.arange(width)[None, :] < tl[:, None]  # (N, S)
+    bad_count = xp.count_nonzero(bad_value & inside).reshape(1).astype(np.int64)
+
+    # The one host transfer: both lengths and the bad-value count.
+    host = _to_host(xp.concatenate([il, tl, bad_count]), xp)  # (2N + 1,)
+    il_host, tl_host, n_bad = host[:N], host[N:2 * N], int(host[2 * N])
+
+    for name, lengths in (("input_lengths", il_host), ("target_lengths", tl_host)):
+        if (lengths < 0).any():
+            i = int(np.argmax(lengths < 0))
+            raise ValueError(f"{name}[{i}] = {lengths[i]} must be non-negative")
+    if (il_host > T).any():
+        i = int(np.argmax(il_host > T))
+        raise ValueError(f"input_lengths[{i}] = {il_host[i]} exceeds T={T} (log_probs.shape[0])")
+    if concatenated:
+        if int(tl_host.sum()) != width:
+            raise ValueError(f"sum(target_lengths) = {int(tl_host.sum())} must equal the length of the 1-D "
+                             f"(concatenated) targets, {width}")
+    elif (tl_host > width).any():
+        i = int(np.argmax(tl_host > width))
+        raise ValueError(f"target_lengths[{i}] = {tl_host[i]} exceeds S={width} (targets.shape[-1])")
+    if n_bad:
+        _raise_bad_target(targets, bad_value & inside, tl_host, C, blank, concatenated, batched, xp)
+
+    S = int(tl_host.max())
+    pos = xp.arange(S)  # (S,)
+    if concatenated:
+        starts = xp.asarray(np.cumsum(tl_host) - tl_host)  # (N,)
+        index = xp.minimum(starts[:, None] + pos[None, :], max(width - 1, 0))  # (N, S)
+        gathered = targets[index] if width else xp.zeros((N, S), dtype=targets.dtype)
+    else:
+        gathered = targets.reshape(N, width)[:, :S]  # (N, S)
+    keep = pos[None, :] < tl[:, None]  # (N, S)
+    dense = xp.ascontiguousarray(xp.where(keep, gathered, 0).astype(np.int64))  # (N, S)
+
+    return CTCProblem(xp=xp, log_probs=log_probs, targets=dense, input_lengths=il_host.astype(np.int64),
+                      target_lengths=tl_host.astype(np.int64), blank=blank, reduction=reduction,
+                      zero_infinity=zero_infinity, batched=batched, out_dtype=out_dtype)
+
+
+def _to_host(arr, xp) -> np.ndarray:
+    return arr if xp is np else xp.asnumpy(arr)
+
+
+def _raise_bad_target(targets, bad, tl_host, C, blank, concatenated, batched, xp):
+    """Raise the ValueError for the first bad target value (error path: extra host transfers are fine)."""
+    bad = _to_host(bad, xp)
+    idx = _first_index(bad)
+    value = int(_to_host(targets[idx], xp))
+    if concatenated:
+        n = int(np.searchsorted(np.cumsum(tl_host), idx[0], side="right"))
+        s = idx[0] - int(np.cumsum(tl_host)[n] - tl_host[n])
+        where = f"targets[{idx[0]}] (target {n}, position {s})"
+    elif batched:
+        where = f"targets[{idx[0]}, {idx[1]}]"
+    else:
+        where = f"targets[{idx[-1]}]"
+    if value == blank:
+        raise ValueError(f"{where} = {value} equals blank={blank}; targets must not contain the blank label")
+    raise ValueError(f"{where} = {value} is outside [0, C={C})")
