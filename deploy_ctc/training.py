@@ -106,7 +106,7 @@ class CTCLossBlock(_onnxblock.Block):
         if not any(opset.domain == _schemas.DOMAIN for opset in self.base.opset_import):
             self.base.opset_import.append(onnx.helper.make_opsetid(_schemas.DOMAIN, _schemas.OPSET_VERSION))
 
-        loss_name = _onnxblock._graph_utils.generate_graph_name("ctc_loss")
+        loss_name = _fresh_name(self.base, "ctc_loss")
         graph.node.append(onnx.helper.make_node(
             "CTCLoss", [log_probs_name, TARGETS, INPUT_LENGTHS, TARGET_LENGTHS], [loss_name],
             name=_onnxblock._graph_utils.generate_graph_name("CTCLoss"), domain=_schemas.DOMAIN,
@@ -119,12 +119,19 @@ class CTCLossBlock(_onnxblock.Block):
             return loss_name
 
         # A training loss is a scalar (ORT seeds the backward pass with a scalar 1): train on sum_n loss[n].
-        total_name = _onnxblock._graph_utils.generate_graph_name("ctc_loss_sum")
+        total_name = _fresh_name(self.base, "ctc_loss_sum")
         graph.node.append(onnx.helper.make_node(
             "ReduceSum", [loss_name], [total_name], keepdims=0,
             name=_onnxblock._graph_utils.generate_graph_name("ReduceSum")))
         graph.value_info.append(_tensor_value_info(total_name, elem_type, []))
         return total_name
+
+
+def _fresh_name(model, name: str) -> str:
+    """``name``, or a generated variant when the graph already uses it."""
+    if _onnxblock._graph_utils.node_arg_exists(model, name):
+        return _onnxblock._graph_utils.generate_graph_name(name)
+    return name
 
 
 def _output_tensor_type(model, name: str):
