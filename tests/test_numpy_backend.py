@@ -1,0 +1,140 @@
+"""deploy_ctc.numpy_backend.forward_backward on validated problems (notes/CONTRACT.md, "Backends").
+
+The backend returns per-sample nll (N,) in float64 (+inf when infeasible, never zeroed) and, when grad_scale is
+given, grad = grad_scale[n] * (exp(lp) - posterior) (or -posterior), 0 beyond input_lengths, NaN rows for an
+infinite nll (0 with zero_infinity). Oracles: torch float64 (reduction="none", unit weights) and brute force.
+"""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from deploy_ctc import numpy_backend, validation
+from tests.utils import oracles
+
+pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
+
+
+def make_problem(rng, T, N, C, S, blank=0, dtype=np.float64, zero_infinity=False, scale=1.0, full=False):
+    lp = oracles.random_log_probs(rng, T, N, C, dtype, scale)
+    tl = np.full(N, S) if full else rng.integers(0, S + 1, N)
+    targets = oracles.random_targets(rng, tl, C, blank, S=S, repeat_prob=0.3)
+    il = np.full(N, T) if full else rng.integers(0, T + 1, N)
+    return validation.validate(lp, targets, il, tl, blank, "none", zero_infinity), lp, targets, il, tl
+
+
+def expected(lp, targets, il, tl, blank, scale, convention="torch", zero_infinity=False):
+    """Oracle (nll, grad) of the backend contract from torch's per-sample loss and unit-weight gradient."""
+    nll, unit_grad = oracles.torch_reference(lp, targets, il, tl, blank, "none", convention=convention)
+    grad = unit_grad * scale[None, :, None]
+    if zero_infinity:
+        grad = np.where(np.isinf(nll)[None, :, None], 0.0, grad)
+    return nll, grad
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("convention", ["torch", "plain"])
+@pytest.mark.parametrize("T,N,C,S", [(1, 1, 2, 1), (9, 5, 4, 4), (33, 7, 11, 9), (64, 3, 129, 20)])
+def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype):
+    blank = C // 2
+    problem, lp, targets, il, tl = make_problem(rng, T, N, C, S, blank, dtype)
+    scale = rng.uniform(-2, 2, N)
+    nll, grad = numpy_backend.forward_backward(problem, scale, convention)
+    ref_nll, ref_grad = expected(lp, targets, il, tl, blank, scale, convention)
+    assert nll.shape == (N,) and nll.dtype == np.float64
+    oracles.assert_close(nll, ref_nll, np.float64 if dtype == np.float64 else np.float32, "nll")
+    assert grad.shape == (T, N, C) and grad.dtype == problem.log_probs.dtype
+    oracles.assert_close(grad, ref_grad, dtype, "grad")
+
+
+def test_no_grad_without_grad_scale(rng):
+    problem, lp, targets, il, tl = make_problem(rng, 12, 4, 5, 4)
+    nll, grad = numpy_backend.forward_backward(problem)
+    assert grad is None
+    oracles.assert_close(nll, oracles.torch_reference(lp, targets, il, tl, 0, "none")[0], np.float64, "nll")
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_infeasible_rows(rng, zero_infinity):
+    lp = oracles.random_log_probs(rng, 5, 3, 4)
+    targets, il, tl = np.array([[1, 1, 1], [1, 2, 3], [2, 0, 0]]), np.array([4, 2, 0]), np.array([3, 3, 1])
+    problem = validation.validate(lp, targets, il, tl, 0, "none", zero_infinity)
+    nll, grad = numpy_backend.forward_backward(problem, np.ones(3))
+    np.testing.assert_array_equal(nll, np.inf)  # never zeroed by the backend
+    inside = np.arange(5)[:, None] < il[None, :]  # (T, N)
+    if zero_infinity:
+        np.testing.assert_array_equal(grad, 0.0)
+    else:
+        assert np.isnan(grad[inside]).all()
+    np.testing.assert_array_equal(grad[~inside], 0.0)
+
+
+def test_rows_beyond_input_length_are_zero_and_never_read(rng):
+    problem, lp, targets, il, tl = make_problem(rng, 10, 4, 5, 3)
+    il = np.array([10, 6, 1, 0])
+    tl = np.minimum(tl, [3, 3, 1, 0])
+    clean = lp.copy()
+    for n, length in enumerate(il):
+        lp[length:, n] = np.nan
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    nll, grad = numpy_backend.forward_backward(problem, np.ones(4))
+    ref_nll, ref_grad = expected(clean, targets, il, tl, 0, np.ones(4))
+    oracles.assert_close(nll, ref_nll, np.float64, "nll")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+def test_strided_log_probs_view(rng):
+    base = oracles.random_log_probs(rng, 5, 14, 9)  # (N, 2T, C)
+    lp = base.transpose(1, 0, 2)[::2]  # (T, N, C) view
+    targets, il, tl = np.array([[1, 2], [3, 3], [4, 0], [8, 1], [2, 2]]), np.full(5, 7), np.array([2, 2, 1, 2, 2])
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    assert not problem.log_probs.flags.c_contiguous
+    nll, grad = numpy_backend.forward_backward(problem, np.ones(5))
+    ref_nll, ref_grad = expected(lp, targets, il, tl, 0, np.ones(5))
+    oracles.assert_close(nll, ref_nll, np.float64, "nll")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+@pytest.mark.parametrize("T,scale", [(2500, 1.0), (300, 300.0), (2000, 300.0)])
+def test_long_and_peaky_stay_finite(rng, T, scale):
+    problem, lp, targets, il, tl = make_problem(rng, T, 2, 5, 40, scale=scale, full=True)
+    ref_nll, ref_grad = expected(lp, targets, il, tl, 0, np.ones(2))
+    assert np.isfinite(ref_nll).all()
+    nll, grad = numpy_backend.forward_backward(problem, np.ones(2))
+    assert np.isfinite(nll).all() and np.isfinite(grad).all()
+    oracles.assert_close(nll, ref_nll, np.float64, "nll")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+@pytest.mark.parametrize("T,C", [(4, 3), (6, 3)])
+def test_matches_brute_force(rng, T, C):
+    N = 6
+    for blank in (0, C - 1):
+        tl = np.array([0, 1, 2, 3, 2, 3])
+        targets = oracles.random_targets(rng, tl, C, blank, repeat_prob=0.6)
+        il = np.array([T, T, T, T, 2, T - 1])
+        lp = oracles.random_log_probs(rng, T, N, C)
+        nll, post = oracles.brute_force_batch(lp, targets, il, tl, blank)
+        scale = rng.uniform(0.5, 2, N)
+        problem = validation.validate(lp, targets, il, tl, blank, "none", False)
+        got_nll, got_grad = numpy_backend.forward_backward(problem, scale)
+        oracles.assert_close(got_nll, nll, np.float64, "nll")
+        oracles.assert_close(got_grad, oracles.grad_from_posterior(lp, post, nll, il, scale), np.float64, "grad")
+
+
+def test_large_C_allocates_no_float64_TNC_temporary(rng):
+    """Issue 2, item 4: with large C, no (T, N, C) float64 temporary (grad float32 + 8 bytes/cell would be 3x)."""
+    T, N, C, S = 40, 4, 20000, 10
+    problem, *_ = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)
+    tnc32 = T * N * C * 4
+    tables = T * N * (2 * S + 1) * 8
+    numpy_backend.forward_backward(problem, np.ones(N))  # warm-up (lazy imports, caches)
+    tracemalloc.start()
+    try:
+        numpy_backend.forward_backward(problem, np.ones(N))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    budget = 2.75 * tnc32 + 8 * tables + (1 << 20)  # grad + < 2 float32 temporaries + DP tables + 1 MiB
+    assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
