@@ -9,7 +9,7 @@ Workflow (server side, in an environment with ``onnxruntime-training``)::
 
 then, on the device, :func:`open_training` (``onnxruntime.training.api`` CheckpointState / Module / Optimizer)
 runs ``loss = module(features, targets, input_lengths, target_lengths)``, ``optimizer.step()``,
-``module.lazy_reset_grad()`` and finally ``module.export_model_for_inferencing(path, [log_probs])``.
+``module.lazy_reset_grad()`` and finally :func:`export_inference_model` writes the trained model without the loss.
 
 ONNX Runtime's gradient builder knows nothing about a custom op: :func:`generate_artifacts` registers the
 gradient definition ``CTCLoss -> CTCLossGrad(d_loss, log_probs, targets, input_lengths, target_lengths)``
@@ -51,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only in environments 
 from deploy_ctc.onnx import schemas as _schemas
 from deploy_ctc.validation import check_options
 
-__all__ = ["CTCLossBlock", "TrainingArtifacts", "generate_artifacts", "open_training"]
+__all__ = ["CTCLossBlock", "TrainingArtifacts", "export_inference_model", "generate_artifacts", "open_training"]
 
 # What onnxruntime-training 1.19.2 (its last release) loads.
 MAX_IR_VERSION = 10
@@ -282,6 +282,53 @@ def open_training(artifacts: TrainingArtifacts):
     module = api.Module(os.fspath(artifacts.training_model), state, os.fspath(artifacts.eval_model),
                         session_options=options)
     return state, module, api.Optimizer(os.fspath(artifacts.optimizer_model), module)
+
+
+def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
+    """Write the inference model: the eval model cut at ``artifacts.log_probs``, parameters from ``state``.
+
+    ``Module.export_model_for_inferencing`` cannot do this in onnxruntime-training 1.19.2 when the eval model
+    holds a custom op served by a custom-op library: it re-resolves the graph without the library's schemas and
+    fails with "deploy_ctc:CTCLoss(-1) is not a registered function/op". Only standard ops remain here.
+
+    Args:
+        state: the ``CheckpointState`` the module trained (parameters are read from it).
+        artifacts: the artifacts the module was opened from.
+        path: where to write the model (IR version of the eval model, parameters as initializers).
+    """
+    model = onnx.load(os.fspath(artifacts.eval_model))
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    needed, stack = set(), [artifacts.log_probs]
+    while stack:  # every value log_probs depends on
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        if name in producer:
+            stack.extend(producer[name].input)
+    nodes = [node for node in graph.node if needed.intersection(node.output)]
+    parameters = {name for name, _ in state.parameters}
+    initializers = [onnx.numpy_helper.from_array(state.parameters[name].data, name)
+                    for name in sorted(parameters & needed)]
+    initializers += [init for init in graph.initializer if init.name in needed and init.name not in parameters]
+    inputs = [value for value in graph.input if value.name in needed and value.name not in parameters]
+    del graph.node[:], graph.initializer[:], graph.input[:], graph.output[:], graph.value_info[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    graph.input.extend(inputs)
+    used_domains = {node.domain for node in nodes}
+    opsets = [opset for opset in model.opset_import if opset.domain in used_domains | {""}]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    # The eval graph's only outputs are losses: log_probs' type comes from shape inference on the cut graph.
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    outputs = [value for value in inferred.graph.value_info if value.name == artifacts.log_probs]
+    if not outputs:
+        raise ValueError(f"artifacts.log_probs: shape inference found no type for {artifacts.log_probs!r}; "
+                         "the eval model does not compute it from standard ops")
+    graph.output.extend(outputs)
+    onnx.save(model, os.fspath(path))
 
 
 def _load_model(model):
