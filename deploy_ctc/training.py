@@ -41,7 +41,7 @@ try:
     from onnxruntime.training import artifacts as _ort_artifacts
     from onnxruntime.training import onnxblock as _onnxblock
     from onnxruntime.training.onnxblock import _training_graph_utils
-except ImportError as exc:  # pragma: no cover - exercised only in environments without the package
+except ImportError as exc:
     raise ImportError(
         "deploy_ctc.training needs onnxruntime-training (and torch, which `import onnxruntime.training` "
         "requires): pip install deploy_ctc[train] in a separate environment -- onnxruntime-training provides "
