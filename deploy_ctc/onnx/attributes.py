@@ -6,8 +6,8 @@ from __future__ import annotations
 def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
     """Validate ONNX attribute values; returns (blank: int, reduction: str, zero_infinity: bool).
 
-    ONNX stores ``zero_infinity`` as an int (0/1); 0 and 1 map to False/True and any other value is
-    handed to ``deploy_ctc.validation.check_options`` unchanged, so its error message names it.
+    ONNX stores ``zero_infinity`` as an int (0/1) and strings may arrive as bytes; both go to
+    ``deploy_ctc.validation.check_options``, so the messages are the Python API's.
 
     Raises:
         ValueError / TypeError: as ``deploy_ctc.ctc_loss`` for the same option values.
@@ -16,8 +16,6 @@ def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
 
     if isinstance(reduction, bytes):
         reduction = reduction.decode("utf-8", "replace")
-    if type(zero_infinity) is int and zero_infinity in (0, 1):
-        zero_infinity = bool(zero_infinity)
     return check_options(blank, reduction, zero_infinity)
 
 

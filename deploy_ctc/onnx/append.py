@@ -1,0 +1,116 @@
+"""Add a deploy_ctc::CTCLoss node to an ONNX model that already produces log-probabilities."""
+
+from __future__ import annotations
+
+from deploy_ctc.onnx._deps import require_onnx
+from deploy_ctc.onnx.attributes import node_attributes
+from deploy_ctc.onnx.functions import attach_functions, ensure_opset_imports
+from deploy_ctc.onnx.schemas import DOMAIN
+
+_FLOAT_TYPES = {1: "float32", 11: "float64"}
+
+
+def _value_type(model, name: str):
+    """TypeProto of value ``name`` (graph input/output/value_info, else by shape inference), or None."""
+    onnx = require_onnx()
+    graph = model.graph
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if info.name == name:
+            return info.type
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    for info in list(inferred.value_info) + list(inferred.output):
+        if info.name == name:
+            return info.type
+    return None
+
+
+def _dim(type_proto, axis: int, fallback: str):
+    """Dim ``axis`` of a tensor type as make_tensor_value_info accepts it (int, name or None)."""
+    dims = type_proto.tensor_type.shape.dim if type_proto.tensor_type.HasField("shape") else []
+    if axis < len(dims):
+        d = dims[axis]
+        return d.dim_value if d.HasField("dim_value") else (d.dim_param or fallback)
+    return fallback
+
+
+def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets",
+                    input_lengths_name: str = "input_lengths", target_lengths_name: str = "target_lengths",
+                    loss_name: str = "loss", blank: int = 0, reduction: str = "mean",
+                    zero_infinity: bool = False, embed_functions: bool = True, keep_outputs: bool = True):
+    """A copy of ``model`` that also computes the CTC loss of its value ``log_probs_name``.
+
+    Adds graph inputs ``targets`` (N, S) int64, ``input_lengths`` (N,) int64, ``target_lengths`` (N,) int64,
+    one ``deploy_ctc::CTCLoss`` node with every attribute explicit, and the output ``loss`` (() or (N,) for
+    reduction "none", in log_probs' float type).  ``log_probs_name`` must be a (T, N, C) float/double value
+    of log-probabilities (append a LogSoftmax first if the model emits logits).
+
+    Args:
+        model: onnx.ModelProto (not modified).
+        log_probs_name: name of the (T, N, C) value in ``model.graph``.
+        blank, reduction, zero_infinity: as torch.nn.CTCLoss.
+        embed_functions: attach the portable function body (plain onnxruntime runs it); False leaves the
+            op to the extension (:func:`deploy_ctc.onnx.session_options`).
+        keep_outputs: keep the model's outputs next to ``loss`` (False: ``loss`` only).
+    Returns:
+        The new onnx.ModelProto.
+    Raises:
+        ValueError: unknown ``log_probs_name``, a non-float or non-3-D log_probs, a name already in use,
+            bad option values (messages of deploy_ctc.ctc_loss), or an ONNX opset < 18 with embed_functions.
+    """
+    onnx = require_onnx()
+    attrs = node_attributes(blank, reduction, zero_infinity)
+    lp_type = _value_type(model, log_probs_name)
+    if lp_type is None:
+        raise ValueError(f"log_probs_name {log_probs_name!r} is not a value of the model's graph")
+    elem_type = lp_type.tensor_type.elem_type
+    if elem_type not in _FLOAT_TYPES:
+        raise ValueError(f"log_probs_name {log_probs_name!r} must be float32 or float64, got element type "
+                         f"{onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else 'unknown'}")
+    rank = len(lp_type.tensor_type.shape.dim) if lp_type.tensor_type.HasField("shape") else 3
+    if rank != 3:
+        raise ValueError(f"log_probs_name {log_probs_name!r} must be (T, N, C), got rank {rank}")
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    taken = {i.name for i in graph.input} | {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+    for arg, name in (("targets_name", targets_name), ("input_lengths_name", input_lengths_name),
+                      ("target_lengths_name", target_lengths_name), ("loss_name", loss_name)):
+        if name in taken:
+            raise ValueError(f"{arg} {name!r} is already a value of the model's graph")
+
+    batch = _dim(lp_type, 1, "N")
+    int64 = onnx.TensorProto.INT64
+    graph.input.extend([
+        onnx.helper.make_tensor_value_info(targets_name, int64, [batch, "S"]),
+        onnx.helper.make_tensor_value_info(input_lengths_name, int64, [batch]),
+        onnx.helper.make_tensor_value_info(target_lengths_name, int64, [batch]),
+    ])
+    graph.node.append(onnx.helper.make_node(
+        "CTCLoss", [log_probs_name, targets_name, input_lengths_name, target_lengths_name], [loss_name],
+        domain=DOMAIN, name=f"{DOMAIN}.CTCLoss", **attrs))
+    if not keep_outputs:
+        del graph.output[:]
+    graph.output.append(onnx.helper.make_tensor_value_info(
+        loss_name, elem_type, [batch] if attrs["reduction"] == "none" else []))
+    ensure_opset_imports(out)
+    if embed_functions:
+        attach_functions(out)
+    return out
+
+
+def ctc_loss_model(dtype: str = "float32", *, blank: int = 0, reduction: str = "mean",
+                   zero_infinity: bool = False, embed_functions: bool = True, opset: int = 18):
+    """A model computing only the loss: inputs log_probs (T, N, C), targets, input_lengths, target_lengths.
+
+    Handy to evaluate losses in onnxruntime (benchmarks, services); arguments as :func:`append_ctc_loss`.
+    """
+    onnx = require_onnx()
+    types = {v: k for k, v in _FLOAT_TYPES.items()}
+    if dtype not in types:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    graph = onnx.helper.make_graph([], "ctc_loss", [onnx.helper.make_tensor_value_info(
+        "log_probs", types[dtype], ["T", "N", "C"])], [])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    return append_ctc_loss(model, "log_probs", blank=blank, reduction=reduction, zero_infinity=zero_infinity,
+                           embed_functions=embed_functions)
