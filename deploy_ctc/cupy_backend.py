@@ -1,0 +1,111 @@
+"""CUDA backend: CTC loss and gradient of a validated batch on CuPy arrays, with the kernels of ``kernels/ctc.cu``.
+
+Three launches on the current CuPy stream of the device holding ``log_probs``; nothing of size T*N*C leaves
+the device, and nothing is synchronized:
+
+1. ``ctc_lattice``: alpha (and beta when a gradient is wanted) tables ``(N, T, 2S+1)`` and ``nll (N,)``;
+   one block per (direction, sample), one barrier per frame.
+2. ``ctc_label_links``: for each target position, the previous/next position with the same label ``(N, S, 2)``.
+3. ``ctc_grad``: one block per (frame, sample) writes ``grad[t, n, :]``; each class's posterior is summed in a
+   fixed order (label chains, a fixed-shape block reduction for the blank), so results are bitwise reproducible.
+
+The launch code (:func:`run_kernels`) is shared with the CPU test harness, which executes the same kernels from
+NumPy arrays through an object with the same ``launch(name, grid, block, args, shared_mem)`` method.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from deploy_ctc import kernel_loader
+
+#: Dynamic shared memory a lattice block may use for its two rows; longer targets take the global-memory path.
+#: 48 KiB is what every CUDA device grants without opting in.
+SHARED_BUDGET = 48 * 1024
+LATTICE_MAX_THREADS = 512
+LINKS_THREADS = 128
+GRAD_MAX_THREADS = 256
+MAX_GRID_Y = 65535
+INT32_MAX = 2**31 - 1
+CONVENTIONS = ("torch", "plain")
+
+
+def forward_backward(problem, grad_scale=None, convention="torch"):
+    """Per-sample ``nll`` and, when ``grad_scale`` is given, the gradient, on the device of ``problem.log_probs``.
+
+    Args:
+        problem: a validated :class:`deploy_ctc.validation.CTCProblem` of CuPy arrays; log_probs (T, N, C).
+        grad_scale: None, or cupy (N,) float64 weights ``w_n`` (grad_output times the reduction factor).
+        convention: ``"torch"``: ``grad = w_n * (exp(lp) - posterior)``; ``"plain"``: ``-w_n * posterior``.
+
+    Returns:
+        ``(nll, grad)``: nll (N,) in the compute dtype, ``-log p(target_n | x_n)``, +inf if infeasible;
+        grad (T, N, C) in log_probs' dtype or None. Rows t >= input_lengths[n] are 0; rows of an infinite nll
+        are NaN (0 with ``problem.zero_infinity``).
+    """
+    device = problem.log_probs.device
+    with device:
+        return run_kernels(problem, grad_scale, convention, kernel_loader.launcher(device.id))
+
+
+def _int32(value: int, what: str) -> np.int32:
+    if value > INT32_MAX:
+        raise ValueError(f"{what} = {value} exceeds the CUDA backend's limit of {INT32_MAX}")
+    return np.int32(value)
+
+
+def _threads(work: int, limit: int) -> int:
+    """Block size: ``work`` rounded up to whole warps, between one warp and ``limit``."""
+    return min(limit, max(32, -(-work // 32) * 32))
+
+
+def run_kernels(problem, grad_scale, convention, launcher):
+    """Launches the kernels for ``problem`` through ``launcher``; see :func:`forward_backward`.
+
+    Array allocations use ``problem.xp`` (cupy on a GPU, numpy in the CPU test harness).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    xp = problem.xp
+    lp = problem.log_probs                                   # (T, N, C)
+    T, N, C = lp.shape
+    S = problem.targets.shape[1]
+    dtype = lp.dtype
+    nll = xp.empty(N, dtype=dtype)                           # (N,)
+    want_grad = grad_scale is not None
+    grad = xp.empty((T, N, C), dtype=dtype) if want_grad else None  # (T, N, C)
+    if N == 0:
+        return nll, grad
+
+    row = 2 * S + 1                                          # lattice positions of the longest target
+    lp_strides = tuple(np.int64(stride // lp.itemsize) for stride in lp.strides)
+    targets = xp.ascontiguousarray(problem.targets, dtype=np.int64)     # (N, S)
+    input_lengths = xp.asarray(problem.input_lengths, dtype=np.int64)   # (N,)
+    target_lengths = xp.asarray(problem.target_lengths, dtype=np.int64)  # (N,)
+    common = (lp, *lp_strides, targets, _int32(S, "max target length"), input_lengths, target_lengths)
+    n32, t32, blank = _int32(N, "batch size"), _int32(T, "input length"), np.int32(problem.blank)
+
+    alpha = xp.empty((N, T, row), dtype=dtype)               # (N, T, 2S+1)
+    beta = xp.empty((N, T, row), dtype=dtype) if want_grad else alpha  # unused by a forward-only launch
+    shared = 2 * row * lp.itemsize
+    use_shared = shared <= SHARED_BUDGET
+    launcher.launch(kernel_loader.kernel_name("ctc_lattice", dtype),
+                    ((2 if want_grad else 1) * N, 1, 1), (_threads(row, LATTICE_MAX_THREADS), 1, 1),
+                    (*common, n32, t32, blank, np.int32(use_shared), alpha, beta, nll),
+                    shared if use_shared else 0)
+    if not want_grad:
+        return nll, grad
+
+    links = xp.empty((N, S, 2), dtype=np.int32)              # (N, S, 2)
+    grid_y = min(N, MAX_GRID_Y)
+    if S > 0:
+        launcher.launch(kernel_loader.kernel_name("ctc_label_links"),
+                        (-(-S // LINKS_THREADS), grid_y, 1), (LINKS_THREADS, 1, 1),
+                        (targets, np.int32(S), target_lengths, n32, links))
+    if T > 0:
+        scale = xp.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
+        launcher.launch(kernel_loader.kernel_name("ctc_grad", dtype),
+                        (T, grid_y, 1), (_threads(max(C, S + 1), GRAD_MAX_THREADS), 1, 1),
+                        (*common, links, n32, t32, _int32(C, "number of classes"), blank, alpha, beta, nll,
+                         scale, np.int32(problem.zero_infinity), np.int32(convention == "plain"), grad))
+    return nll, grad

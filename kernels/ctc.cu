@@ -1,0 +1,162 @@
+// CTC loss kernels (Graves et al. 2006) with torch.nn.CTCLoss's conventions, for the whole batch.
+//
+// Memory layout (all indices in elements; the launch code in deploy_ctc/cupy_backend.py sets them up):
+//   log_probs  lp[t * lp_st + n * lp_sn + c * lp_sc]       (T, N, C), any strides (a strided view is fine)
+//   targets    targets[n * S + i]                          (N, S) int64, C-contiguous
+//   lengths    input_lengths[n], target_lengths[n]         (N,) int64
+//   alpha/beta table[(n * T + t) * (2S + 1) + s]            (N, T, 2S+1), rows t >= input_lengths[n] unused
+//   nll        nll[n]                                      (N,)
+//   links      links[(n * S + i) * 2 + {0, 1}]             (N, S, 2) int32: previous / next i with the same label
+//   grad       grad[(t * N + n) * C + c]                   (T, N, C), C-contiguous
+// Frames t >= input_lengths[n] of log_probs are never read.
+//
+// Recursions in log space over the extended label sequence l' of length 2L+1 (ctc.cuh), torch's convention
+// (both alpha and beta include the emission of frame t):
+//   alpha[0, s]   = lp[0, l'_s]              for s < 2, else -inf
+//   alpha[t, s]   = lp[t, l'_s] + logsumexp(alpha[t-1, s], alpha[t-1, s-1], alpha[t-1, s-2] if skip(s))
+//   beta[T-1, s]  = lp[T-1, l'_s]            for s > 2L-2, else -inf
+//   beta[t, s]    = lp[t, l'_s] + logsumexp(beta[t+1, s], beta[t+1, s+1], beta[t+1, s+2] if skip(s+2))
+//   skip(s)       = l'_s != blank and l'_s != l'_{s-2}
+//   nll           = -logsumexp(alpha[T-1, 2L], alpha[T-1, 2L-1])
+//   posterior[t, c] = sum_{s: l'_s = c} exp(alpha[t, s] + beta[t, s] - lp[t, c] + nll)
+// beta is alpha run on the reversed frames and reversed l' (s -> 2L-s keeps parity and the skip rule), so one
+// kernel computes both: blocks [0, N) run the forward direction, blocks [N, 2N) the backward one.
+#include "ctc.cuh"
+
+using dctc::Math;
+using dctc::extended_label;
+using dctc::log_add;
+
+// Lattice kernel: one block per (direction, sample n); threads stride over the 2L+1 lattice positions and
+// step through the frames one at a time with one barrier per frame. The previous row is read from the
+// shared-memory ping-pong buffer (use_shared: 2 * (2L+1) values of dynamic shared memory) or, for targets
+// too long for shared memory, from the row written to the global table in the previous step (the slow path;
+// there is no target-length ceiling). Grid: (N, 1, 1) for alpha only, (2N, 1, 1) for alpha and beta.
+template <typename T>
+__global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
+                            const long long* targets, int S, const long long* input_lengths,
+                            const long long* target_lengths, int N, int T_max, int blank, int use_shared,
+                            T* alpha, T* beta, T* nll) {
+    const bool forward = blockIdx.x < static_cast<unsigned>(N);
+    const int n = forward ? blockIdx.x : blockIdx.x - N;
+    const long long frames = input_lengths[n];
+    const int L = static_cast<int>(target_lengths[n]);
+    const int width = 2 * L + 1;                       // lattice positions of this sample
+    const long long row = 2LL * S + 1;                 // row stride of the tables
+    const long long* target = targets + static_cast<long long>(n) * S;
+    const T* lp_n = lp + n * lp_sn;
+    T* table = (forward ? alpha : beta) + static_cast<long long>(n) * T_max * row;
+    T* rows = reinterpret_cast<T*>(dctc_smem);          // (2, width) when use_shared
+    const int dir = forward ? 1 : -1;                  // neighbours of s in the recursion are s - dir, s - 2 dir
+    const T neg_inf = Math<T>::neg_inf();
+
+    for (long long k = 0; k < frames; ++k) {
+        const long long t = forward ? k : frames - 1 - k;
+        T* out = table + t * row;
+        const T* prev = use_shared ? rows + ((k + 1) & 1) * width : table + (t - dir) * row;
+        T* cur = rows + (k & 1) * width;
+        for (int j = threadIdx.x; j < width; j += blockDim.x) {
+            const int s = forward ? j : width - 1 - j;  // j: position in the direction of the recursion
+            const int label = extended_label(target, s, blank);
+            T acc;
+            if (k == 0) {
+                acc = j < 2 ? T(0) : neg_inf;
+            } else {
+                acc = prev[s];
+                if (j >= 1) acc = log_add(acc, prev[s - dir]);
+                if (j >= 2 && label != blank && label != extended_label(target, s - 2 * dir, blank))
+                    acc = log_add(acc, prev[s - 2 * dir]);
+            }
+            // Unreachable positions stay -inf without reading their emission.
+            const T value = acc == neg_inf ? neg_inf : acc + lp_n[t * lp_st + label * lp_sc];
+            out[s] = value;
+            if (use_shared) cur[s] = value;
+        }
+        __syncthreads();
+    }
+    if (forward && threadIdx.x == 0) {
+        T log_likelihood = L == 0 ? T(0) : neg_inf;    // input length 0: only the empty target has an alignment
+        if (frames > 0) {
+            const T* last = table + (frames - 1) * row;
+            log_likelihood = last[width - 1];
+            if (L > 0) log_likelihood = log_add(log_likelihood, last[width - 2]);
+        }
+        nll[n] = -log_likelihood;
+    }
+}
+
+// Label links: for target position i of sample n, the previous and next position with the same label
+// (-1 if none). The gradient kernel sums each class's lattice positions by walking these chains from the
+// first occurrence, a fixed order: no atomics, bitwise reproducible. Grid: (ceil(S / blockDim), min(N, 65535)).
+__global__ void ctc_label_links(const long long* targets, int S, const long long* target_lengths, int N,
+                                int* links) {
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {
+        const long long* target = targets + static_cast<long long>(n) * S;
+        const int L = static_cast<int>(target_lengths[n]);
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < L; i += gridDim.x * blockDim.x) {
+            const long long label = target[i];
+            int previous = -1;
+            for (int j = i - 1; j >= 0 && previous < 0; --j) previous = target[j] == label ? j : -1;
+            int next = -1;
+            for (int j = i + 1; j < L && next < 0; ++j) next = target[j] == label ? j : -1;
+            links[(static_cast<long long>(n) * S + i) * 2] = previous;
+            links[(static_cast<long long>(n) * S + i) * 2 + 1] = next;
+        }
+    }
+}
+
+// grad[t, n, c] = w_n * (exp(lp) - posterior) (plain: -w_n * posterior) of one class, from the log of the
+// summed alpha + beta of the class's lattice positions. A class without reachable positions has posterior 0.
+template <typename T>
+__device__ __forceinline__ T class_grad(T lp, T log_alpha_beta, T nll, T w, int plain) {
+    const T posterior = log_alpha_beta == Math<T>::neg_inf() ? T(0) : Math<T>::exp(log_alpha_beta + nll - lp);
+    return plain ? -w * posterior : w * (Math<T>::exp(lp) - posterior);
+}
+
+// Gradient kernel: one block per (frame t, sample n) writes the row grad[t, n, :]. First every class gets
+// its posterior-free part (coalesced over c), then, after a barrier, the classes of the target are
+// overwritten: one thread per first occurrence of a label walks its chain of positions in order, and the
+// blank's even positions are reduced by the whole block in a fixed order (dctc::block_log_add).
+// Rows t >= input_lengths[n] are 0; rows of an infinite nll are NaN (0 with zero_infinity).
+// Grid: (T, min(N, 65535)); blockDim.x a multiple of 32.
+template <typename T>
+__global__ void ctc_grad(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
+                         const long long* targets, int S, const long long* input_lengths,
+                         const long long* target_lengths, const int* links, int N, int T_max, int C, int blank,
+                         const T* alpha, const T* beta, const T* nll, const double* grad_scale,
+                         int zero_infinity, int plain, T* grad) {
+    __shared__ T scratch[32];
+    const long long t = blockIdx.x;
+    const long long row = 2LL * S + 1;
+    for (int n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform loop: the barriers below are safe
+        T* g = grad + (t * N + n) * C;
+        const T loss = nll[n];
+        if (t >= input_lengths[n] || loss == Math<T>::pos_inf()) {
+            const T fill = t >= input_lengths[n] || zero_infinity ? T(0) : Math<T>::nan();
+            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = fill;
+            continue;
+        }
+        const T* lp_row = lp + t * lp_st + n * lp_sn;
+        const T w = static_cast<T>(grad_scale[n]);
+        for (int c = threadIdx.x; c < C; c += blockDim.x)
+            g[c] = plain ? T(0) : w * Math<T>::exp(lp_row[c * lp_sc]);
+        __syncthreads();  // the overwrites below must land after these writes
+
+        const long long* target = targets + static_cast<long long>(n) * S;
+        const int L = static_cast<int>(target_lengths[n]);
+        const T* a = alpha + (static_cast<long long>(n) * T_max + t) * row;
+        const T* b = beta + (static_cast<long long>(n) * T_max + t) * row;
+        const int* link = links + static_cast<long long>(n) * S * 2;
+        for (int i = threadIdx.x; i < L; i += blockDim.x) {
+            if (link[2 * i] >= 0) continue;  // not the first occurrence of its label
+            T acc = Math<T>::neg_inf();
+            for (int j = i; j >= 0; j = link[2 * j + 1]) acc = log_add(acc, a[2 * j + 1] + b[2 * j + 1]);
+            const int c = static_cast<int>(target[i]);
+            g[c] = class_grad(lp_row[c * lp_sc], acc, loss, w, plain);
+        }
+        T acc = Math<T>::neg_inf();
+        for (int s = 2 * threadIdx.x; s <= 2 * L; s += 2 * blockDim.x) acc = log_add(acc, a[s] + b[s]);
+        acc = dctc::block_log_add(acc, scratch);
+        if (threadIdx.x == 0) g[blank] = class_grad(lp_row[blank * lp_sc], acc, loss, w, plain);
+    }
+}

@@ -1,0 +1,243 @@
+"""The CUDA backend's kernels against torch float64, on the CPU harness in CI and on a GPU when there is one.
+
+Harness tests run the real ``kernels/ctc.cu`` through :func:`deploy_ctc.cupy_backend.run_kernels` (the launch
+code the GPU uses) with NumPy arrays, each under the forward, reverse and random thread orders, so a missing
+barrier changes the result. GPU tests run :func:`deploy_ctc.cupy_backend.forward_backward` on CuPy arrays.
+The oracle is ``torch.nn.functional.ctc_loss`` in float64 (tests/utils/oracles.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from deploy_ctc import cupy_backend, validation
+from tests.utils import cuda_harness, oracles
+
+
+@dataclass(frozen=True)
+class Case:
+    """A batch: log-prob shape, lengths and options. ``slack`` frames beyond the longest input are padding."""
+
+    name: str
+    C: int
+    target_lengths: tuple
+    input_lengths: tuple
+    blank: int = 0
+    repeat_prob: float = 0.3
+    scale: float = 1.0
+    slack: int = 0
+
+
+CASES = [
+    Case("mixed", C=6, target_lengths=(3, 0, 5, 2), input_lengths=(12, 7, 10, 9), slack=2),
+    Case("empty_and_zero_lengths", C=4, target_lengths=(0, 0, 2), input_lengths=(0, 5, 0)),  # nll 0, -log p(blanks), inf
+    Case("repeats", C=3, target_lengths=(4, 3), input_lengths=(7, 9), repeat_prob=1.0),  # 7 = minimal length of aaaa
+    Case("infeasible", C=5, target_lengths=(4, 2, 6), input_lengths=(3, 6, 6), repeat_prob=0.5),
+    Case("blank_last", C=5, target_lengths=(2, 4), input_lengths=(8, 10), blank=4),
+    Case("blank_middle", C=7, target_lengths=(5, 1, 3), input_lengths=(11, 4, 8), blank=3),
+    Case("single_frame", C=2, target_lengths=(1, 0), input_lengths=(1, 1)),
+    Case("peaky_long_T", C=5, target_lengths=(6, 9), input_lengths=(60, 45), scale=40.0),
+    Case("odd_sizes_around_warp", C=33, target_lengths=(16, 17, 1), input_lengths=(40, 35, 2), repeat_prob=0.2),
+]
+ORDERS = tuple(cuda_harness.ORDERS)
+DTYPES = (np.float64, np.float32)
+
+
+def _tolerance(dtype, lp):
+    """float64: the project's table. float32: the kernels add log-values in float32 frame after frame, so the
+    log-likelihood and log-posteriors carry an absolute error of about eps32 * sum_t max_c |lp[t, :, c]|
+    (tiny for ordinary inputs, ~1e-3 for peaky ones whose log-probs reach -1e3); the gradient entries inherit it."""
+    if dtype == np.float64:
+        return oracles.TOLERANCES[np.dtype(np.float64)]
+    finite = np.where(np.isfinite(lp), np.abs(lp), 0.0)
+    drift = 8 * np.finfo(np.float32).eps * float(finite.max(axis=2).sum(axis=0).max(initial=0.0))
+    base = oracles.FLOAT32_COMPUTE
+    return oracles.Tolerance(base.rtol, max(base.atol, drift), base.reason + " Plus the peaky-input drift above.")
+
+
+def _inputs(case, rng, dtype):
+    """(log_probs (T, N, C), targets (N, S), input_lengths, target_lengths, grad_scale (N,)) as NumPy arrays."""
+    il = np.array(case.input_lengths, dtype=np.int64)
+    tl = np.array(case.target_lengths, dtype=np.int64)
+    T = int(il.max()) + case.slack
+    lp = oracles.random_log_probs(rng, T, il.size, case.C, dtype=dtype, scale=case.scale)
+    targets = oracles.random_targets(rng, tl, case.C, blank=case.blank, repeat_prob=case.repeat_prob)
+    grad_scale = rng.uniform(0.5, 2.0, size=il.size)
+    return lp, targets, il, tl, grad_scale
+
+
+def _expected(lp, targets, il, tl, blank, grad_scale, zero_infinity, convention):
+    """torch float64: nll (N,) (never zeroed) and the grad_scale-weighted gradient (T, N, C)."""
+    nll, _ = oracles.torch_reference(lp, targets, il, tl, blank=blank, reduction="none")
+    _, grad = oracles.torch_reference(lp, targets, il, tl, blank=blank, reduction="none",
+                                      zero_infinity=zero_infinity, grad_output=grad_scale, convention=convention)
+    return nll, grad
+
+
+def _check(got_nll, got_grad, expected, dtype, what, lp):
+    tol = _tolerance(dtype, lp)
+    oracles.assert_close(got_nll, expected[0], dtype, f"{what}: nll", tol)
+    oracles.assert_close(got_grad, expected[1], dtype, f"{what}: grad", tol)
+    assert got_nll.dtype == dtype and got_grad.dtype == dtype, f"{what}: dtypes {got_nll.dtype}, {got_grad.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU harness
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def harness_library(tmp_path_factory):
+    if cuda_harness.compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX) to build the CUDA kernel harness")
+    return cuda_harness.build(tmp_path_factory.mktemp("cuda_harness"), sanitize=cuda_harness.sanitize_requested())
+
+
+@pytest.fixture(params=ORDERS)
+def harness(request, harness_library):
+    return cuda_harness.Harness(harness_library, order=request.param, seed=1234)
+
+
+def _run(harness, lp, targets, il, tl, blank, zero_infinity=False, grad_scale=None, convention="torch"):
+    problem = validation.validate(lp, targets, il, tl, blank, "none", zero_infinity)
+    return cupy_backend.run_kernels(problem, grad_scale, convention, harness)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_harness_matches_torch(case, dtype, harness, rng):
+    lp, targets, il, tl, w = _inputs(case, rng, dtype)
+    for zero_infinity in (False, True):
+        nll, grad = _run(harness, lp, targets, il, tl, case.blank, zero_infinity, w)
+        expected = _expected(lp, targets, il, tl, case.blank, w, zero_infinity, "torch")
+        _check(nll, grad, expected, dtype, f"{case.name} zero_infinity={zero_infinity}", lp)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.name)
+def test_harness_plain_convention(case, harness, rng):
+    lp, targets, il, tl, w = _inputs(case, rng, np.float64)
+    nll, grad = _run(harness, lp, targets, il, tl, case.blank, False, w, convention="plain")
+    _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, False, "plain"), np.float64, case.name, lp)
+
+
+def test_harness_loss_only_runs_the_forward_lattice(harness, rng):
+    lp, targets, il, tl, _ = _inputs(CASES[0], rng, np.float64)
+    nll, grad = _run(harness, lp, targets, il, tl, 0)
+    assert grad is None
+    assert harness.launches == ["ctc_lattice<double>"]
+    oracles.assert_close(nll, _expected(lp, targets, il, tl, 0, np.ones(il.size), False, "torch")[0],
+                         np.float64, "nll")
+
+
+def test_harness_strided_log_probs(harness, rng):
+    """A non-contiguous view (batch-major storage, every other class) is read in place through its strides."""
+    case = CASES[0]
+    il = np.array(case.input_lengths)
+    tl = np.array(case.target_lengths)
+    storage = oracles.random_log_probs(rng, il.size, int(il.max()), 2 * case.C)  # (N, T, 2C)
+    lp = storage.transpose(1, 0, 2)[:, :, ::2]  # (T, N, C) view, strides (2C, 2TC, 2) elements
+    targets = oracles.random_targets(rng, tl, case.C)
+    w = np.ones(il.size)
+    nll, grad = _run(harness, lp, targets, il, tl, 0, grad_scale=w)
+    _check(nll, grad, _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float64, "strided", lp)
+
+
+def test_harness_never_reads_frames_past_input_length(harness, rng):
+    lp, targets, il, tl, w = _inputs(CASES[0], rng, np.float64)
+    poisoned = lp.copy()
+    for n, length in enumerate(il):
+        poisoned[length:, n, :] = np.nan
+    nll, grad = _run(harness, poisoned, targets, il, tl, 0, grad_scale=w)
+    _check(nll, grad, _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float64, "NaN past input_lengths", lp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_harness_global_memory_path(dtype, harness, rng, monkeypatch):
+    """The slow path of long targets (rows in global memory), forced on a small batch by a zero shared budget."""
+    monkeypatch.setattr(cupy_backend, "SHARED_BUDGET", 0)
+    case = CASES[3]
+    lp, targets, il, tl, w = _inputs(case, rng, dtype)
+    nll, grad = _run(harness, lp, targets, il, tl, case.blank, True, w)
+    _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, True, "torch"), dtype, "global path", lp)
+
+
+def test_harness_target_too_long_for_shared_memory(harness_library, rng):
+    """No target-length ceiling: 2 rows of 2*1540+1 doubles exceed 48 KiB, so this takes the slow path unpatched."""
+    L, C = 1540, 5
+    assert 2 * (2 * L + 1) * 8 > cupy_backend.SHARED_BUDGET
+    targets = oracles.random_targets(rng, [L], C, repeat_prob=0.1)
+    T = oracles.minimal_input_length(targets[0]) + 40  # feasible, with some freedom in the alignment
+    lp = oracles.random_log_probs(rng, T, 1, C)
+    il, tl, w = np.array([T]), np.array([L]), np.ones(1)
+    nll, grad = _run(cuda_harness.Harness(harness_library), lp, targets, il, tl, 0, grad_scale=w)
+    _check(nll, grad, _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float64, "long target", lp)
+    assert np.isfinite(nll).all()
+
+
+def test_harness_results_are_bitwise_identical_across_thread_orders(harness_library, rng):
+    """No order-dependent reduction: every schedule gives the same bits (the GPU's determinism argument)."""
+    lp, targets, il, tl, w = _inputs(CASES[8], rng, np.float32)
+    results = []
+    for order, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)):
+        problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+        results.append(cupy_backend.run_kernels(problem, w, "torch", cuda_harness.Harness(harness_library, order, seed)))
+    for nll, grad in results[1:]:
+        np.testing.assert_array_equal(nll, results[0][0])
+        np.testing.assert_array_equal(grad, results[0][1])
+
+
+def test_harness_rejects_mismatched_argument_types(harness_library):
+    harness = cuda_harness.Harness(harness_library)
+    args = (np.zeros(1, np.int64), np.int32(0), np.zeros(1, np.int64), np.int32(1), np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match="parameter 4: array of float32"):
+        harness.launch("ctc_label_links", (1, 1, 1), (32, 1, 1), args)
+    with pytest.raises(TypeError, match="parameter 1: int"):
+        harness.launch("ctc_label_links", (1, 1, 1), (32, 1, 1), (args[0], 0, *args[2:]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU
+# ----------------------------------------------------------------------------------------------------------
+def _gpu_count():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # ImportError, CUDARuntimeError without a driver or device
+        return 0
+
+
+requires_gpu = pytest.mark.skipif(_gpu_count() == 0, reason="needs CuPy and a CUDA GPU")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_gpu_matches_torch(case, dtype, rng):
+    import cupy
+
+    lp, targets, il, tl, w = _inputs(case, rng, dtype)
+    for zero_infinity in (False, True):
+        problem = validation.validate(cupy.asarray(lp), cupy.asarray(targets), il, tl, case.blank, "none",
+                                      zero_infinity)
+        nll, grad = cupy_backend.forward_backward(problem, cupy.asarray(w), "torch")
+        assert isinstance(grad, cupy.ndarray)
+        expected = _expected(lp, targets, il, tl, case.blank, w, zero_infinity, "torch")
+        _check(cupy.asnumpy(nll), cupy.asnumpy(grad), expected, dtype, f"{case.name} zero_infinity={zero_infinity}", lp)
+
+
+@requires_gpu
+def test_gpu_long_target_and_determinism(rng):
+    import cupy
+
+    L, C = 2000, 40
+    targets = oracles.random_targets(rng, [L, L // 2], C, repeat_prob=0.1)
+    T = oracles.minimal_input_length(targets[0]) + 100
+    lp = oracles.random_log_probs(rng, T, 2, C, dtype=np.float32)
+    il, tl, w = np.array([T, T - 50]), np.array([L, L // 2]), np.ones(2)
+    problem = validation.validate(cupy.asarray(lp), cupy.asarray(targets), il, tl, 0, "none", False)
+    first = [cupy.asnumpy(x) for x in cupy_backend.forward_backward(problem, cupy.asarray(w))]
+    second = [cupy.asnumpy(x) for x in cupy_backend.forward_backward(problem, cupy.asarray(w))]
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    _check(first[0], first[1], _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float32, "long target", lp)

@@ -1,0 +1,54 @@
+"""Every kernel instantiation compiles for sm_80 and sm_90 with NVRTC, without errors, warnings or spills.
+
+No GPU is needed: NVRTC (the ``nvidia-cuda-nvrtc`` wheel of the ``cuda-build`` extra, reached through CuPy's
+bindings) compiles straight to a cubin with the same source, options and name expressions the runtime uses.
+ptxas' verbose report is parsed for registers, stack frames and local-memory spills; the register counts are
+printed (``pytest -s`` or ``-rA``) so a regression is visible in CI logs.
+"""
+
+import re
+
+import pytest
+
+from deploy_ctc import kernel_loader
+
+nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
+                            reason="CuPy's NVRTC bindings (pip install deploy_ctc[cuda-build])")
+
+ARCHS = ("sm_80", "sm_90")
+_FUNCTION = re.compile(r"Function properties for (\S+)\s*\n\S+\s+\.\s+(\d+) bytes stack frame, "
+                       r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", re.S)
+
+
+def _compile(arch):
+    """(lowered name of each name expression, ptxas log) of one NVRTC compilation."""
+    try:
+        program = nvrtc.createProgram(kernel_loader.source(), kernel_loader.SOURCE, [], [])
+    except Exception as error:  # the bindings import even when libnvrtc itself is missing
+        pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
+    for name in kernel_loader.NAME_EXPRESSIONS:
+        nvrtc.addNameExpression(program, name)
+    options = [*kernel_loader.compile_options(), f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+    try:
+        nvrtc.compileProgram(program, options)
+    except nvrtc.NVRTCError as error:
+        pytest.fail(f"{arch}: {error}\n{nvrtc.getProgramLog(program)}")
+    assert nvrtc.getCUBIN(program), f"{arch}: empty cubin"
+    lowered = {name: nvrtc.getLoweredName(program, name) for name in kernel_loader.NAME_EXPRESSIONS}
+    return lowered, nvrtc.getProgramLog(program).rstrip("\x00")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_instantiation_compiles_without_spills(arch):
+    lowered, log = _compile(arch)
+    warnings = [line for line in log.splitlines() if "warning" in line.lower()]
+    assert not warnings, f"{arch}: compiler warnings:\n{log}"
+    properties = {m[0]: tuple(map(int, m[1:])) for m in _FUNCTION.findall(log)}
+    registers = {m[0]: int(m[1]) for m in _REGISTERS.findall(log)}
+    for name, symbol in lowered.items():
+        assert symbol in properties, f"{arch}: no ptxas report for {name} ({symbol}):\n{log}"
+        stack, spill_stores, spill_loads = properties[symbol]
+        assert (spill_stores, spill_loads) == (0, 0), f"{arch}: {name} spills to local memory:\n{log}"
+        assert stack == 0, f"{arch}: {name} uses a {stack}-byte stack frame (local memory):\n{log}"
+        print(f"{arch} {name}: {registers[symbol]} registers")
