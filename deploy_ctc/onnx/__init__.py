@@ -7,17 +7,20 @@
 - :func:`append_ctc_loss` -- add the loss to an already exported ONNX model.
 
 Nodes carry a portable model-local function body (standard ONNX ops) by default, so plain
-onnxruntime runs them without any extension.  Needs ``pip install deploy_ctc[onnx]``.
+onnxruntime runs them without any extension.  Every module imports onnx / onnxruntime / torch lazily; using them needs ``pip install deploy_ctc[onnx]``.
 """
 
 from deploy_ctc.onnx import schemas
-from deploy_ctc.onnx.schemas import DOMAIN, register_schemas
+from deploy_ctc.onnx.append import append_ctc_loss, ctc_loss_model
+from deploy_ctc.onnx.export import export
 from deploy_ctc.onnx.extension import custom_op_library_path, session_options
 from deploy_ctc.onnx.reference import reference_ops
+from deploy_ctc.onnx.schemas import DOMAIN, register_schemas
 
 __all__ = [
     "DOMAIN",
     "append_ctc_loss",
+    "ctc_loss_model",
     "custom_op_library_path",
     "export",
     "reference_ops",
@@ -26,16 +29,3 @@ __all__ = [
     "session_options",
 ]
 
-
-def export(*args, **kwargs):
-    """See :func:`deploy_ctc.onnx.export.export` (imported lazily: it needs torch)."""
-    from deploy_ctc.onnx.export import export as _export
-
-    return _export(*args, **kwargs)
-
-
-def append_ctc_loss(*args, **kwargs):
-    """See :func:`deploy_ctc.onnx.append.append_ctc_loss`."""
-    from deploy_ctc.onnx.append import append_ctc_loss as _append
-
-    return _append(*args, **kwargs)
