@@ -211,7 +211,8 @@ class TrainingArtifacts:
 
 
 def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="AdamW", artifact_directory=None,
-                       blank=0, reduction="mean", zero_infinity=False, *, log_probs=None) -> TrainingArtifacts:
+                       blank=0, reduction="mean", zero_infinity=False, *, log_probs=None,
+                       portable=False) -> TrainingArtifacts:
     """Write ONNX Runtime training artifacts for ``model`` with a CTC loss on its log-probabilities.
 
     Args:
@@ -223,14 +224,19 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         artifact_directory: output folder (created if missing); the current directory when None.
         blank, reduction, zero_infinity: the CTC loss options, as ``torch.nn.CTCLoss``.
         log_probs: name of the log-probability output; defaults to the model's only output.
+        portable: False: CTCLoss / CTCLossGrad run as the onnxruntime-extensions Python kernels (generation
+            and the device need Python, deploy_ctc and onnxruntime-extensions). True: the models carry
+            the portable model-local function bodies (standard ONNX ops, ``deploy_ctc.onnx.functions``) and
+            run in onnxruntime-training alone, e.g. from its C/C++/C#/Java training API; needs opset >= 18.
 
     Returns:
         :class:`TrainingArtifacts` naming the four written artifacts (models at IR version 10).
 
     Raises:
         TypeError / ValueError: bad options; unknown, non-float or doubly listed parameter names; a model
-            opset above 21 (what onnxruntime-training 1.19.2 runs); no such / ambiguous log_probs output.
-        ImportError: onnxruntime-extensions is missing (the extension kernels serve CTCLoss / CTCLossGrad).
+            opset above 21 (what onnxruntime-training 1.19.2 runs), or below 18 with ``portable``; no such /
+            ambiguous log_probs output.
+        ImportError: onnxruntime-extensions is missing and ``portable`` is False.
     """
     blank, reduction, zero_infinity = check_options(blank, reduction, zero_infinity)
     if optimizer not in OPTIMIZERS:
@@ -239,9 +245,13 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
     requires_grad, frozen_params = _check_parameters(model, requires_grad, frozen_params)
     log_probs = _log_probs_name(model, log_probs)
 
-    from deploy_ctc.onnx.extension import custom_op_library_path
+    if portable:
+        _attach_function_bodies(model)
+        library = None
+    else:
+        from deploy_ctc.onnx.extension import custom_op_library_path
 
-    library = custom_op_library_path()  # ImportError naming the package when the extension is missing
+        library = custom_op_library_path()  # ImportError naming the package when the extension is missing
     _register_gradient()
     directory = pathlib.Path(os.getcwd() if artifact_directory is None else artifact_directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -253,7 +263,7 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
             artifact_directory=directory, custom_op_library=library, loss_input_names=[log_probs],
         )
     result = TrainingArtifacts(**{key: directory / name for key, name in _FILES.items()},
-                               needs_extension=True, log_probs=log_probs)
+                               needs_extension=not portable, log_probs=log_probs)
     _finish_model(result.training_model, copy_grad_attributes=True)
     _finish_model(result.eval_model)
     _finish_model(result.optimizer_model)
@@ -278,6 +288,11 @@ def open_training(artifacts: TrainingArtifacts):
         from deploy_ctc.onnx import session_options
 
         options = session_options(options)
+    else:
+        # onnxruntime 1.19.2's GatherSliceToSplitFusion (an extended-level transformer) names every node it
+        # creates "/GatherSliceToSplitFusion/"; the inlined bodies hold several matches and the session
+        # then refuses "two nodes with same node name". Basic-level optimizations are unaffected.
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     state = api.CheckpointState.load_checkpoint(os.fspath(artifacts.checkpoint))
     module = api.Module(os.fspath(artifacts.training_model), state, os.fspath(artifacts.eval_model),
                         session_options=options)
@@ -340,12 +355,33 @@ def _load_model(model):
         model = onnx.load(os.fspath(model))
     else:
         raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset > MAX_ONNX_OPSET:
+    opset = _onnx_opset(model)
+    if opset > MAX_ONNX_OPSET:
         raise ValueError(f"model: opset {opset} is newer than onnxruntime-training 1.19.2 runs "
                          f"(<= {MAX_ONNX_OPSET}); export with opset_version={MAX_ONNX_OPSET} or lower")
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     return model
+
+
+def _onnx_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _attach_function_bodies(model) -> None:
+    """Add the portable CTCLoss / CTCLossGrad FunctionProtos (and the opsets they import) to ``model``."""
+    from deploy_ctc.onnx import functions
+
+    opset = _onnx_opset(model)
+    if opset < functions.MIN_OPSET:
+        raise ValueError(f"model: portable=True needs an ONNX opset >= {functions.MIN_OPSET} (the function "
+                         f"bodies take axes as inputs), got opset {opset}; re-export with a newer opset")
+    present = {(function.domain, function.name) for function in model.functions}
+    model.functions.extend(function for function in functions.make_functions(opset)
+                           if (function.domain, function.name) not in present)
+    imported = {opset.domain for opset in model.opset_import}
+    for domain, version in (("ai.onnx.ml", functions.ML_OPSET), (_schemas.DOMAIN, _schemas.OPSET_VERSION)):
+        if domain not in imported:
+            model.opset_import.append(onnx.helper.make_opsetid(domain, version))
 
 
 def _check_parameters(model, requires_grad, frozen_params) -> tuple[list, list]:

@@ -47,6 +47,14 @@ def params(rng):
     return tiny_model.make_parameters(rng, F=F, C=C)
 
 
+@pytest.fixture(params=[False, True], ids=["extension", "portable"])
+def portable(request, monkeypatch):
+    """Both ways of running CTCLoss / CTCLossGrad; the portable one with onnxruntime-extensions unimportable."""
+    if request.param:
+        monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
+    return request.param
+
+
 def generate(params, tmp_path, **options):
     options.setdefault("requires_grad", list(tiny_model.PARAMETERS))
     return training.generate_artifacts(tiny_model.make_model(params), artifact_directory=tmp_path / "artifacts",
@@ -78,10 +86,12 @@ def test_artifacts_written_at_ir10_with_grad_attributes(params, tmp_path):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("zero_infinity", [False, True])
-def test_training_graph_gradients_match_torch(params, tmp_path, rng, reduction, zero_infinity):
+def test_training_graph_gradients_match_torch(params, tmp_path, rng, reduction, zero_infinity, portable):
     blank = 3 if reduction == "sum" else 0  # one case with a blank that is not class 0
     batch = make_batch(rng, blank=blank, infeasible=zero_infinity)
-    artifacts = generate(params, tmp_path, blank=blank, reduction=reduction, zero_infinity=zero_infinity)
+    artifacts = generate(params, tmp_path, blank=blank, reduction=reduction, zero_infinity=zero_infinity,
+                         portable=portable)
+    assert artifacts.needs_extension is not portable
     state, module, _ = training.open_training(artifacts)
 
     loss = module(*batch)
@@ -95,9 +105,9 @@ def test_training_graph_gradients_match_torch(params, tmp_path, rng, reduction, 
     assert np.any(expected_grads["W1"] != 0)
 
 
-def test_infeasible_sample_without_zero_infinity_gives_inf_loss_and_nan_gradients(params, tmp_path, rng):
+def test_infeasible_sample_without_zero_infinity_gives_inf_loss_and_nan_gradients(params, tmp_path, rng, portable):
     batch = make_batch(rng, infeasible=True)
-    state, module, _ = training.open_training(generate(params, tmp_path, reduction="mean"))
+    state, module, _ = training.open_training(generate(params, tmp_path, reduction="mean", portable=portable))
 
     loss = module(*batch)
 
@@ -109,9 +119,9 @@ def test_infeasible_sample_without_zero_infinity_gives_inf_loss_and_nan_gradient
 
 
 @pytest.mark.parametrize("optimizer", ["AdamW", "SGD"])
-def test_optimizer_steps_reduce_the_loss(params, tmp_path, rng, optimizer):
+def test_optimizer_steps_reduce_the_loss(params, tmp_path, rng, optimizer, portable):
     batch = make_batch(rng)
-    state, module, opt = training.open_training(generate(params, tmp_path, optimizer=optimizer))
+    state, module, opt = training.open_training(generate(params, tmp_path, optimizer=optimizer, portable=portable))
     opt.set_learning_rate(0.05)
 
     losses = []
@@ -127,9 +137,9 @@ def test_optimizer_steps_reduce_the_loss(params, tmp_path, rng, optimizer):
     np.testing.assert_allclose(losses[0], expected_loss, rtol=RTOL)
 
 
-def test_frozen_parameters_stay_put_and_inference_export_matches(params, tmp_path, rng):
+def test_frozen_parameters_stay_put_and_inference_export_matches(params, tmp_path, rng, portable):
     batch = make_batch(rng)
-    artifacts = generate(params, tmp_path, requires_grad=["W2", "b"], frozen_params=["W1"])
+    artifacts = generate(params, tmp_path, requires_grad=["W2", "b"], frozen_params=["W1"], portable=portable)
     state, module, opt = training.open_training(artifacts)
     opt.set_learning_rate(0.05)
     for _ in range(2):
@@ -174,6 +184,12 @@ def test_model_opset_newer_than_the_training_runtime_is_refused(params, tmp_path
     model = tiny_model.make_model(params, opset=training.MAX_ONNX_OPSET + 2)
     with pytest.raises(ValueError, match="opset 23 is newer than onnxruntime-training 1.19.2 runs"):
         training.generate_artifacts(model, list(tiny_model.PARAMETERS), artifact_directory=tmp_path)
+
+
+def test_portable_bodies_need_opset_18(params, tmp_path):
+    model = tiny_model.make_model(params, opset=17)
+    with pytest.raises(ValueError, match="portable=True needs an ONNX opset >= 18"):
+        training.generate_artifacts(model, list(tiny_model.PARAMETERS), artifact_directory=tmp_path, portable=True)
 
 
 def test_log_probs_output_must_be_float_rank3(params, tmp_path):

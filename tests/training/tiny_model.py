@@ -22,7 +22,8 @@ def make_parameters(rng, F=5, H=7, C=6) -> dict:
     }
 
 
-def make_model(params: dict, opset: int = 17) -> onnx.ModelProto:
+def make_model(params: dict, opset: int = 18) -> onnx.ModelProto:
+    """The ONNX model (opset 18: the lowest the portable CTC bodies take)."""
     F, _ = params["W1"].shape
     C = params["b"].shape[0]
     graph = helper.make_graph(
