@@ -5,6 +5,8 @@ same input values (low-precision inputs upcast exactly); tiny cases are also che
 enumeration of alignments and the single-path closed form. Tolerances: tests/utils/oracles.py::TOLERANCES.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -67,10 +69,6 @@ def random_case(rng, T, N, C, S, blank=0, dtype=np.float64, repeat_prob=0.3, ful
     return lp, targets, il, tl
 
 
-def blank_positions(C):
-    return sorted({0, C // 2, C - 1})
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Agreement with torch float64
 # ------------------------------------------------------------------------------------------------------------
@@ -79,12 +77,16 @@ SHAPES = [  # (T, N, C, S): odd sizes around small powers of two, the torch doc'
 ]
 
 
+BLANK_AT = {"first": lambda C: 0, "middle": lambda C: C // 2, "last": lambda C: C - 1}
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("blank_at", BLANK_AT)
 @pytest.mark.parametrize("T,N,C,S", SHAPES)
-def test_matches_torch_over_shapes_and_blank_positions(rng, T, N, C, S, reduction):
-    for blank in blank_positions(C):
-        S_eff = min(S, T) if C > 2 else min(S, (T + 1) // 2)  # C = 2: the only label repeats, needs blanks
-        check_against_torch(*random_case(rng, T, N, C, S_eff, blank), blank=blank, reduction=reduction)
+def test_matches_torch_over_shapes_and_blank_positions(rng, T, N, C, S, blank_at, reduction):
+    blank = BLANK_AT[blank_at](C)
+    S = min(S, T) if C > 2 else min(S, (T + 1) // 2)  # C = 2: the only label repeats, needs blanks between
+    check_against_torch(*random_case(rng, T, N, C, S, blank), blank=blank, reduction=reduction)
 
 
 @pytest.mark.parametrize("blank", [0, 2, 4])
@@ -279,6 +281,49 @@ def test_long_and_peaky_input(rng):
     assert np.isfinite(loss) and np.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_minus_infinity_log_probs(rng, reduction, zero_infinity):
+    """log(0) entries (masked classes); an all -inf sample is infeasible.
+
+    torch's kernel computes exp(lp) - exp(log_posterior + nll - lp) and so returns NaN where lp = -inf (-inf minus
+    -inf) even for a finite loss; the gradient there is exp(-inf) - 0 = 0, which deploy_ctc must return.
+    """
+    lp, targets, il, tl = random_case(rng, 10, 3, 6, 3, full=True)
+    lp[:, :, 5] = -np.inf  # a class no target uses
+    targets = np.where(targets == 5, 1, targets)
+    lp[:, 2, :] = -np.inf  # sample 2: no alignment has non-zero probability
+    kw = dict(reduction=reduction, zero_infinity=zero_infinity)
+    loss, grad = deploy_ctc.ctc_loss_and_grad(lp, targets, il, tl, **kw)
+    ref_loss, ref_grad = oracles.torch_reference(lp, targets, il, tl, **kw)
+    ref_grad[:, :2, 5] = 0.0  # feasible samples: torch's NaN artifact at lp = -inf
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+def test_large_vocabulary_float32(rng):
+    check_against_torch(*random_case(rng, 100, 4, 1000, 30, blank=999, dtype=np.float32), blank=999)
+
+
+@pytest.mark.parametrize("case", ["infeasible", "zero input length", "peaky", "tiny"])
+def test_finite_inputs_raise_no_numpy_warnings(rng, case):
+    """Ordinary batches (an infeasible target is ordinary: zero_infinity exists for it) must not spam
+    RuntimeWarnings from NumPy's floating-point checks; torch does not warn either."""
+    lp, targets, il, tl = random_case(rng, 30, 4, 5, 6, full=True)
+    if case == "infeasible":
+        il[1] = 3
+    elif case == "zero input length":
+        il[2] = 0
+    elif case == "peaky":
+        lp = oracles.random_log_probs(rng, 30, 4, 5, scale=300.0)
+    else:
+        lp, targets, il, tl = random_case(rng, 1, 2, 2, 1, full=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for zero_infinity in (False, True):
+            deploy_ctc.ctc_loss_and_grad(lp, targets, il, tl, reduction="none", zero_infinity=zero_infinity)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_nan_beyond_input_length_does_not_leak(rng, dtype):
     lp, targets, il, tl = random_case(rng, 12, 3, 5, 3, dtype=dtype)
@@ -311,7 +356,7 @@ def test_nan_inside_input_length_gives_nan_loss(rng):
 @pytest.mark.parametrize("T,C", [(1, 2), (3, 3), (5, 3), (6, 4)])
 def test_matches_brute_force_enumeration(rng, T, C, convention):
     N = 5
-    for blank in blank_positions(C):
+    for blank in sorted({0, C // 2, C - 1}):
         lp = oracles.random_log_probs(rng, T, N, C)
         tl = np.minimum([0, 1, 2, 3, T + 1], T + 1)  # includes infeasible targets
         targets = oracles.random_targets(rng, tl, C, blank, repeat_prob=0.5)

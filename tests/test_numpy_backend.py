@@ -5,15 +5,26 @@ given, grad = grad_scale[n] * (exp(lp) - posterior) (or -posterior), 0 beyond in
 infinite nll (0 with zero_infinity). Oracles: torch float64 (reduction="none", unit weights) and brute force.
 """
 
+import importlib
+import importlib.util
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from deploy_ctc import numpy_backend, validation
+from deploy_ctc import validation
 from tests.utils import oracles
 
 pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
+
+# The backend the API uses, and the exact log-space fallback beside it while it exists: one body tests both.
+BACKENDS = ["deploy_ctc.numpy_backend"] + [
+    name for name in ["deploy_ctc.numpy_logspace"] if importlib.util.find_spec(name) is not None]
+
+
+@pytest.fixture(params=BACKENDS)
+def numpy_backend(request):
+    return importlib.import_module(request.param)
 
 
 def make_problem(rng, T, N, C, S, blank=0, dtype=np.float64, zero_infinity=False, scale=1.0, full=False):
@@ -36,7 +47,7 @@ def expected(lp, targets, il, tl, blank, scale, convention="torch", zero_infinit
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("convention", ["torch", "plain"])
 @pytest.mark.parametrize("T,N,C,S", [(1, 1, 2, 1), (9, 5, 4, 4), (33, 7, 11, 9), (64, 3, 129, 20)])
-def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype):
+def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype, numpy_backend):
     blank = C // 2
     problem, lp, targets, il, tl = make_problem(rng, T, N, C, S, blank, dtype)
     scale = rng.uniform(-2, 2, N)
@@ -48,7 +59,7 @@ def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype):
     oracles.assert_close(grad, ref_grad, dtype, "grad")
 
 
-def test_no_grad_without_grad_scale(rng):
+def test_no_grad_without_grad_scale(rng, numpy_backend):
     problem, lp, targets, il, tl = make_problem(rng, 12, 4, 5, 4)
     nll, grad = numpy_backend.forward_backward(problem)
     assert grad is None
@@ -56,7 +67,7 @@ def test_no_grad_without_grad_scale(rng):
 
 
 @pytest.mark.parametrize("zero_infinity", [False, True])
-def test_infeasible_rows(rng, zero_infinity):
+def test_infeasible_rows(rng, zero_infinity, numpy_backend):
     lp = oracles.random_log_probs(rng, 5, 3, 4)
     targets, il, tl = np.array([[1, 1, 1], [1, 2, 3], [2, 0, 0]]), np.array([4, 2, 0]), np.array([3, 3, 1])
     problem = validation.validate(lp, targets, il, tl, 0, "none", zero_infinity)
@@ -70,7 +81,7 @@ def test_infeasible_rows(rng, zero_infinity):
     np.testing.assert_array_equal(grad[~inside], 0.0)
 
 
-def test_rows_beyond_input_length_are_zero_and_never_read(rng):
+def test_rows_beyond_input_length_are_zero_and_never_read(rng, numpy_backend):
     problem, lp, targets, il, tl = make_problem(rng, 10, 4, 5, 3)
     il = np.array([10, 6, 1, 0])
     tl = np.minimum(tl, [3, 3, 1, 0])
@@ -84,7 +95,7 @@ def test_rows_beyond_input_length_are_zero_and_never_read(rng):
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
-def test_strided_log_probs_view(rng):
+def test_strided_log_probs_view(rng, numpy_backend):
     base = oracles.random_log_probs(rng, 5, 14, 9)  # (N, 2T, C)
     lp = base.transpose(1, 0, 2)[::2]  # (T, N, C) view
     targets, il, tl = np.array([[1, 2], [3, 3], [4, 0], [8, 1], [2, 2]]), np.full(5, 7), np.array([2, 2, 1, 2, 2])
@@ -97,7 +108,7 @@ def test_strided_log_probs_view(rng):
 
 
 @pytest.mark.parametrize("T,scale", [(2500, 1.0), (300, 300.0), (2000, 300.0)])
-def test_long_and_peaky_stay_finite(rng, T, scale):
+def test_long_and_peaky_stay_finite(rng, T, scale, numpy_backend):
     problem, lp, targets, il, tl = make_problem(rng, T, 2, 5, 40, scale=scale, full=True)
     ref_nll, ref_grad = expected(lp, targets, il, tl, 0, np.ones(2))
     assert np.isfinite(ref_nll).all()
@@ -108,7 +119,7 @@ def test_long_and_peaky_stay_finite(rng, T, scale):
 
 
 @pytest.mark.parametrize("T,C", [(4, 3), (6, 3)])
-def test_matches_brute_force(rng, T, C):
+def test_matches_brute_force(rng, T, C, numpy_backend):
     N = 6
     for blank in (0, C - 1):
         tl = np.array([0, 1, 2, 3, 2, 3])
@@ -123,7 +134,7 @@ def test_matches_brute_force(rng, T, C):
         oracles.assert_close(got_grad, oracles.grad_from_posterior(lp, post, nll, il, scale), np.float64, "grad")
 
 
-def test_large_C_allocates_no_float64_TNC_temporary(rng):
+def test_large_C_allocates_no_float64_TNC_temporary(rng, numpy_backend):
     """Issue 2, item 4: with large C, no (T, N, C) float64 temporary (grad float32 + 8 bytes/cell would be 3x)."""
     T, N, C, S = 40, 4, 20000, 10
     problem, *_ = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)

@@ -265,3 +265,16 @@ def test_validate_keeps_strided_log_probs_as_given(case):
     lp = np.asfortranarray(case[0])
     problem = validation.validate(lp, *case[1:])
     np.testing.assert_array_equal(problem.log_probs, lp)
+
+
+# --- ctc_loss_and_grad keywords --------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction,grad_output", [("none", np.ones(N + 1)), ("none", np.ones((N, 1, 2))),
+                                                   ("mean", np.ones(2))])
+def test_grad_output_of_wrong_shape(case, reduction, grad_output):
+    with raises(ValueError, "grad_output", str(grad_output.shape)):
+        deploy_ctc.ctc_loss_and_grad(*case, reduction=reduction, grad_output=grad_output)
+
+
+def test_unknown_convention(case):
+    with raises(ValueError, "convention", "'exact'"):
+        deploy_ctc.ctc_loss_and_grad(*case, convention="exact")

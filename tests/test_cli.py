@@ -1,0 +1,54 @@
+"""The ``deploy-ctc`` console script: ``check`` reports versions and backends and passes its self-test."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deploy_ctc import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(argv, capsys):
+    """Exit code and stdout of ``cli.main(argv)``, whether it returns the code or raises SystemExit."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    return code or 0, capsys.readouterr().out
+
+
+def test_check_passes(capsys):
+    code, out = run_main(["check"], capsys)
+    assert code == 0, out
+    assert "PASS" in out and "FAIL" not in out
+    assert np.__version__ in out  # reports versions
+
+
+def test_check_runs_the_torch_parity_test_when_torch_is_installed(capsys):
+    torch = pytest.importorskip("torch")
+    _, out = run_main(["check"], capsys)
+    assert torch.__version__.split("+")[0] in out
+
+
+def test_module_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-m", "deploy_ctc.cli", "check"], capture_output=True, text=True,
+                            cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout
+
+
+def test_help_lists_commands(capsys):
+    code, out = run_main(["--help"], capsys)
+    assert code == 0
+    assert "check" in out and "bench" in out
+
+
+def test_unknown_command_fails(capsys):
+    code, _ = run_main(["no-such-command"], capsys)
+    assert code != 0

@@ -1,0 +1,140 @@
+"""deploy_ctc.torch: a drop-in for torch.nn.functional.ctc_loss / nn.CTCLoss on CPU tensors.
+
+Losses and autograd gradients must equal torch's (float64 oracle on the same values, tests/utils/oracles.py),
+for every input layout torch accepts, through an upstream log_softmax, and under torch.autograd.gradcheck.
+"""
+
+import numpy as np
+import pytest
+
+from tests.utils import oracles
+
+torch = pytest.importorskip("torch", reason="deploy_ctc.torch needs torch (the test extra)")
+
+import deploy_ctc.torch as dctorch  # noqa: E402  (after the skip: it imports torch)
+
+DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def random_inputs(rng, T, N, C, S, blank=0, full=False):
+    lp = oracles.random_log_probs(rng, T, N, C)
+    tl = np.full(N, S) if full else rng.integers(0, S + 1, N)
+    tl[0] = S
+    targets = oracles.random_targets(rng, tl, C, blank, S=S, repeat_prob=0.3)
+    il = np.full(N, T) if full else rng.integers(np.minimum(2 * tl, T), T + 1)
+    return lp, targets, il, tl
+
+
+def run_adapter(fn, lp, targets, il, tl, dtype, grad_output, **kw):
+    """Loss and autograd gradient of ``fn`` on torch tensors built from the numpy inputs."""
+    x = torch.tensor(lp, dtype=dtype, requires_grad=True)
+    before = x.detach().clone()
+    loss = fn(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl), **kw)
+    assert isinstance(loss, torch.Tensor) and loss.dtype == dtype and loss.device.type == "cpu"
+    assert loss.requires_grad
+    loss.backward(torch.as_tensor(grad_output, dtype=dtype).reshape(loss.shape))
+    assert torch.equal(x.detach(), before), "the adapter modified log_probs"
+    return loss.detach().numpy(), x.grad.numpy()
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", oracles.REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_functional_matches_torch(rng, dtype, reduction, zero_infinity):
+    T, N, C, S = 21, 5, 7, 6
+    lp, targets, il, tl = random_inputs(rng, T, N, C, S, blank=3)
+    il[2], tl[2] = 3, 4  # infeasible
+    lp = lp.astype(DTYPES[dtype])
+    go = rng.uniform(0.5, 2.0, N) if reduction == "none" else np.array(1.5)
+    kw = dict(blank=3, reduction=reduction, zero_infinity=zero_infinity)
+    loss, grad = run_adapter(dctorch.ctc_loss, lp, targets, il, tl, dtype, go, **kw)
+    ref_loss, ref_grad = oracles.torch_reference(lp, targets, il, tl, **kw, grad_output=go)
+    oracles.assert_close(loss, ref_loss, DTYPES[dtype], "loss")
+    oracles.assert_close(grad, ref_grad, DTYPES[dtype], "grad")
+
+
+@pytest.mark.parametrize("reduction", oracles.REDUCTIONS)
+def test_module_matches_nn_ctcloss(rng, reduction):
+    lp, targets, il, tl = random_inputs(rng, 30, 4, 6, 8, blank=5)
+    module = dctorch.CTCLoss(blank=5, reduction=reduction)
+    assert isinstance(module, torch.nn.Module)
+    go = np.ones(4) if reduction == "none" else np.array(1.0)
+    loss, grad = run_adapter(module, lp, targets, il, tl, torch.float64, go)
+    ref_loss, ref_grad = oracles.torch_reference(lp, targets, il, tl, 5, reduction)
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+def test_module_defaults_and_zero_infinity(rng):
+    lp, targets, il, tl = random_inputs(rng, 6, 3, 4, 4)
+    il[1] = 2
+    for kwargs in ({}, {"zero_infinity": True}):
+        ours = dctorch.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                         torch.as_tensor(tl))
+        ref = torch.nn.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                         torch.as_tensor(tl))
+        oracles.assert_close(ours.numpy(), ref.numpy(), np.float64, f"CTCLoss({kwargs})")
+
+
+def test_concatenated_and_tuple_lengths(rng):
+    lp, targets, il, tl = random_inputs(rng, 15, 4, 5, 5)
+    concat = oracles.concatenate_targets(targets, tl)
+    x = torch.tensor(lp, requires_grad=True)
+    loss = dctorch.ctc_loss(x, torch.as_tensor(concat, dtype=torch.int32), tuple(il.tolist()), tuple(tl.tolist()))
+    loss.backward()
+    ref_loss, ref_grad = oracles.torch_reference(lp, concat, il, tl)
+    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+    oracles.assert_close(x.grad.numpy(), ref_grad, np.float64, "grad")
+
+
+def test_unbatched_with_0d_lengths(rng):
+    lp = oracles.random_log_probs(rng, 12, 1, 6)[:, 0]
+    target = np.array([2, 2, 5])
+    loss, grad = run_adapter(dctorch.ctc_loss, lp, target, np.array(10), np.array(3), torch.float64, np.array(1.0),
+                             reduction="none")
+    ref_loss, ref_grad = oracles.torch_reference(lp, target, 10, 3, reduction="none")
+    assert loss.shape == () and grad.shape == (12, 6)
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+def test_gradient_through_log_softmax_and_non_contiguous_input(rng):
+    """The usual training graph: logits (N, T, C) -> transpose -> log_softmax -> CTC; compare the logits' grad."""
+    T, N, C, S = 25, 3, 8, 6
+    _, targets, il, tl = random_inputs(rng, T, N, C, S)
+    logits = rng.standard_normal((N, T, C))
+    grads = []
+    for fn in (dctorch.ctc_loss, torch.nn.functional.ctc_loss):
+        z = torch.tensor(logits, requires_grad=True)
+        lp = z.transpose(0, 1).log_softmax(2)  # (T, N, C), non-contiguous
+        loss = fn(lp, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+        loss.backward()
+        grads.append(z.grad.numpy())
+    oracles.assert_close(grads[0], grads[1], np.float64, "d loss / d logits")
+
+
+def test_gradcheck_through_log_softmax(rng):
+    """Finite differences agree with the adapter's backward (torch's convention is exact through log_softmax)."""
+    targets, il, tl = torch.tensor([[1, 2], [2, 2]]), torch.tensor([5, 5]), torch.tensor([2, 2])
+    z = torch.tensor(rng.standard_normal((5, 2, 3)), requires_grad=True)
+
+    def f(z):
+        return dctorch.ctc_loss(z.log_softmax(2), targets, il, tl, reduction="sum")
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_no_grad_forward(rng):
+    lp, targets, il, tl = random_inputs(rng, 9, 2, 4, 3)
+    with torch.no_grad():
+        loss = dctorch.ctc_loss(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                torch.as_tensor(tl), reduction="none")
+    oracles.assert_close(loss.numpy(), oracles.torch_reference(lp, targets, il, tl, reduction="none")[0],
+                         np.float64, "loss")
+
+
+def test_bad_target_is_rejected(rng):
+    lp, targets, il, tl = random_inputs(rng, 9, 2, 4, 3, full=True)
+    targets[1, 0] = 4
+    with pytest.raises(ValueError, match=r"targets\[1, 0\]"):
+        dctorch.ctc_loss(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
