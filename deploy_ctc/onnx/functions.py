@@ -179,7 +179,9 @@ def _loop(b: _Builder, lat: dict, init: str, step, reverse: bool, history: bool)
     graph = body.graph("ctc_frame", [(it, b.onnx.TensorProto.INT64), (cond, b.onnx.TensorProto.BOOL), (state, 0)],
                        outputs)
     results = [b.fresh("final")] + ([b.fresh("history")] if history else [])
-    b.nodes.append(b.onnx.helper.make_node("Loop", [lat["t_len"], "", init], results, body=graph))
+    # An explicit true condition: onnx.reference's Loop never iterates on an omitted one.
+    b.nodes.append(b.onnx.helper.make_node("Loop", [lat["t_len"], b.const(True, np.bool_), init], results,
+                                           body=graph))
     if history and reverse:  # Loop stacks in iteration order: flip to frame order
         results[1] = b.op("Slice", results[1], b.const([-1]), b.const([_INT64_MIN]), b.const([0]), b.const([-1]))
     return results

@@ -1,0 +1,109 @@
+"""The portable function bodies, run by plain onnxruntime (no extension), against torch float64 autograd."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+from deploy_ctc.onnx.append import ctc_loss_model  # noqa: E402
+from tests.onnx.helpers import PORTABLE, Problem, grad_model, make_problem, session  # noqa: E402
+from tests.utils.oracles import assert_close, concatenate_targets, torch_reference  # noqa: E402
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _portable(problem: Problem, reduction="mean", zero_infinity=False, grad_output=None, shapeless_targets=False):
+    """(loss, grad) from plain-onnxruntime sessions of the CTCLoss and CTCLossGrad bodies."""
+    dtype = problem.log_probs.dtype.name
+    loss_model = ctc_loss_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)
+    if shapeless_targets:  # concatenated 1-D targets
+        loss_model.graph.input[1].type.tensor_type.ClearField("shape")
+    feeds = problem.feeds()
+    loss = session(loss_model).run(None, feeds)[0]
+    d_loss = np.ones(loss.shape, problem.log_probs.dtype) if grad_output is None else grad_output
+    grad = session(grad_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)).run(
+        None, {"d_loss": d_loss, **feeds})[0]
+    return loss, grad
+
+
+def _check(problem, reduction, zero_infinity=False, rng=None, **kwargs):
+    shape = (problem.log_probs.shape[1],) if reduction == "none" else ()
+    grad_output = None if rng is None else rng.uniform(0.5, 2.0, shape).astype(problem.log_probs.dtype)
+    loss, grad = _portable(problem, reduction, zero_infinity, grad_output, **kwargs)
+    want_loss, want_grad = torch_reference(*problem.args(), blank=problem.blank, reduction=reduction,
+                                           zero_infinity=zero_infinity, grad_output=grad_output)
+    tol = PORTABLE[problem.log_probs.dtype]
+    assert loss.dtype == problem.log_probs.dtype
+    assert_close(loss, want_loss, problem.log_probs.dtype, f"loss ({reduction})", tol)
+    assert_close(grad, want_grad, problem.log_probs.dtype, f"grad ({reduction})", tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_random_batches(rng, dtype, reduction):
+    _check(make_problem(rng, T=40, N=5, C=7, S=8, dtype=dtype), reduction, rng=rng)
+
+
+@pytest.mark.parametrize("blank", [3, 6])
+def test_blank_not_zero(rng, blank):
+    _check(make_problem(rng, T=30, N=4, C=7, S=6, blank=blank), "mean", rng=rng)
+
+
+def test_single_frame(rng):
+    """T = 1 (the Loop runs once): targets of length 0 or 1, and an input length 0."""
+    problem = make_problem(rng, T=1, N=3, C=5, S=1, input_lengths=[1, 1, 0], target_lengths=[1, 0, 0])
+    _check(problem, "none")
+
+
+def test_empty_targets_and_zero_input_length(rng):
+    """All targets empty (S = 0): loss = -log p(all blanks); input_length 0 gives loss 0."""
+    problem = make_problem(rng, T=6, N=3, C=4, S=0, input_lengths=[6, 3, 0], target_lengths=[0, 0, 0])
+    _check(problem, "none")
+    _check(problem, "mean")
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_infeasible(rng, reduction, zero_infinity):
+    """Too-short inputs (one with a repeated label needing a blank between): inf / NaN grads, or 0."""
+    problem = make_problem(rng, T=6, N=3, C=5, S=4, input_lengths=[6, 2, 4], target_lengths=[4, 3, 4])
+    problem.targets[2] = [1, 1, 2, 2]  # needs 6 frames, has 4
+    _check(problem, reduction, zero_infinity)
+
+
+def test_concatenated_targets(rng):
+    problem = make_problem(rng, T=20, N=4, C=6, S=5)
+    problem.targets = concatenate_targets(problem.targets, problem.target_lengths)
+    _check(problem, "mean", rng=rng, shapeless_targets=True)
+
+
+def test_frames_past_input_length_are_never_read(rng):
+    """NaN in frames t >= input_lengths[n] must not leak into the loss or gradient."""
+    problem = make_problem(rng, T=10, N=2, C=5, S=3, input_lengths=[10, 7], target_lengths=[3, 3])
+    clean_loss, clean_grad = _portable(problem, "none")
+    problem.log_probs[7:, 1] = np.nan
+    loss, grad = _portable(problem, "none")
+    np.testing.assert_array_equal(loss, clean_loss)
+    np.testing.assert_array_equal(grad, clean_grad)
+
+
+def test_int32_indices(rng):
+    problem = make_problem(rng, T=15, N=3, C=6, S=4)
+    want = session(ctc_loss_model()).run(None, problem.feeds())[0]
+    model = ctc_loss_model()
+    for i in (1, 2, 3):
+        model.graph.input[i].type.tensor_type.elem_type = 6  # int32
+    np.testing.assert_array_equal(session(model).run(None, problem.feeds(np.int32))[0], want)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(0) = -inf is meant
+def test_reference_evaluator_runs_the_bodies(rng):
+    """onnx.reference inlines model-local functions: the same bodies, another runtime."""
+    from onnx.reference import ReferenceEvaluator
+
+    problem = make_problem(rng, T=8, N=2, C=4, S=3)
+    got = ReferenceEvaluator(ctc_loss_model(reduction="none")).run(None, problem.feeds())[0]
+    want, _ = torch_reference(*problem.args(), reduction="none")
+    assert_close(got, want, np.float32, "loss", PORTABLE[np.dtype(np.float32)])
