@@ -4,10 +4,12 @@ Three launches on the current CuPy stream of the device holding ``log_probs``; n
 the device, and nothing is synchronized:
 
 1. ``ctc_lattice``: alpha (and beta when a gradient is wanted) tables ``(N, T, 2S+1)`` and ``nll (N,)``;
-   one block per (direction, sample), one barrier per frame.
+   one block per (direction, sample), one barrier per frame; with a gradient, further blocks write its dense
+   part ``w_n * exp(lp)`` (0 for "plain") meanwhile, the one pass over the (T, N, C) arrays.
 2. ``ctc_label_links``: for each target position, the previous/next position with the same label ``(N, S, 2)``.
-3. ``ctc_grad``: one block per (frame, sample) writes ``grad[t, n, :]``; each class's posterior is summed in a
-   fixed order (label chains, a fixed-shape block reduction for the blank), so results are bitwise reproducible.
+3. ``ctc_grad``: one block per (frame, sample) overwrites the target's classes of ``grad[t, n, :]``; each
+   class's posterior is summed in a fixed order (label chains, a fixed-shape block reduction for the blank),
+   so results are bitwise reproducible.
 
 The launch code (:func:`run_kernels`) is shared with the CPU test harness, which executes the same kernels from
 NumPy arrays through an object with the same ``launch(name, grid, block, args, shared_mem)`` method.
@@ -22,7 +24,12 @@ from deploy_ctc import kernel_loader
 #: Dynamic shared memory a lattice block may use for its two rows; longer targets take the global-memory path.
 #: 48 KiB is what every CUDA device grants without opting in.
 SHARED_BUDGET = 48 * 1024
+#: Frames of emissions a lattice block gathers ahead into shared memory (bounded by SHARED_BUDGET).
+MAX_STAGE_FRAMES = 64
 LATTICE_MAX_THREADS = 512
+#: Dense-gradient blocks of the lattice launch (grid-stride over the T*N rows) and the classes one covers at once.
+DENSE_MAX_BLOCKS = 2048
+DENSE_THREADS = 256
 LINKS_THREADS = 128
 GRAD_MAX_THREADS = 256
 MAX_GRID_Y = 65535
@@ -82,17 +89,26 @@ def run_kernels(problem, grad_scale, convention, launcher):
     targets = xp.ascontiguousarray(problem.targets, dtype=np.int64)     # (N, S)
     input_lengths = xp.asarray(problem.input_lengths, dtype=np.int64)   # (N,)
     target_lengths = xp.asarray(problem.target_lengths, dtype=np.int64)  # (N,)
-    common = (lp, *lp_strides, targets, _int32(S, "max target length"), input_lengths, target_lengths)
-    n32, t32, blank = _int32(N, "batch size"), _int32(T, "input length"), np.int32(problem.blank)
+    n32 = _int32(N, "batch size")
+    common = (lp, *lp_strides, targets, _int32(S, "max target length"), input_lengths, target_lengths, n32,
+              _int32(T, "input length"), _int32(C, "number of classes"), np.int32(problem.blank))
+    plain = convention == "plain"
 
     alpha = xp.empty((N, T, row), dtype=dtype)               # (N, T, 2S+1)
-    beta = xp.empty((N, T, row), dtype=dtype) if want_grad else alpha  # unused by a forward-only launch
-    shared = 2 * row * lp.itemsize
-    use_shared = shared <= SHARED_BUDGET
+    beta = xp.empty((N, T, row), dtype=dtype) if want_grad else alpha  # a forward-only launch never writes it
+    scale = xp.ascontiguousarray(grad_scale if want_grad else xp.empty(0), dtype=np.float64)  # (N,)
+    # Lattice shared memory: the two rows when they fit, then as many frames of staged emissions as fit.
+    row_bytes = row * lp.itemsize
+    rows_in_shared = 2 * row_bytes <= SHARED_BUDGET
+    stage_frames = min(MAX_STAGE_FRAMES, (SHARED_BUDGET - 2 * row_bytes * rows_in_shared) // row_bytes)
+    shared = (2 * rows_in_shared + stage_frames) * row_bytes
+    # Blocks beyond the 2N lattice blocks write the dense part of the gradient meanwhile.
+    dense_blocks = min(T * N, DENSE_MAX_BLOCKS) if want_grad else 0
+    threads = _threads(max(row, min(C, DENSE_THREADS)) if want_grad else row, LATTICE_MAX_THREADS)
     launcher.launch(kernel_loader.kernel_name("ctc_lattice", dtype),
-                    ((2 if want_grad else 1) * N, 1, 1), (_threads(row, LATTICE_MAX_THREADS), 1, 1),
-                    (*common, n32, t32, blank, np.int32(use_shared), alpha, beta, nll),
-                    shared if use_shared else 0)
+                    ((2 if want_grad else 1) * N + dense_blocks, 1, 1), (threads, 1, 1),
+                    (*common, np.int32(rows_in_shared), np.int32(stage_frames), alpha, beta, nll, scale,
+                     np.int32(plain), grad if want_grad else alpha), shared)
     if not want_grad:
         return nll, grad
 
@@ -103,9 +119,8 @@ def run_kernels(problem, grad_scale, convention, launcher):
                         (-(-S // LINKS_THREADS), grid_y, 1), (LINKS_THREADS, 1, 1),
                         (targets, np.int32(S), target_lengths, n32, links))
     if T > 0:
-        scale = xp.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
         launcher.launch(kernel_loader.kernel_name("ctc_grad", dtype),
-                        (T, grid_y, 1), (_threads(max(C, S + 1), GRAD_MAX_THREADS), 1, 1),
-                        (*common, links, n32, t32, _int32(C, "number of classes"), blank, alpha, beta, nll,
-                         scale, np.int32(problem.zero_infinity), np.int32(convention == "plain"), grad))
+                        (T, grid_y, 1), (_threads(S + 1, GRAD_MAX_THREADS), 1, 1),
+                        (*common, links, alpha, beta, nll, scale, np.int32(problem.zero_infinity),
+                         np.int32(plain), grad))
     return nll, grad

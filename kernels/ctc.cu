@@ -21,22 +21,57 @@
 //   posterior[t, c] = sum_{s: l'_s = c} exp(alpha[t, s] + beta[t, s] - lp[t, c] + nll)
 // beta is alpha run on the reversed frames and reversed l' (s -> 2L-s keeps parity and the skip rule), so one
 // kernel computes both: blocks [0, N) run the forward direction, blocks [N, 2N) the backward one.
+//
+// Launch sequence (deploy_ctc/cupy_backend.py): ctc_lattice (alpha, beta, nll, and in spare blocks the dense
+// part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no
+// atomics; every sum runs in an order fixed by the shapes.
 #include "ctc.cuh"
 
 using dctc::Math;
 using dctc::extended_label;
 using dctc::log_add;
 
-// Lattice kernel: one block per (direction, sample n); threads stride over the 2L+1 lattice positions and
-// step through the frames one at a time with one barrier per frame. The previous row is read from the
-// shared-memory ping-pong buffer (use_shared: 2 * (2L+1) values of dynamic shared memory) or, for targets
-// too long for shared memory, from the row written to the global table in the previous step (the slow path;
-// there is no target-length ceiling). Grid: (N, 1, 1) for alpha only, (2N, 1, 1) for alpha and beta.
+// Dense part of the gradient, which needs no lattice: grad[t, n, c] = w_n * exp(lp[t, n, c]) (plain: 0) for
+// t < input_lengths[n], 0 for later frames. The lattice launch runs it in its spare blocks, so the one pass over
+// the (T, N, C) arrays overlaps the latency-bound recursions; ctc_grad then overwrites the target's classes.
+// `block` numbers this block among the dense blocks, `blocks` is their count; one row (t, n) at a time.
+template <typename T>
+__device__ void dense_grad(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
+                           const long long* input_lengths, int N, int T_max, int C, const double* grad_scale,
+                           int plain, T* grad, long long block, long long blocks) {
+    for (long long r = block; r < static_cast<long long>(T_max) * N; r += blocks) {
+        const long long t = r / N;
+        const int n = static_cast<int>(r - t * N);
+        T* g = grad + r * C;
+        if (t >= input_lengths[n] || plain) {
+            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = T(0);
+        } else {
+            const T* lp_row = lp + t * lp_st + n * lp_sn;
+            const T w = static_cast<T>(grad_scale[n]);
+            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = w * Math<T>::exp(lp_row[c * lp_sc]);
+        }
+    }
+}
+
+// Lattice kernel. Blocks [0, N) compute alpha of sample n = blockIdx.x, blocks [N, 2N) beta of sample
+// blockIdx.x - N, and any further blocks the dense part of the gradient (dense_grad). A lattice block's threads
+// stride over the 2L+1 positions and step through the frames with one barrier per frame.
+// Dynamic shared memory, laid out by the launch code (all optional, row = 2S+1 values each):
+//   [2 rows] the previous and current lattice rows (rows_in_shared); otherwise the previous row is read back
+//            from the global table (the slow path of targets too long for shared memory: no length ceiling);
+//   [stage_frames rows] the emissions lp[t, n, l'_s] of the next stage_frames frames, gathered by the whole
+//            block with many loads in flight, so the per-frame critical path touches only shared memory.
 template <typename T>
 __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
                             const long long* targets, int S, const long long* input_lengths,
-                            const long long* target_lengths, int N, int T_max, int blank, int use_shared,
-                            T* alpha, T* beta, T* nll) {
+                            const long long* target_lengths, int N, int T_max, int C, int blank,
+                            int rows_in_shared, int stage_frames, T* alpha, T* beta, T* nll,
+                            const double* grad_scale, int plain, T* grad) {
+    if (blockIdx.x >= 2u * N) {
+        dense_grad(lp, lp_st, lp_sn, lp_sc, input_lengths, N, T_max, C, grad_scale, plain, grad,
+                   blockIdx.x - 2LL * N, gridDim.x - 2LL * N);
+        return;
+    }
     const bool forward = blockIdx.x < static_cast<unsigned>(N);
     const int n = forward ? blockIdx.x : blockIdx.x - N;
     const long long frames = input_lengths[n];
@@ -46,14 +81,41 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
     const long long* target = targets + static_cast<long long>(n) * S;
     const T* lp_n = lp + n * lp_sn;
     T* table = (forward ? alpha : beta) + static_cast<long long>(n) * T_max * row;
-    T* rows = reinterpret_cast<T*>(dctc_smem);          // (2, width) when use_shared
+    T* rows = reinterpret_cast<T*>(dctc_smem);               // (2, width) if rows_in_shared
+    T* stage = rows + (rows_in_shared ? 2 * row : 0);        // (stage_frames, width)
     const int dir = forward ? 1 : -1;                  // neighbours of s in the recursion are s - dir, s - 2 dir
     const T neg_inf = Math<T>::neg_inf();
 
     for (long long k = 0; k < frames; ++k) {
         const long long t = forward ? k : frames - 1 - k;
+        const long long staged = stage_frames > 0 ? k % stage_frames : 0;
+        if (stage_frames > 0 && staged == 0) {
+            // Refill: emissions of frames k .. k + stage_frames - 1, kStageLoads independent loads per thread
+            // before the first store. The previous frame's barrier ended every read of the old stage.
+            constexpr int kStageLoads = 8;
+            const int count = static_cast<int>(min(static_cast<long long>(stage_frames), frames - k)) * width;
+            for (int base = threadIdx.x; base < count; base += kStageLoads * blockDim.x) {
+                T value[kStageLoads];
+#pragma unroll
+                for (int u = 0; u < kStageLoads; ++u) {
+                    const int i = base + u * blockDim.x;
+                    if (i < count) {
+                        const long long frame = k + i / width;
+                        const int j = i % width;
+                        const int label = extended_label(target, forward ? j : width - 1 - j, blank);
+                        value[u] = lp_n[(forward ? frame : frames - 1 - frame) * lp_st + label * lp_sc];
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < kStageLoads; ++u) {
+                    const int i = base + u * blockDim.x;
+                    if (i < count) stage[i] = value[u];
+                }
+            }
+            __syncthreads();
+        }
         T* out = table + t * row;
-        const T* prev = use_shared ? rows + ((k + 1) & 1) * width : table + (t - dir) * row;
+        const T* prev = rows_in_shared ? rows + ((k + 1) & 1) * width : table + (t - dir) * row;
         T* cur = rows + (k & 1) * width;
         for (int j = threadIdx.x; j < width; j += blockDim.x) {
             const int s = forward ? j : width - 1 - j;  // j: position in the direction of the recursion
@@ -68,9 +130,11 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
                     acc = log_add(acc, prev[s - 2 * dir]);
             }
             // Unreachable positions stay -inf without reading their emission.
-            const T value = acc == neg_inf ? neg_inf : acc + lp_n[t * lp_st + label * lp_sc];
+            T value = neg_inf;
+            if (acc != neg_inf)
+                value = acc + (stage_frames > 0 ? stage[staged * width + j] : lp_n[t * lp_st + label * lp_sc]);
             out[s] = value;
-            if (use_shared) cur[s] = value;
+            if (rows_in_shared) cur[s] = value;
         }
         __syncthreads();
     }
@@ -113,35 +177,31 @@ __device__ __forceinline__ T class_grad(T lp, T log_alpha_beta, T nll, T w, int 
     return plain ? -w * posterior : w * (Math<T>::exp(lp) - posterior);
 }
 
-// Gradient kernel: one block per (frame t, sample n) writes the row grad[t, n, :]. First every class gets
-// its posterior-free part (coalesced over c), then, after a barrier, the classes of the target are
-// overwritten: one thread per first occurrence of a label walks its chain of positions in order, and the
-// blank's even positions are reduced by the whole block in a fixed order (dctc::block_log_add).
-// Rows t >= input_lengths[n] are 0; rows of an infinite nll are NaN (0 with zero_infinity).
+// Gradient kernel, after the lattice launch wrote the dense part: one block per (frame t, sample n) overwrites
+// the target's classes of grad[t, n, :]. One thread per first occurrence of a label walks its chain of positions
+// in order; the blank's even positions are reduced by the whole block in a fixed order (dctc::block_log_add).
+// Rows of an infinite nll become NaN (0 with zero_infinity); rows t >= input_lengths[n] keep their zeros.
 // Grid: (T, min(N, 65535)); blockDim.x a multiple of 32.
 template <typename T>
 __global__ void ctc_grad(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
                          const long long* targets, int S, const long long* input_lengths,
-                         const long long* target_lengths, const int* links, int N, int T_max, int C, int blank,
+                         const long long* target_lengths, int N, int T_max, int C, int blank, const int* links,
                          const T* alpha, const T* beta, const T* nll, const double* grad_scale,
                          int zero_infinity, int plain, T* grad) {
     __shared__ T scratch[32];
     const long long t = blockIdx.x;
     const long long row = 2LL * S + 1;
     for (int n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform loop: the barriers below are safe
+        if (t >= input_lengths[n]) continue;
         T* g = grad + (t * N + n) * C;
         const T loss = nll[n];
-        if (t >= input_lengths[n] || loss == Math<T>::pos_inf()) {
-            const T fill = t >= input_lengths[n] || zero_infinity ? T(0) : Math<T>::nan();
+        if (loss == Math<T>::pos_inf()) {
+            const T fill = zero_infinity ? T(0) : Math<T>::nan();
             for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = fill;
             continue;
         }
         const T* lp_row = lp + t * lp_st + n * lp_sn;
         const T w = static_cast<T>(grad_scale[n]);
-        for (int c = threadIdx.x; c < C; c += blockDim.x)
-            g[c] = plain ? T(0) : w * Math<T>::exp(lp_row[c * lp_sc]);
-        __syncthreads();  // the overwrites below must land after these writes
-
         const long long* target = targets + static_cast<long long>(n) * S;
         const int L = static_cast<int>(target_lengths[n]);
         const T* a = alpha + (static_cast<long long>(n) * T_max + t) * row;

@@ -152,14 +152,23 @@ def test_harness_never_reads_frames_past_input_length(harness, rng):
     _check(nll, grad, _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float64, "NaN past input_lengths", lp)
 
 
+@pytest.mark.parametrize("path", ["global_rows_direct_loads", "global_rows_staged", "shared_rows_restaged"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_harness_global_memory_path(dtype, harness, rng, monkeypatch):
-    """The slow path of long targets (rows in global memory), forced on a small batch by a zero shared budget."""
-    monkeypatch.setattr(cupy_backend, "SHARED_BUDGET", 0)
+def test_harness_lattice_memory_paths(path, dtype, harness, rng, monkeypatch):
+    """The lattice's slow paths, forced on a small batch through the launch code's shared-memory plan:
+    rows read back from global memory (long targets) with emissions loaded directly or staged one frame at a
+    time, and shared rows with the emission stage refilled every 3 frames (a partial last refill)."""
     case = CASES[3]
     lp, targets, il, tl, w = _inputs(case, rng, dtype)
+    row_bytes = (2 * targets.shape[1] + 1) * np.dtype(dtype).itemsize
+    if path == "global_rows_direct_loads":
+        monkeypatch.setattr(cupy_backend, "SHARED_BUDGET", 0)
+    elif path == "global_rows_staged":
+        monkeypatch.setattr(cupy_backend, "SHARED_BUDGET", row_bytes + row_bytes // 2)
+    else:
+        monkeypatch.setattr(cupy_backend, "MAX_STAGE_FRAMES", 3)
     nll, grad = _run(harness, lp, targets, il, tl, case.blank, True, w)
-    _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, True, "torch"), dtype, "global path", lp)
+    _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, True, "torch"), dtype, path, lp)
 
 
 def test_harness_target_too_long_for_shared_memory(harness_library, rng):

@@ -10,12 +10,16 @@ import re
 
 import pytest
 
-from deploy_ctc import kernel_loader
+from deploy_ctc import cupy_backend, kernel_loader
 
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
                             reason="CuPy's NVRTC bindings (pip install deploy_ctc[cuda-build])")
 
 ARCHS = ("sm_80", "sm_90")
+#: Largest block the launch code uses for each kernel; registers * threads must fit the 64K register file.
+MAX_THREADS = {"ctc_lattice": cupy_backend.LATTICE_MAX_THREADS, "ctc_label_links": cupy_backend.LINKS_THREADS,
+               "ctc_grad": cupy_backend.GRAD_MAX_THREADS}
+REGISTER_FILE = 65536
 _FUNCTION = re.compile(r"Function properties for (\S+)\s*\n\S+\s+\.\s+(\d+) bytes stack frame, "
                        r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGISTERS = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", re.S)
@@ -51,4 +55,8 @@ def test_every_instantiation_compiles_without_spills(arch):
         stack, spill_stores, spill_loads = properties[symbol]
         assert (spill_stores, spill_loads) == (0, 0), f"{arch}: {name} spills to local memory:\n{log}"
         assert stack == 0, f"{arch}: {name} uses a {stack}-byte stack frame (local memory):\n{log}"
+        threads = MAX_THREADS[name.split("<")[0]]
+        per_thread = -(-registers[symbol] // 8) * 8  # allocated per thread in units of 8
+        assert per_thread * threads <= REGISTER_FILE, \
+            f"{arch}: {name} uses {registers[symbol]} registers, too many for blocks of {threads} threads"
         print(f"{arch} {name}: {registers[symbol]} registers")

@@ -49,6 +49,9 @@ inline thread_local uint3 blockIdx;
 inline thread_local dim3 blockDim;
 inline thread_local dim3 gridDim;
 
+using std::max;  // CUDA's integer min/max overloads
+using std::min;
+
 inline float __int_as_float(int bits) {
     float value;
     std::memcpy(&value, &bits, sizeof value);
