@@ -69,12 +69,14 @@ def make_batch(batch_size: int = 8, max_frames: int = 200, n_mels: int = N_MELS,
     """Synthetic utterances: features (N, T, 80) float32, feature_lengths (N,), targets (N, S), target_lengths (N,).
 
     Lengths vary per utterance (the longest has ``max_frames``); every target fits its subsampled input
-    (``target_length <= ceil(frames / 2) / 2``), labels are in [1, n_classes) (0 is blank).
+    even with repeated labels (``2 * target_length + 1 <= ceil(frames / 2)``); labels are in [1, n_classes),
+    0 being blank.
     """
     rng = np.random.default_rng(seed)
     frames = rng.integers(max_frames // 2, max_frames + 1, batch_size)
     frames[0] = max_frames
-    target_lengths = np.minimum(rng.integers(1, max_target + 1, batch_size), (frames + 1) // 4)
+    out_frames = (frames + 1) // 2  # after the conv's 2x subsampling
+    target_lengths = np.minimum(rng.integers(1, max_target + 1, batch_size), (out_frames - 1) // 2)
     features = rng.standard_normal((batch_size, max_frames, n_mels)).astype(np.float32)
     targets = rng.integers(1, n_classes, (batch_size, int(target_lengths.max())))
     return {"features": features, "feature_lengths": frames.astype(np.int64), "targets": targets.astype(np.int64),

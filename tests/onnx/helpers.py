@@ -63,9 +63,10 @@ def grad_model(dtype: str = "float32", **attrs):
     elem = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE}[dtype]
     int64 = onnx.TensorProto.INT64
     names = ["d_loss", "log_probs", "targets", "input_lengths", "target_lengths"]
-    inputs = [helper.make_tensor_value_info("d_loss", elem, None),
+    d_loss_shape = ["N"] if attrs.get("reduction") == "none" else []
+    inputs = [helper.make_tensor_value_info("d_loss", elem, d_loss_shape),
               helper.make_tensor_value_info("log_probs", elem, ["T", "N", "C"]),
-              helper.make_tensor_value_info("targets", int64, None),
+              helper.make_tensor_value_info("targets", int64, ["N", "S"]),
               helper.make_tensor_value_info("input_lengths", int64, ["N"]),
               helper.make_tensor_value_info("target_lengths", int64, ["N"])]
     node = helper.make_node("CTCLossGrad", names, ["d_log_probs"], domain="deploy_ctc", **node_attributes(**attrs))

@@ -18,13 +18,14 @@ def _portable(problem: Problem, reduction="mean", zero_infinity=False, grad_outp
     """(loss, grad) from plain-onnxruntime sessions of the CTCLoss and CTCLossGrad bodies."""
     dtype = problem.log_probs.dtype.name
     loss_model = ctc_loss_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)
+    g_model = grad_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)
     if shapeless_targets:  # concatenated 1-D targets
-        loss_model.graph.input[1].type.tensor_type.ClearField("shape")
+        for model in (loss_model, g_model):
+            next(i for i in model.graph.input if i.name == "targets").type.tensor_type.ClearField("shape")
     feeds = problem.feeds()
     loss = session(loss_model).run(None, feeds)[0]
     d_loss = np.ones(loss.shape, problem.log_probs.dtype) if grad_output is None else grad_output
-    grad = session(grad_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)).run(
-        None, {"d_loss": d_loss, **feeds})[0]
+    grad = session(g_model).run(None, {"d_loss": d_loss, **feeds})[0]
     return loss, grad
 
 

@@ -1,0 +1,127 @@
+"""deploy_ctc.onnx.export with both torch exporters: dynamic shapes, onnxruntime round trips, no leaks."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import deploy_ctc.onnx as dco  # noqa: E402
+from tests.onnx.helpers import PORTABLE, session  # noqa: E402
+from tests.utils.oracles import assert_close, random_targets  # noqa: E402
+
+NAMES = ["features", "targets", "input_lengths", "target_lengths"]
+
+
+class TinyCTC(torch.nn.Module):
+    """Linear + log_softmax over (T, N, 6) features, then nn.CTCLoss or F.ctc_loss."""
+
+    def __init__(self, reduction="mean", blank=0, use_module=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(6, 5)
+        self.loss = torch.nn.CTCLoss(blank=blank, reduction=reduction) if use_module else None
+        self.reduction, self.blank = reduction, blank
+
+    def forward(self, features, targets, input_lengths, target_lengths):
+        log_probs = self.linear(features).log_softmax(-1)
+        if self.loss is not None:
+            return self.loss(log_probs, targets, input_lengths, target_lengths)
+        return torch.nn.functional.ctc_loss(log_probs, targets, input_lengths, target_lengths,
+                                            blank=self.blank, reduction=self.reduction)
+
+
+def _batch(rng, T, N, S, blank=0):
+    tl = rng.integers(0, S + 1, N)
+    tl[0] = S
+    il = rng.integers(np.minimum(2 * tl + 1, T), T + 1)
+    il[0] = T
+    return [rng.standard_normal((T, N, 6)).astype(np.float32), random_targets(rng, tl, 5, blank=blank, S=S),
+            il.astype(np.int64), tl.astype(np.int64)]
+
+
+def _export(module, rng, tmp_path, dynamo, **kwargs):
+    example = [torch.from_numpy(a) for a in _batch(rng, 10, 3, 4)]
+    if dynamo:
+        t, n, s = torch.export.Dim("T"), torch.export.Dim("N"), torch.export.Dim("S")
+        kwargs.setdefault("dynamic_shapes", ({0: t, 1: n}, {0: n, 1: s}, {0: n}, {0: n}))
+    else:
+        kwargs.setdefault("dynamic_axes", {"features": {0: "T", 1: "N"}, "targets": {0: "N", 1: "S"},
+                                           "input_lengths": {0: "N"}, "target_lengths": {0: "N"}})
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation / export chatter
+        proto = dco.export(module, tuple(example), path, dynamo=dynamo, input_names=NAMES,
+                           output_names=["loss"], **kwargs)
+    assert path.exists()
+    assert [n.op_type for n in proto.graph.node if n.domain == "deploy_ctc"] == ["CTCLoss"]
+    return proto
+
+
+def _check_runs(module, proto, rng, extension=False, blank=0):
+    """Run at two batch shapes different from the export example and compare with torch eager."""
+    sess = session(proto, extension=extension)
+    for T, N, S in [(13, 4, 5), (7, 2, 2)]:
+        batch = _batch(rng, T, N, S, blank)
+        got = sess.run(None, dict(zip(NAMES, batch)))[0]
+        with torch.no_grad():
+            want = module(*[torch.from_numpy(a) for a in batch]).numpy()
+        assert_close(got, want.astype(np.float64), np.float32, f"loss at T={T} N={N} S={S}",
+                     PORTABLE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_export_runs_in_plain_onnxruntime(rng, tmp_path, dynamo):
+    module = TinyCTC("mean")
+    proto = _export(module, rng, tmp_path, dynamo)
+    dco.register_schemas()
+    onnx.checker.check_model(proto, full_check=True)
+    assert [f.name for f in proto.functions] == ["CTCLoss"]
+    _check_runs(module, proto, rng)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_export_without_bodies_runs_with_extension(rng, tmp_path, dynamo):
+    pytest.importorskip("onnxruntime_extensions")
+    module = TinyCTC("none", blank=4, use_module=True)
+    proto = _export(module, rng, tmp_path, dynamo, embed_functions=False)
+    assert len(proto.functions) == 0
+    node = next(n for n in proto.graph.node if n.domain == "deploy_ctc")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == {
+        "blank": 4, "reduction": b"none", "zero_infinity": 0}
+    _check_runs(module, proto, rng, extension=True, blank=4)
+
+
+def test_nothing_leaks_after_export(rng, tmp_path):
+    """Both registrations are scoped: torch fails on ctc_loss exactly as before the call."""
+    module = TinyCTC()
+    example = tuple(torch.from_numpy(a) for a in _batch(rng, 10, 3, 4))
+
+    def torch_behaviour():
+        outcomes = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for attempt in (lambda: torch.export.export(module, example),
+                            lambda: torch.onnx.export(module, example, str(tmp_path / "plain.onnx"),
+                                                      dynamo=False)):
+                try:
+                    attempt()
+                    outcomes.append("ok")
+                except Exception as exc:  # noqa: BLE001 -- comparing what torch raises
+                    outcomes.append(type(exc).__name__)
+        return outcomes
+
+    before = torch_behaviour()
+    assert "ok" not in before
+    _export(module, rng, tmp_path, dynamo=True)
+    _export(module, rng, tmp_path, dynamo=False)
+    assert torch_behaviour() == before
+
+
+def test_low_opset_with_bodies_is_refused(rng, tmp_path):
+    with pytest.raises(ValueError, match="opset_version must be >= 18"):
+        _export(TinyCTC(), rng, tmp_path, dynamo=False, opset_version=17)
