@@ -273,6 +273,22 @@ def test_peaky_input(rng, scale):
     assert np.isfinite(loss).all() and np.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("gap", [0, 5, 500])
+def test_peaky_path_flip(gap):
+    """Adversarial peaky case: the alignment that is e^-800 behind at frame 0 wins by e^200 at the end.
+
+    Target [1], blank 0: "1 0 ... 0 0" costs 1000 nats at the last frame, "0 0 ... 0 1" costs 800 at the
+    first; a recursion that rescales per frame flushes e^-800 to zero at frame 0 and would report ~1000.
+    ``gap`` blank-friendly frames in between make the two chains travel before they meet again.
+    """
+    first = [-800.0, 0.0, -1000.0]
+    middle = [[0.0, -1000.0, -1000.0]] * (gap + 1)
+    last = [-1000.0, 0.0, -1000.0]
+    lp = oracles.log_softmax(np.array([first, *middle, last]))[:, None, :]  # (T, 1, 3)
+    loss, _ = check_against_torch(lp, np.array([[1]]), [lp.shape[0]], [1], reduction="sum")
+    assert 799 < loss < 801
+
+
 def test_long_and_peaky_input(rng):
     T, N, C, S = 2000, 2, 4, 100
     lp = oracles.random_log_probs(rng, T, N, C, scale=300.0)
@@ -324,9 +340,11 @@ def test_finite_inputs_raise_no_numpy_warnings(rng, case):
             deploy_ctc.ctc_loss_and_grad(lp, targets, il, tl, reduction="none", zero_infinity=zero_infinity)
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0])  # peaky inputs may take another code path
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_nan_beyond_input_length_does_not_leak(rng, dtype):
+def test_nan_beyond_input_length_does_not_leak(rng, dtype, scale):
     lp, targets, il, tl = random_case(rng, 12, 3, 5, 3, dtype=dtype)
+    lp = oracles.random_log_probs(rng, 12, 3, 5, dtype, scale)
     il = np.array([12, 7, 0])
     clean = lp.copy()
     for n, length in enumerate(il):
