@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import numpy as np
 
@@ -93,7 +94,8 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def _export(module, batch: dict, path: str, dynamo: bool):
+def export_with_loss(module: AcousticModelWithLoss, batch: dict, path: str, dynamo: bool = True):
+    """Export ``module`` (inputs named as ``batch``'s keys, output "loss") with dynamic N, T and S."""
     from deploy_ctc.onnx import export
 
     names = list(batch)
@@ -104,7 +106,10 @@ def _export(module, batch: dict, path: str, dynamo: bool):
     else:
         dims = {"dynamic_axes": {"features": {0: "N", 1: "T"}, "feature_lengths": {0: "N"},
                                  "targets": {0: "N", 1: "S"}, "target_lengths": {0: "N"}}}
-    return export(module, args, path, dynamo=dynamo, input_names=names, output_names=["loss"], **dims)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's exporter deprecation and tracing chatter
+        return export(module, args, path, dynamo=dynamo, input_names=names, output_names=["loss"],
+                      verbose=False, **dims)
 
 
 def main(argv=None) -> int:
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     batch = make_batch(args.batch, args.frames)
     print(f"model: conv + BiLSTM, {N_MELS}-dim features, {N_CLASSES} classes; batch N={args.batch}, "
           f"T<={args.frames} frames, S={batch['targets'].shape[1]}")
-    _export(module, make_batch(3, 64, seed=1), args.output, dynamo=args.exporter == "dynamo")
+    export_with_loss(module, make_batch(3, 64, seed=1), args.output, dynamo=args.exporter == "dynamo")
     print(f"exported ({args.exporter}) with deploy_ctc::CTCLoss and its portable body -> {args.output}")
 
     with torch.no_grad():
