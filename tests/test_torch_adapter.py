@@ -4,6 +4,8 @@ Losses and autograd gradients must equal torch's (float64 oracle on the same val
 for every input layout torch accepts, through an upstream log_softmax, and under torch.autograd.gradcheck.
 """
 
+import importlib
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,12 @@ from tests.utils import oracles
 
 torch = pytest.importorskip("torch", reason="deploy_ctc.torch needs torch (the test extra)")
 
-import deploy_ctc.torch as dctorch  # noqa: E402  (after the skip: it imports torch)
+
+@pytest.fixture
+def dctorch():
+    """deploy_ctc.torch, imported per test (after the skip above; a missing module fails tests, not collection)."""
+    return importlib.import_module("deploy_ctc.torch")
+
 
 DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
@@ -40,7 +47,7 @@ def run_adapter(fn, lp, targets, il, tl, dtype, grad_output, **kw):
 @pytest.mark.parametrize("zero_infinity", [False, True])
 @pytest.mark.parametrize("reduction", oracles.REDUCTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_functional_matches_torch(rng, dtype, reduction, zero_infinity):
+def test_functional_matches_torch(rng, dtype, reduction, zero_infinity, dctorch):
     T, N, C, S = 21, 5, 7, 6
     lp, targets, il, tl = random_inputs(rng, T, N, C, S, blank=3)
     il[2], tl[2] = 3, 4  # infeasible
@@ -54,7 +61,7 @@ def test_functional_matches_torch(rng, dtype, reduction, zero_infinity):
 
 
 @pytest.mark.parametrize("reduction", oracles.REDUCTIONS)
-def test_module_matches_nn_ctcloss(rng, reduction):
+def test_module_matches_nn_ctcloss(rng, reduction, dctorch):
     lp, targets, il, tl = random_inputs(rng, 30, 4, 6, 8, blank=5)
     module = dctorch.CTCLoss(blank=5, reduction=reduction)
     assert isinstance(module, torch.nn.Module)
@@ -65,7 +72,7 @@ def test_module_matches_nn_ctcloss(rng, reduction):
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
-def test_module_defaults_and_zero_infinity(rng):
+def test_module_defaults_and_zero_infinity(rng, dctorch):
     lp, targets, il, tl = random_inputs(rng, 6, 3, 4, 4)
     il[1] = 2
     for kwargs in ({}, {"zero_infinity": True}):
@@ -76,7 +83,7 @@ def test_module_defaults_and_zero_infinity(rng):
         oracles.assert_close(ours.numpy(), ref.numpy(), np.float64, f"CTCLoss({kwargs})")
 
 
-def test_concatenated_and_tuple_lengths(rng):
+def test_concatenated_and_tuple_lengths(rng, dctorch):
     lp, targets, il, tl = random_inputs(rng, 15, 4, 5, 5)
     concat = oracles.concatenate_targets(targets, tl)
     x = torch.tensor(lp, requires_grad=True)
@@ -87,7 +94,7 @@ def test_concatenated_and_tuple_lengths(rng):
     oracles.assert_close(x.grad.numpy(), ref_grad, np.float64, "grad")
 
 
-def test_unbatched_with_0d_lengths(rng):
+def test_unbatched_with_0d_lengths(rng, dctorch):
     lp = oracles.random_log_probs(rng, 12, 1, 6)[:, 0]
     target = np.array([2, 2, 5])
     loss, grad = run_adapter(dctorch.ctc_loss, lp, target, np.array(10), np.array(3), torch.float64, np.array(1.0),
@@ -98,7 +105,7 @@ def test_unbatched_with_0d_lengths(rng):
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
-def test_gradient_through_log_softmax_and_non_contiguous_input(rng):
+def test_gradient_through_log_softmax_and_non_contiguous_input(rng, dctorch):
     """The usual training graph: logits (N, T, C) -> transpose -> log_softmax -> CTC; compare the logits' grad."""
     T, N, C, S = 25, 3, 8, 6
     _, targets, il, tl = random_inputs(rng, T, N, C, S)
@@ -113,7 +120,7 @@ def test_gradient_through_log_softmax_and_non_contiguous_input(rng):
     oracles.assert_close(grads[0], grads[1], np.float64, "d loss / d logits")
 
 
-def test_gradcheck_through_log_softmax(rng):
+def test_gradcheck_through_log_softmax(rng, dctorch):
     """Finite differences agree with the adapter's backward (torch's convention is exact through log_softmax)."""
     targets, il, tl = torch.tensor([[1, 2], [2, 2]]), torch.tensor([5, 5]), torch.tensor([2, 2])
     z = torch.tensor(rng.standard_normal((5, 2, 3)), requires_grad=True)
@@ -124,7 +131,7 @@ def test_gradcheck_through_log_softmax(rng):
     assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
 
 
-def test_no_grad_forward(rng):
+def test_no_grad_forward(rng, dctorch):
     lp, targets, il, tl = random_inputs(rng, 9, 2, 4, 3)
     with torch.no_grad():
         loss = dctorch.ctc_loss(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
@@ -133,7 +140,7 @@ def test_no_grad_forward(rng):
                          np.float64, "loss")
 
 
-def test_bad_target_is_rejected(rng):
+def test_bad_target_is_rejected(rng, dctorch):
     lp, targets, il, tl = random_inputs(rng, 9, 2, 4, 3, full=True)
     targets[1, 0] = 4
     with pytest.raises(ValueError, match=r"targets\[1, 0\]"):
