@@ -45,12 +45,14 @@ def sanitize_requested() -> bool:
     return os.environ.get("DCTC_HARNESS_ASAN") == "1"
 
 
-def _translation_unit() -> str:
+def _translation_unit(source: str, names: tuple[str, ...]) -> str:
     lines = ['#include "cuda_shim.h"',
-             f'#include "{kernel_loader.SOURCE}"',
-             "thread_local __attribute__((aligned(16))) unsigned char dctc_smem[dctc_harness::kMaxDynamicShared];"]
-    for i, name in enumerate(kernel_loader.NAME_EXPRESSIONS):
+             f'#include "{source}"',
+             "thread_local __attribute__((aligned(16))) unsigned char dctc_smem[dctc_harness::kMaxDynamicShared];",
+             f'extern "C" int dctc_kernel_count() {{ return {len(names)}; }}']
+    for i, name in enumerate(names):
         lines += [
+            f'extern "C" const char* dctc_name_{i}() {{ return "{name}"; }}',
             f'extern "C" const char* dctc_signature_{i}() {{',
             f"    static const std::string text = dctc_harness::signature(&{name});",
             "    return text.c_str();",
@@ -63,25 +65,33 @@ def _translation_unit() -> str:
     return "\n".join(lines) + "\n"
 
 
-def build(cache_dir: Path, sanitize: bool = False) -> Path:
-    """Compiles the harness library into ``cache_dir`` (reused while the sources are unchanged)."""
+def build(cache_dir: Path, sanitize: bool = False, source_dir: Path | None = None, source: str | None = None,
+          names: tuple[str, ...] | None = None) -> Path:
+    """Compiles a harness library into ``cache_dir`` (reused while the sources are unchanged).
+
+    By default the package's kernels (``kernel_loader.SOURCE`` and ``NAME_EXPRESSIONS``); ``source_dir``,
+    ``source`` and ``names`` select another ``.cu`` file, e.g. the harness's own self-test kernels.
+    """
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA harness")
+    source_dir = Path(source_dir or kernel_loader.kernels_dir())
+    source = source or kernel_loader.SOURCE
+    names = tuple(names or kernel_loader.NAME_EXPRESSIONS)
     flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused-function"]
     if sanitize:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-    unit = _translation_unit()
+    unit = _translation_unit(source, names)
     digest = hashlib.sha256(unit.encode() + " ".join(flags).encode() + (HERE / "cuda_shim.h").read_bytes())
-    for path in sorted(kernel_loader.kernels_dir().glob("*.cu*")):
+    for path in sorted(source_dir.glob("*.cu*")):
         digest.update(path.read_bytes())
     library = Path(cache_dir) / f"dctc_harness_{digest.hexdigest()[:16]}.so"
     if not library.exists():
-        source = library.with_suffix(".cpp")
-        source.write_text(unit)
+        unit_path = library.with_suffix(".cpp")
+        unit_path.write_text(unit)
         partial = library.with_suffix(".tmp")
-        result = subprocess.run([cxx, *flags, f"-I{HERE}", f"-I{kernel_loader.kernels_dir()}", str(source),
-                                 "-o", str(partial)], capture_output=True, text=True)
+        result = subprocess.run([cxx, *flags, f"-I{HERE}", f"-I{source_dir}", str(unit_path), "-o", str(partial)],
+                                capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"building the CUDA harness failed:\n{result.stderr}")
         partial.replace(library)
@@ -92,6 +102,7 @@ class Harness:
     """Runs kernels of a built harness library; ``launch`` mirrors ``RawModuleLauncher.launch``."""
 
     def __init__(self, library: Path, order: str = "forward", seed: int = 0):
+        """``library`` from :func:`build`; ``order`` of the threads at each scheduling round, ``seed`` of "random"."""
         if order not in ORDERS:
             raise ValueError(f"order must be one of {tuple(ORDERS)}, got {order!r}")
         self._lib = ctypes.CDLL(str(library))
@@ -99,7 +110,10 @@ class Harness:
         self.seed = seed
         self.launches: list[str] = []  # names of the kernels launched, in order
         self._entries = {}
-        for i, name in enumerate(kernel_loader.NAME_EXPRESSIONS):
+        for i in range(self._lib.dctc_kernel_count()):
+            label = getattr(self._lib, f"dctc_name_{i}")
+            label.restype = ctypes.c_char_p
+            name = label().decode()
             signature = getattr(self._lib, f"dctc_signature_{i}")
             signature.restype = ctypes.c_char_p
             entry = getattr(self._lib, f"dctc_launch_{i}")
