@@ -70,6 +70,11 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         ``problem.log_probs.dtype`` (None without ``grad_scale``) with rows ``t >= input_lengths[n]`` exactly 0 and
         rows of infinite-loss samples NaN (0 when ``problem.zero_infinity``).
     """
+    with np.errstate(all="ignore"):  # under/overflow and NaN are detected by the consistency check instead
+        return _forward_backward(problem, grad_scale, convention)
+
+
+def _forward_backward(problem, grad_scale, convention):
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     il, tl, targets = problem.input_lengths, problem.target_lengths, problem.targets
@@ -90,9 +95,10 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 
     def task(span):
         n0, n1 = span
-        _scaled_chunk(lp[:, n0:n1], targets[n0:n1], il[n0:n1], tl[n0:n1], problem.blank, run[n0:n1],
-                      nll[n0:n1], ok[n0:n1], None if grad is None else grad[:, n0:n1],
-                      None if grad is None else grad_scale[n0:n1], convention)
+        with np.errstate(all="ignore"):  # errstate is per thread
+            _scaled_chunk(lp[:, n0:n1], targets[n0:n1], il[n0:n1], tl[n0:n1], problem.blank, run[n0:n1],
+                          nll[n0:n1], ok[n0:n1], None if grad is None else grad[:, n0:n1],
+                          None if grad is None else grad_scale[n0:n1], convention)
 
     spans = _chunks(il, tl, C, grad is not None)
     if len(spans) > 1:
@@ -155,222 +161,233 @@ def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_s
     """
     if not run.any():
         return
-    k = tl.shape[0]
     S = int(tl.max())
-    L = 2 * S + 1
     t_max = int(il.max())
-    lattice = _ChainPair(targets[:, :S], tl, blank)
-    emit, log_max = lattice.emissions(lp, il, t_max)  # (t_max, 2k, L), (t_max, 2k)
-    q, log_scale = _recursion(emit, lattice.skip, store=grad is not None, il=il)
-
-    last = il - 1  # (k,)
-    n = np.arange(k)
-    total_max = np.where(np.arange(t_max)[:, None] < il[None, :], log_max[:, :k], 0.0).sum(axis=0)  # (k,) M_n
+    lattice = _ChainPair(targets[:, :S], tl, il, blank, t_max)
+    emit, log_max = lattice.emissions(lp)  # (t_max, 2k, L), (t_max, k)
+    q, log_scale = _recursion(emit, lattice, store=grad is not None)
+    k, last, n = lattice.k, il - 1, np.arange(lattice.k)
+    rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k) frames inside each sample
+    total_max = np.where(rows, log_max, 0.0).sum(axis=0)  # (k,) sum of the emission log-scales m_t
     if grad is None:
-        # q holds each chain's pre-emission values at its last frame: (2k, L + 2)
-        log_p_fwd = _log_end_mass(q[:k], emit[last, n], lattice.lengths, log_scale[last, n]) + total_max
-        log_p_rev = _log_end_mass(q[k:], emit[last, k + n], lattice.lengths, log_scale[last, k + n]) + total_max
-        good = np.isfinite(log_p_fwd) & (np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(
-            1.0, np.abs(log_p_fwd)))
-        nll_out[run] = -log_p_fwd[run]
-        ok_out[run] = good[run]
-        return
-
-    post, log_z = _posterior(q, emit, lattice, il, t_max)  # (t_max, k, L), (t_max, k)
-    del emit
-    t_rev = np.maximum(last[None, :] - np.arange(t_max)[:, None], 0)  # (t_max, k)
-    log_p = log_z + log_scale[:, :k] + log_scale[t_rev, k + n[None, :]] + total_max[None, :]  # (t_max, k)
-    rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k)
-    log_p_end = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
-    spread = np.where(rows, np.abs(log_p - log_p_end[None, :]), 0.0).max(axis=0)  # NaN propagates
-    smallest_z = np.where(rows, log_z, 0.0).min(axis=0)  # (k,) a tiny Z_t means subnormal, imprecise values
-    good = (np.isfinite(log_p_end) & (spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_end)))
-            & (smallest_z > _LOG_Z_FLOOR))
-    nll_out[run] = -log_p_end[run]
-    ok_out[run] = good[run]
-    use = run & good
-    if use.any():
-        _fill_gradient(grad, lp, post, lattice, il, np.where(use, grad_scale, 0.0), use, convention)
+        # q: (2k, L + 2) each chain's pre-emission row at its last step
+        log_p_fwd = (_log_end_mass(q[:k], emit[last, n, 2:], lattice.lengths - 1) + log_scale[last, n]
+                     + total_max)
+        log_p_rev = (_log_end_mass(q[k:], emit[t_max - 1, k:, 2:], np.full(k, lattice.L - 1))
+                     + log_scale[t_max - 1, k:] + total_max)
+        good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
+    else:
+        log_z = _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention)  # (t_max, k)
+        del emit, q
+        # log p = log Z_t + the scales of both chains at the frame, the same for every frame t < T_n
+        log_p = log_z + log_scale[:, :k] + log_scale[::-1, k:] + total_max[None, :]  # (t_max, k)
+        log_p_fwd = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
+        spread = np.where(rows, np.abs(log_p - log_p_fwd[None, :]), 0.0).max(axis=0)  # NaN propagates
+        smallest_z = np.where(rows, log_z, 0.0).min(axis=0)  # (k,) tiny Z_t: subnormal, imprecise values
+        good = (spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))) & (smallest_z > _LOG_Z_FLOOR)
+    nll_out[run] = -log_p_fwd[run]
+    ok_out[run] = (good & np.isfinite(log_p_fwd))[run]  # the exact path redoes the others (and their rows)
 
 
 class _ChainPair:
-    """Extended labels of the forward and reversed chains of ``k`` samples (``2k`` chains).
+    """The ``2k`` chains of ``k`` samples: forward chains, then reversed chains, in one lattice layout.
+
+    Forward chain ``n`` holds position ``s`` of ``l'`` at index ``s`` and runs frames ``t = 0 .. T_n - 1``.
+    Reversed chain ``n`` holds position ``s`` at index ``L - 1 - s`` and runs frame ``t`` at step ``t_max - 1 - t``
+    (steps ``t_max - T_n .. t_max - 1``): both alignments are the same for every sample, so the backward variable
+    of forward cell ``(t, s)`` is reversed-chain cell ``(t_max - 1 - t, L - 1 - s)`` -- a reversed *view* of the
+    table, not a gather. Indices outside a chain's valid positions get zero emission, so no mass enters them.
 
     Attributes:
-        ext: ``(2k, L)`` int64 extended labels; rows ``k..2k`` are the reversed sequences; positions ``s >= L_n``
-            hold blank and get zero emission, so no mass enters them.
+        ext: ``(k, L)`` int64 extended labels of the forward chains (blank beyond ``L_n``).
+        valid: ``(k, L)`` bool, ``s < L_n``.
         lengths: ``(k,)`` ``L_n = 2 target_lengths + 1``.
-        skip: ``(2k, L)`` float64 1 where the move ``s - 2 -> s`` is allowed (a label differing from ``l'_{s-2}``).
+        skip: ``(2k, L + 2)`` float64, 1 where the move from index ``i - 2`` to ``i`` (column ``i + 2``) is allowed.
+        starts: ``{step: reversed chains starting there}`` for reversed chains with ``T_n < t_max``.
     """
 
-    def __init__(self, targets, tl, blank):
+    def __init__(self, targets, tl, il, blank, t_max):
         k, S = targets.shape
         L = 2 * S + 1
-        self.k, self.L = k, L
+        self.k, self.L, self.t_max, self.il = k, L, t_max, il
         self.lengths = 2 * tl + 1  # (k,)
-        s = np.arange(L)
-        self.valid = s[None, :] < self.lengths[:, None]  # (k, L)
-        fwd = np.full((k, L), blank, dtype=np.int64)  # (k, L)
-        fwd[:, 1::2] = targets
-        mirror = np.clip(self.lengths[:, None] - 1 - s[None, :], 0, L - 1)  # (k, L) L_n - 1 - s
-        rev = np.where(self.valid, np.take_along_axis(fwd, mirror, axis=1), blank)  # (k, L)
-        self.fwd = fwd
-        self.mirror = mirror
-        self.ext = np.concatenate([fwd, rev])  # (2k, L)
-        skip = np.zeros((2 * k, L))
-        skip[:, 3::2] = self.ext[:, 3::2] != self.ext[:, 1:-2:2]
-        skip *= np.concatenate([self.valid, self.valid])
-        self.skip = skip
+        self.valid = np.arange(L)[None, :] < self.lengths[:, None]  # (k, L)
+        self.ext = np.full((k, L), blank, dtype=np.int64)  # (k, L)
+        self.ext[:, 1::2] = targets
+        fwd_skip = np.zeros((k, L))
+        fwd_skip[:, 3::2] = (targets[:, 1:] != targets[:, :-1]) & self.valid[:, 3::2]
+        # Reversed index i = L - 1 - s: the move i - 2 -> i is s + 2 -> s, allowed iff s -> s + 2 is.
+        rev_skip = np.zeros((k, L))
+        rev_skip[:, 2:] = fwd_skip[:, ::-1][:, : L - 2]
+        self.skip = np.zeros((2 * k, L + 2))  # (2k, L + 2)
+        self.skip[:, 2:] = np.concatenate([fwd_skip, rev_skip])
+        late = np.flatnonzero(il < t_max)
+        self.starts = {int(step): k + late[t_max - il[late] == step] for step in np.unique(t_max - il[late])}
 
-    def emissions(self, lp, il, t_max):
-        """Scaled emissions ``y_hat`` ``(t_max, 2k, L)`` and their log-scales ``m`` ``(t_max, 2k)``.
+    def emissions(self, lp):
+        """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 and their log-scales ``m_t`` ``(t_max, k)``.
 
-        The forward chain reads frame ``min(t, T_n - 1)``, the reversed chain frame ``max(T_n - 1 - t, 0)``: rows
-        past a sample's length repeat valid frames, so padding (possibly NaN) is never read; their values are never
-        used. ``y_hat = exp(log y - m)`` is float64 for float64 input and float32 for float32 input (the input's
-        own precision).
+        ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, ``m_t`` the frame's largest valid label
+        log-probability; 0 at invalid positions and in the two padding columns that separate the chains (so that a
+        shift by one or two in the flattened rows reads zero mass across chains). Frames ``t >= T_n`` repeat frame
+        ``T_n - 1``: padding frames are never read, and the values there are never used.
         """
+        k, L, t_max = self.k, self.L, self.t_max
+        emit = np.empty((t_max, 2 * k, L + 2))
+        emit[:, :, :2] = 0.0
+        fwd = emit[:, :k, 2:]  # (t_max, k, L)
+        for n in range(k):
+            length = int(self.il[n])
+            if length:
+                fwd[:length, n] = np.take(lp[:length, n], self.ext[n], axis=1)  # (T_n, L)
+                fwd[length:, n] = fwd[length - 1, n]
+            else:
+                fwd[:, n] = 0.0
+        if not self.valid.all():
+            fwd[:, ~self.valid] = -np.inf
+        log_max = fwd.max(axis=2)  # (t_max, k)
+        np.subtract(fwd, log_max[:, :, None], out=fwd)
+        np.exp(fwd, out=fwd)
+        emit[:, k:, 2:] = fwd[::-1, :, ::-1]  # reversed chains: frame t_max - 1 - step, index L - 1 - s
+        return emit, log_max
+
+    def initial(self):
+        """``(2k, L)`` the pre-emission values at a chain's first step: 1 at its two start positions."""
         k, L = self.k, self.L
-        t = np.arange(t_max)[:, None]
-        last = np.maximum(il - 1, 0)[None, :]
-        t_index = np.concatenate([np.minimum(t, last), np.maximum(last - t, 0)], axis=1)  # (t_max, 2k)
-        sample = np.concatenate([np.arange(k), np.arange(k)])  # (2k,)
-        emit = lp[t_index[:, :, None], sample[None, :, None], self.ext[None, :, :]]  # (t_max, 2k, L)
-        invalid = ~np.concatenate([self.valid, self.valid])  # (2k, L)
-        if invalid.any():
-            emit[:, invalid] = -np.inf
-        log_max = emit.max(axis=2)  # (t_max, 2k)
-        np.subtract(emit, log_max[:, :, None], out=emit)
-        np.exp(emit, out=emit)
-        return emit, log_max.astype(np.float64)
+        init = np.zeros((2 * k, L))
+        init[:k, :2] = 1.0  # forward: s = 0, 1
+        init[k + np.arange(k), L - self.lengths] = 1.0  # reversed: s = L_n - 1
+        two = self.lengths > 1
+        init[k + np.flatnonzero(two), L - self.lengths[two] + 1] = 1.0  # reversed: s = L_n - 2
+        return init
 
 
-def _recursion(emit, skip, store, il):
-    """Run the ``2k`` scaled chains over time.
+def _recursion(emit, lattice, store):
+    """Run the ``2k`` scaled chains over ``t_max`` steps.
+
+    Each step works on the chains' rows flattened into one contiguous vector of ``2k (L + 2)`` values (strided 2-D
+    operations cost NumPy about three times more); the zero emission in each chain's two padding columns keeps the
+    shifts from carrying mass across chains.
 
     Returns:
-        ``(q, log_scale)``: with ``store``, ``q`` ``(t_max, 2k, L + 2)`` pre-emission values (columns 0, 1 are zero
-        padding for the shifts; column ``s + 2`` is position ``s``); without, ``q`` ``(2k, L + 2)`` each chain's row
-        at its last frame ``T_n - 1``. ``log_scale`` ``(t_max, 2k)``: the log of the normalisers divided out of
-        ``q_t`` so far (true ``q_t = q_hat_t * exp(log_scale_t + sum_{tau<t} m_tau)``).
+        ``(q, log_scale)``. With ``store``, ``q`` ``(t_max, 2k, L + 2)`` pre-emission values (column ``i + 2`` is
+        index ``i``; the padding columns hold garbage that zero emission cancels); without, ``q`` ``(2k, L + 2)``:
+        each forward chain's row at its last frame and each reversed chain's row at the last step. ``log_scale``
+        ``(t_max, 2k)``: the log of the normalisers divided out of ``q`` since the chain started (true
+        ``q = q_hat * exp(log_scale + sum of the m's of the frames already emitted)``).
     """
-    t_max, chains, L = emit.shape
+    t_max, chains, width = emit.shape
     k = chains // 2
-    q = np.zeros((t_max if store else 2, chains, L + 2))
-    q[0, :, 2:4] = 1.0
-    a = np.zeros((chains, L + 2))  # a_t with the same zero padding
-    shift2 = np.empty((chains, L))
+    init = lattice.initial()  # (2k, L)
+    q = np.zeros((t_max if store else 2, chains, width))
+    q[0, :, 2:] = init
+    flat_emit = emit.reshape(t_max, chains * width)
+    flat_skip = lattice.skip.reshape(-1)[2:]
+    a = np.empty((chains, width))  # a_t = q_t * y_hat_t
+    flat_a = a.reshape(-1)
+    shift2 = np.empty(chains * width - 2)
     norm = np.ones((t_max, chains))
-    captured = None if store else np.zeros((chains, L + 2))
-    ends_at = {} if store else _chains_ending_at(il, t_max)
+    last = np.zeros((chains, width))
+    ends = {} if store else {int(t) - 1: np.flatnonzero(lattice.il == t) for t in np.unique(lattice.il) if t > 0}
     for t in range(t_max):
         q_t = q[t if store else t % 2]
-        if not store and t in ends_at:
-            captured[ends_at[t]] = q_t[ends_at[t]]
+        if t in lattice.starts:
+            q_t[lattice.starts[t], 2:] = init[lattice.starts[t]]
+        if t in ends:
+            last[ends[t]] = q_t[ends[t]]
         if t == t_max - 1:
             break
-        np.multiply(q_t[:, 2:], emit[t], out=a[:, 2:])
+        np.multiply(q_t.reshape(-1), flat_emit[t], out=flat_a)
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
             np.max(a, axis=1, out=c)
             np.divide(a, c[:, None], out=a)
-        q_next = q[t + 1 if store else (t + 1) % 2, :, 2:]
-        np.multiply(a[:, :L], skip, out=shift2)
-        np.add(a[:, 2:], a[:, 1:L + 1], out=q_next)
+        q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)[2:]
+        np.multiply(flat_a[:-2], flat_skip, out=shift2)
+        np.add(flat_a[2:], flat_a[1:-1], out=q_next)
         np.add(q_next, shift2, out=q_next)
-    with np.errstate(divide="ignore"):
-        log_norm = np.log(norm)  # (t_max, chains)
+    if not store:
+        last[k:] = q[(t_max - 1) % 2, k:]
+    log_norm = np.log(norm)  # (t_max, chains)
+    for step, chains_starting in lattice.starts.items():
+        log_norm[:step, chains_starting] = 0.0  # normalisers of a reversed chain before it starts don't count
     log_scale = np.zeros((t_max, chains))
     np.cumsum(log_norm[:-1], axis=0, out=log_scale[1:])
-    return (q if store else captured), log_scale
+    return (q if store else last), log_scale
 
 
-def _chains_ending_at(il, t_max):
-    """``{t: chain indices (both directions) whose last frame is t}``."""
-    k = il.shape[0]
-    both = np.concatenate([il, il])
-    return {int(t) - 1: np.flatnonzero(both == t) for t in np.unique(il) if 0 < t <= t_max} if k else {}
-
-
-def _log_end_mass(q_last, emit_last, lengths, log_scale_last):
-    """``log sum_{s in {L_n-1, L_n-2}} q_hat(s) y_hat(s) + log_scale`` per chain: the chain's log-likelihood
-    without the emission log-scales. ``q_last`` ``(k, L + 2)``, ``emit_last`` ``(k, L)``."""
+def _log_end_mass(q_last, emit_last, end):
+    """``log(q_hat(i) y_hat(i) + q_hat(i-1) y_hat(i-1))`` at index ``i = end`` per chain (the second term only
+    for ``i >= 1``): a chain's log-likelihood without its scales. ``q_last`` ``(k, L + 2)``, ``emit_last`` ``(k, L)``.
+    """
     n = np.arange(q_last.shape[0])
-    end = lengths - 1
     mass = q_last[n, end + 2] * emit_last[n, end]
     prev = np.maximum(end - 1, 0)
-    mass = mass + np.where(lengths > 1, q_last[n, prev + 2] * emit_last[n, prev], 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(mass) + log_scale_last
+    mass = mass + np.where(end >= 1, q_last[n, prev + 2] * emit_last[n, prev], 0.0)
+    return np.log(mass)
 
 
-def _posterior(q, emit, lattice, il, t_max):
-    """Normalised posteriors ``gamma`` ``(t_max, k, L)`` (0 for ``t >= T_n``) and ``log Z_t`` ``(t_max, k)``."""
-    k, L = lattice.k, lattice.L
-    t = np.arange(t_max)[:, None, None]
-    t_rev = np.maximum(il[None, :, None] - 1 - t, 0)  # (t_max, k, 1)
-    g = q[:, :k, 2:] * emit[:, :k]  # (t_max, k, L)
-    g *= q[t_rev, k + np.arange(k)[None, :, None], lattice.mirror[None, :, :] + 2]  # beta' at mirrored cells
-    g *= lattice.valid[None, :, :]
-    z = g.sum(axis=2)  # (t_max, k)
-    rows = t[:, :, 0] < il[None, :]  # (t_max, k)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(rows & (z > 0), 1.0 / z, 0.0)  # (t_max, k)
-        log_z = np.log(z)
-    g *= scale[:, :, None]
-    return g, log_z
+def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention):
+    """Posteriors and the gradient, fused over blocks of frames so each block stays cache-resident.
 
+    For frames ``t0 <= t < t1``: ``g_t(s) = q_fwd_t(s) y_hat_t(s) q_rev_{t_max-1-t}(L-1-s)``,
+    ``Z_t = sum_s g_t(s)``, ``gamma = g / Z``, and ``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c}
+    gamma_t(s))`` for ``t < T_n`` (``-sum gamma`` for the "plain" convention); ``grad`` ``(T, k, C)`` arrives zeroed.
 
-def _fill_gradient(grad, lp, post, lattice, il, grad_scale, use, convention):
-    """``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c} gamma_t(s))`` for ``t < il[n]`` and ``use``.
-
-    ``grad`` ``(T, k, C)`` arrives zeroed; ``post`` ``(t_max, k, L)``. Rows are processed in blocks of a few MB so
-    the exp, the scaling and the scatter of the class-summed posterior touch the block while cache-resident.
+    Returns:
+        ``log Z_t`` ``(t_max, k)`` for the consistency check.
     """
-    T, k, C = grad.shape
-    t_max = post.shape[0]
-    samples, positions, starts, columns = _class_groups(lattice.fwd, lattice.valid & use[:, None], C)
+    t_max = q.shape[0]
+    k, L, il = lattice.k, lattice.L, lattice.il
+    T, _, C = grad.shape
+    q_fwd = q[:, :k, 2:]  # (t_max, k, L)
+    beta = q[::-1, k:, 2:][:, :, ::-1]  # (t_max, k, L) beta'_t(s): reversed chains, reversed view
+    cells, starts, columns = _class_groups(lattice.ext, lattice.valid & run[:, None], C)
     column_scale = grad_scale[columns // C]  # (G,)
-    flat = grad.reshape(T, k * C) if grad.flags.c_contiguous else None
-    ones = bool(np.all(grad_scale[use] == 1.0))
-    all_used = bool(use.all())
-    scale = grad_scale.astype(grad.dtype)[None, :, None]  # (1, k, 1)
-    short = [(n, int(il[n])) for n in range(k) if use[n] and il[n] < t_max]
-    step = max(1, (4 << 20) // max(1, k * C * grad.itemsize))
+    scale = None if np.all(grad_scale[run] == 1.0) else grad_scale.astype(grad.dtype)[None, :, None]  # (1, k, 1)
+    flat_grad = grad.reshape(T, k * C) if grad.flags.c_contiguous else None
+    short = [(int(length), np.flatnonzero(il == length)) for length in np.unique(il) if length < t_max]
+    log_z = np.empty((t_max, k))
+    step = max(1, (2 << 20) // (k * max(L, C) * 8))
     for t0 in range(0, t_max, step):
         t1 = min(t0 + step, t_max)
-        g = grad[t0:t1]  # (rows, k, C)
+        g = q_fwd[t0:t1] * emit[t0:t1, :k, 2:]  # (B, k, L); 0 at invalid positions (zero emission)
+        g *= beta[t0:t1]
+        block = grad[t0:t1]  # (B, k, C)
         if convention == "torch":
-            if all_used:
-                np.exp(lp[t0:t1], out=g)
-            else:
-                for n in np.flatnonzero(use):
-                    np.exp(lp[t0:t1, n], out=g[:, n])
-            if not ones:
-                np.multiply(g, scale, out=g)
-            for n, length in short:
-                g[max(length - t0, 0):, n, :] = 0.0
-        if positions.size:
-            agg = np.add.reduceat(post[t0:t1, samples, positions], starts, axis=1)  # (rows, G)
+            np.exp(lp[t0:t1], out=block)
+            if scale is not None:
+                np.multiply(block, scale, out=block)
+        for length, samples in short:  # frames past a sample's end: no posterior, zero gradient
+            if length < t1:
+                g[max(length - t0, 0):, samples] = 0.0
+                block[max(length - t0, 0):, samples] = 0.0
+        z = g.sum(axis=2)  # (B, k)
+        log_z[t0:t1] = np.log(z)
+        np.multiply(g, np.where(z > 0, 1.0 / z, 0.0)[:, :, None], out=g)  # gamma
+        if cells.size:
+            agg = np.add.reduceat(np.take(g.reshape(t1 - t0, k * L), cells, axis=1), starts, axis=1)  # (B, G)
             agg *= column_scale
-            if flat is not None:
-                rows = flat[t0:t1]
-                rows[:, columns] -= agg.astype(grad.dtype, copy=False)
+            agg = agg.astype(grad.dtype, copy=False)
+            if flat_grad is not None:
+                rows = flat_grad[t0:t1]
+                rows[:, columns] -= agg
             else:
-                g[:, columns // C, columns % C] -= agg.astype(grad.dtype, copy=False)
+                block[:, columns // C, columns % C] -= agg
+    return log_z
 
 
 def _class_groups(ext, valid, C):
     """Group valid lattice cells by (sample, class) for the scatter into the gradient's classes.
 
     Returns:
-        ``(samples, positions, starts, columns)``: cells ``(samples[i], positions[i])`` sorted by group; ``starts``
-        the first cell of each group (for ``np.add.reduceat``); ``columns`` each group's flattened ``n * C + c``.
+        ``(cells, starts, columns)``: flattened ``n * L + s`` lattice cells sorted by group; ``starts`` the first
+        cell of each group (for ``np.add.reduceat``); ``columns`` each group's flattened ``n * C + c``.
     """
     k = ext.shape[0]
     keys = (np.arange(k)[:, None] * C + ext)[valid]  # (P,)
-    samples, positions = np.nonzero(valid)
+    cells = np.flatnonzero(valid)  # (P,)
     order = np.argsort(keys, kind="stable")
-    keys, samples, positions = keys[order], samples[order], positions[order]
+    keys, cells = keys[order], cells[order]
     columns, starts = np.unique(keys, return_index=True)
-    return samples, positions, starts, columns
+    return cells, starts, columns
