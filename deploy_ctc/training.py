@@ -71,17 +71,18 @@ _FILES = {
 
 
 class CTCLossBlock(_onnxblock.Block):
-    """onnxblock loss block: ``CTCLoss(log_probs, targets, input_lengths, target_lengths)`` on a model output.
+    """onnxblock loss block: ``CTCLoss(log_probs, targets, input_lengths, target_lengths)`` on model outputs.
 
-    Adds the graph inputs ``targets`` (N, S) int64, ``input_lengths`` (N,) int64 and ``target_lengths``
-    (N,) int64 (unless the graph already has them) and one ``deploy_ctc::CTCLoss`` node carrying every
-    attribute explicitly (the extension kernels require them).
+    Adds the graph inputs ``targets`` (N, S) int64 and ``target_lengths`` (N,) int64, ``input_lengths``
+    (N,) int64 too unless the model computes them (unless the graph already has them), and one
+    ``deploy_ctc::CTCLoss`` node carrying every attribute explicitly (the extension kernels require them).
 
     Args:
         blank, reduction, zero_infinity: as ``torch.nn.CTCLoss``.
 
-    Calling the block with the name of a (T, N, C) float log-probability output returns the name of the
-    scalar training loss: the CTC loss for "mean" / "sum", ``sum_n loss[n]`` for "none".
+    Calling the block with the name of a (T, N, C) float log-probability output, and optionally the name
+    of a model output holding the (N,) input lengths (e.g. frame counts after subsampling), returns the
+    name of the scalar training loss: the CTC loss for "mean" / "sum", ``sum_n loss[n]`` for "none".
 
     Raises:
         TypeError / ValueError: bad options (as ``deploy_ctc.ctc_loss``); a log_probs output that is not
@@ -92,23 +93,27 @@ class CTCLossBlock(_onnxblock.Block):
         super().__init__()
         self.blank, self.reduction, self.zero_infinity = check_options(blank, reduction, zero_infinity)
 
-    def build(self, log_probs_name: str) -> str:
+    def build(self, log_probs_name: str, input_lengths_name: str | None = None) -> str:
         graph = self.base.graph
         lp_type = _output_tensor_type(self.base, log_probs_name)
         elem_type = lp_type.elem_type
         batch_dim = lp_type.shape.dim[1]  # N of (T, N, C)
 
+        new_inputs = {TARGETS: [batch_dim, "S"], TARGET_LENGTHS: [batch_dim]}
+        if input_lengths_name is None:
+            input_lengths_name = INPUT_LENGTHS
+            new_inputs[INPUT_LENGTHS] = [batch_dim]
         existing = {value.name for value in graph.input}
-        for name, shape in ((TARGETS, [batch_dim, "S"]), (INPUT_LENGTHS, [batch_dim]), (TARGET_LENGTHS, [batch_dim])):
-            if name not in existing:
-                graph.input.append(_int64_input(name, shape))
+        for name in (TARGETS, INPUT_LENGTHS, TARGET_LENGTHS):
+            if name in new_inputs and name not in existing:
+                graph.input.append(_int64_input(name, new_inputs[name]))
 
         if not any(opset.domain == _schemas.DOMAIN for opset in self.base.opset_import):
             self.base.opset_import.append(onnx.helper.make_opsetid(_schemas.DOMAIN, _schemas.OPSET_VERSION))
 
         loss_name = _fresh_name(self.base, "ctc_loss")
         graph.node.append(onnx.helper.make_node(
-            "CTCLoss", [log_probs_name, TARGETS, INPUT_LENGTHS, TARGET_LENGTHS], [loss_name],
+            "CTCLoss", [log_probs_name, TARGETS, input_lengths_name, TARGET_LENGTHS], [loss_name],
             name=_onnxblock._graph_utils.generate_graph_name("CTCLoss"), domain=_schemas.DOMAIN,
             blank=self.blank, reduction=self.reduction, zero_infinity=int(self.zero_infinity),
         ))
@@ -184,6 +189,8 @@ class TrainingArtifacts:
             (the device needs Python and ``deploy_ctc.onnx``); False when the models carry the portable
             ONNX function bodies.
         log_probs: name of the model output holding the (T, N, C) log-probabilities.
+        input_lengths: name of the model output holding the (N,) CTC input lengths, or None when they are
+            the graph input ``input_lengths``.
     """
 
     training_model: pathlib.Path
@@ -192,26 +199,36 @@ class TrainingArtifacts:
     checkpoint: pathlib.Path
     needs_extension: bool
     log_probs: str
+    input_lengths: str | None = None
 
     @classmethod
-    def in_directory(cls, directory, log_probs: str = "log_probs") -> "TrainingArtifacts":
+    def in_directory(cls, directory) -> "TrainingArtifacts":
         """The artifacts written into ``directory`` (e.g. after copying them to a device).
+
+        The output names are read from the eval model's CTCLoss node.
 
         Raises:
             FileNotFoundError: one of the four artifacts is missing.
+            ValueError: the eval model holds no deploy_ctc::CTCLoss node.
         """
         directory = pathlib.Path(directory)
         paths = {key: directory / name for key, name in _FILES.items()}
         missing = [str(path) for path in paths.values() if not path.exists()]
         if missing:
             raise FileNotFoundError(f"artifact_directory {str(directory)!r} lacks {missing}")
-        training_model = onnx.load(paths["training_model"], load_external_data=False)
-        has_bodies = any(function.domain == _schemas.DOMAIN for function in training_model.functions)
-        return cls(**paths, needs_extension=not has_bodies, log_probs=log_probs)
+        eval_model = onnx.load(os.fspath(paths["eval_model"]))
+        losses = [node for node in eval_model.graph.node if node.domain == _schemas.DOMAIN and node.op_type == "CTCLoss"]
+        if not losses:
+            raise ValueError(f"artifact_directory: {paths['eval_model']} holds no {_schemas.DOMAIN}::CTCLoss node")
+        log_probs, _, input_lengths, _ = losses[0].input
+        graph_inputs = {value.name for value in eval_model.graph.input}
+        has_bodies = any(function.domain == _schemas.DOMAIN for function in eval_model.functions)
+        return cls(**paths, needs_extension=not has_bodies, log_probs=log_probs,
+                   input_lengths=None if input_lengths in graph_inputs else input_lengths)
 
 
 def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="AdamW", artifact_directory=None,
-                       blank=0, reduction="mean", zero_infinity=False, *, log_probs=None,
+                       blank=0, reduction="mean", zero_infinity=False, *, log_probs=None, input_lengths=None,
                        portable=False) -> TrainingArtifacts:
     """Write ONNX Runtime training artifacts for ``model`` with a CTC loss on its log-probabilities.
 
@@ -224,6 +241,8 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         artifact_directory: output folder (created if missing); the current directory when None.
         blank, reduction, zero_infinity: the CTC loss options, as ``torch.nn.CTCLoss``.
         log_probs: name of the log-probability output; defaults to the model's only output.
+        input_lengths: name of a model output holding the (N,) int64 CTC input lengths (e.g. frame counts
+            after subsampling); None adds a graph input ``input_lengths`` instead.
         portable: False: CTCLoss / CTCLossGrad run as the onnxruntime-extensions Python kernels (generation
             and the device need Python, deploy_ctc and onnxruntime-extensions). True: the models carry
             the portable model-local function bodies (standard ONNX ops, ``deploy_ctc.onnx.functions``) and
@@ -244,6 +263,10 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
     model = _load_model(model)
     requires_grad, frozen_params = _check_parameters(model, requires_grad, frozen_params)
     log_probs = _log_probs_name(model, log_probs)
+    loss_inputs = [log_probs]
+    if input_lengths is not None:
+        _check_output(model, input_lengths, "input_lengths")
+        loss_inputs.append(input_lengths)
 
     if portable:
         _attach_function_bodies(model)
@@ -260,10 +283,10 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         _ort_artifacts.generate_artifacts(
             model, requires_grad=requires_grad, frozen_params=frozen_params,
             loss=CTCLossBlock(blank, reduction, zero_infinity), optimizer=OPTIMIZERS[optimizer],
-            artifact_directory=directory, custom_op_library=library, loss_input_names=[log_probs],
+            artifact_directory=directory, custom_op_library=library, loss_input_names=loss_inputs,
         )
     result = TrainingArtifacts(**{key: directory / name for key, name in _FILES.items()},
-                               needs_extension=not portable, log_probs=log_probs)
+                               needs_extension=not portable, log_probs=log_probs, input_lengths=input_lengths)
     _finish_model(result.training_model, copy_grad_attributes=True)
     _finish_model(result.eval_model)
     _finish_model(result.optimizer_model)
@@ -300,7 +323,9 @@ def open_training(artifacts: TrainingArtifacts):
 
 
 def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
-    """Write the inference model: the eval model cut at ``artifacts.log_probs``, parameters from ``state``.
+    """Write the inference model: the eval model cut at its log-probabilities, parameters from ``state``.
+
+    Its outputs are ``artifacts.log_probs`` and, when the model computes them, ``artifacts.input_lengths``.
 
     ``Module.export_model_for_inferencing`` cannot do this in onnxruntime-training 1.19.2 when the eval model
     holds a custom op served by a custom-op library: it re-resolves the graph without the library's schemas and
@@ -314,8 +339,9 @@ def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
     model = onnx.load(os.fspath(artifacts.eval_model))
     graph = model.graph
     producer = {output: node for node in graph.node for output in node.output}
-    needed, stack = set(), [artifacts.log_probs]
-    while stack:  # every value log_probs depends on
+    output_names = [artifacts.log_probs] + ([artifacts.input_lengths] if artifacts.input_lengths else [])
+    needed, stack = set(), list(output_names)
+    while stack:  # every value the outputs depend on
         name = stack.pop()
         if name in needed:
             continue
@@ -336,13 +362,16 @@ def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
     opsets = [opset for opset in model.opset_import if opset.domain in used_domains | {""}]
     del model.opset_import[:]
     model.opset_import.extend(opsets)
-    # The eval graph's only outputs are losses: log_probs' type comes from shape inference on the cut graph.
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    outputs = [value for value in inferred.graph.value_info if value.name == artifacts.log_probs]
-    if not outputs:
-        raise ValueError(f"artifacts.log_probs: shape inference found no type for {artifacts.log_probs!r}; "
-                         "the eval model does not compute it from standard ops")
-    graph.output.extend(outputs)
+    functions = [function for function in model.functions if function.domain in used_domains]
+    del model.functions[:]
+    model.functions.extend(functions)
+    # The eval graph's only outputs are losses: the outputs' types come from shape inference on the cut graph.
+    inferred = {value.name: value for value in onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info}
+    missing = [name for name in output_names if name not in inferred]
+    if missing:
+        raise ValueError(f"artifacts: shape inference found no type for {missing}; the eval model does not "
+                         "compute them from standard ops")
+    graph.output.extend(inferred[name] for name in output_names)
     onnx.save(model, os.fspath(path))
 
 
@@ -418,9 +447,14 @@ def _log_probs_name(model, log_probs) -> str:
         if len(outputs) != 1:
             raise ValueError(f"log_probs: the model has outputs {outputs}; name the log-probability output")
         return outputs[0]
-    if log_probs not in outputs:
-        raise ValueError(f"log_probs: the model has no graph output {log_probs!r}; outputs: {outputs}")
+    _check_output(model, log_probs, "log_probs")
     return log_probs
+
+
+def _check_output(model, name: str, argument: str) -> None:
+    outputs = [value.name for value in model.graph.output]
+    if name not in outputs:
+        raise ValueError(f"{argument}: the model has no graph output {name!r}; outputs: {outputs}")
 
 
 _gradient_registered = False
@@ -457,11 +491,36 @@ def _copy_grad_attributes(model) -> None:
             node.attribute.extend(forward[tuple(node.input[1:])].attribute)
 
 
+# Recurrent ops the gradient builder swaps for training variants with extra outputs (their gradient's inputs):
+# training op -> (standard op, number of standard outputs).
+_TRAINING_RECURRENCES = {"LSTMTraining": ("LSTM", 3), "GRUTraining": ("GRU", 2)}
+
+
+def _restore_frozen_recurrences(model) -> None:
+    """Turn LSTMTraining / GRUTraining nodes that no gradient reads back into standard LSTM / GRU nodes.
+
+    onnxruntime-training 1.19.2 replaces every LSTM / GRU by its training variant, differentiated or not,
+    and that kernel refuses non-forward directions ("LSTM and LSTMGrad kernel only supports the forward
+    direction for now"). A frozen bidirectional encoder needs no gradient: the standard op runs it.
+    """
+    consumed = {name for node in model.graph.node for name in node.input}
+    consumed |= {value.name for value in model.graph.output}
+    for node in model.graph.node:
+        if node.domain != "com.microsoft" or node.op_type not in _TRAINING_RECURRENCES:
+            continue
+        op_type, n_outputs = _TRAINING_RECURRENCES[node.op_type]
+        if consumed.intersection(node.output[n_outputs:]):
+            continue  # a gradient node reads the extra outputs: the training variant is needed
+        node.op_type, node.domain = op_type, ""
+        del node.output[n_outputs:]
+
+
 def _finish_model(path: pathlib.Path, copy_grad_attributes: bool = False) -> None:
     """Rewrite an artifact at an IR version onnxruntime-training 1.19.2 loads (onnx >= 1.23 writes IR 14)."""
     model = onnx.load(os.fspath(path))
     if copy_grad_attributes:
         _copy_grad_attributes(model)
+        _restore_frozen_recurrences(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     onnx.save(model, os.fspath(path))
 
