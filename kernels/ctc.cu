@@ -86,9 +86,10 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
     const int dir = forward ? 1 : -1;                  // neighbours of s in the recursion are s - dir, s - 2 dir
     const T neg_inf = Math<T>::neg_inf();
 
-    for (long long k = 0; k < frames; ++k) {
+    int staged = 0;                                    // index of frame k in the emission stage
+    for (long long k = 0; k < frames; ++k, ++staged) {
         const long long t = forward ? k : frames - 1 - k;
-        const long long staged = stage_frames > 0 ? k % stage_frames : 0;
+        if (staged == stage_frames) staged = 0;
         if (stage_frames > 0 && staged == 0) {
             // Refill: emissions of frames k .. k + stage_frames - 1, kStageLoads independent loads per thread
             // before the first store. The previous frame's barrier ended every read of the old stage.
@@ -115,7 +116,7 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
             __syncthreads();
         }
         T* out = table + t * row;
-        const T* prev = rows_in_shared ? rows + ((k + 1) & 1) * width : table + (t - dir) * row;
+        const T* prev = rows_in_shared ? rows + ((k + 1) & 1) * width : table + (k > 0 ? t - dir : t) * row;
         T* cur = rows + (k & 1) * width;
         for (int j = threadIdx.x; j < width; j += blockDim.x) {
             const int s = forward ? j : width - 1 - j;  // j: position in the direction of the recursion
