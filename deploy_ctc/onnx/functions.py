@@ -160,7 +160,9 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
                                    b.op("Unsqueeze", il, b.const([0]))), b.const([2]))  # (T, N, 1)
     s_states = b.op("Unsqueeze", b.op("Range", zero, b.op("Add", b.op("Mul", s_max, two), one), one),
                     b.const([0]))  # (1, L)
-    return dict(blank=blank, t_len=t_len, n=n, n_vec=n_vec, il=il, tl=tl, tl_col=tl_col, ext=ext,
+    # Slice parameters of the Loop bodies, hoisted: a Constant inside a body runs every frame.
+    slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2), ("end", _INT64_MAX))}
+    return dict(slices=slices, t_last=b.op("Sub", t_len, one), blank=blank, t_len=t_len, n=n, n_vec=n_vec, il=il, tl=tl, tl_col=tl_col, ext=ext,
                 e_index=e_index, emit=emit, skip_bias=skip_bias, neg_inf=neg_inf, zero_f=zero_f, neg2=neg2,
                 valid=valid, s_states=s_states, ext_shape=ext_shape, floor=b.like(_LSE_FLOOR, log_probs))
 
@@ -172,7 +174,7 @@ def _loop(b: _Builder, lat: dict, init: str, step, reverse: bool, history: bool)
     """
     body = _Builder(b.onnx)
     it, cond, state = body.fresh("iter"), body.fresh("cond"), body.fresh("state")
-    t = body.op("Sub", body.op("Sub", lat["t_len"], it), body.const(1)) if reverse else it
+    t = body.op("Sub", lat["t_last"], it) if reverse else it
     new, keep = step(body, t, state)
     out = body.op("Where", keep, new, state)  # (N, L): frozen outside the sample's frames
     outputs = [body.op("Identity", cond), out] + ([body.op("Identity", out)] if history else [])
@@ -192,11 +194,12 @@ def _forward(b: _Builder, lat: dict, history: bool):
     start = b.op("Where", b.op("Equal", lat["s_states"], b.const(0)), lat["zero_f"], lat["neg_inf"])  # (1, L)
     alpha0 = b.op("Expand", start, lat["ext_shape"])  # (N, L) = alpha_{-1}
 
+    c = lat["slices"]
+
     def step(body, t, a):
         padded = body.op("Concat", lat["neg2"], a, axis=1)  # (N, L + 2)
-        a1 = body.op("Slice", padded, body.const([1]), body.const([-1]), body.const([1]))  # alpha(s-1)
-        a2 = body.op("Add", body.op("Slice", padded, body.const([0]), body.const([-2]), body.const([1])),
-                     lat["skip_bias"])  # alpha(s-2) where allowed
+        a1 = body.op("Slice", padded, c["1"], c["-1"], c["1"])  # alpha(s-1)
+        a2 = body.op("Add", body.op("Slice", padded, c["0"], c["-2"], c["1"]), lat["skip_bias"])  # alpha(s-2)
         new = body.op("Add", body.lse(a, a1, a2, floor=lat["floor"]), body.op("Gather", lat["emit"], t, axis=0))
         return new, body.op("Gather", lat["valid"], t, axis=0)  # (N, L), (N, 1)
 
@@ -220,7 +223,10 @@ def _backward(b: _Builder, lat: dict) -> str:
                   b.op("Equal", lat["s_states"], b.op("Sub", two_tl, b.const(1))))  # (N, L)
     beta_end = b.op("Where", is_end, lat["zero_f"], lat["neg_inf"])  # (N, L)
     # E and validity of frame t + 1 (frame T reads as invalid: the state stays at beta_end).
-    t_last = b.op("Sub", lat["t_len"], b.const(1))
+    c = lat["slices"]
+    emit_next = b.op("Concat", b.op("Slice", lat["emit"], c["1"], c["end"], c["0"]),
+                     b.op("Slice", lat["emit"], c["-1"], c["end"], c["0"]),
+                     axis=0)  # (T, N, L): E_{t+1}; the last row repeats frame T - 1 (masked)
     never = b.op("Expand", b.op("Cast", b.const(0), to=9), b.op("Concat", b.const([1]), lat["n_vec"], b.const([1]),
                                                                     axis=0))  # (1, N, 1)
     valid_next = b.op("Concat", b.op("Slice", lat["valid"], b.const([1]), b.const([_INT64_MAX]),
@@ -229,12 +235,10 @@ def _backward(b: _Builder, lat: dict) -> str:
                      b.const([_INT64_MAX]), b.const([1]))  # (N, L): skip into s + 2
 
     def step(body, t, beta):
-        t_next = body.op("Min", body.op("Add", t, body.const(1)), t_last)
-        q = body.op("Add", beta, body.op("Gather", lat["emit"], t_next, axis=0))  # (N, L)
+        q = body.op("Add", beta, body.op("Gather", emit_next, t, axis=0))  # (N, L)
         padded = body.op("Concat", q, lat["neg2"], axis=1)  # (N, L + 2)
-        q1 = body.op("Slice", padded, body.const([1]), body.const([-1]), body.const([1]))  # from s + 1
-        q2 = body.op("Add", body.op("Slice", padded, body.const([2]), body.const([_INT64_MAX]),
-                                    body.const([1])), skip_next)  # from s + 2
+        q1 = body.op("Slice", padded, c["1"], c["-1"], c["1"])  # from s + 1
+        q2 = body.op("Add", body.op("Slice", padded, c["2"], c["end"], c["1"]), skip_next)  # from s + 2
         return body.lse(q, q1, q2, floor=lat["floor"]), body.op("Gather", valid_next, t, axis=0)
 
     _, history = _loop(b, lat, beta_end, step, reverse=True, history=True)

@@ -1,0 +1,124 @@
+"""ONNX Runtime overheads of deploy_ctc::CTCLoss on the Core benchmark shapes (forward, float32, CPU).
+
+Two ratios, each measured in the same run on the same inputs:
+
+* extension: an onnxruntime session whose only node is CTCLoss (served by the deploy_ctc extension)
+  over the direct ``deploy_ctc.ctc_loss`` call -- target <= 1.2;
+* portable body: the same model with its model-local function, in plain onnxruntime, over torch CPU's
+  ``F.ctc_loss`` forward -- target <= 3.
+
+Medians over ``--repeats`` timed runs after one warm-up; shapes whose warm-up exceeds 1 s are timed once
+(the machine is shared).  Results go to benchmarks/results/bench_onnx.json.
+
+    python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+SHAPES = {  # (T, N, C, S), as the Core benchmark
+    "small": [(50, 16, 20, 30), (500, 32, 30, 100)],
+    "all": [(50, 16, 20, 30), (500, 32, 30, 100), (400, 16, 1000, 80), (1500, 8, 5000, 300)],
+}
+SLOW_S = 1.0
+
+
+def _problem(T, N, C, S, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((T, N, C), dtype=np.float32)
+    log_probs = x - np.log(np.exp(x).sum(-1, keepdims=True))  # (T, N, C) float32
+    target_lengths = rng.integers(S // 3, S + 1, N)
+    target_lengths[0] = S
+    targets = rng.integers(1, C, (N, S))
+    input_lengths = rng.integers(min(T, max(T * 3 // 4, S + S // 4)), T + 1, N)  # room for repeats
+    input_lengths[0] = T
+    return {"log_probs": log_probs, "targets": targets, "input_lengths": input_lengths,
+            "target_lengths": target_lengths}
+
+
+def _median_s(fn, repeats: int) -> float:
+    start = time.perf_counter()
+    fn()  # warm-up (ORT allocations, first-call overhead)
+    if time.perf_counter() - start > SLOW_S:
+        repeats = 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def bench_shape(shape, repeats: int) -> dict:
+    import onnxruntime as ort
+    import torch
+
+    import deploy_ctc
+    import deploy_ctc.onnx as dco
+
+    feeds = _problem(*shape)
+    opts = ort.SessionOptions()
+    extension = ort.InferenceSession(dco.ctc_loss_model(embed_functions=False).SerializeToString(),
+                                     dco.session_options(), providers=["CPUExecutionProvider"])
+    portable = ort.InferenceSession(dco.ctc_loss_model().SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    tensors = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+
+    def torch_forward():
+        with torch.no_grad():
+            return torch.nn.functional.ctc_loss(*tensors)
+
+    direct = deploy_ctc.ctc_loss(*feeds.values())
+    losses = {"extension": extension.run(None, feeds)[0], "portable": portable.run(None, feeds)[0]}
+    result = {
+        "shape_TNCS": list(shape),
+        "direct_ms": 1e3 * _median_s(lambda: deploy_ctc.ctc_loss(*feeds.values()), repeats),
+        "extension_ms": 1e3 * _median_s(lambda: extension.run(None, feeds), repeats),
+        "portable_ms": 1e3 * _median_s(lambda: portable.run(None, feeds), repeats),
+        "torch_forward_ms": 1e3 * _median_s(torch_forward, repeats),
+        "rel_diff_vs_direct": {k: float(abs(v - direct) / abs(direct)) for k, v in losses.items()},
+    }
+    result["extension_over_direct"] = result["extension_ms"] / result["direct_ms"]
+    result["portable_over_torch"] = result["portable_ms"] / result["torch_forward_ms"]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_onnx.json"))
+    args = parser.parse_args(argv)
+
+    import onnxruntime
+    import torch
+
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
+               "torch": torch.__version__, "dtype": "float32", "reduction": "mean"}
+    print(f"machine: {machine}")
+    print(f"{'(T, N, C, S)':>24s} {'direct':>9s} {'ext':>9s} {'ext/dir':>8s} {'portable':>9s} {'torch':>9s} "
+          f"{'port/torch':>10s}   (median ms)")
+    results = []
+    for shape in SHAPES[args.shapes]:
+        r = bench_shape(shape, args.repeats)
+        results.append(r)
+        print(f"{str(tuple(shape)):>24s} {r['direct_ms']:9.2f} {r['extension_ms']:9.2f} "
+              f"{r['extension_over_direct']:8.2f} {r['portable_ms']:9.2f} {r['torch_forward_ms']:9.2f} "
+              f"{r['portable_over_torch']:10.2f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"machine": machine, "results": results}, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
