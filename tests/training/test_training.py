@@ -4,7 +4,9 @@ Runs only where onnxruntime-training is installed (its own environment: see .ci/
 module is skipped with the reason.
 """
 
+import copy
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -224,3 +226,74 @@ def test_loss_block_options_are_checked():
         training.CTCLossBlock(reduction="batchmean")
     with pytest.raises(TypeError, match="zero_infinity must be a bool"):
         training.CTCLossBlock(zero_infinity="yes")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A torch-exported encoder: frozen bidirectional LSTM, input lengths computed by the model
+# ------------------------------------------------------------------------------------------------------------
+def make_encoder():
+    """torch module (features (N, T, F), lengths (N,)) -> (log_probs (T', N, C), lengths' (N,)).
+
+    Frames are subsampled by 2 (lengths' = ceil(lengths / 2)), as in acoustic front-ends, so the CTC input
+    lengths are a model output, not a graph input.
+    """
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(F, 6, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(12, C)
+
+        def forward(self, features, lengths):
+            h, _ = self.lstm(features[:, ::2])  # (N, T', 12)
+            return self.head(h).log_softmax(-1).transpose(0, 1), (lengths + 1) // 2
+
+    torch.manual_seed(0)
+    return Encoder()
+
+
+def test_frozen_bidirectional_lstm_with_model_computed_input_lengths(tmp_path, rng, portable):
+    """ORT 1.19.2's LSTMGrad refuses bidirectional LSTMs; frozen, the LSTM runs as the standard op."""
+    import torch
+
+    model = make_encoder()
+    features = rng.standard_normal((N, 2 * T, F)).astype(np.float32)
+    lengths = np.array([2 * T, 2 * T - 1, 2 * T - 5, T], np.int64)
+    targets = rng.integers(1, C, (N, S)).astype(np.int64)
+    target_lengths = np.array([S, 3, 2, 1], np.int64)
+    path = tmp_path / "encoder.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (torch.from_numpy(features), torch.from_numpy(lengths)), str(path), dynamo=False,
+                          opset_version=18, do_constant_folding=False, input_names=["features", "lengths"],
+                          output_names=["log_probs", "out_lengths"],
+                          dynamic_axes={"features": {0: "N", 1: "T"}, "lengths": {0: "N"},
+                                        "log_probs": {0: "T2", 1: "N"}, "out_lengths": {0: "N"}})
+    head = ["head.weight", "head.bias"]
+    frozen = [name for name, _ in model.named_parameters() if name not in head]
+    artifacts = training.generate_artifacts(str(path), head, frozen, artifact_directory=tmp_path / "artifacts",
+                                            reduction="sum", log_probs="log_probs", input_lengths="out_lengths",
+                                            portable=portable)
+    assert training.TrainingArtifacts.in_directory(tmp_path / "artifacts") == artifacts
+    state, module, _ = training.open_training(artifacts)
+
+    loss = module(features, lengths, targets, target_lengths)
+
+    reference = copy.deepcopy(model).double()
+    log_probs, out_lengths = reference(torch.from_numpy(features).double(), torch.from_numpy(lengths))
+    expected = torch.nn.functional.ctc_loss(log_probs, torch.from_numpy(targets), out_lengths,
+                                            torch.from_numpy(target_lengths), reduction="sum")
+    expected.backward()
+    np.testing.assert_allclose(loss, expected.item(), rtol=RTOL)
+    for name, parameter in reference.named_parameters():
+        if name in head:
+            np.testing.assert_allclose(state.parameters[name].grad, parameter.grad.numpy(), rtol=RTOL, atol=ATOL,
+                                       err_msg=f"d loss / d {name}")
+
+    inference_path = tmp_path / "inference.onnx"
+    training.export_inference_model(state, artifacts, inference_path)
+    session = onnxruntime.InferenceSession(str(inference_path), providers=["CPUExecutionProvider"])
+    got_log_probs, got_lengths = session.run(None, {"features": features, "lengths": lengths})
+    np.testing.assert_array_equal(got_lengths, out_lengths.numpy())
+    np.testing.assert_allclose(got_log_probs, log_probs.detach().numpy(), rtol=1e-5, atol=1e-5)
