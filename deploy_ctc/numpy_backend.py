@@ -227,29 +227,39 @@ class _ChainPair:
     def emissions(self, lp):
         """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 and their log-scales ``m_t`` ``(t_max, k)``.
 
-        ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, ``m_t`` the frame's largest valid label
+        ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, ``m_t`` the frame's largest label
         log-probability; 0 at invalid positions and in the two padding columns that separate the chains (so that a
-        shift by one or two in the flattened rows reads zero mass across chains). Frames ``t >= T_n`` repeat frame
-        ``T_n - 1``: padding frames are never read, and the values there are never used.
+        shift by one or two in the flattened rows reads zero mass across chains). Frames ``t >= T_n`` are set to
+        log-probability 0 before use, so padding frames (possibly NaN) never reach the chains.
         """
         k, L, t_max = self.k, self.L, self.t_max
+        gathered = self._gather(lp)  # (t_max, k, L) log y_t(l'_s), input dtype
+        for n in np.flatnonzero(self.il < t_max):
+            gathered[self.il[n]:, n] = 0.0
+        log_max = gathered.max(axis=2)  # (t_max, k)
+        fwd = np.subtract(gathered, log_max[:, :, None], dtype=np.float64)  # (t_max, k, L)
+        np.exp(fwd, out=fwd)
+        for n in np.flatnonzero(self.lengths < L):
+            fwd[:, n, self.lengths[n]:] = 0.0
         emit = np.empty((t_max, 2 * k, L + 2))
         emit[:, :, :2] = 0.0
-        fwd = emit[:, :k, 2:]  # (t_max, k, L)
-        for n in range(k):
-            length = int(self.il[n])
-            if length:
-                fwd[:length, n] = np.take(lp[:length, n], self.ext[n], axis=1)  # (T_n, L)
-                fwd[length:, n] = fwd[length - 1, n]
-            else:
-                fwd[:, n] = 0.0
-        if not self.valid.all():
-            fwd[:, ~self.valid] = -np.inf
-        log_max = fwd.max(axis=2)  # (t_max, k)
-        np.subtract(fwd, log_max[:, :, None], out=fwd)
-        np.exp(fwd, out=fwd)
+        emit[:, :k, 2:] = fwd
         emit[:, k:, 2:] = fwd[::-1, :, ::-1]  # reversed chains: frame t_max - 1 - step, index L - 1 - s
-        return emit, log_max
+        return emit, log_max.astype(np.float64)
+
+    def _gather(self, lp):
+        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous ``(t_max, k, L)`` array of the input's dtype."""
+        k, L, t_max = self.k, self.L, self.t_max
+        C = lp.shape[2]
+        if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
+            # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
+            rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
+            columns = (np.arange(k)[:, None] * C + self.ext).reshape(-1)  # (k * L,)
+            return np.take(rows, columns, axis=1).reshape(t_max, k, L)
+        gathered = np.empty((t_max, k, L), dtype=lp.dtype)
+        for n in range(k):
+            gathered[:, n] = np.take(lp[:t_max, n], self.ext[n], axis=1)
+        return gathered
 
     def initial(self):
         """``(2k, L)`` the pre-emission values at a chain's first step: 1 at its two start positions."""
