@@ -241,3 +241,19 @@ def test_gpu_long_target_and_determinism(rng):
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
     _check(first[0], first[1], _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float32, "long target", lp)
+
+
+@requires_gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gpu_public_api_returns_cupy_arrays(reduction, rng):
+    import cupy
+
+    import deploy_ctc
+
+    lp, targets, il, tl, _ = _inputs(CASES[0], rng, np.float32)
+    loss, grad = deploy_ctc.ctc_loss_and_grad(cupy.asarray(lp), cupy.asarray(targets), il, tl, reduction=reduction)
+    assert isinstance(loss, cupy.ndarray) and isinstance(grad, cupy.ndarray)
+    expected_loss, expected_grad = oracles.torch_reference(lp, targets, il, tl, reduction=reduction)
+    tol = _tolerance(np.float32, lp)
+    oracles.assert_close(cupy.asnumpy(loss), expected_loss, np.float32, "loss", tol)
+    oracles.assert_close(cupy.asnumpy(grad), expected_grad, np.float32, "grad", tol)
