@@ -22,7 +22,9 @@ The training graph's loss must be a scalar: ORT seeds the backward pass with a s
 ``d_loss = ones(N)``: torch's ``loss.sum().backward()``).
 
 onnxruntime-training 1.19.2 (Sep 2024) is the last release of the package; it accepts models of IR version
-<= 10 and opsets <= 21, while onnx >= 1.23 writes IR 14. The artifacts are written with IR 10.
+<= 10 and opsets <= 21, while onnx >= 1.23 writes IR 14. The artifacts are written with IR 10. Its gradient
+builder also swaps every LSTM / GRU for a training variant whose kernel runs forward directions only; the
+ones no gradient flows through (a frozen bidirectional encoder) are turned back into standard ops.
 
 This module imports only where ``onnxruntime-training`` (which provides the ``onnxruntime`` module itself,
 so it lives in its own environment) and torch (needed by ``import onnxruntime.training``) are installed.
@@ -73,8 +75,8 @@ _FILES = {
 class CTCLossBlock(_onnxblock.Block):
     """onnxblock loss block: ``CTCLoss(log_probs, targets, input_lengths, target_lengths)`` on model outputs.
 
-    Adds the graph inputs ``targets`` (N, S) int64 and ``target_lengths`` (N,) int64, ``input_lengths``
-    (N,) int64 too unless the model computes them (unless the graph already has them), and one
+    Adds the graph inputs ``targets`` (N, S) int64 and ``target_lengths`` (N,) int64, and ``input_lengths``
+    (N,) int64 when the model does not compute them (each only if the graph lacks it), then one
     ``deploy_ctc::CTCLoss`` node carrying every attribute explicitly (the extension kernels require them).
 
     Args:
@@ -217,7 +219,7 @@ class TrainingArtifacts:
         if missing:
             raise FileNotFoundError(f"artifact_directory {str(directory)!r} lacks {missing}")
         eval_model = onnx.load(os.fspath(paths["eval_model"]))
-        losses = [node for node in eval_model.graph.node if node.domain == _schemas.DOMAIN and node.op_type == "CTCLoss"]
+        losses = _ctc_nodes(eval_model, "CTCLoss")
         if not losses:
             raise ValueError(f"artifact_directory: {paths['eval_model']} holds no {_schemas.DOMAIN}::CTCLoss node")
         log_probs, _, input_lengths, _ = losses[0].input
@@ -287,7 +289,7 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         )
     result = TrainingArtifacts(**{key: directory / name for key, name in _FILES.items()},
                                needs_extension=not portable, log_probs=log_probs, input_lengths=input_lengths)
-    _finish_model(result.training_model, copy_grad_attributes=True)
+    _finish_model(result.training_model, training_graph=True)
     _finish_model(result.eval_model)
     _finish_model(result.optimizer_model)
     return result
@@ -366,7 +368,8 @@ def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
     del model.functions[:]
     model.functions.extend(functions)
     # The eval graph's only outputs are losses: the outputs' types come from shape inference on the cut graph.
-    inferred = {value.name: value for value in onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info}
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = {value.name: value for value in inferred.graph.value_info}
     missing = [name for name in output_names if name not in inferred]
     if missing:
         raise ValueError(f"artifacts: shape inference found no type for {missing}; the eval model does not "
@@ -481,14 +484,17 @@ def _register_gradient() -> None:
     _gradient_registered = True
 
 
+def _ctc_nodes(model, op_type: str) -> list:
+    """The graph's deploy_ctc nodes of ``op_type``."""
+    return [node for node in model.graph.node if node.domain == _schemas.DOMAIN and node.op_type == op_type]
+
+
 def _copy_grad_attributes(model) -> None:
     """Give each CTCLossGrad node the attributes of the CTCLoss node it differentiates (same four inputs)."""
-    forward = {tuple(node.input): node for node in model.graph.node
-               if node.domain == _schemas.DOMAIN and node.op_type == "CTCLoss"}
-    for node in model.graph.node:
-        if node.domain == _schemas.DOMAIN and node.op_type == "CTCLossGrad":
-            del node.attribute[:]
-            node.attribute.extend(forward[tuple(node.input[1:])].attribute)
+    forward = {tuple(node.input): node for node in _ctc_nodes(model, "CTCLoss")}
+    for node in _ctc_nodes(model, "CTCLossGrad"):
+        del node.attribute[:]
+        node.attribute.extend(forward[tuple(node.input[1:])].attribute)
 
 
 # Recurrent ops the gradient builder swaps for training variants with extra outputs (their gradient's inputs):
@@ -515,10 +521,13 @@ def _restore_frozen_recurrences(model) -> None:
         del node.output[n_outputs:]
 
 
-def _finish_model(path: pathlib.Path, copy_grad_attributes: bool = False) -> None:
-    """Rewrite an artifact at an IR version onnxruntime-training 1.19.2 loads (onnx >= 1.23 writes IR 14)."""
+def _finish_model(path: pathlib.Path, training_graph: bool = False) -> None:
+    """Rewrite an artifact at an IR version onnxruntime-training 1.19.2 loads (onnx >= 1.23 writes IR 14).
+
+    The training graph also gets its CTCLossGrad attributes and its frozen recurrences restored.
+    """
     model = onnx.load(os.fspath(path))
-    if copy_grad_attributes:
+    if training_graph:
         _copy_grad_attributes(model)
         _restore_frozen_recurrences(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)

@@ -70,7 +70,8 @@ def recoverable_batch(rng, prototypes: np.ndarray, batch_size: int = 8, max_labe
     feature_lengths = np.array([len(classes) for classes in frame_classes], np.int64)
     features = np.zeros((batch_size, feature_lengths.max(), prototypes.shape[1]), np.float32)
     for n, classes in enumerate(frame_classes):
-        features[n, :len(classes)] = prototypes[classes] + 0.5 * rng.standard_normal((len(classes), prototypes.shape[1]))
+        noise = 0.5 * rng.standard_normal((len(classes), prototypes.shape[1]))
+        features[n, :len(classes)] = prototypes[classes] + noise
     return {"features": features, "feature_lengths": feature_lengths,
             "targets": targets[:, :target_lengths.max()], "target_lengths": target_lengths.astype(np.int64)}
 
