@@ -152,7 +152,10 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     # Emissions E[t, n, s] = log_probs[t, n, l'_s].
     e_index = b.op("Expand", b.op("Unsqueeze", ext, b.const([0])),
                    b.op("Concat", b.op("Unsqueeze", t_len, b.const([0])), ext_shape, axis=0))  # (T, N, L)
-    emit = b.op("GatherElements", log_probs, e_index, axis=2, hint="emit")  # (T, N, L)
+    emit = b.fresh("emit")  # (T, N, L); the node name explains the out-of-bounds error ORT would raise
+    b.nodes.append(b.onnx.helper.make_node(
+        "GatherElements", [log_probs, e_index], [emit], axis=2,
+        name="deploy_ctc: targets and blank must lie in [0, C) of log_probs"))
 
     # valid[t, n, 0]: frame t is inside sample n's input.
     frames = b.op("Range", zero, t_len, one)  # (T,)
@@ -162,7 +165,8 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
                     b.const([0]))  # (1, L)
     # Slice parameters of the Loop bodies, hoisted: a Constant inside a body runs every frame.
     slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2), ("end", _INT64_MAX))}
-    return dict(slices=slices, t_last=b.op("Sub", t_len, one), blank=blank, t_len=t_len, n=n, n_vec=n_vec, il=il, tl=tl, tl_col=tl_col, ext=ext,
+    data_zero = b.op("Mul", b.op("ReduceSum", tl, keepdims=1), zero)  # [0], never constant-folded
+    return dict(data_zero=data_zero, slices=slices, t_last=b.op("Sub", t_len, one), blank=blank, t_len=t_len, n=n, n_vec=n_vec, il=il, tl=tl, tl_col=tl_col, ext=ext,
                 e_index=e_index, emit=emit, skip_bias=skip_bias, neg_inf=neg_inf, zero_f=zero_f, neg2=neg2,
                 valid=valid, s_states=s_states, ext_shape=ext_shape, floor=b.like(_LSE_FLOOR, log_probs))
 
@@ -245,16 +249,42 @@ def _backward(b: _Builder, lat: dict) -> str:
     return history
 
 
-def _infinite_fill(b: _Builder, log_probs: str) -> tuple:
+def _require(b: _Builder, lat: dict, ok: str, value: str, message: str) -> str:
+    """``value`` if ``ok`` (bool ()), else fail at run time in a node named ``message``.
+
+    Standard ONNX has no assert: the failing branch reshapes to an impossible shape, and onnxruntime's
+    error names the node, so the user reads ``message`` (e.g. "reduction must be one of ...").
+    ``value`` must be an int64 scalar; ``lat["data_zero"]`` is [0] computed from the inputs' values.
+    """
+    fine, fail = _Builder(b.onnx), _Builder(b.onnx)
+    fine_out = fine.op("Identity", value)
+    fail_out = fail.fresh("invalid")
+    # shape [-2], computed from input data so that constant folding cannot reject the unused branch
+    impossible = fail.op("Sub", lat["data_zero"], fail.const([2]))
+    fail.nodes.append(b.onnx.helper.make_node("Reshape", [value, impossible], [fail_out], name=message))
+    # Or'ed with a data-dependent False so onnxruntime cannot fold the If (and rename the failing node).
+    ok = b.op("Or", ok, b.op("Squeeze", b.op("Less", lat["data_zero"], b.const([0])), b.const([0])))
+    checked = b.fresh("checked")
+    b.nodes.append(b.onnx.helper.make_node("If", [ok], [checked], then_branch=fine.graph("ok", [], [fine_out]),
+                                           else_branch=fail.graph("invalid", [], [fail_out])))
+    return checked
+
+
+def _infinite_fill(b: _Builder, lat: dict, log_probs: str) -> tuple:
     """(zero_infinity as bool (), value replacing infinite losses' gradients: 0 or NaN)."""
-    zero_inf = b.op("Equal", b.attr("zero_infinity", "value_int"), b.const(1))
+    value = b.attr("zero_infinity", "value_int")
+    valid = b.op("Or", b.op("Equal", value, b.const(0)), b.op("Equal", value, b.const(1)))
+    value = _require(b, lat, valid, value, "deploy_ctc: zero_infinity must be 0 or 1")
+    zero_inf = b.op("Equal", value, b.const(1))
     return zero_inf, b.op("Where", zero_inf, b.like(0.0, log_probs), b.like(np.nan, log_probs))
 
 
-def _reduction_code(b: _Builder) -> str:
-    """The reduction attribute as int64 (): index in REDUCTIONS, -1 if unknown."""
-    return b.op("LabelEncoder", b.attr("reduction", "value_string"), domain="ai.onnx.ml",
+def _reduction_code(b: _Builder, lat: dict) -> str:
+    """The reduction attribute as int64 (): its index in REDUCTIONS; fails at run time if unknown."""
+    code = b.op("LabelEncoder", b.attr("reduction", "value_string"), domain="ai.onnx.ml",
                 keys_strings=list(REDUCTIONS), values_int64s=list(range(len(REDUCTIONS))), default_int64=-1)
+    return _require(b, lat, b.op("GreaterOrEqual", code, b.const(0)), code,
+                    "deploy_ctc: reduction must be one of 'none', 'mean', 'sum'")
 
 
 def _mean_divisor(b: _Builder, lat: dict, like: str) -> str:
@@ -267,7 +297,7 @@ def _ctc_loss_body(b: _Builder) -> tuple:
     lat = _lattice(b, *inputs)
     _, ll, _ = _forward(b, lat, history=False)
     nll = b.op("Neg", ll)  # (N,)
-    zero_inf, _ = _infinite_fill(b, "log_probs")
+    zero_inf, _ = _infinite_fill(b, lat, "log_probs")
     losses = b.op("Where", b.op("And", zero_inf, b.op("IsInf", nll)), lat["zero_f"], nll)  # (N,)
 
     def branch(name, op_type, *args):
@@ -275,7 +305,7 @@ def _ctc_loss_body(b: _Builder) -> tuple:
         out = sub.op(op_type, *args, keepdims=0) if op_type.startswith("Reduce") else sub.op(op_type, *args)
         return sub.graph(name, [], [out])
 
-    code = _reduction_code(b)
+    code = _reduction_code(b, lat)
     per_target = b.op("Div", losses, _mean_divisor(b, lat, losses))
     reduced = b.fresh("reduced")
     b.nodes.append(b.onnx.helper.make_node("If", [b.op("Equal", code, b.const(2))], [reduced],
@@ -303,11 +333,11 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     # scale_n = d_loss (broadcast to (N,)), divided by N * max(tl_n, 1) for "mean".
     d_loss = b.op("Expand", "d_loss", lat["n_vec"])  # (N,)
     mean_factor = b.op("Reciprocal", b.op("Mul", _mean_divisor(b, lat, d_loss), b.op("CastLike", lat["n"], d_loss)))
-    is_mean = b.op("Equal", _reduction_code(b), b.const(1))
+    is_mean = b.op("Equal", _reduction_code(b, lat), b.const(1))
     scale = b.op("Mul", d_loss, b.op("Where", is_mean, mean_factor, b.like(1.0, d_loss)))  # (N,)
     scale = b.op("Unsqueeze", scale, b.const([0, 2]))  # (1, N, 1)
 
-    _, fill = _infinite_fill(b, "log_probs")
+    _, fill = _infinite_fill(b, lat, "log_probs")
     infeasible = b.op("Unsqueeze", b.op("IsInf", ll), b.const([0, 2]))  # (1, N, 1)
     inside = b.op("Where", infeasible, fill, b.op("Mul", scale, raw))  # (T, N, C)
     b.nodes.append(b.onnx.helper.make_node("Where", [lat["valid"], inside, lat["zero_f"]], ["d_log_probs"]))

@@ -108,3 +108,31 @@ def test_reference_evaluator_runs_the_bodies(rng):
     got = ReferenceEvaluator(ctc_loss_model(reduction="none")).run(None, problem.feeds())[0]
     want, _ = torch_reference(*problem.args(), reduction="none")
     assert_close(got, want, np.float32, "loss", PORTABLE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("reduction", "avg", "reduction must be one of 'none', 'mean', 'sum'"),
+    ("zero_infinity", 3, "zero_infinity must be 0 or 1"),
+])
+@pytest.mark.parametrize("op", ["CTCLoss", "CTCLossGrad"])
+def test_bad_attribute_fails_at_run_time_with_its_name(rng, op, name, value, message):
+    """Plain onnxruntime raises (never crashes), the failing node naming the rule."""
+    import onnx
+
+    problem = make_problem(rng, T=6, N=2, C=4, S=2)
+    model = ctc_loss_model() if op == "CTCLoss" else grad_model()
+    for attribute in model.graph.node[0].attribute:
+        if attribute.name == name:
+            attribute.CopyFrom(onnx.helper.make_attribute(name, value))
+    feeds = problem.feeds() if op == "CTCLoss" else {"d_loss": np.array(1, np.float32), **problem.feeds()}
+    with pytest.raises(Exception, match=message):
+        session(model).run(None, feeds)
+
+
+@pytest.mark.parametrize("blank, bad_target", [(0, 9), (7, None)])
+def test_out_of_range_labels_fail_at_run_time(rng, blank, bad_target):
+    problem = make_problem(rng, T=6, N=2, C=4, S=2, target_lengths=[2, 2])
+    if bad_target is not None:
+        problem.targets[1, 1] = bad_target
+    with pytest.raises(Exception, match=r"targets and blank must lie in \[0, C\)"):
+        session(ctc_loss_model(blank=blank)).run(None, problem.feeds())
