@@ -1,0 +1,180 @@
+"""CPU benchmark: deploy_ctc's NumPy backend against ``torch.nn.functional.ctc_loss`` (forward + backward).
+
+Both run in the same process on the same float32 inputs, interleaved, after a warm-up; the report gives medians and
+their ratio. Peak memory is measured in a fresh child process per (implementation, shape): the growth of the peak
+resident set over the process's size once the inputs exist. Used by ``deploy-ctc bench`` and
+``benchmarks/bench_cpu.py``; results go to JSON together with a description of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# (T, N, C, S): the torch documentation example, a long-target batch, a large vocabulary, a long utterance.
+SHAPES = [(50, 16, 20, 30), (500, 32, 30, 100), (400, 16, 1000, 80), (1500, 8, 5000, 300)]
+
+
+def make_inputs(T, N, C, S, seed=0):
+    """float32 log-probabilities ``(T, N, C)``, padded targets ``(N, S)``, full input lengths, target lengths
+    uniform in ``[S/2, S]``."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((T, N, C), dtype=np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    targets = rng.integers(1, C, size=(N, S), dtype=np.int64)
+    input_lengths = np.full(N, T, dtype=np.int64)
+    target_lengths = rng.integers(S // 2, S + 1, size=N, dtype=np.int64)
+    return log_probs.astype(np.float32), targets, input_lengths, target_lengths
+
+
+def _runners(inputs):
+    """``{"torch": f, "deploy_ctc": f}``: each runs one forward + backward on ``inputs``."""
+    import torch
+
+    from . import ctc_loss_and_grad
+
+    log_probs, targets, input_lengths, target_lengths = inputs
+    t_lp = torch.from_numpy(log_probs)
+    t_args = (torch.from_numpy(targets), torch.from_numpy(input_lengths), torch.from_numpy(target_lengths))
+
+    def run_torch():
+        x = t_lp.detach().requires_grad_()
+        torch.nn.functional.ctc_loss(x, *t_args).backward()
+        return x.grad
+
+    def run_deploy_ctc():
+        return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths)[1]
+
+    return {"torch": run_torch, "deploy_ctc": run_deploy_ctc}
+
+
+def time_shape(shape, repeats, progress=None):
+    """Median seconds of each implementation on ``shape``, interleaved runs after one warm-up each."""
+    runners = _runners(make_inputs(*shape))
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
+    for i in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+        if progress:
+            progress(i + 1, repeats)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peak_memory(name, shape):
+    """Peak resident-set growth (bytes) of one forward + backward of ``name`` on ``shape``, in a child process."""
+    code = ("import json, sys; from deploy_ctc.benchmark import _child_peak_memory; "
+            f"print(json.dumps(_child_peak_memory({name!r}, {tuple(shape)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _child_peak_memory(name, shape):
+    runners = _runners(make_inputs(*shape))
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    runners[name]()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    return max(0, peak - resident)
+
+
+def machine_description():
+    """CPU model, core count and library versions, for the report."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr):
+    """Time (and measure memory of) every shape; progress goes to ``stream``. Returns the result dict."""
+    results = []
+    for index, shape in enumerate(shapes, 1):
+        label = f"[{index}/{len(shapes)}] (T,N,C,S)={shape}"
+
+        def progress(done, total, label=label):
+            stream.write(f"\r{label} timing {done}/{total}")
+            stream.flush()
+
+        medians = time_shape(shape, repeats, progress)
+        row = {"shape": list(shape), "torch_ms": medians["torch"] * 1e3,
+               "deploy_ctc_ms": medians["deploy_ctc"] * 1e3, "speedup": medians["torch"] / medians["deploy_ctc"]}
+        if memory:
+            stream.write(f"\r{label} peak memory          ")
+            stream.flush()
+            row["torch_peak_mb"] = peak_memory("torch", shape) / 2**20
+            row["deploy_ctc_peak_mb"] = peak_memory("deploy_ctc", shape) / 2**20
+        stream.write(f"\r{label} done: {row['speedup']:.2f}x            \n")
+        results.append(row)
+    speedups = [row["speedup"] for row in results]
+    return {"benchmark": "CTC loss forward+backward, float32, CPU", "machine": machine_description(),
+            "repeats": repeats, "rows": results,
+            "geomean_speedup": float(np.exp(np.mean(np.log(speedups)))), "min_speedup": min(speedups)}
+
+
+def format_table(report):
+    """A Markdown table of ``report`` (as returned by :func:`run`)."""
+    memory = "torch_peak_mb" in report["rows"][0]
+    head = "| (T, N, C, S) | torch (ms) | deploy_ctc (ms) | speed-up |"
+    rule = "|---|---:|---:|---:|"
+    if memory:
+        head += " peak MB torch | peak MB deploy_ctc |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for row in report["rows"]:
+        line = (f"| {tuple(row['shape'])} | {row['torch_ms']:.1f} | {row['deploy_ctc_ms']:.1f} | "
+                f"{row['speedup']:.2f}x |")
+        if memory:
+            line += f" {row['torch_peak_mb']:.0f} | {row['deploy_ctc_peak_mb']:.0f} |"
+        lines.append(line)
+    m = report["machine"]
+    lines.append("")
+    lines.append(f"Geometric-mean speed-up {report['geomean_speedup']:.2f}x (lowest {report['min_speedup']:.2f}x); "
+                 f"medians of {report['repeats']} interleaved runs; {m['cpu']}, {m['cores']} cores, "
+                 f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """``deploy-ctc bench``: run the CPU benchmark, print the table, write JSON."""
+    parser = argparse.ArgumentParser(prog="deploy-ctc bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per implementation and shape")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON file for the results (default: print only)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    parser.add_argument("--quick", action="store_true", help="only the two smallest shapes, 3 repeats")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("deploy-ctc bench compares against torch: pip install 'deploy_ctc[test]'", file=sys.stderr)
+        return 2
+    shapes, repeats = (SHAPES[:2], 3) if args.quick else (SHAPES, args.repeats)
+    report = run(shapes, repeats, memory=not args.no_memory)
+    print(format_table(report))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {args.output}")
+    return 0
