@@ -25,6 +25,10 @@ where ``skip_s`` means ``l'_s != blank`` and ``l'_s != l'_{s-2}``.  The state is
 ``t >= input_lengths[n]``, so one batched recurrence serves every length (and input_lengths 0).
 ``nll = -lse(alpha(2 S_n), alpha(2 S_n - 1))``; the posterior is ``exp(alpha + beta' - ll)``
 scattered onto classes, and CTCLossGrad returns ``scale_n * (exp(log_probs) - posterior)``.
+
+The bodies cannot raise Python errors; a bad ``reduction`` / ``zero_infinity`` value or a label outside
+[0, C) makes onnxruntime fail in a node whose name states the rule (see :func:`_require`).  They take
+batched (T, N, C) log_probs only (the extension also accepts unbatched (T, C)).
 """
 
 from __future__ import annotations
@@ -164,11 +168,13 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     s_states = b.op("Unsqueeze", b.op("Range", zero, b.op("Add", b.op("Mul", s_max, two), one), one),
                     b.const([0]))  # (1, L)
     # Slice parameters of the Loop bodies, hoisted: a Constant inside a body runs every frame.
-    slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2), ("end", _INT64_MAX))}
+    slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2),
+                                           ("end", _INT64_MAX))}
     data_zero = b.op("Mul", b.op("ReduceSum", tl, keepdims=1), zero)  # [0], never constant-folded
-    return dict(data_zero=data_zero, slices=slices, t_last=b.op("Sub", t_len, one), blank=blank, t_len=t_len, n=n, n_vec=n_vec, il=il, tl=tl, tl_col=tl_col, ext=ext,
-                e_index=e_index, emit=emit, skip_bias=skip_bias, neg_inf=neg_inf, zero_f=zero_f, neg2=neg2,
-                valid=valid, s_states=s_states, ext_shape=ext_shape, floor=b.like(_LSE_FLOOR, log_probs))
+    return dict(blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
+                tl_col=tl_col, ext=ext, ext_shape=ext_shape, e_index=e_index, emit=emit, skip_bias=skip_bias,
+                neg_inf=neg_inf, zero_f=zero_f, neg2=neg2, valid=valid, s_states=s_states,
+                floor=b.like(_LSE_FLOOR, log_probs), slices=slices, data_zero=data_zero)
 
 
 def _loop(b: _Builder, lat: dict, init: str, step, reverse: bool, history: bool):
@@ -194,7 +200,7 @@ def _loop(b: _Builder, lat: dict, init: str, step, reverse: bool, history: bool)
 
 
 def _forward(b: _Builder, lat: dict, history: bool):
-    """alpha recurrence; returns (alpha_final (N, L), nll (N,), alpha history (T, N, L) or None)."""
+    """alpha recurrence; returns (alpha_final (N, L), ll = log p(target) (N,), history (T, N, L) or None)."""
     start = b.op("Where", b.op("Equal", lat["s_states"], b.const(0)), lat["zero_f"], lat["neg_inf"])  # (1, L)
     alpha0 = b.op("Expand", start, lat["ext_shape"])  # (N, L) = alpha_{-1}
 
