@@ -1,0 +1,112 @@
+"""The ``deploy-ctc`` command.
+
+- ``deploy-ctc check``: versions, available backends and extras, and a parity self-test against torch float64 (when
+  torch is installed) plus an analytic single-path case (always); prints PASS/FAIL, exits 0/1.
+- ``deploy-ctc bench``: the CPU benchmark against torch (:mod:`deploy_ctc.benchmark`).
+- ``deploy-ctc demo``: export an acoustic model with its CTC loss to ONNX and evaluate it in ONNX Runtime
+  (:mod:`deploy_ctc.demo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import numpy as np
+
+import deploy_ctc
+
+OPTIONAL = [("torch", "test"), ("cupy", "cuda"), ("onnx", "onnx"), ("onnxruntime", "onnx"),
+            ("onnxruntime_extensions", "onnx"), ("onnxscript", "onnx")]
+
+
+def _version(module_name):
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return None
+    return getattr(module, "__version__", "installed")
+
+
+def _gpu_status():
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - ImportError or CUDARuntimeError: no usable GPU
+        return "unavailable"
+    return f"{count} device(s)"
+
+
+def _single_path_case():
+    """T = 3 frames, target (1, 1): the only alignment is 1, blank, 1, so the loss is -sum of those log-probs."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 1, 4))
+    lp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    expected = -(lp[0, 0, 1] + lp[1, 0, 0] + lp[2, 0, 1])
+    got = deploy_ctc.ctc_loss(lp, np.array([[1, 1]]), [3], [2], reduction="sum")
+    return abs(float(got) - expected) <= 1e-12 * abs(expected), f"single path: |{float(got):.12f} - {expected:.12f}|"
+
+
+def _torch_parity_cases():
+    """deploy_ctc (float64) vs torch CPU float64 on random batches: losses and gradients."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    results = []
+    for T, N, C, S, blank, reduction in [(30, 4, 6, 8, 0, "mean"), (50, 3, 20, 12, 19, "sum"), (9, 5, 4, 6, 2, "none")]:
+        lp = torch.randn(T, N, C, dtype=torch.float64, generator=torch.Generator().manual_seed(T)).log_softmax(2)
+        targets = rng.integers(0, C - 1, (N, S))
+        targets[targets >= blank] += 1
+        il, tl = rng.integers(1, T + 1, N), rng.integers(0, S + 1, N)
+        x = lp.clone().requires_grad_()
+        ref = torch.nn.functional.ctc_loss(x, torch.from_numpy(targets), torch.from_numpy(il), torch.from_numpy(tl),
+                                           blank=blank, reduction=reduction, zero_infinity=True)
+        ref.sum().backward()
+        loss, grad = deploy_ctc.ctc_loss_and_grad(lp.numpy(), targets, il, tl, blank, reduction, True)
+        err = max(float(np.max(np.abs(loss - ref.detach().numpy()))), float(np.max(np.abs(grad - x.grad.numpy()))))
+        results.append((err <= 1e-9, f"torch parity (T,N,C,S)=({T},{N},{C},{S}) {reduction}: max |diff| {err:.1e}"))
+    return results
+
+
+def check(argv=None):
+    """``deploy-ctc check``: environment report and self-test; returns the exit code."""
+    argparse.ArgumentParser(prog="deploy-ctc check", description="versions, backends and a self-test").parse_args(argv)
+    print(f"deploy_ctc {deploy_ctc.__version__}  python {sys.version.split()[0]}  numpy {np.__version__}")
+    for module_name, extra in OPTIONAL:
+        version = _version(module_name)
+        print(f"  {module_name:<24} {version or f'not installed (pip install deploy_ctc[{extra}])'}")
+    print(f"  {'onnxruntime.training':<24} {_version('onnxruntime.training') or 'not installed (separate venv: [train])'}")
+    print("backends:")
+    print("  numpy   available")
+    print(f"  cupy    {'GPU ' + _gpu_status() if _version('cupy') else 'not installed'}")
+    print(f"  onnx    {'available' if _version('onnxruntime') and _version('onnx') else 'not installed'}")
+    cases = [_single_path_case()]
+    if _version("torch"):
+        cases += _torch_parity_cases()
+    else:
+        print("torch not installed: parity against torch skipped (pip install deploy_ctc[test])")
+    for ok, text in cases:
+        print(f"  {'ok  ' if ok else 'FAIL'} {text}")
+    passed = all(ok for ok, _ in cases)
+    print("PASS" if passed else "FAIL")
+    return 0 if passed else 1
+
+
+def main(argv=None):
+    """Entry point of the ``deploy-ctc`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"check": check, "bench": "deploy_ctc.benchmark", "demo": "deploy_ctc.demo"}
+    if not argv or argv[0] not in commands:
+        print("usage: deploy-ctc {check,bench,demo} [options]\n\n" + __doc__.split("\n\n", 1)[1].strip(),
+              file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, rest = commands[argv[0]], argv[1:]
+    if callable(command):
+        return command(rest)
+    return importlib.import_module(command).main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
