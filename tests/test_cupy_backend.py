@@ -171,6 +171,15 @@ def test_harness_lattice_memory_paths(path, dtype, harness, rng, monkeypatch):
     _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, True, "torch"), dtype, path, lp)
 
 
+def test_harness_grid_y_limit_loops_over_samples(harness, rng, monkeypatch):
+    """Batches larger than the grid's y limit (65535 on a GPU) are covered by the kernels' loops over n."""
+    monkeypatch.setattr(cupy_backend, "MAX_GRID_Y", 2)
+    case = CASES[0]  # N = 4
+    lp, targets, il, tl, w = _inputs(case, rng, np.float64)
+    nll, grad = _run(harness, lp, targets, il, tl, case.blank, False, w)
+    _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, False, "torch"), np.float64, "grid y", lp)
+
+
 def test_harness_target_too_long_for_shared_memory(harness_library, rng):
     """No target-length ceiling: 2 rows of 2*1540+1 doubles exceed 48 KiB, so this takes the slow path unpatched."""
     L, C = 1540, 5

@@ -60,3 +60,28 @@ def test_every_instantiation_compiles_without_spills(arch):
         assert per_thread * threads <= REGISTER_FILE, \
             f"{arch}: {name} uses {registers[symbol]} registers, too many for blocks of {threads} threads"
         print(f"{arch} {name}: {registers[symbol]} registers")
+
+
+def test_every_kernel_of_the_source_has_name_expressions():
+    """A kernel added to ctc.cu but not to kernel_loader's lists would never be compiled or tested."""
+    kernels = set(re.findall(r"__global__\s+void\s+(\w+)", kernel_loader.source()))
+    listed = {name.split("<")[0] for name in kernel_loader.NAME_EXPRESSIONS}
+    assert kernels == listed, f"kernels in {kernel_loader.SOURCE}: {sorted(kernels)}, listed: {sorted(listed)}"
+
+
+def test_float_kernels_do_no_double_arithmetic():
+    """float instantiations must stay in float: a stray double literal or overload would halve their speed.
+    The one double value they touch is grad_scale, which is loaded and converted once per row."""
+    try:
+        program = nvrtc.createProgram(kernel_loader.source(), kernel_loader.SOURCE, [], [])
+    except Exception as error:
+        pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
+    floats = [name for name in kernel_loader.NAME_EXPRESSIONS if name.endswith("<float>")]
+    for name in floats:
+        nvrtc.addNameExpression(program, name)
+    nvrtc.compileProgram(program, [*kernel_loader.compile_options(), "--gpu-architecture=compute_90"])
+    ptx = nvrtc.getPTX(program).decode()
+    for name in floats:
+        body = ptx.split(f".entry {nvrtc.getLoweredName(program, name)}(")[1].split(".entry ")[0]
+        arithmetic = sorted(set(re.findall(r"\b(?:add|sub|mul|fma|div|ex2|lg2|max|min|neg|abs)\.\w*\.?f64", body)))
+        assert not arithmetic, f"{name} does double arithmetic: {arithmetic}"
