@@ -7,8 +7,8 @@ Two ratios, each measured in the same run on the same inputs:
 * portable body: the same model with its model-local function, in plain onnxruntime, over torch CPU's
   ``F.ctc_loss`` forward -- target <= 3.
 
-Medians over ``--repeats`` timed runs after one warm-up; shapes whose warm-up exceeds 1 s are timed once
-(the machine is shared).  Results go to benchmarks/results/bench_onnx.json.
+Medians over ``--repeats`` rounds after one warm-up, the four paths alternating within each round so
+they share the (shared, noisy) machine's load; shapes whose warm-up exceeds 1 s per path are timed once.  Results go to benchmarks/results/bench_onnx.json.
 
     python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH]
 """
@@ -43,17 +43,20 @@ def _problem(T, N, C, S, seed=0):
             "target_lengths": target_lengths}
 
 
-def _median_s(fn, repeats: int) -> float:
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed in alternating rounds so all see the same machine load."""
     start = time.perf_counter()
-    fn()  # warm-up (ORT allocations, first-call overhead)
-    if time.perf_counter() - start > SLOW_S:
+    for fn in fns.values():
+        fn()  # warm-up (ORT allocations, first-call overhead)
+    if time.perf_counter() - start > SLOW_S * len(fns):
         repeats = 1
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def bench_shape(shape, repeats: int) -> dict:
@@ -77,14 +80,14 @@ def bench_shape(shape, repeats: int) -> dict:
 
     direct = deploy_ctc.ctc_loss(*feeds.values())
     losses = {"extension": extension.run(None, feeds)[0], "portable": portable.run(None, feeds)[0]}
-    result = {
-        "shape_TNCS": list(shape),
-        "direct_ms": 1e3 * _median_s(lambda: deploy_ctc.ctc_loss(*feeds.values()), repeats),
-        "extension_ms": 1e3 * _median_s(lambda: extension.run(None, feeds), repeats),
-        "portable_ms": 1e3 * _median_s(lambda: portable.run(None, feeds), repeats),
-        "torch_forward_ms": 1e3 * _median_s(torch_forward, repeats),
-        "rel_diff_vs_direct": {k: float(abs(v - direct) / abs(direct)) for k, v in losses.items()},
-    }
+    medians = _interleaved_medians({
+        "direct_ms": lambda: deploy_ctc.ctc_loss(*feeds.values()),
+        "extension_ms": lambda: extension.run(None, feeds),
+        "portable_ms": lambda: portable.run(None, feeds),
+        "torch_forward_ms": torch_forward,
+    }, repeats)
+    result = {"shape_TNCS": list(shape), **{k: 1e3 * v for k, v in medians.items()},
+              "rel_diff_vs_direct": {k: float(abs(v - direct) / abs(direct)) for k, v in losses.items()}}
     result["extension_over_direct"] = result["extension_ms"] / result["direct_ms"]
     result["portable_over_torch"] = result["portable_ms"] / result["torch_forward_ms"]
     return result
