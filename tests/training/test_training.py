@@ -297,3 +297,48 @@ def test_frozen_bidirectional_lstm_with_model_computed_input_lengths(tmp_path, r
     got_log_probs, got_lengths = session.run(None, {"features": features, "lengths": lengths})
     np.testing.assert_array_equal(got_lengths, out_lengths.numpy())
     np.testing.assert_allclose(got_log_probs, log_probs.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+DEVICE_SCRIPT = """
+import sys
+sys.modules["deploy_ctc"] = sys.modules["onnxruntime_extensions"] = None  # neither exists on the device
+import numpy as np
+import onnxruntime
+from onnxruntime.training import api
+
+directory, batch_path = sys.argv[1], sys.argv[2]
+options = onnxruntime.SessionOptions()
+options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+state = api.CheckpointState.load_checkpoint(directory + "/checkpoint")
+module = api.Module(directory + "/training_model.onnx", state, directory + "/eval_model.onnx",
+                    session_options=options)
+optimizer = api.Optimizer(directory + "/optimizer_model.onnx", module)
+batch = np.load(batch_path)
+losses = []
+for _ in range(3):
+    losses.append(float(module(batch["x"], batch["targets"], batch["input_lengths"], batch["target_lengths"])))
+    optimizer.step()
+    module.lazy_reset_grad()
+print(" ".join(repr(loss) for loss in losses))
+"""
+
+
+def test_portable_artifacts_train_with_onnxruntime_training_alone(params, tmp_path, rng):
+    """A 'device' process that can import neither deploy_ctc nor onnxruntime-extensions trains the artifacts."""
+    import shutil
+    import subprocess
+
+    artifacts = generate(params, tmp_path, portable=True)
+    device_dir = tmp_path / "device"
+    shutil.copytree(artifacts.training_model.parent, device_dir)  # what ships to the device
+    batch = make_batch(rng)
+    np.savez(tmp_path / "batch.npz", **dict(zip(["x", "targets", "input_lengths", "target_lengths"], batch)))
+
+    result = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(device_dir), str(tmp_path / "batch.npz")],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(value) for value in result.stdout.split()]
+    expected_loss, _ = tiny_model.torch_loss_and_grads(params, *batch)
+    np.testing.assert_allclose(losses[0], expected_loss, rtol=RTOL)
+    assert losses[2] < losses[1] < losses[0], losses
