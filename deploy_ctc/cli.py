@@ -99,9 +99,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"check": check, "bench": "deploy_ctc.benchmark", "demo": "deploy_ctc.demo"}
     if not argv or argv[0] not in commands:
+        asked = argv[:1] in (["-h"], ["--help"])
         print("usage: deploy-ctc {check,bench,demo} [options]\n\n" + __doc__.split("\n\n", 1)[1].strip(),
-              file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     command, rest = commands[argv[0]], argv[1:]
     if callable(command):
         return command(rest)

@@ -237,7 +237,7 @@ def _posterior(alpha, beta, nll, il, feasible):
     np.add(post, np.where(feasible, nll, 0.0)[None, :, None], out=post)
     np.exp(post, out=post)
     rows_used = (np.arange(t_max)[:, None] < il[None, :]) & feasible[None, :]  # (t_max, N)
-    np.multiply(post, rows_used[:, :, None], out=post)
+    np.copyto(post, 0.0, where=~rows_used[:, :, None])  # (not a multiply: NaN * 0 is NaN)
     return post
 
 

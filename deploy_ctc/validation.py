@@ -254,7 +254,7 @@ def _raise_bad_target(targets, bad, tl_host, C, blank, concatenated, batched, xp
     """Raise the ValueError for the first bad target value (error path: extra host transfers are fine)."""
     bad = _to_host(bad, xp)
     idx = _first_index(bad)
-    value = int(_to_host(targets[idx], xp))
+    value = int(_to_host(targets.reshape(bad.shape)[idx], xp))
     if concatenated:
         n = int(np.searchsorted(np.cumsum(tl_host), idx[0], side="right"))
         s = idx[0] - int(np.cumsum(tl_host)[n] - tl_host[n])

@@ -50,14 +50,15 @@ def _attribute_values(ctx) -> dict:
 
 
 def _infer_ctc_loss(ctx) -> None:
-    """loss: dtype of log_probs; () for mean/sum, (N,) for none with N = log_probs.shape[1]."""
+    """loss: dtype of log_probs; () for mean/sum or unbatched (T, C), (N,) for none with N = log_probs.shape[1]."""
     onnx = require_onnx()
     _, reduction, _ = _attribute_values(ctx)
     lp_type = ctx.get_input_type(0)
     elem_type = lp_type.tensor_type.elem_type
-    if reduction != "none":
+    rank = len(lp_type.tensor_type.shape.dim) if lp_type.tensor_type.HasField("shape") else None
+    if reduction != "none" or rank == 2:
         out = onnx.helper.make_tensor_type_proto(elem_type, [])
-    elif lp_type.tensor_type.HasField("shape") and len(lp_type.tensor_type.shape.dim) == 3:
+    elif rank == 3:
         out = onnx.helper.make_tensor_type_proto(elem_type, [None])
         out.tensor_type.shape.dim[0].CopyFrom(lp_type.tensor_type.shape.dim[1])
     else:
