@@ -170,7 +170,11 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     # Slice parameters of the Loop bodies, hoisted: a Constant inside a body runs every frame.
     slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2),
                                            ("end", _INT64_MAX))}
-    data_zero = b.op("Mul", b.op("ReduceSum", tl, keepdims=1), zero)  # [0], never constant-folded
+    # [0] computed from log_probs' values (x < x is False, even for NaN): never constant-folded, unlike
+    # anything derived from shapes or from lengths a model may hold as constants.
+    first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), slices["0"], slices["1"]),
+                 keepdims=1)  # (1,)
+    data_zero = b.op("Cast", b.op("Less", first, first), to=7)  # (1,) int64
     return dict(blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
                 tl_col=tl_col, ext=ext, ext_shape=ext_shape, e_index=e_index, emit=emit, skip_bias=skip_bias,
                 neg_inf=neg_inf, zero_f=zero_f, neg2=neg2, valid=valid, s_states=s_states,

@@ -125,3 +125,29 @@ def test_nothing_leaks_after_export(rng, tmp_path):
 def test_low_opset_with_bodies_is_refused(rng, tmp_path):
     with pytest.raises(ValueError, match="opset_version must be >= 18"):
         _export(TinyCTC(), rng, tmp_path, dynamo=False, opset_version=17)
+
+
+class TupleLengths(torch.nn.Module):
+    """ctc_loss with lengths given as Python tuples (the aten::ctc_loss.IntList overload)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyCTC("sum")
+
+    def forward(self, features, targets):
+        log_probs = self.inner.linear(features).log_softmax(-1)
+        return torch.nn.functional.ctc_loss(log_probs, targets, (10, 8, 6), (4, 2, 3), reduction="sum")
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_int_list_lengths(rng, tmp_path, dynamo):
+    module = TupleLengths()
+    features, targets = _batch(rng, 10, 3, 4)[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = dco.export(module, (torch.from_numpy(features), torch.from_numpy(targets)), None, dynamo=dynamo,
+                           input_names=["features", "targets"], output_names=["loss"])
+    got = session(proto).run(None, {"features": features, "targets": targets})[0]
+    with torch.no_grad():
+        want = module(torch.from_numpy(features), torch.from_numpy(targets)).numpy()
+    assert_close(got, want.astype(np.float64), np.float32, "loss", PORTABLE[np.dtype(np.float32)])

@@ -63,3 +63,24 @@ def test_checker_rejects_integer_log_probs():
     model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT32
     with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError), match="tensor.int32"):
         onnx.checker.check_model(model, full_check=True)
+
+
+def test_unbatched_none_loss_is_a_scalar():
+    model = ctc_loss_model(reduction="none")
+    model.graph.input[0].type.tensor_type.shape.ClearField("dim")
+    for name in ("T", "C"):
+        model.graph.input[0].type.tensor_type.shape.dim.add().dim_param = name
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_value_info("loss", onnx.TypeProto()))
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.output[0]
+    assert inferred.type.tensor_type.HasField("shape") and len(inferred.type.tensor_type.shape.dim) == 0
+
+
+def test_missing_onnx_names_the_extra(monkeypatch):
+    import sys
+
+    from deploy_ctc.onnx import _deps
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
+    with pytest.raises(ImportError, match=r"pip install deploy_ctc\[onnx\]"):
+        _deps.require_extensions()
