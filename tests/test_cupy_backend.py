@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from deploy_ctc import cupy_backend, validation
 from tests.utils import cuda_harness, oracles
@@ -191,6 +193,31 @@ def test_harness_target_too_long_for_shared_memory(harness_library, rng):
     nll, grad = _run(cuda_harness.Harness(harness_library), lp, targets, il, tl, 0, grad_scale=w)
     _check(nll, grad, _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float64, "long target", lp)
     assert np.isfinite(nll).all()
+
+
+@given(data=st.data())
+def test_harness_random_batches(harness_library, data):
+    """Random shapes, blank, lengths, repeats, conventions and shared-memory plans, random thread order."""
+    draw = data.draw
+    N, C = draw(st.integers(1, 4), label="N"), draw(st.integers(2, 12), label="C")
+    blank = draw(st.integers(0, C - 1), label="blank")
+    tl = np.array(draw(st.lists(st.integers(0, 6), min_size=N, max_size=N), label="target_lengths"))
+    il = np.array(draw(st.lists(st.integers(0, 14), min_size=N, max_size=N), label="input_lengths"))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
+    lp = oracles.random_log_probs(rng, max(int(il.max()), 1), N, C, scale=draw(st.sampled_from([0.5, 1.0, 4.0])))
+    targets = oracles.random_targets(rng, tl, C, blank=blank, repeat_prob=draw(st.sampled_from([0.0, 0.5, 1.0])))
+    w = rng.uniform(0.1, 3.0, size=N)
+    convention = draw(st.sampled_from(["torch", "plain"]), label="convention")
+    zero_infinity = draw(st.booleans(), label="zero_infinity")
+    budget = draw(st.sampled_from([0, 150, 400, cupy_backend.SHARED_BUDGET]), label="shared budget")
+    stage = draw(st.integers(1, 5), label="stage frames")
+    harness = cuda_harness.Harness(harness_library, "random", seed=int(rng.integers(1 << 30)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cupy_backend, "SHARED_BUDGET", budget)
+        patch.setattr(cupy_backend, "MAX_STAGE_FRAMES", stage)
+        nll, grad = _run(harness, lp, targets, il, tl, blank, zero_infinity, w, convention)
+    expected = _expected(lp, targets, il, tl, blank, w, zero_infinity, convention)
+    _check(nll, grad, expected, np.float64, "random batch", lp)
 
 
 def test_harness_results_are_bitwise_identical_across_thread_orders(harness_library, rng):

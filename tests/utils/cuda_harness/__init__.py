@@ -78,7 +78,7 @@ def build(cache_dir: Path, sanitize: bool = False, source_dir: Path | None = Non
     source_dir = Path(source_dir or kernel_loader.kernels_dir())
     source = source or kernel_loader.SOURCE
     names = tuple(names or kernel_loader.NAME_EXPRESSIONS)
-    flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unused-function"]
+    flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"]
     if sanitize:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
     unit = _translation_unit(source, names)
