@@ -52,3 +52,23 @@ def test_help_lists_commands(capsys):
 def test_unknown_command_fails(capsys):
     code, _ = run_main(["no-such-command"], capsys)
     assert code != 0
+
+
+def test_check_fails_on_a_wrong_loss(capsys, monkeypatch):
+    """The self-test can fail: an off-by-one loss must give FAIL and exit code 1."""
+    import deploy_ctc
+
+    loss_fn, loss_and_grad_fn = deploy_ctc.ctc_loss, deploy_ctc.ctc_loss_and_grad
+    monkeypatch.setattr(deploy_ctc, "ctc_loss", lambda *a, **k: loss_fn(*a, **k) + 1)
+    monkeypatch.setattr(deploy_ctc, "ctc_loss_and_grad",
+                        lambda *a, **k: tuple(v + 1 for v in loss_and_grad_fn(*a, **k)))
+    code, out = run_main(["check"], capsys)
+    assert code == 1
+    assert "FAIL" in out.splitlines()[-1]
+
+
+def test_check_without_torch_still_passes(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    code, out = run_main(["check"], capsys)
+    assert code == 0 and "PASS" in out
+    assert "deploy_ctc[test]" in out  # says how to get the parity test

@@ -145,3 +145,41 @@ def test_bad_target_is_rejected(rng, dctorch):
     targets[1, 0] = 4
     with pytest.raises(ValueError, match=r"targets\[1, 0\]"):
         dctorch.ctc_loss(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(rng, dtype, dctorch):
+    """torch refuses half; deploy_ctc computes it in float32 and returns the input dtype.
+
+    The oracle runs on the exact float64 upcast of the rounded inputs; the result is rounded to the half type,
+    so the tolerance is half an ulp of the output type (float16: 2**-11, bfloat16: 2**-8 relative).
+    """
+    lp, targets, il, tl = random_inputs(rng, 20, 3, 6, 5)
+    x = torch.tensor(lp).to(dtype).requires_grad_()
+    loss = dctorch.ctc_loss(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl), reduction="sum")
+    assert loss.dtype == dtype
+    loss.backward()
+    assert x.grad.dtype == dtype
+    exact = x.detach().double().numpy()
+    ref_loss, ref_grad = oracles.torch_reference(exact, targets, il, tl, reduction="sum")
+    tol = oracles.tolerance(np.float16) if dtype == torch.float16 else oracles.Tolerance(
+        4e-3, 4e-3, "bfloat16 rounding of the result: 2**-8 relative, at most 2**-8 absolute for |grad| <= 1")
+    oracles.assert_close(loss.double().detach().numpy(), ref_loss, np.float16, "loss", tol)
+    oracles.assert_close(x.grad.double().numpy(), ref_grad, np.float16, "grad", tol)
+
+
+def test_expanded_zero_stride_input(rng, dctorch):
+    """A batch broadcast from one sequence (stride 0 on N) works like a materialized copy."""
+    lp = torch.tensor(oracles.random_log_probs(rng, 10, 1, 5))
+    expanded = lp.expand(10, 3, 5)  # (T, N, C) with stride 0 on N
+    targets, il, tl = torch.tensor([[1, 2], [3, 3], [4, 0]]), torch.tensor([10, 9, 4]), torch.tensor([2, 2, 1])
+    loss = dctorch.ctc_loss(expanded, targets, il, tl, reduction="none")
+    ref_loss, _ = oracles.torch_reference(expanded.detach().contiguous().numpy(), targets.numpy(), il.numpy(),
+                                          tl.numpy(), reduction="none")
+    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+
+
+def test_non_tensor_log_probs_is_a_type_error(rng, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 5, 2, 4, 2)
+    with pytest.raises(TypeError, match="log_probs"):
+        dctorch.ctc_loss(lp, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
