@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Few examples and a fixed seed keep the property tests in seconds and make a CI failure reproducible.
-settings.register_profile("deploy_ctc", max_examples=15, deadline=None, derandomize=True,
+# Few examples and a fixed seed keep the property tests in seconds and make a CI failure reproducible; no example
+# database, so tests write nothing into the checkout.
+settings.register_profile("deploy_ctc", max_examples=15, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("deploy_ctc")
 

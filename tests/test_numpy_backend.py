@@ -149,3 +149,27 @@ def test_large_C_allocates_no_float64_TNC_temporary(rng, numpy_backend):
         tracemalloc.stop()
     budget = 2.75 * tnc32 + 8 * tables + (1 << 20)  # grad + < 2 float32 temporaries + DP tables + 1 MiB
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
+
+
+def test_large_mixed_batch(rng, numpy_backend):
+    """A batch large enough to be split into chunks (and threads), mixing every kind of sample."""
+    T, N, C, S = 300, 24, 40, 30
+    lp = oracles.random_log_probs(rng, T, N, C)
+    lp[:, 5:8] = oracles.random_log_probs(rng, T, 3, C, scale=300.0)  # peaky samples
+    tl = rng.integers(0, S + 1, N)
+    tl[0] = S
+    targets = oracles.random_targets(rng, tl, C, blank=7, S=S, repeat_prob=0.3)
+    il = rng.integers(2 * S, T + 1, N)
+    il[[3, 9]] = 0  # zero-length inputs (sample 3 infeasible unless its target is empty)
+    il[11] = max(tl[11] - 1, 0)  # infeasible
+    clean = lp.copy()
+    for n in range(N):
+        lp[il[n]:, n] = np.nan  # padding never read
+    problem = validation.validate(lp, targets, il, tl, 7, "none", False)
+    scale = rng.uniform(0.5, 2.0, N)
+    nll, grad = numpy_backend.forward_backward(problem, scale)
+    ref_nll, ref_grad = expected(clean, targets, il, tl, 7, scale)
+    oracles.assert_close(nll, ref_nll, np.float64, "nll")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+    nll_only, _ = numpy_backend.forward_backward(problem)
+    oracles.assert_close(nll_only, ref_nll, np.float64, "nll without grad")
