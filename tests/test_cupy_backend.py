@@ -43,6 +43,7 @@ CASES = [
     Case("single_frame", C=2, target_lengths=(1, 0), input_lengths=(1, 1)),
     Case("peaky_long_T", C=5, target_lengths=(6, 9), input_lengths=(60, 45), scale=40.0),
     Case("odd_sizes_around_warp", C=33, target_lengths=(16, 17, 1), input_lengths=(40, 35, 2), repeat_prob=0.2),
+    Case("vocabulary_32k", C=32768, target_lengths=(3, 2), input_lengths=(6, 4), blank=32767, repeat_prob=0.0),
 ]
 ORDERS = tuple(cuda_harness.ORDERS)
 DTYPES = (np.float64, np.float32)
