@@ -27,8 +27,8 @@ where ``skip_s`` means ``l'_s != blank`` and ``l'_s != l'_{s-2}``.  The state is
 scattered onto classes, and CTCLossGrad returns ``scale_n * (exp(log_probs) - posterior)``.
 
 The bodies cannot raise Python errors; a bad ``reduction`` / ``zero_infinity`` value or a label outside
-[0, C) makes onnxruntime fail in a node whose name states the rule (see :func:`_require`).  They take
-batched (T, N, C) log_probs only (the extension also accepts unbatched (T, C)).
+[0, C) makes onnxruntime fail in a node whose name states the rule (see :func:`_require`).  Like
+torch, they accept unbatched input: log_probs (T, C), targets (S,), 0-d lengths.
 """
 
 from __future__ import annotations
@@ -106,10 +106,15 @@ class _Builder:
 def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, target_lengths: str) -> dict:
     """Everything the forward and backward recurrences share, as named values (shapes in comments)."""
     blank = b.attr("blank", "value_int")  # ()
-    lp_shape = b.op("Shape", log_probs)  # (3,) = [T, N, C]
-    t_len = b.op("Squeeze", b.op("Slice", lp_shape, b.const([0]), b.const([1])), b.const([0]))  # ()
-    il = b.op("Cast", input_lengths, to=7)  # (N,) int64
-    tl = b.op("Cast", target_lengths, to=7)  # (N,)
+    # Unbatched input (T, C), (S,), (), () is the batch of one (T, 1, C), concatenated (S,), (1,), (1,).
+    shape_in = b.op("Shape", log_probs)  # [T, N, C] or [T, C]
+    t_vec = b.op("Slice", shape_in, b.const([0]), b.const([1]))  # [T]
+    log_probs = b.op("Reshape", log_probs, b.op("Concat", t_vec, b.const([-1]),
+                                                 b.op("Slice", shape_in, b.const([-1]), b.const([_INT64_MAX])),
+                                                 axis=0), hint="lp3")  # (T, N, C)
+    t_len = b.op("Squeeze", t_vec, b.const([0]))  # ()
+    il = b.op("Reshape", b.op("Cast", input_lengths, to=7), b.const([-1]))  # (N,) int64
+    tl = b.op("Reshape", b.op("Cast", target_lengths, to=7), b.const([-1]))  # (N,)
     tg = b.op("Cast", targets, to=7)  # (N, S) or (sum tl,)
     n_vec = b.op("Shape", il)  # (1,) = [N]
     n = b.op("Squeeze", n_vec, b.const([0]))  # ()
@@ -175,7 +180,7 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), slices["0"], slices["1"]),
                  keepdims=1)  # (1,)
     data_zero = b.op("Cast", b.op("Less", first, first), to=7)  # (1,) int64
-    return dict(blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
+    return dict(lp=log_probs, blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
                 tl_col=tl_col, ext=ext, ext_shape=ext_shape, e_index=e_index, emit=emit, skip_bias=skip_bias,
                 neg_inf=neg_inf, zero_f=zero_f, neg2=neg2, valid=valid, s_states=s_states,
                 floor=b.like(_LSE_FLOOR, log_probs), slices=slices, data_zero=data_zero)
@@ -322,7 +327,8 @@ def _ctc_loss_body(b: _Builder) -> tuple:
                                            then_branch=branch("sum", "ReduceSum", losses),
                                            else_branch=branch("mean", "ReduceMean", per_target)))
     b.nodes.append(b.onnx.helper.make_node("If", [b.op("Equal", code, b.const(0))], ["loss"],
-                                           then_branch=branch("none", "Identity", losses),
+                                           then_branch=branch("none", "Reshape", losses,
+                                                              b.op("Shape", "input_lengths")),  # (N,) or ()
                                            else_branch=branch("reduced", "Identity", reduced)))
     return inputs, ["loss"]
 
@@ -335,10 +341,11 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     # Posterior over states, scattered onto classes (repeated labels add up).
     log_gamma = b.op("Sub", b.op("Add", alphas, betas),
                      b.op("Unsqueeze", ll, b.const([0, 2])))  # (T, N, L)
-    zeros = b.op("CastLike", b.op("ConstantOfShape", b.op("Shape", "log_probs")), "log_probs")  # (T, N, C)
+    lp = lat["lp"]  # (T, N, C)
+    zeros = b.op("CastLike", b.op("ConstantOfShape", b.op("Shape", lp)), lp)  # (T, N, C)
     posterior = b.op("ScatterElements", zeros, lat["e_index"], b.op("Exp", log_gamma), axis=2,
                      reduction="add")  # (T, N, C)
-    raw = b.op("Sub", b.op("Exp", "log_probs"), posterior)  # (T, N, C)
+    raw = b.op("Sub", b.op("Exp", lp), posterior)  # (T, N, C)
 
     # scale_n = d_loss (broadcast to (N,)), divided by N * max(tl_n, 1) for "mean".
     d_loss = b.op("Expand", "d_loss", lat["n_vec"])  # (N,)
@@ -350,7 +357,8 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     _, fill = _infinite_fill(b, lat, "log_probs")
     infeasible = b.op("Unsqueeze", b.op("IsInf", ll), b.const([0, 2]))  # (1, N, 1)
     inside = b.op("Where", infeasible, fill, b.op("Mul", scale, raw))  # (T, N, C)
-    b.nodes.append(b.onnx.helper.make_node("Where", [lat["valid"], inside, lat["zero_f"]], ["d_log_probs"]))
+    grad = b.op("Where", lat["valid"], inside, lat["zero_f"])  # (T, N, C)
+    b.nodes.append(b.onnx.helper.make_node("Reshape", [grad, b.op("Shape", "log_probs")], ["d_log_probs"]))
     return inputs, ["d_log_probs"]
 
 

@@ -6,6 +6,7 @@
     input_lengths   (N,) int32/int64, each <= T
     target_lengths  (N,) int32/int64
     loss            () for reduction "mean"/"sum", (N,) for "none"; dtype of log_probs
+    (unbatched as torch: log_probs (T, C), targets (S,), 0-d lengths, loss ())
 
 ``CTCLossGrad(d_loss, log_probs, targets, input_lengths, target_lengths) -> d_log_probs``
     d_loss          upstream gradient of ``loss`` (same shape as ``loss``)

@@ -25,9 +25,9 @@ class Problem:
     blank: int = 0
 
     def feeds(self, int_dtype=np.int64) -> dict:
-        return {"log_probs": self.log_probs, "targets": self.targets.astype(int_dtype),
-                "input_lengths": self.input_lengths.astype(int_dtype),
-                "target_lengths": self.target_lengths.astype(int_dtype)}
+        return {"log_probs": self.log_probs, "targets": np.asarray(self.targets, dtype=int_dtype),
+                "input_lengths": np.asarray(self.input_lengths, dtype=int_dtype),
+                "target_lengths": np.asarray(self.target_lengths, dtype=int_dtype)}
 
     def args(self):
         return self.log_probs, self.targets, self.input_lengths, self.target_lengths

@@ -14,14 +14,17 @@ from tests.utils.oracles import assert_close, concatenate_targets, torch_referen
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def _portable(problem: Problem, reduction="mean", zero_infinity=False, grad_output=None, shapeless_targets=False):
+def _portable(problem: Problem, reduction="mean", zero_infinity=False, grad_output=None, shapeless=()):
     """(loss, grad) from plain-onnxruntime sessions of the CTCLoss and CTCLossGrad bodies."""
     dtype = problem.log_probs.dtype.name
     loss_model = ctc_loss_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)
     g_model = grad_model(dtype, blank=problem.blank, reduction=reduction, zero_infinity=zero_infinity)
-    if shapeless_targets:  # concatenated 1-D targets
-        for model in (loss_model, g_model):
-            next(i for i in model.graph.input if i.name == "targets").type.tensor_type.ClearField("shape")
+    for model in (loss_model, g_model):
+        for value in model.graph.input:
+            if value.name in shapeless:  # other layouts than the declared (T, N, C), (N, S), (N,)
+                value.type.tensor_type.ClearField("shape")
+        if "loss" in shapeless:
+            model.graph.output[0].type.tensor_type.ClearField("shape")
     feeds = problem.feeds()
     loss = session(loss_model).run(None, feeds)[0]
     d_loss = np.ones(loss.shape, problem.log_probs.dtype) if grad_output is None else grad_output
@@ -30,7 +33,7 @@ def _portable(problem: Problem, reduction="mean", zero_infinity=False, grad_outp
 
 
 def _check(problem, reduction, zero_infinity=False, rng=None, **kwargs):
-    shape = (problem.log_probs.shape[1],) if reduction == "none" else ()
+    shape = (problem.log_probs.shape[1],) if reduction == "none" and problem.log_probs.ndim == 3 else ()
     grad_output = None if rng is None else rng.uniform(0.5, 2.0, shape).astype(problem.log_probs.dtype)
     loss, grad = _portable(problem, reduction, zero_infinity, grad_output, **kwargs)
     want_loss, want_grad = torch_reference(*problem.args(), blank=problem.blank, reduction=reduction,
@@ -77,7 +80,7 @@ def test_infeasible(rng, reduction, zero_infinity):
 def test_concatenated_targets(rng):
     problem = make_problem(rng, T=20, N=4, C=6, S=5)
     problem.targets = concatenate_targets(problem.targets, problem.target_lengths)
-    _check(problem, "mean", rng=rng, shapeless_targets=True)
+    _check(problem, "mean", rng=rng, shapeless=("targets",))
 
 
 def test_frames_past_input_length_are_never_read(rng):
@@ -136,3 +139,13 @@ def test_out_of_range_labels_fail_at_run_time(rng, blank, bad_target):
         problem.targets[1, 1] = bad_target
     with pytest.raises(Exception, match=r"targets and blank must lie in \[0, C\)"):
         session(ctc_loss_model(blank=blank)).run(None, problem.feeds())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_unbatched(rng, reduction):
+    """log_probs (T, C), targets (S,), 0-d lengths, as torch accepts them."""
+    batched = make_problem(rng, T=9, N=1, C=5, S=3, target_lengths=[3], input_lengths=[8])
+    problem = Problem(batched.log_probs[:, 0], batched.targets[0], batched.input_lengths[0],
+                      batched.target_lengths[0])
+    _check(problem, reduction, rng=rng,
+           shapeless=("d_loss", "log_probs", "targets", "input_lengths", "target_lengths", "loss"))
