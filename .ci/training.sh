@@ -41,5 +41,7 @@ PY
 echo "== tests/training"
 "$venv/bin/python" -m pytest tests/training -q -p no:cacheprovider
 
-echo "== export_examples/finetune_ort.py"
+echo "== export_examples/finetune_ort.py (extension kernels)"
 "$venv/bin/python" export_examples/finetune_ort.py
+echo "== export_examples/finetune_ort.py --portable (ONNX function bodies, no extension)"
+"$venv/bin/python" export_examples/finetune_ort.py --portable
