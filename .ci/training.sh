@@ -29,11 +29,13 @@ fi
 rm -f "$pip_log"
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
+import sys
 
 import onnxruntime
 import onnxruntime.training  # noqa: F401 -- fails here, not in the tests, if torch is missing
 
-assert onnxruntime.__version__ == "1.19.2", f"onnxruntime module is {onnxruntime.__version__}, not the training build"
+if onnxruntime.__version__ != "1.19.2":
+    sys.exit(f"the onnxruntime module is {onnxruntime.__version__}, not the 1.19.2 training build")
 names = ["onnxruntime-training-cpu", "onnx", "onnxruntime-extensions", "torch", "numpy"]
 print("  " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
