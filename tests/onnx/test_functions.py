@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -149,3 +151,16 @@ def test_unbatched(rng, reduction):
                       batched.target_lengths[0])
     _check(problem, reduction, rng=rng,
            shapeless=("d_loss", "log_probs", "targets", "input_lengths", "target_lengths", "loss"))
+
+
+@settings(max_examples=15)
+@given(T=st.integers(1, 12), N=st.integers(1, 4), C=st.integers(2, 6), S=st.integers(0, 4),
+       reduction=st.sampled_from(REDUCTIONS), zero_infinity=st.booleans(), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_property_matches_torch(T, N, C, S, reduction, zero_infinity, seed, data):
+    """Random small problems (any lengths, feasible or not, repeats, any blank) against torch float64."""
+    rng = np.random.default_rng(seed)
+    blank = data.draw(st.integers(0, C - 1))
+    problem = make_problem(rng, T, N, C, S, blank=blank, input_lengths=rng.integers(0, T + 1, N),
+                           repeat_prob=0.5)
+    _check(problem, reduction, zero_infinity, rng=rng)
