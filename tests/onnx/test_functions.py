@@ -164,3 +164,12 @@ def test_property_matches_torch(T, N, C, S, reduction, zero_infinity, seed, data
     problem = make_problem(rng, T, N, C, S, blank=blank, input_lengths=rng.integers(0, T + 1, N),
                            repeat_prob=0.5)
     _check(problem, reduction, zero_infinity, rng=rng)
+
+
+@pytest.mark.parametrize("opset", [19, 21, 23])
+def test_later_onnx_opsets(rng, opset):
+    """The bodies import the model's own opset; their ops mean the same from 18 on."""
+    problem = make_problem(rng, T=12, N=3, C=5, S=4)
+    got = session(ctc_loss_model(reduction="none", opset=opset)).run(None, problem.feeds())[0]
+    want, _ = torch_reference(*problem.args(), reduction="none")
+    assert_close(got, want, np.float32, f"loss at opset {opset}", PORTABLE[np.dtype(np.float32)])
