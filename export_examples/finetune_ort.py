@@ -105,16 +105,19 @@ def torch_gradients(model: torch.nn.Module, batch: dict) -> tuple[float, dict]:
 
 
 def check_gradients(state, expected: dict) -> float:
-    """Largest relative error of the ORT parameter gradients (vs the largest entry of each torch gradient)."""
+    """Largest ``max |ort - torch| / max |torch|`` over the trained parameters; raises above GRAD_RTOL.
+
+    The error is taken relative to each gradient's largest entry: entries near zero carry float32 rounding
+    of the whole forward/backward pass (~1e-7 absolute), which no per-entry relative bound can absorb.
+    """
     worst = 0.0
     for name in TRAINABLE:
         grad = expected[name]
         got = np.asarray(state.parameters[name].grad, dtype=np.float64)
-        scale = max(np.abs(grad).max(), np.finfo(np.float32).tiny)
-        error = float(np.abs(got - grad).max() / scale)
+        error = float(np.abs(got - grad).max() / np.abs(grad).max())
+        if not error <= GRAD_RTOL:  # also catches NaN
+            raise AssertionError(f"d loss / d {name}: max |ort - torch| / max |torch| = {error:.2e} > {GRAD_RTOL:g}")
         worst = max(worst, error)
-        if error > GRAD_RTOL:
-            raise AssertionError(f"d loss / d {name}: relative error {error:.2e} > {GRAD_RTOL:g}")
     return worst
 
 
@@ -122,10 +125,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--portable", action="store_true",
                         help="carry the portable ONNX function bodies instead of the extension kernels")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps (>= 2)")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="artifact folder (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error(f"--steps must be at least 2, got {args.steps}")
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -150,22 +155,24 @@ def main(argv=None) -> int:
 
         state, module, optimizer = training.open_training(artifacts)
         optimizer.set_learning_rate(args.lr)
-        losses = []
-        start = time.perf_counter()
+        losses, seconds = [], 0.0
         for step in range(args.steps):
             batch = batches[step % len(batches)]
+            start = time.perf_counter()
             loss = float(module(*batch.values()))
+            seconds += time.perf_counter() - start
             if step == 0:
                 expected_loss, expected_grads = torch_gradients(model, batch)
                 error = check_gradients(state, expected_grads)
-                print(f"step 0 gradients vs torch float64 autograd: loss {loss:.6f} (torch {expected_loss:.6f}), "
-                      f"max relative error {error:.2e} <= {GRAD_RTOL:g}")
+                print(f"step 0 vs torch float64 autograd: loss {loss:.6f} (torch {expected_loss:.6f}); "
+                      f"gradients max |ort - torch| / max |torch| = {error:.1e} <= {GRAD_RTOL:g}")
+            start = time.perf_counter()
             optimizer.step()
             module.lazy_reset_grad()
+            seconds += time.perf_counter() - start
             losses.append(loss)
             print(f"step {step + 1:3d}  loss {loss:.4f}")
-        per_step = (time.perf_counter() - start) / args.steps
-        print(f"{per_step * 1e3:.1f} ms per step")
+        print(f"{seconds / args.steps * 1e3:.1f} ms per training step (forward, backward, AdamW)")
 
         inference_path = out / "acoustic_finetuned.onnx"
         training.export_inference_model(state, artifacts, inference_path)
