@@ -33,7 +33,7 @@ _registered = False
 
 
 class _ArrayOutput:
-    """Wraps an output so onnxruntime-extensions' ``rv.flatten().tolist()`` yields a flat contiguous ndarray."""
+    """Wraps an output so onnxruntime-extensions' ``rv.flatten().tolist()`` is the C-contiguous ndarray itself."""
 
     __slots__ = ("shape", "_array")
 
