@@ -45,15 +45,12 @@ from .validation import CTCProblem
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
 _RESCALE_EVERY = 4
-# The fast path computes in the input's precision (float32 input: float32 tables, half the memory traffic).
-# _CONSISTENCY_TOL[dtype]: |log p(t) - log p(t')| (nats) across frames above ``atol + rtol * |log p|`` sends a
-# sample to the exact float64 log-space path. Rounding stays well below it: float64 ~1e-12 relative; float32
-# ~6e-8 per operation on probabilities rescaled every few steps, ~1e-5 nats over thousands of frames (torch's own
-# float32 kernel, in log space, errs by ~|log p| * 1e-7 per frame).
-_CONSISTENCY_TOL = {np.dtype(np.float64): (1e-9, 1e-12), np.dtype(np.float32): (2e-3, 1e-7)}
-# A frame whose posterior normaliser Z_t falls below exp(floor) is too close to the subnormal range for 1/Z_t and
-# the cells it sums to be trusted (float64: 1e-308, float32: 1e-38): such a sample takes the exact path.
-_LOG_Z_FLOOR = {np.dtype(np.float64): -460.0, np.dtype(np.float32): -60.0}
+# |log p(t) - log p(t')| above this (in nats) across frames marks a sample for the exact log-space path; float64
+# rounding stays orders of magnitude below it.
+_CONSISTENCY_TOL = 1e-9
+# A frame whose posterior normaliser Z_t falls below exp(_LOG_Z_FLOOR) is too close to float64's subnormal range
+# (1e-308) for 1/Z_t and the cells it sums to be trusted: such a sample takes the exact path.
+_LOG_Z_FLOOR = -460.0  # ~1e-200
 # Bytes of per-chunk tables (emissions, chains, posterior) that one worker handles at a time.
 _CHUNK_TABLE_BYTES = 48 << 20
 # Below this many table cells a batch is done in one chunk on the calling thread.
@@ -166,11 +163,10 @@ def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_s
         return
     S = int(tl.max())
     t_max = int(il.max())
-    lattice = _ChainPair(targets[:, :S], tl, il, blank, t_max, lp.dtype)
+    lattice = _ChainPair(targets[:, :S], tl, il, blank, t_max)
     emit, log_max = lattice.emissions(lp)  # (t_max, 2k, L), (t_max, k)
     q, log_scale = _recursion(emit, lattice, store=grad is not None)
     k, last, n = lattice.k, il - 1, np.arange(lattice.k)
-    atol, rtol = _CONSISTENCY_TOL[lp.dtype]
     rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k) frames inside each sample
     total_max = np.where(rows, log_max, 0.0).sum(axis=0)  # (k,) sum of the emission log-scales m_t
     if grad is None:
@@ -179,7 +175,7 @@ def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_s
                      + total_max)
         log_p_rev = (_log_end_mass(q[k:], emit[t_max - 1, k:, 2:], np.full(k, lattice.L - 1))
                      + log_scale[t_max - 1, k:] + total_max)
-        good = np.abs(log_p_fwd - log_p_rev) <= atol + rtol * np.abs(log_p_fwd)
+        good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
     else:
         log_z = _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention)  # (t_max, k)
         del emit, q
@@ -188,7 +184,7 @@ def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_s
         log_p_fwd = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
         spread = np.where(rows, np.abs(log_p - log_p_fwd[None, :]), 0.0).max(axis=0)  # NaN propagates
         smallest_z = np.where(rows, log_z, 0.0).min(axis=0)  # (k,) tiny Z_t: subnormal, imprecise values
-        good = (spread <= atol + rtol * np.abs(log_p_fwd)) & (smallest_z > _LOG_Z_FLOOR[lp.dtype])
+        good = (spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))) & (smallest_z > _LOG_Z_FLOOR)
     nll_out[run] = -log_p_fwd[run]
     ok_out[run] = (good & np.isfinite(log_p_fwd))[run]  # the exact path redoes the others (and their rows)
 
@@ -206,11 +202,11 @@ class _ChainPair:
         ext: ``(k, L)`` int64 extended labels of the forward chains (blank beyond ``L_n``).
         valid: ``(k, L)`` bool, ``s < L_n``.
         lengths: ``(k,)`` ``L_n = 2 target_lengths + 1``.
-        skip: ``(2k, L + 2)`` in lp's dtype, 1 where the move from index ``i - 2`` to ``i`` (column ``i + 2``) is allowed.
+        skip: ``(2k, L + 2)`` float64, 1 where the move from index ``i - 2`` to ``i`` (column ``i + 2``) is allowed.
         starts: ``{step: reversed chains starting there}`` for reversed chains with ``T_n < t_max``.
     """
 
-    def __init__(self, targets, tl, il, blank, t_max, dtype):
+    def __init__(self, targets, tl, il, blank, t_max):
         k, S = targets.shape
         L = 2 * S + 1
         self.k, self.L, self.t_max, self.il = k, L, t_max, il
@@ -223,13 +219,13 @@ class _ChainPair:
         # Reversed index i = L - 1 - s: the move i - 2 -> i is s + 2 -> s, allowed iff s -> s + 2 is.
         rev_skip = np.zeros((k, L))
         rev_skip[:, 2:] = fwd_skip[:, ::-1][:, : L - 2]
-        self.skip = np.zeros((2 * k, L + 2), dtype=dtype)  # (2k, L + 2)
+        self.skip = np.zeros((2 * k, L + 2))  # (2k, L + 2)
         self.skip[:, 2:] = np.concatenate([fwd_skip, rev_skip])
         late = np.flatnonzero(il < t_max)
         self.starts = {int(step): k + late[t_max - il[late] == step] for step in np.unique(t_max - il[late])}
 
     def emissions(self, lp):
-        """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` in lp's dtype and their log-scales ``m_t`` ``(t_max, k)``.
+        """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 and their log-scales ``m_t`` ``(t_max, k)``.
 
         ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, ``m_t`` the frame's largest label
         log-probability; 0 at invalid positions and in the two padding columns that separate the chains (so that a
@@ -241,11 +237,11 @@ class _ChainPair:
         for n in np.flatnonzero(self.il < t_max):
             gathered[self.il[n]:, n] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, k)
-        fwd = np.subtract(gathered, log_max[:, :, None], out=gathered)  # (t_max, k, L)
+        fwd = np.subtract(gathered, log_max[:, :, None], dtype=np.float64)  # (t_max, k, L)
         np.exp(fwd, out=fwd)
         for n in np.flatnonzero(self.lengths < L):
             fwd[:, n, self.lengths[n]:] = 0.0
-        emit = np.empty((t_max, 2 * k, L + 2), dtype=lp.dtype)
+        emit = np.empty((t_max, 2 * k, L + 2))
         emit[:, :, :2] = 0.0
         emit[:, :k, 2:] = fwd
         emit[:, k:, 2:] = fwd[::-1, :, ::-1]  # reversed chains: frame t_max - 1 - step, index L - 1 - s
@@ -268,7 +264,7 @@ class _ChainPair:
     def initial(self):
         """``(2k, L)`` the pre-emission values at a chain's first step: 1 at its two start positions."""
         k, L = self.k, self.L
-        init = np.zeros((2 * k, L), dtype=self.skip.dtype)
+        init = np.zeros((2 * k, L))
         init[:k, :2] = 1.0  # forward: s = 0, 1
         init[k + np.arange(k), L - self.lengths] = 1.0  # reversed: s = L_n - 1
         two = self.lengths > 1
@@ -293,16 +289,15 @@ def _recursion(emit, lattice, store):
     t_max, chains, width = emit.shape
     k = chains // 2
     init = lattice.initial()  # (2k, L)
-    dtype = emit.dtype
-    q = np.zeros((t_max if store else 2, chains, width), dtype=dtype)
+    q = np.zeros((t_max if store else 2, chains, width))
     q[0, :, 2:] = init
     flat_emit = emit.reshape(t_max, chains * width)
     flat_skip = lattice.skip.reshape(-1)[2:]
-    a = np.empty((chains, width), dtype=dtype)  # a_t = q_t * y_hat_t
+    a = np.empty((chains, width))  # a_t = q_t * y_hat_t
     flat_a = a.reshape(-1)
-    shift2 = np.empty(chains * width - 2, dtype=dtype)
-    norm = np.ones((t_max, chains), dtype=dtype)
-    last = np.zeros((chains, width), dtype=dtype)
+    shift2 = np.empty(chains * width - 2)
+    norm = np.ones((t_max, chains))
+    last = np.zeros((chains, width))
     ends = {} if store else {int(t) - 1: np.flatnonzero(lattice.il == t) for t in np.unique(lattice.il) if t > 0}
     for t in range(t_max):
         q_t = q[t if store else t % 2]
@@ -323,7 +318,7 @@ def _recursion(emit, lattice, store):
         np.add(q_next, shift2, out=q_next)
     if not store:
         last[k:] = q[(t_max - 1) % 2, k:]
-    log_norm = np.log(norm, dtype=np.float64)  # (t_max, chains)
+    log_norm = np.log(norm)  # (t_max, chains)
     for step, chains_starting in lattice.starts.items():
         log_norm[:step, chains_starting] = 0.0  # normalisers of a reversed chain before it starts don't count
     log_scale = np.zeros((t_max, chains))
