@@ -8,7 +8,8 @@ Two ratios, each measured in the same run on the same inputs:
   ``F.ctc_loss`` forward -- target <= 3.
 
 Medians over ``--repeats`` rounds after one warm-up, the four paths alternating within each round so
-they share the (shared, noisy) machine's load; shapes whose warm-up exceeds 1 s per path are timed once.  Results go to benchmarks/results/bench_onnx.json.
+they share the (shared, noisy) machine's load; shapes whose warm-up exceeds 1 s per path are timed once.
+Results go to benchmarks/results/bench_onnx.json.
 
     python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH]
 """

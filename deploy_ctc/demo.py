@@ -150,6 +150,7 @@ def main(argv=None) -> int:
         loss = float(session.run(None, batch)[0])
         diff = abs(loss - expected) / max(abs(expected), 1e-12)
         ok &= bool(diff <= RTOL)
-        print(f"{name:38s} {loss:12.6f} {diff:10.2e} {_median_ms(lambda: session.run(None, batch), args.repeats):10.2f}")
+        ms = _median_ms(lambda: session.run(None, batch), args.repeats)
+        print(f"{name:38s} {loss:12.6f} {diff:10.2e} {ms:10.2f}")
     print("parity: OK" if ok else f"parity: FAILED (relative difference above {RTOL})")
     return 0 if ok else 1

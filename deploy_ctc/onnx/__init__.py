@@ -7,7 +7,8 @@
 - :func:`append_ctc_loss` -- add the loss to an already exported ONNX model.
 
 Nodes carry a portable model-local function body (standard ONNX ops) by default, so plain
-onnxruntime runs them without any extension.  Every module imports onnx / onnxruntime / torch lazily; using them needs ``pip install deploy_ctc[onnx]``.
+onnxruntime runs them without any extension.  Every module imports onnx / onnxruntime / torch lazily;
+using them needs ``pip install deploy_ctc[onnx]``.
 """
 
 from deploy_ctc.onnx import schemas

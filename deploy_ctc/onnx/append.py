@@ -73,7 +73,8 @@ def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets"
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    taken = {i.name for i in graph.input} | {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+    taken = ({i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+             | {i.name for i in graph.initializer})
     for arg, name in (("targets_name", targets_name), ("input_lengths_name", input_lengths_name),
                       ("target_lengths_name", target_lengths_name), ("loss_name", loss_name)):
         if name in taken:

@@ -381,7 +381,8 @@ def make_functions(opset: int = MIN_OPSET) -> list:
         inputs, outputs = build(b)
         functions.append(onnx.helper.make_function(DOMAIN, name, inputs, outputs, b.nodes, imports,
                                                    attribute_protos=defaults,
-                                                   doc_string=f"Portable deploy_ctc::{name} (see deploy_ctc.onnx.functions)"))
+                                                   doc_string=f"Portable deploy_ctc::{name} "
+                                                              "(see deploy_ctc.onnx.functions)"))
     return functions
 
 
@@ -403,7 +404,8 @@ def attach_functions(model, opset: int | None = None) -> None:
                          "convert it (onnx.version_converter) or pass embed_functions=False")
     ensure_opset_imports(model)
     if imports.get("ai.onnx.ml", ML_OPSET) < 2:
-        raise ValueError(f"the portable CTC bodies need ai.onnx.ml opset >= 2, the model imports {imports['ai.onnx.ml']}")
+        raise ValueError(f"the portable CTC bodies need ai.onnx.ml opset >= 2, "
+                         f"the model imports {imports['ai.onnx.ml']}")
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     present = {f.name for f in model.functions if f.domain == DOMAIN}
     for function in make_functions(opset):
