@@ -20,19 +20,21 @@ NAMES = ["features", "targets", "input_lengths", "target_lengths"]
 class TinyCTC(torch.nn.Module):
     """Linear + log_softmax over (T, N, 6) features, then nn.CTCLoss or F.ctc_loss."""
 
-    def __init__(self, reduction="mean", blank=0, use_module=False):
+    def __init__(self, reduction="mean", blank=0, use_module=False, zero_infinity=False):
         super().__init__()
         torch.manual_seed(0)
         self.linear = torch.nn.Linear(6, 5)
-        self.loss = torch.nn.CTCLoss(blank=blank, reduction=reduction) if use_module else None
-        self.reduction, self.blank = reduction, blank
+        self.loss = (torch.nn.CTCLoss(blank=blank, reduction=reduction, zero_infinity=zero_infinity)
+                     if use_module else None)
+        self.reduction, self.blank, self.zero_infinity = reduction, blank, zero_infinity
 
     def forward(self, features, targets, input_lengths, target_lengths):
         log_probs = self.linear(features).log_softmax(-1)
         if self.loss is not None:
             return self.loss(log_probs, targets, input_lengths, target_lengths)
         return torch.nn.functional.ctc_loss(log_probs, targets, input_lengths, target_lengths,
-                                            blank=self.blank, reduction=self.reduction)
+                                            blank=self.blank, reduction=self.reduction,
+                                            zero_infinity=self.zero_infinity)
 
 
 def _batch(rng, T, N, S, blank=0):
@@ -87,12 +89,12 @@ def test_export_runs_in_plain_onnxruntime(rng, tmp_path, dynamo):
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_export_without_bodies_runs_with_extension(rng, tmp_path, dynamo):
     pytest.importorskip("onnxruntime_extensions")
-    module = TinyCTC("none", blank=4, use_module=True)
+    module = TinyCTC("none", blank=4, use_module=True, zero_infinity=True)
     proto = _export(module, rng, tmp_path, dynamo, embed_functions=False)
     assert len(proto.functions) == 0
     node = next(n for n in proto.graph.node if n.domain == "deploy_ctc")
     assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == {
-        "blank": 4, "reduction": b"none", "zero_infinity": 0}
+        "blank": 4, "reduction": b"none", "zero_infinity": 1}
     _check_runs(module, proto, rng, extension=True, blank=4)
 
 
