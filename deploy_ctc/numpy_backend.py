@@ -49,8 +49,8 @@ _RESCALE_EVERY = 4
 # rounding stays orders of magnitude below it.
 _CONSISTENCY_TOL = 1e-9
 # A frame whose posterior normaliser Z_t falls below exp(_LOG_Z_FLOOR) is too close to float64's subnormal range
-# (1e-308) for 1/Z_t and the cells it sums to be trusted: such a sample takes the exact path.
-_LOG_Z_FLOOR = -460.0  # ~1e-200
+# (2e-308) for 1/Z_t and the cells carrying its mass to be trusted: such a sample takes the exact path.
+_LOG_Z_FLOOR = -650.0  # ~1e-282
 # Bytes of per-chunk tables (emissions, chains, posterior) that one worker handles at a time.
 _CHUNK_TABLE_BYTES = 48 << 20
 # Below this many table cells a batch is done in one chunk on the calling thread.
@@ -164,7 +164,7 @@ def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_s
     S = int(tl.max())
     t_max = int(il.max())
     lattice = _ChainPair(targets[:, :S], tl, il, blank, t_max)
-    emit, log_max = lattice.emissions(lp)  # (t_max, 2k, L), (t_max, k)
+    emit, log_max = lattice.emissions(lp)  # (t_max, 2k, L + 2), (t_max, k)
     q, log_scale = _recursion(emit, lattice, store=grad is not None)
     k, last, n = lattice.k, il - 1, np.arange(lattice.k)
     rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k) frames inside each sample
@@ -173,8 +173,9 @@ def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_s
         # q: (2k, L + 2) each chain's pre-emission row at its last step
         log_p_fwd = (_log_end_mass(q[:k], emit[last, n, 2:], lattice.lengths - 1) + log_scale[last, n]
                      + total_max)
-        log_p_rev = (_log_end_mass(q[k:], emit[t_max - 1, k:, 2:], np.full(k, lattice.L - 1))
-                     + log_scale[t_max - 1, k:] + total_max)
+        # the reversed chains end at step t_max - 1, which reads frame 0
+        log_p_rev = (_log_end_mass(q[k:], emit[0, k:, 2:], np.full(k, lattice.L - 1)) + log_scale[t_max - 1, k:]
+                     + total_max)
         good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
     else:
         log_z = _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention)  # (t_max, k)
@@ -209,7 +210,7 @@ class _ChainPair:
     def __init__(self, targets, tl, il, blank, t_max):
         k, S = targets.shape
         L = 2 * S + 1
-        self.k, self.L, self.t_max, self.il = k, L, t_max, il
+        self.k, self.L, self.t_max, self.il, self.blank = k, L, t_max, il, blank
         self.lengths = 2 * tl + 1  # (k,)
         self.valid = np.arange(L)[None, :] < self.lengths[:, None]  # (k, L)
         self.ext = np.full((k, L), blank, dtype=np.int64)  # (k, L)
@@ -225,40 +226,48 @@ class _ChainPair:
         self.starts = {int(step): k + late[t_max - il[late] == step] for step in np.unique(t_max - il[late])}
 
     def emissions(self, lp):
-        """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 and their log-scales ``m_t`` ``(t_max, k)``.
+        """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 in frame order for both halves, and their
+        log-scales ``m`` ``(t_max, k)``.
 
-        ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, ``m_t`` the frame's largest label
-        log-probability; 0 at invalid positions and in the two padding columns that separate the chains (so that a
-        shift by one or two in the flattened rows reads zero mass across chains). Frames ``t >= T_n`` are set to
-        log-probability 0 before use, so padding frames (possibly NaN) never reach the chains.
+        ``y_hat_t = exp(log y_t - m_t)`` with ``m_t`` the largest log-probability among the sample's labels at frame
+        ``t``: the label with the most probability gets 1, so rescaling every few steps keeps the chains far from
+        underflow. Row ``t``, forward chain ``n``: ``y_hat_t(l'_s)`` at column ``s + 2``. Row ``t``, reversed chain
+        ``n``: the same frame in the reversed layout, ``y_hat_t(l'_{L-1-i})`` at column ``i + 2`` (the recursion reads
+        row ``t_max - 1 - step`` for those chains). Columns 0 and 1 of every chain and its invalid positions hold 0, so a
+        shift by one or two in the flattened rows carries no mass across chains and none into invalid positions.
+        Frames ``t >= T_n`` are replaced by probability 1 before use: padding frames (possibly NaN) never reach the
+        chains, and the values there are never used.
         """
         k, L, t_max = self.k, self.L, self.t_max
-        gathered = self._gather(lp)  # (t_max, k, L) log y_t(l'_s), input dtype
+        width = L + 2
+        gathered = self._gather(lp)  # (t_max, 2k, L + 2) log-probabilities, input dtype
         for n in np.flatnonzero(self.il < t_max):
-            gathered[self.il[n]:, n] = 0.0
-        log_max = gathered.max(axis=2)  # (t_max, k)
-        fwd = np.subtract(gathered, log_max[:, :, None], dtype=np.float64)  # (t_max, k, L)
-        np.exp(fwd, out=fwd)
-        for n in np.flatnonzero(self.lengths < L):
-            fwd[:, n, self.lengths[n]:] = 0.0
-        emit = np.empty((t_max, 2 * k, L + 2))
+            gathered[self.il[n]:, [n, k + n]] = 0.0
+        log_max = gathered.max(axis=2)  # (t_max, 2k); the padding columns read blank, a valid label
+        np.subtract(gathered, log_max[:, :, None], out=gathered)
+        emit = np.exp(gathered, dtype=np.float64)  # (t_max, 2k, L + 2)
         emit[:, :, :2] = 0.0
-        emit[:, :k, 2:] = fwd
-        emit[:, k:, 2:] = fwd[::-1, :, ::-1]  # reversed chains: frame t_max - 1 - step, index L - 1 - s
-        return emit, log_max.astype(np.float64)
+        for n in np.flatnonzero(self.lengths < L):
+            emit[:, n, 2 + self.lengths[n]:] = 0.0  # forward: s >= L_n
+            emit[:, k + n, 2: width - self.lengths[n]] = 0.0  # reversed: i < L - L_n
+        return emit, log_max[:, :k].astype(np.float64)
 
     def _gather(self, lp):
-        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous ``(t_max, k, L)`` array of the input's dtype."""
+        """``lp`` at every chain's labels: ``(t_max, 2k, L + 2)`` in lp's dtype, padding columns arbitrary."""
         k, L, t_max = self.k, self.L, self.t_max
         C = lp.shape[2]
+        labels = np.full((2 * k, L + 2), self.blank, dtype=np.int64)  # (2k, L + 2) class read at each column
+        labels[:k, 2:] = self.ext
+        labels[k:, 2:] = self.ext[:, ::-1]
         if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
             # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
-            columns = (np.arange(k)[:, None] * C + self.ext).reshape(-1)  # (k * L,)
-            return np.take(rows, columns, axis=1).reshape(t_max, k, L)
-        gathered = np.empty((t_max, k, L), dtype=lp.dtype)
-        for n in range(k):
-            gathered[:, n] = np.take(lp[:t_max, n], self.ext[n], axis=1)
+            sample = np.concatenate([np.arange(k), np.arange(k)])[:, None]  # (2k, 1)
+            columns = (sample * C + labels).reshape(-1)  # (2k * (L + 2),)
+            return np.take(rows, columns, axis=1).reshape(t_max, 2 * k, L + 2)
+        gathered = np.empty((t_max, 2 * k, L + 2), dtype=lp.dtype)
+        for chain in range(2 * k):
+            gathered[:, chain] = np.take(lp[:t_max, chain % k], labels[chain], axis=1)
         return gathered
 
     def initial(self):
@@ -291,10 +300,14 @@ def _recursion(emit, lattice, store):
     init = lattice.initial()  # (2k, L)
     q = np.zeros((t_max if store else 2, chains, width))
     q[0, :, 2:] = init
+    half = k * width
     flat_emit = emit.reshape(t_max, chains * width)
+    emit_fwd, emit_rev = flat_emit[:, :half], flat_emit[:, half:]
     flat_skip = lattice.skip.reshape(-1)[2:]
-    a = np.empty((chains, width))  # a_t = q_t * y_hat_t
+    a = np.empty((chains, width))  # a_t = q_t * y_t
     flat_a = a.reshape(-1)
+    a_fwd, a_rev = flat_a[:half], flat_a[half:]
+    a0, a1, a2 = flat_a[2:], flat_a[1:-1], flat_a[:-2]  # index i, i - 1, i - 2
     shift2 = np.empty(chains * width - 2)
     norm = np.ones((t_max, chains))
     last = np.zeros((chains, width))
@@ -307,14 +320,16 @@ def _recursion(emit, lattice, store):
             last[ends[t]] = q_t[ends[t]]
         if t == t_max - 1:
             break
-        np.multiply(q_t.reshape(-1), flat_emit[t], out=flat_a)
+        q_flat = q_t.reshape(-1)
+        np.multiply(q_flat[:half], emit_fwd[t], out=a_fwd)
+        np.multiply(q_flat[half:], emit_rev[t_max - 1 - t], out=a_rev)
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
             np.max(a, axis=1, out=c)
             np.divide(a, c[:, None], out=a)
         q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)[2:]
-        np.multiply(flat_a[:-2], flat_skip, out=shift2)
-        np.add(flat_a[2:], flat_a[1:-1], out=q_next)
+        np.multiply(a2, flat_skip, out=shift2)
+        np.add(a0, a1, out=q_next)
         np.add(q_next, shift2, out=q_next)
     if not store:
         last[k:] = q[(t_max - 1) % 2, k:]
