@@ -39,7 +39,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import numpy_logspace
+from . import numpy_logspace, workspace
 from .validation import CTCProblem
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
@@ -245,7 +245,7 @@ class _ChainPair:
             gathered[self.il[n]:, [n, k + n]] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, 2k); the padding columns read blank, a valid label
         np.subtract(gathered, log_max[:, :, None], out=gathered)
-        emit = np.exp(gathered, dtype=np.float64)  # (t_max, 2k, L + 2)
+        emit = np.exp(gathered, out=workspace.current().array("emit", gathered.shape))  # (t_max, 2k, L + 2)
         emit[:, :, :2] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # forward: s >= L_n
@@ -264,8 +264,9 @@ class _ChainPair:
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
             sample = np.concatenate([np.arange(k), np.arange(k)])[:, None]  # (2k, 1)
             columns = (sample * C + labels).reshape(-1)  # (2k * (L + 2),)
-            return np.take(rows, columns, axis=1).reshape(t_max, 2 * k, L + 2)
-        gathered = np.empty((t_max, 2 * k, L + 2), dtype=lp.dtype)
+            out = workspace.current().array("gathered", (t_max, 2 * k * (L + 2)), lp.dtype)
+            return np.take(rows, columns, axis=1, out=out, mode="clip").reshape(t_max, 2 * k, L + 2)
+        gathered = workspace.current().array("gathered", (t_max, 2 * k, L + 2), lp.dtype)
         for chain in range(2 * k):
             gathered[:, chain] = np.take(lp[:t_max, chain % k], labels[chain], axis=1)
         return gathered
@@ -298,7 +299,9 @@ def _recursion(emit, lattice, store):
     t_max, chains, width = emit.shape
     k = chains // 2
     init = lattice.initial()  # (2k, L)
-    q = np.zeros((t_max if store else 2, chains, width))
+    q = workspace.current().array("chains", (t_max if store else 2, chains, width))
+    q[:, 0, :2] = 0.0  # the only cells the flattened updates never write
+    q[0, :, :2] = 0.0
     q[0, :, 2:] = init
     half = k * width
     flat_emit = emit.reshape(t_max, chains * width)
@@ -374,9 +377,10 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     short = [(int(length), np.flatnonzero(il == length)) for length in np.unique(il) if length < t_max]
     log_z = np.empty((t_max, k))
     step = max(1, (2 << 20) // (k * max(L, C) * 8))
+    scratch = workspace.current().array("posterior", (min(step, t_max), k, L))
     for t0 in range(0, t_max, step):
         t1 = min(t0 + step, t_max)
-        g = q_fwd[t0:t1] * emit[t0:t1, :k, 2:]  # (B, k, L); 0 at invalid positions (zero emission)
+        g = np.multiply(q_fwd[t0:t1], emit[t0:t1, :k, 2:], out=scratch[: t1 - t0])  # (B, k, L); 0 where invalid
         g *= beta[t0:t1]
         block = grad[t0:t1]  # (B, k, C)
         if convention == "torch":
