@@ -239,37 +239,35 @@ class _ChainPair:
         chains, and the values there are never used.
         """
         k, L, t_max = self.k, self.L, self.t_max
-        width = L + 2
-        gathered = self._gather(lp)  # (t_max, 2k, L + 2) log-probabilities, input dtype
+        gathered = self._gather(lp)  # (t_max, k, L) log y_t(l'_s), input dtype
         for n in np.flatnonzero(self.il < t_max):
-            gathered[self.il[n]:, [n, k + n]] = 0.0
-        log_max = gathered.max(axis=2)  # (t_max, 2k); the padding columns read blank, a valid label
+            gathered[self.il[n]:, n] = 0.0
+        log_max = gathered.max(axis=2)  # (t_max, k)
         np.subtract(gathered, log_max[:, :, None], out=gathered)
-        emit = np.exp(gathered, out=workspace.current().array("emit", gathered.shape))  # (t_max, 2k, L + 2)
+        emit = workspace.current().array("emit", (t_max, 2 * k, L + 2))
         emit[:, :, :2] = 0.0
+        fwd = emit[:, :k, 2:]  # (t_max, k, L)
+        np.exp(gathered, out=fwd)
         for n in np.flatnonzero(self.lengths < L):
-            emit[:, n, 2 + self.lengths[n]:] = 0.0  # forward: s >= L_n
-            emit[:, k + n, 2: width - self.lengths[n]] = 0.0  # reversed: i < L - L_n
-        return emit, log_max[:, :k].astype(np.float64)
+            fwd[:, n, self.lengths[n]:] = 0.0  # s >= L_n
+        emit[:, k:, 2:] = fwd[:, :, ::-1]  # reversed layout: index i holds s = L - 1 - i
+        return emit, log_max.astype(np.float64)
 
     def _gather(self, lp):
-        """``lp`` at every chain's labels: ``(t_max, 2k, L + 2)`` in lp's dtype, padding columns arbitrary."""
+        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous ``(t_max, k, L)`` array of lp's dtype (positions
+        ``s >= L_n`` read blank, a real entry of the row)."""
         k, L, t_max = self.k, self.L, self.t_max
         C = lp.shape[2]
-        labels = np.full((2 * k, L + 2), self.blank, dtype=np.int64)  # (2k, L + 2) class read at each column
-        labels[:k, 2:] = self.ext
-        labels[k:, 2:] = self.ext[:, ::-1]
+        out = workspace.current().array("gathered", (t_max, k, L), lp.dtype)
         if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
             # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
-            sample = np.concatenate([np.arange(k), np.arange(k)])[:, None]  # (2k, 1)
-            columns = (sample * C + labels).reshape(-1)  # (2k * (L + 2),)
-            out = workspace.current().array("gathered", (t_max, 2 * k * (L + 2)), lp.dtype)
-            return np.take(rows, columns, axis=1, out=out, mode="clip").reshape(t_max, 2 * k, L + 2)
-        gathered = workspace.current().array("gathered", (t_max, 2 * k, L + 2), lp.dtype)
-        for chain in range(2 * k):
-            gathered[:, chain] = np.take(lp[:t_max, chain % k], labels[chain], axis=1)
-        return gathered
+            columns = (np.arange(k)[:, None] * C + self.ext).reshape(-1)  # (k * L,)
+            np.take(rows, columns, axis=1, out=out.reshape(t_max, k * L), mode="clip")
+            return out
+        for n in range(k):
+            out[:, n] = np.take(lp[:t_max, n], self.ext[n], axis=1)
+        return out
 
     def initial(self):
         """``(2k, L)`` the pre-emission values at a chain's first step: 1 at its two start positions."""
