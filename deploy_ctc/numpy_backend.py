@@ -53,8 +53,10 @@ _CONSISTENCY_TOL = 1e-9
 _LOG_Z_FLOOR = -650.0  # ~1e-282
 # Bytes of per-chunk tables (emissions, chains, posterior) that one worker handles at a time.
 _CHUNK_TABLE_BYTES = 48 << 20
-# Below this many table cells a batch is done in one chunk on the calling thread.
+# Below this many table cells a batch is done in one chunk on the calling thread; above, in at least
+# _PIPELINE_CHUNKS chunks whose stages overlap on the worker threads.
 _PARALLEL_MIN_CELLS = 400_000
+_PIPELINE_CHUNKS = 2
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
@@ -92,19 +94,27 @@ def _forward_backward(problem, grad_scale, convention):
         return _finish(problem, nll, grad)
 
     ok = np.ones(N, dtype=bool)
-
-    def task(span):
-        n0, n1 = span
-        with np.errstate(all="ignore"):  # errstate is per thread
-            _scaled_chunk(lp[:, n0:n1], targets[n0:n1], il[n0:n1], tl[n0:n1], problem.blank, run[n0:n1],
-                          nll[n0:n1], ok[n0:n1], None if grad is None else grad[:, n0:n1],
-                          None if grad is None else grad_scale[n0:n1], convention)
-
-    spans = _chunks(il, tl, C, grad is not None)
-    if len(spans) > 1:
-        list(_pool().map(task, spans))
+    scratch = workspace.current()
+    chunks = [_Chunk(problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch)
+              for index, span in enumerate(_chunks(il, tl, C, grad is not None))]
+    chunks = [chunk for chunk in chunks if chunk.active]
+    if len(chunks) == 1:
+        chunks[0].prepare()
+        chunks[0].recurse()
+        chunks[0].finish()
     else:
-        task(spans[0])
+        # A pipeline: the recursions (many small NumPy calls, GIL-bound) run one after another on this thread
+        # while a worker prepares the next chunk's emissions and finishes the previous chunk's posteriors and
+        # gradient (few large calls that release the GIL). Running recursions concurrently would only contend.
+        pool = _pool()
+        prepared = [pool.submit(chunk.prepare) for chunk in chunks]
+        finished = []
+        for chunk, ready in zip(chunks, prepared):
+            ready.result()
+            chunk.recurse()
+            finished.append(pool.submit(chunk.finish))
+        for done in finished:
+            done.result()
 
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
@@ -140,54 +150,80 @@ def _pool():
 
 
 def _chunks(il, tl, C, with_grad):
-    """Contiguous sample ranges ``[(n0, n1), ...]`` whose tables fit the budget; >= 2 when work is large."""
+    """Contiguous sample ranges ``[(n0, n1), ...]`` whose tables fit the budget; enough of them to keep the
+    pipeline busy when the work is large."""
     N = il.shape[0]
     t_max, L = int(il.max()), 2 * int(tl.max()) + 1
     per_sample = t_max * (L + 2) * (2 * 8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    if cells >= _PARALLEL_MIN_CELLS:
-        count = max(count, min(2, os.cpu_count() or 1))
+    if cells >= _PARALLEL_MIN_CELLS and (os.cpu_count() or 1) > 1:
+        count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))
     bounds = np.linspace(0, N, count + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _scaled_chunk(lp, targets, il, tl, blank, run, nll_out, ok_out, grad, grad_scale, convention):
-    """Scaled recursions for a chunk of ``k`` samples; writes ``nll_out``, ``ok_out`` and ``grad`` in place.
-
-    ``lp`` ``(T, k, C)``; ``targets`` ``(k, S)``; ``grad`` ``(T, k, C)`` zeros or None. Only samples with ``run``
-    are written; ``ok_out[n]`` becomes False where the consistency check fails.
+class _Chunk:
+    """The scaled recursions for a contiguous range of samples, in three stages run by the pipeline:
+    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`finish` (posteriors, gradient,
+    consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
+    the check fails (the exact path then redoes the sample, rows included).
     """
-    if not run.any():
-        return
-    S = int(tl.max())
-    t_max = int(il.max())
-    lattice = _ChainPair(targets[:, :S], tl, il, blank, t_max)
-    emit, log_max = lattice.emissions(lp)  # (t_max, 2k, L + 2), (t_max, k)
-    q, log_scale = _recursion(emit, lattice, store=grad is not None)
-    k, last, n = lattice.k, il - 1, np.arange(lattice.k)
-    rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k) frames inside each sample
-    total_max = np.where(rows, log_max, 0.0).sum(axis=0)  # (k,) sum of the emission log-scales m_t
-    if grad is None:
-        # q: (2k, L + 2) each chain's pre-emission row at its last step
-        log_p_fwd = (_log_end_mass(q[:k], emit[last, n, 2:], lattice.lengths - 1) + log_scale[last, n]
-                     + total_max)
-        # the reversed chains end at step t_max - 1, which reads frame 0
-        log_p_rev = (_log_end_mass(q[k:], emit[0, k:, 2:], np.full(k, lattice.L - 1)) + log_scale[t_max - 1, k:]
-                     + total_max)
-        good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
-    else:
-        log_z = _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention)  # (t_max, k)
-        del emit, q
-        # log p = log Z_t + the scales of both chains at the frame, the same for every frame t < T_n
-        log_p = log_z + log_scale[:, :k] + log_scale[::-1, k:] + total_max[None, :]  # (t_max, k)
-        log_p_fwd = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
-        spread = np.where(rows, np.abs(log_p - log_p_fwd[None, :]), 0.0).max(axis=0)  # NaN propagates
-        smallest_z = np.where(rows, log_z, 0.0).min(axis=0)  # (k,) tiny Z_t: subnormal, imprecise values
-        good = (spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))) & (smallest_z > _LOG_Z_FLOOR)
-    nll_out[run] = -log_p_fwd[run]
-    ok_out[run] = (good & np.isfinite(log_p_fwd))[run]  # the exact path redoes the others (and their rows)
+
+    def __init__(self, problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch):
+        n0, n1 = span
+        self.lp = problem.log_probs[:, n0:n1]  # (T, k, C)
+        self.il, self.tl = problem.input_lengths[n0:n1], problem.target_lengths[n0:n1]  # (k,)
+        self.targets, self.blank = problem.targets[n0:n1], problem.blank  # (k, S)
+        self.run, self.nll, self.ok = run[n0:n1], nll[n0:n1], ok[n0:n1]
+        self.grad = None if grad is None else grad[:, n0:n1]  # (T, k, C) view
+        self.grad_scale = None if grad is None else grad_scale[n0:n1]
+        self.convention, self.scratch, self.tag = convention, scratch, str(index)
+        self.active = bool(self.run.any())
+
+    def prepare(self):
+        with np.errstate(all="ignore"):  # per thread; under/overflow and NaN are judged by the check
+            t_max = int(self.il.max())
+            self.lattice = _ChainPair(self.targets[:, : int(self.tl.max())], self.tl, self.il, self.blank, t_max)
+            self.emit, self.log_max = self.lattice.emissions(self.lp, self.scratch, self.tag)
+
+    def recurse(self):
+        with np.errstate(all="ignore"):
+            self.q, self.log_scale = _recursion(self.emit, self.lattice, self.grad is not None, self.scratch,
+                                                self.tag)
+
+    def finish(self):
+        with np.errstate(all="ignore"):
+            self._finish()
+
+    def _finish(self):
+        lattice, emit, q, log_scale, il = self.lattice, self.emit, self.q, self.log_scale, self.il
+        t_max, k = lattice.t_max, lattice.k
+        last, n = il - 1, np.arange(k)
+        rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k) frames inside each sample
+        total_max = np.where(rows, self.log_max, 0.0).sum(axis=0)  # (k,) sum of the emission log-scales m_t
+        if self.grad is None:
+            # q: (2k, L + 2) each chain's pre-emission row at its last step
+            log_p_fwd = (_log_end_mass(q[:k], emit[last, n, 2:], lattice.lengths - 1) + log_scale[last, n]
+                         + total_max)
+            # the reversed chains end at step t_max - 1, which reads frame 0
+            log_p_rev = (_log_end_mass(q[k:], emit[0, k:, 2:], np.full(k, lattice.L - 1))
+                         + log_scale[t_max - 1, k:] + total_max)
+            good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
+        else:
+            log_z = _posterior_and_gradient(q, emit, lattice, self.lp, self.run, self.grad, self.grad_scale,
+                                            self.convention, self.scratch, self.tag)  # (t_max, k)
+            # log p = log Z_t + the scales of both chains at the frame, the same for every frame t < T_n
+            log_p = log_z + log_scale[:, :k] + log_scale[::-1, k:] + total_max[None, :]  # (t_max, k)
+            log_p_fwd = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
+            spread = np.where(rows, np.abs(log_p - log_p_fwd[None, :]), 0.0).max(axis=0)  # NaN propagates
+            smallest_z = np.where(rows, log_z, 0.0).min(axis=0)  # (k,) tiny Z_t: subnormal, imprecise values
+            good = ((spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd)))
+                    & (smallest_z > _LOG_Z_FLOOR))
+        self.nll[self.run] = -log_p_fwd[self.run]
+        self.ok[self.run] = (good & np.isfinite(log_p_fwd))[self.run]
+        del self.emit, self.q  # the tables go back to the workspace
 
 
 class _ChainPair:
@@ -225,7 +261,7 @@ class _ChainPair:
         late = np.flatnonzero(il < t_max)
         self.starts = {int(step): k + late[t_max - il[late] == step] for step in np.unique(t_max - il[late])}
 
-    def emissions(self, lp):
+    def emissions(self, lp, scratch, tag):
         """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 in frame order for both halves, and their
         log-scales ``m`` ``(t_max, k)``.
 
@@ -239,12 +275,12 @@ class _ChainPair:
         chains, and the values there are never used.
         """
         k, L, t_max = self.k, self.L, self.t_max
-        gathered = self._gather(lp)  # (t_max, k, L) log y_t(l'_s), input dtype
+        gathered = self._gather(lp, scratch, tag)  # (t_max, k, L) log y_t(l'_s), input dtype
         for n in np.flatnonzero(self.il < t_max):
             gathered[self.il[n]:, n] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, k)
         np.subtract(gathered, log_max[:, :, None], out=gathered)
-        emit = workspace.current().array("emit", (t_max, 2 * k, L + 2))
+        emit = scratch.array("emit" + tag, (t_max, 2 * k, L + 2))
         emit[:, :, :2] = 0.0
         fwd = emit[:, :k, 2:]  # (t_max, k, L)
         np.exp(gathered, out=fwd)
@@ -253,12 +289,12 @@ class _ChainPair:
         emit[:, k:, 2:] = fwd[:, :, ::-1]  # reversed layout: index i holds s = L - 1 - i
         return emit, log_max.astype(np.float64)
 
-    def _gather(self, lp):
+    def _gather(self, lp, scratch, tag):
         """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous ``(t_max, k, L)`` array of lp's dtype (positions
         ``s >= L_n`` read blank, a real entry of the row)."""
         k, L, t_max = self.k, self.L, self.t_max
         C = lp.shape[2]
-        out = workspace.current().array("gathered", (t_max, k, L), lp.dtype)
+        out = scratch.array("gathered" + tag, (t_max, k, L), lp.dtype)
         if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
             # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
@@ -280,7 +316,7 @@ class _ChainPair:
         return init
 
 
-def _recursion(emit, lattice, store):
+def _recursion(emit, lattice, store, scratch, tag):
     """Run the ``2k`` scaled chains over ``t_max`` steps.
 
     Each step works on the chains' rows flattened into one contiguous vector of ``2k (L + 2)`` values (strided 2-D
@@ -297,7 +333,7 @@ def _recursion(emit, lattice, store):
     t_max, chains, width = emit.shape
     k = chains // 2
     init = lattice.initial()  # (2k, L)
-    q = workspace.current().array("chains", (t_max if store else 2, chains, width))
+    q = scratch.array("chains" + tag, (t_max if store else 2, chains, width))
     q[:, 0, :2] = 0.0  # the only cells the flattened updates never write
     q[0, :, :2] = 0.0
     q[0, :, 2:] = init
@@ -353,7 +389,7 @@ def _log_end_mass(q_last, emit_last, end):
     return np.log(mass)
 
 
-def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention):
+def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention, scratch, tag):
     """Posteriors and the gradient, fused over blocks of frames so each block stays cache-resident.
 
     For frames ``t0 <= t < t1``: ``g_t(s) = q_fwd_t(s) y_hat_t(s) q_rev_{t_max-1-t}(L-1-s)``,
@@ -375,10 +411,10 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     short = [(int(length), np.flatnonzero(il == length)) for length in np.unique(il) if length < t_max]
     log_z = np.empty((t_max, k))
     step = max(1, (2 << 20) // (k * max(L, C) * 8))
-    scratch = workspace.current().array("posterior", (min(step, t_max), k, L))
+    block_buffer = scratch.array("posterior" + tag, (min(step, t_max), k, L))
     for t0 in range(0, t_max, step):
         t1 = min(t0 + step, t_max)
-        g = np.multiply(q_fwd[t0:t1], emit[t0:t1, :k, 2:], out=scratch[: t1 - t0])  # (B, k, L); 0 where invalid
+        g = np.multiply(q_fwd[t0:t1], emit[t0:t1, :k, 2:], out=block_buffer[: t1 - t0])  # (B, k, L); 0 where invalid
         g *= beta[t0:t1]
         block = grad[t0:t1]  # (B, k, C)
         if convention == "torch":

@@ -42,17 +42,9 @@ _GRAD_CHUNK_BYTES = 4 << 20
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (see ``notes/CONTRACT.md``).
+    """The exact twin of :func:`deploy_ctc.numpy_backend.forward_backward`: same arguments, same results.
 
-    Args:
-        problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
-        grad_scale: ``(N,)`` float64 per-sample gradient weights, or None for the loss alone.
-        convention: ``"torch"`` (``exp(lp) - posterior``) or ``"plain"`` (``-posterior``).
-
-    Returns:
-        ``(nll, grad)``: ``nll`` ``(N,)`` float64, ``+inf`` for infeasible targets; ``grad`` ``(T, N, C)`` in
-        ``problem.log_probs.dtype`` (None without ``grad_scale``) with rows ``t >= input_lengths[n]`` exactly 0 and
-        rows of infinite-loss samples NaN (0 when ``problem.zero_infinity``).
+    Used for the samples whose scaled recursions fail the consistency check, and as a reference in the tests.
     """
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
