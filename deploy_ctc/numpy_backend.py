@@ -207,8 +207,8 @@ class _Chunk:
             # q: (2k, L + 2) each chain's pre-emission row at its last step
             log_p_fwd = (_log_end_mass(q[:k], emit[last, n, 2:], lattice.lengths - 1) + log_scale[last, n]
                          + total_max)
-            # the reversed chains end at step t_max - 1, which reads frame 0
-            log_p_rev = (_log_end_mass(q[k:], emit[0, k:, 2:], np.full(k, lattice.L - 1))
+            # the reversed chains end at step t_max - 1 (frame 0), in positions 0 and 1
+            log_p_rev = (_log_end_mass(q[k:], emit[0, :, 2:], (lattice.lengths > 1).astype(np.int64))
                          + log_scale[t_max - 1, k:] + total_max)
             good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
         else:
@@ -227,52 +227,47 @@ class _Chunk:
 
 
 class _ChainPair:
-    """The ``2k`` chains of ``k`` samples: forward chains, then reversed chains, in one lattice layout.
+    """The ``2k`` chains of ``k`` samples: forward chains (alpha), then reversed chains (beta), over one lattice.
 
-    Forward chain ``n`` holds position ``s`` of ``l'`` at index ``s`` and runs frames ``t = 0 .. T_n - 1``.
-    Reversed chain ``n`` holds position ``s`` at index ``L - 1 - s`` and runs frame ``t`` at step ``t_max - 1 - t``
-    (steps ``t_max - T_n .. t_max - 1``): both alignments are the same for every sample, so the backward variable
-    of forward cell ``(t, s)`` is reversed-chain cell ``(t_max - 1 - t, L - 1 - s)`` -- a reversed *view* of the
-    table, not a gather. Indices outside a chain's valid positions get zero emission, so no mass enters them.
+    Every chain holds position ``s`` of ``l'`` at column ``s + 2`` (columns 0 and 1 are zero-emission padding that
+    keeps shifts in the flattened rows from carrying mass across chains). Forward chain ``n`` runs frame ``t`` at step
+    ``t`` and moves mass up (``s - 1, s - 2 -> s``). Reversed chain ``n`` runs frame ``t_max - 1 - step`` at each
+    step, from step ``t_max - T_n`` on, and moves mass down (``s + 1, s + 2 -> s``): it is the backward recursion,
+    and since its time axis is aligned to the same last step for every sample, beta of cell ``(t, s)`` is the
+    time-reversed *view* ``q[t_max - 1 - t, k + n, s + 2]`` of the table. Both read the same emission table.
 
     Attributes:
-        ext: ``(k, L)`` int64 extended labels of the forward chains (blank beyond ``L_n``).
+        ext: ``(k, L)`` int64 extended labels (blank beyond ``L_n``).
         valid: ``(k, L)`` bool, ``s < L_n``.
         lengths: ``(k,)`` ``L_n = 2 target_lengths + 1``.
-        skip: ``(2k, L + 2)`` float64, 1 where the move from index ``i - 2`` to ``i`` (column ``i + 2``) is allowed.
-        starts: ``{step: reversed chains starting there}`` for reversed chains with ``T_n < t_max``.
+        skip_up: ``(k, L + 2)`` 1 at column ``s + 2`` where ``s - 2 -> s`` is allowed (a label differing from
+            ``l'_{s-2}``); skip_down: ``(k, L + 2)`` 1 where ``s + 2 -> s`` is (the same moves, seen from below).
+        starts: ``{step: reversed chains starting there}`` for the chains with ``T_n < t_max``.
     """
 
     def __init__(self, targets, tl, il, blank, t_max):
         k, S = targets.shape
         L = 2 * S + 1
-        self.k, self.L, self.t_max, self.il, self.blank = k, L, t_max, il, blank
+        self.k, self.L, self.t_max, self.il = k, L, t_max, il
         self.lengths = 2 * tl + 1  # (k,)
         self.valid = np.arange(L)[None, :] < self.lengths[:, None]  # (k, L)
         self.ext = np.full((k, L), blank, dtype=np.int64)  # (k, L)
         self.ext[:, 1::2] = targets
-        fwd_skip = np.zeros((k, L))
-        fwd_skip[:, 3::2] = (targets[:, 1:] != targets[:, :-1]) & self.valid[:, 3::2]
-        # Reversed index i = L - 1 - s: the move i - 2 -> i is s + 2 -> s, allowed iff s -> s + 2 is.
-        rev_skip = np.zeros((k, L))
-        rev_skip[:, 2:] = fwd_skip[:, ::-1][:, : L - 2]
-        self.skip = np.zeros((2 * k, L + 2))  # (2k, L + 2)
-        self.skip[:, 2:] = np.concatenate([fwd_skip, rev_skip])
+        self.skip_up = np.zeros((k, L + 2))  # (k, L + 2)
+        self.skip_up[:, 5::2] = (targets[:, 1:] != targets[:, :-1]) & self.valid[:, 3::2]
+        self.skip_down = np.zeros((k, L + 2))
+        self.skip_down[:, 2:L] = self.skip_up[:, 4:]
         late = np.flatnonzero(il < t_max)
         self.starts = {int(step): k + late[t_max - il[late] == step] for step in np.unique(t_max - il[late])}
 
     def emissions(self, lp, scratch, tag):
-        """Scaled emissions ``y_hat`` ``(t_max, 2k, L + 2)`` float64 in frame order for both halves, and their
-        log-scales ``m`` ``(t_max, k)``.
+        """Scaled emissions ``y_hat`` ``(t_max, k, L + 2)`` float64 and their log-scales ``m`` ``(t_max, k)``.
 
-        ``y_hat_t = exp(log y_t - m_t)`` with ``m_t`` the largest log-probability among the sample's labels at frame
-        ``t``: the label with the most probability gets 1, so rescaling every few steps keeps the chains far from
-        underflow. Row ``t``, forward chain ``n``: ``y_hat_t(l'_s)`` at column ``s + 2``. Row ``t``, reversed chain
-        ``n``: the same frame in the reversed layout, ``y_hat_t(l'_{L-1-i})`` at column ``i + 2`` (the recursion reads
-        row ``t_max - 1 - step`` for those chains). Columns 0 and 1 of every chain and its invalid positions hold 0, so a
-        shift by one or two in the flattened rows carries no mass across chains and none into invalid positions.
-        Frames ``t >= T_n`` are replaced by probability 1 before use: padding frames (possibly NaN) never reach the
-        chains, and the values there are never used.
+        ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, with ``m_t`` the largest log-probability among
+        the sample's labels at frame ``t``: the most probable label gets 1, so rescaling every few steps keeps the
+        chains far from underflow. The padding columns and invalid positions ``s >= L_n`` hold 0. Frames
+        ``t >= T_n`` are replaced by probability 1 before use: padding frames (possibly NaN) never reach the chains,
+        and the values computed there are never used.
         """
         k, L, t_max = self.k, self.L, self.t_max
         gathered = self._gather(lp, scratch, tag)  # (t_max, k, L) log y_t(l'_s), input dtype
@@ -280,13 +275,11 @@ class _ChainPair:
             gathered[self.il[n]:, n] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, k)
         np.subtract(gathered, log_max[:, :, None], out=gathered)
-        emit = scratch.array("emit" + tag, (t_max, 2 * k, L + 2))
+        emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
-        fwd = emit[:, :k, 2:]  # (t_max, k, L)
-        np.exp(gathered, out=fwd)
+        np.exp(gathered, out=emit[:, :, 2:])
         for n in np.flatnonzero(self.lengths < L):
-            fwd[:, n, self.lengths[n]:] = 0.0  # s >= L_n
-        emit[:, k:, 2:] = fwd[:, :, ::-1]  # reversed layout: index i holds s = L - 1 - i
+            emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
         return emit, log_max.astype(np.float64)
 
     def _gather(self, lp, scratch, tag):
@@ -306,68 +299,69 @@ class _ChainPair:
         return out
 
     def initial(self):
-        """``(2k, L)`` the pre-emission values at a chain's first step: 1 at its two start positions."""
-        k, L = self.k, self.L
-        init = np.zeros((2 * k, L))
-        init[:k, :2] = 1.0  # forward: s = 0, 1
-        init[k + np.arange(k), L - self.lengths] = 1.0  # reversed: s = L_n - 1
-        two = self.lengths > 1
-        init[k + np.flatnonzero(two), L - self.lengths[two] + 1] = 1.0  # reversed: s = L_n - 2
+        """``(2k, L + 2)`` the pre-emission values at a chain's first step: 1 at its two start positions."""
+        k = self.k
+        init = np.zeros((2 * k, self.L + 2))
+        init[:k, 2:4] = 1.0  # forward: s = 0, 1
+        n = np.arange(k)
+        init[k + n, self.lengths + 1] = 1.0  # reversed: s = L_n - 1
+        init[k + n[self.lengths > 1], self.lengths[self.lengths > 1]] = 1.0  # reversed: s = L_n - 2
         return init
 
 
 def _recursion(emit, lattice, store, scratch, tag):
     """Run the ``2k`` scaled chains over ``t_max`` steps.
 
-    Each step works on the chains' rows flattened into one contiguous vector of ``2k (L + 2)`` values (strided 2-D
-    operations cost NumPy about three times more); the zero emission in each chain's two padding columns keeps the
-    shifts from carrying mass across chains.
+    Each step works on the rows of each direction flattened into one contiguous vector of ``k (L + 2)`` values
+    (strided 2-D operations cost NumPy about three times more).
 
     Returns:
-        ``(q, log_scale)``. With ``store``, ``q`` ``(t_max, 2k, L + 2)`` pre-emission values (column ``i + 2`` is
-        index ``i``; the padding columns hold garbage that zero emission cancels); without, ``q`` ``(2k, L + 2)``:
+        ``(q, log_scale)``. With ``store``, ``q`` ``(t_max, 2k, L + 2)`` pre-emission values (column ``s + 2`` is
+        position ``s``; padding columns hold values that zero emission cancels); without, ``q`` ``(2k, L + 2)``:
         each forward chain's row at its last frame and each reversed chain's row at the last step. ``log_scale``
         ``(t_max, 2k)``: the log of the normalisers divided out of ``q`` since the chain started (true
         ``q = q_hat * exp(log_scale + sum of the m's of the frames already emitted)``).
     """
-    t_max, chains, width = emit.shape
-    k = chains // 2
-    init = lattice.initial()  # (2k, L)
+    t_max, k, width = emit.shape
+    chains, half = 2 * k, k * width
+    init = lattice.initial()  # (2k, L + 2)
     q = scratch.array("chains" + tag, (t_max if store else 2, chains, width))
     q[:, 0, :2] = 0.0  # the only cells the flattened updates never write
-    q[0, :, :2] = 0.0
-    q[0, :, 2:] = init
-    half = k * width
-    flat_emit = emit.reshape(t_max, chains * width)
-    emit_fwd, emit_rev = flat_emit[:, :half], flat_emit[:, half:]
-    flat_skip = lattice.skip.reshape(-1)[2:]
-    a = np.empty((chains, width))  # a_t = q_t * y_t
-    flat_a = a.reshape(-1)
-    a_fwd, a_rev = flat_a[:half], flat_a[half:]
-    a0, a1, a2 = flat_a[2:], flat_a[1:-1], flat_a[:-2]  # index i, i - 1, i - 2
-    shift2 = np.empty(chains * width - 2)
+    q[0] = init
+    flat_emit = emit.reshape(t_max, half)
+    up, down = lattice.skip_up.reshape(-1)[2:], lattice.skip_down.reshape(-1)
+    a = np.zeros(chains * width + 2)  # a_t = q_t * y_t, both directions, and two zeros read by the last shift
+    a_rows = a[:-2].reshape(chains, width)
+    a_fwd, a_rev = a[:half], a[half:2 * half]
+    up0, up1, up2 = a[2:half], a[1:half - 1], a[:half - 2]  # s, s - 1, s - 2 (forward)
+    down0, down1, down2 = a[half:2 * half], a[half + 1:2 * half + 1], a[half + 2:]  # s, s + 1, s + 2 (reversed)
+    skipped_up, skipped_down = np.empty(half - 2), np.empty(half)
     norm = np.ones((t_max, chains))
     last = np.zeros((chains, width))
     ends = {} if store else {int(t) - 1: np.flatnonzero(lattice.il == t) for t in np.unique(lattice.il) if t > 0}
     for t in range(t_max):
         q_t = q[t if store else t % 2]
         if t in lattice.starts:
-            q_t[lattice.starts[t], 2:] = init[lattice.starts[t]]
+            q_t[lattice.starts[t]] = init[lattice.starts[t]]
         if t in ends:
             last[ends[t]] = q_t[ends[t]]
         if t == t_max - 1:
             break
         q_flat = q_t.reshape(-1)
-        np.multiply(q_flat[:half], emit_fwd[t], out=a_fwd)
-        np.multiply(q_flat[half:], emit_rev[t_max - 1 - t], out=a_rev)
+        np.multiply(q_flat[:half], flat_emit[t], out=a_fwd)
+        np.multiply(q_flat[half:], flat_emit[t_max - 1 - t], out=a_rev)
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
-            np.max(a, axis=1, out=c)
-            np.divide(a, c[:, None], out=a)
-        q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)[2:]
-        np.multiply(a2, flat_skip, out=shift2)
-        np.add(a0, a1, out=q_next)
-        np.add(q_next, shift2, out=q_next)
+            np.max(a_rows, axis=1, out=c)
+            np.divide(a_rows, c[:, None], out=a_rows)
+        q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)
+        fwd_next, rev_next = q_next[2:half], q_next[half:]
+        np.multiply(up2, up, out=skipped_up)
+        np.add(up0, up1, out=fwd_next)
+        np.add(fwd_next, skipped_up, out=fwd_next)
+        np.multiply(down2, down, out=skipped_down)
+        np.add(down0, down1, out=rev_next)
+        np.add(rev_next, skipped_down, out=rev_next)
     if not store:
         last[k:] = q[(t_max - 1) % 2, k:]
     log_norm = np.log(norm)  # (t_max, chains)
@@ -392,7 +386,7 @@ def _log_end_mass(q_last, emit_last, end):
 def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention, scratch, tag):
     """Posteriors and the gradient, fused over blocks of frames so each block stays cache-resident.
 
-    For frames ``t0 <= t < t1``: ``g_t(s) = q_fwd_t(s) y_hat_t(s) q_rev_{t_max-1-t}(L-1-s)``,
+    For frames ``t0 <= t < t1``: ``g_t(s) = q_fwd_t(s) y_hat_t(s) q_rev_{t_max-1-t}(s)``,
     ``Z_t = sum_s g_t(s)``, ``gamma = g / Z``, and ``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c}
     gamma_t(s))`` for ``t < T_n`` (``-sum gamma`` for the "plain" convention); ``grad`` ``(T, k, C)`` arrives zeroed.
 
@@ -403,7 +397,7 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     k, L, il = lattice.k, lattice.L, lattice.il
     T, _, C = grad.shape
     q_fwd = q[:, :k, 2:]  # (t_max, k, L)
-    beta = q[::-1, k:, 2:][:, :, ::-1]  # (t_max, k, L) beta'_t(s): reversed chains, reversed view
+    beta = q[::-1, k:, 2:]  # (t_max, k, L) beta'_t(s): the reversed chains, time-reversed view
     cells, starts, columns = _class_groups(lattice.ext, lattice.valid & run[:, None], C)
     column_scale = grad_scale[columns // C]  # (G,)
     scale = None if np.all(grad_scale[run] == 1.0) else grad_scale.astype(grad.dtype)[None, :, None]  # (1, k, 1)
@@ -414,7 +408,7 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     block_buffer = scratch.array("posterior" + tag, (min(step, t_max), k, L))
     for t0 in range(0, t_max, step):
         t1 = min(t0 + step, t_max)
-        g = np.multiply(q_fwd[t0:t1], emit[t0:t1, :k, 2:], out=block_buffer[: t1 - t0])  # (B, k, L); 0 where invalid
+        g = np.multiply(q_fwd[t0:t1], emit[t0:t1, :, 2:], out=block_buffer[: t1 - t0])  # (B, k, L); 0 where invalid
         g *= beta[t0:t1]
         block = grad[t0:t1]  # (B, k, C)
         if convention == "torch":
