@@ -2,33 +2,34 @@
 
 Fast path: scaled probability-space recursions (Rabiner-style scaling) in float64, a Python loop over time that is
 vectorized over the batch and the ``L = 2S + 1`` positions of the extended label sequence
-``l' = (blank, l_1, blank, ..., l_S, blank)``. Two chains run in the same loop for every sample: the forward chain
-on ``(x, l)`` and the forward chain on the time- and label-reversed pair, which *is* the backward (beta) recursion
-(CTC's lattice is symmetric under reversal), so alpha and beta cost one loop. With ``q_t`` the pre-emission
-forward variable,
+``l' = (blank, l_1, blank, ..., l_S, blank)``. Alpha and beta run in the same loop, as ``2k`` chains per chunk of
+``k`` samples: forward chains move mass up the lattice frame by frame, reversed chains move it down from each
+sample's last frame. With ``q_t`` the pre-emission variable of a forward chain,
 
 .. math::
 
-    a_t(s) = q_t(s)\\, \\hat y_t(l'_s), \\qquad
-    q_{t+1}(s) = \\frac{a_t(s) + a_t(s-1) + [l'_s \\ne l'_{s-2}]\\, a_t(s-2)}{c_t},
+    a_t(s) = q_t(s)\, \hat y_t(l'_s), \qquad
+    q_{t+1}(s) = \frac{a_t(s) + a_t(s-1) + [l'_s \ne l'_{s-2}]\, a_t(s-2)}{c_t}
 
-where ``y_hat_t = exp(log y_t - m_t)`` with ``m_t`` the frame's largest label log-probability and ``c_t`` a
-normaliser applied every few steps. The reversed chain's ``q`` at mirrored time and position is ``beta'_t(s)``
-(beta without the emission at ``t``), so the posterior of position ``s`` at frame ``t`` is
+(the reversed chains mirror it with ``s + 1, s + 2``), where ``y_hat_t = exp(log y_t - m_t)`` with ``m_t`` the
+frame's largest label log-probability and ``c_t`` a normaliser applied every few steps. A reversed chain's ``q`` at
+frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the posterior of position ``s`` at frame
+``t`` is
 
 .. math::
 
-    \\gamma_t(s) = \\frac{g_t(s)}{\\sum_{s'} g_t(s')}, \\qquad g_t(s) = q^{fwd}_t(s)\\, \\hat y_t(l'_s)\\,
-    q^{rev}_{T_n-1-t}(L_n-1-s),
+    \gamma_t(s) = \frac{g_t(s)}{Z_t}, \qquad g_t(s) = q^{fwd}_t(s)\, \hat y_t(l'_s)\, q^{rev}_t(s), \qquad
+    Z_t = \sum_s g_t(s),
 
-and ``log p(l|x) = log sum_s g_t(s) + (log-scales)`` must come out the same for every frame ``t``. That identity is
-the accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
+and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the
+accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
 inputs; all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc.numpy_logspace`. The
 gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax):
 ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
 
-Work is split into chunks of samples whose tables fit a memory budget; chunks run on a small thread pool (NumPy
-releases the GIL in its loops). Frames at ``t >= input_lengths[n]`` never enter the results.
+Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
+recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its
+loops). Frames at ``t >= input_lengths[n]`` never enter the results.
 """
 
 from __future__ import annotations
@@ -95,26 +96,33 @@ def _forward_backward(problem, grad_scale, convention):
 
     ok = np.ones(N, dtype=bool)
     scratch = workspace.current()
+    spans, parallel = _chunks(il, tl, C, grad is not None)
     chunks = [_Chunk(problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch)
-              for index, span in enumerate(_chunks(il, tl, C, grad is not None))]
+              for index, span in enumerate(spans)]
     chunks = [chunk for chunk in chunks if chunk.active]
-    if len(chunks) == 1:
-        chunks[0].prepare()
-        chunks[0].recurse()
-        chunks[0].finish()
+    if not parallel:
+        for chunk in chunks:
+            chunk.prepare()
+            chunk.recurse()
+            chunk.posterior(0, 1)
+            chunk.check()
     else:
         # A pipeline: the recursions (many small NumPy calls, GIL-bound) run one after another on this thread
-        # while a worker prepares the next chunk's emissions and finishes the previous chunk's posteriors and
-        # gradient (few large calls that release the GIL). Running recursions concurrently would only contend.
+        # while the workers compute the next chunk's emissions and the previous chunks' posteriors and gradient
+        # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
+        # Running recursions concurrently would only contend for the GIL.
         pool = _pool()
+        parts = _pool_size()
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
-        finished = []
+        pending = []
         for chunk, ready in zip(chunks, prepared):
             ready.result()
             chunk.recurse()
-            finished.append(pool.submit(chunk.finish))
-        for done in finished:
+            pending += [pool.submit(chunk.posterior, part, parts) for part in range(parts)]
+        for done in pending:
             done.result()
+        for chunk in chunks:
+            chunk.check()
 
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
@@ -144,30 +152,35 @@ def _exact(problem, samples, nll, grad, grad_scale, convention):
         grad[:, samples] = sub_grad
 
 
+def _pool_size():
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 @lru_cache(maxsize=1)
 def _pool():
-    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="deploy_ctc")
+    return ThreadPoolExecutor(_pool_size(), thread_name_prefix="deploy_ctc")
 
 
 def _chunks(il, tl, C, with_grad):
-    """Contiguous sample ranges ``[(n0, n1), ...]`` whose tables fit the budget; enough of them to keep the
-    pipeline busy when the work is large."""
+    """``(spans, parallel)``: contiguous sample ranges ``[(n0, n1), ...]`` whose tables fit the budget, and whether
+    the work is large enough for the threaded pipeline (then at least _PIPELINE_CHUNKS ranges)."""
     N = il.shape[0]
     t_max, L = int(il.max()), 2 * int(tl.max()) + 1
-    per_sample = t_max * (L + 2) * (2 * 8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
+    per_sample = t_max * (L + 2) * (8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    if cells >= _PARALLEL_MIN_CELLS and (os.cpu_count() or 1) > 1:
+    parallel = cells >= _PARALLEL_MIN_CELLS and _pool_size() > 1
+    if parallel:
         count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))
     bounds = np.linspace(0, N, count + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a], parallel
 
 
 class _Chunk:
     """The scaled recursions for a contiguous range of samples, in three stages run by the pipeline:
-    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`finish` (posteriors, gradient,
-    consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
+    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and
+    gradient, by frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
     the check fails (the exact path then redoes the sample, rows included).
     """
 
@@ -192,12 +205,25 @@ class _Chunk:
         with np.errstate(all="ignore"):
             self.q, self.log_scale = _recursion(self.emit, self.lattice, self.grad is not None, self.scratch,
                                                 self.tag)
+        self.log_z = np.empty((self.lattice.t_max, self.lattice.k))  # (t_max, k), filled by the posterior parts
 
-    def finish(self):
+    def posterior(self, part, parts):
+        """Posteriors and gradient for frame range ``part`` of ``parts`` (the ranges are independent)."""
+        if self.grad is None:
+            return
+        t_max = self.lattice.t_max
+        frames = (t_max * part // parts, t_max * (part + 1) // parts)
         with np.errstate(all="ignore"):
-            self._finish()
+            _posterior_and_gradient(self.q, self.emit, self.lattice, self.lp, self.run, self.grad, self.grad_scale,
+                                    self.convention, self.scratch, f"{self.tag}.{part}", frames, self.log_z)
 
-    def _finish(self):
+    def check(self):
+        """Per-sample loss and the consistency check; releases the tables."""
+        with np.errstate(all="ignore"):
+            self._check()
+        del self.emit, self.q  # the tables go back to the workspace
+
+    def _check(self):
         lattice, emit, q, log_scale, il = self.lattice, self.emit, self.q, self.log_scale, self.il
         t_max, k = lattice.t_max, lattice.k
         last, n = il - 1, np.arange(k)
@@ -212,8 +238,7 @@ class _Chunk:
                          + log_scale[t_max - 1, k:] + total_max)
             good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
         else:
-            log_z = _posterior_and_gradient(q, emit, lattice, self.lp, self.run, self.grad, self.grad_scale,
-                                            self.convention, self.scratch, self.tag)  # (t_max, k)
+            log_z = self.log_z
             # log p = log Z_t + the scales of both chains at the frame, the same for every frame t < T_n
             log_p = log_z + log_scale[:, :k] + log_scale[::-1, k:] + total_max[None, :]  # (t_max, k)
             log_p_fwd = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
@@ -223,7 +248,6 @@ class _Chunk:
                     & (smallest_z > _LOG_Z_FLOOR))
         self.nll[self.run] = -log_p_fwd[self.run]
         self.ok[self.run] = (good & np.isfinite(log_p_fwd))[self.run]
-        del self.emit, self.q  # the tables go back to the workspace
 
 
 class _ChainPair:
@@ -383,15 +407,15 @@ def _log_end_mass(q_last, emit_last, end):
     return np.log(mass)
 
 
-def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention, scratch, tag):
+def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention, scratch, tag, frames, log_z):
     """Posteriors and the gradient, fused over blocks of frames so each block stays cache-resident.
 
     For frames ``t0 <= t < t1``: ``g_t(s) = q_fwd_t(s) y_hat_t(s) q_rev_{t_max-1-t}(s)``,
     ``Z_t = sum_s g_t(s)``, ``gamma = g / Z``, and ``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c}
     gamma_t(s))`` for ``t < T_n`` (``-sum gamma`` for the "plain" convention); ``grad`` ``(T, k, C)`` arrives zeroed.
 
-    Returns:
-        ``log Z_t`` ``(t_max, k)`` for the consistency check.
+    Only frames ``frames = (ta, tb)`` are handled; ``log Z_t`` goes to rows ``ta:tb`` of ``log_z`` ``(t_max, k)``
+    for the consistency check.
     """
     t_max = q.shape[0]
     k, L, il = lattice.k, lattice.L, lattice.il
@@ -403,11 +427,11 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     scale = None if np.all(grad_scale[run] == 1.0) else grad_scale.astype(grad.dtype)[None, :, None]  # (1, k, 1)
     flat_grad = grad.reshape(T, k * C) if grad.flags.c_contiguous else None
     short = [(int(length), np.flatnonzero(il == length)) for length in np.unique(il) if length < t_max]
-    log_z = np.empty((t_max, k))
+    ta, tb = frames
     step = max(1, (2 << 20) // (k * max(L, C) * 8))
-    block_buffer = scratch.array("posterior" + tag, (min(step, t_max), k, L))
-    for t0 in range(0, t_max, step):
-        t1 = min(t0 + step, t_max)
+    block_buffer = scratch.array("posterior" + tag, (max(1, min(step, tb - ta)), k, L))
+    for t0 in range(ta, tb, step):
+        t1 = min(t0 + step, tb)
         g = np.multiply(q_fwd[t0:t1], emit[t0:t1, :, 2:], out=block_buffer[: t1 - t0])  # (B, k, L); 0 where invalid
         g *= beta[t0:t1]
         block = grad[t0:t1]  # (B, k, C)
@@ -431,7 +455,6 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
                 rows[:, columns] -= agg
             else:
                 block[:, columns // C, columns % C] -= agg
-    return log_z
 
 
 def _class_groups(ext, valid, C):
