@@ -1,4 +1,4 @@
-"""NumPy backend: CTC loss and gradient for a whole batch on the CPU.
+r"""NumPy backend: CTC loss and gradient for a whole batch on the CPU.
 
 Fast path: scaled probability-space recursions (Rabiner-style scaling) in float64, a Python loop over time that is
 vectorized over the batch and the ``L = 2S + 1`` positions of the extended label sequence
