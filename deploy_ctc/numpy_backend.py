@@ -161,6 +161,10 @@ def _pool():
     return ThreadPoolExecutor(_pool_size(), thread_name_prefix="deploy_ctc")
 
 
+# A forked child (a DataLoader worker, say) inherits the pool object but not its threads: give it a new one.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def _chunks(il, tl, C, with_grad):
     """``(spans, parallel)``: contiguous sample ranges ``[(n0, n1), ...]`` whose tables fit the budget, and whether
     the work is large enough for the threaded pipeline (then at least _PIPELINE_CHUNKS ranges)."""
