@@ -2,8 +2,8 @@
 
 Both run in the same process on the same float32 inputs, interleaved, after a warm-up; the report gives medians and
 their ratio. Peak memory is measured in a fresh child process per (implementation, shape): the growth of the peak
-resident set over the process's size once the inputs exist. Used by ``deploy-ctc bench`` and
-``benchmarks/bench_cpu.py``; results go to JSON together with a description of the machine.
+resident set (VmHWM, reset once the inputs exist) over the resident size at that point. Used by
+``deploy-ctc bench`` and ``benchmarks/bench_cpu.py``; results go to JSON with a description of the machine.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,11 +83,17 @@ def peak_memory(name, shape):
 
 def _child_peak_memory(name, shape):
     runners = _runners(make_inputs(*shape))
-    with open("/proc/self/statm") as statm:
-        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    # Reset the peak-RSS mark (Linux: "5" to clear_refs) so the inputs' construction does not count.
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    resident = _status_kib("VmRSS")
     runners[name]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-    return max(0, peak - resident)
+    return max(0, _status_kib("VmHWM") - resident) * 1024
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
 
 def machine_description():
