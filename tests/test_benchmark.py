@@ -1,0 +1,39 @@
+"""deploy_ctc.benchmark: the inputs it times and the report it writes (a tiny shape, so it runs in seconds)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from deploy_ctc import benchmark
+
+
+def test_inputs_follow_the_benchmark_definition():
+    log_probs, targets, input_lengths, target_lengths = benchmark.make_inputs(40, 6, 9, 10)
+    assert log_probs.dtype == np.float32 and log_probs.shape == (40, 6, 9)
+    np.testing.assert_allclose(np.exp(log_probs.astype(np.float64)).sum(axis=2), 1.0, rtol=1e-5)
+    assert targets.shape == (6, 10) and targets.min() >= 1 and targets.max() < 9  # never the blank (0)
+    assert (input_lengths == 40).all()
+    assert ((target_lengths >= 5) & (target_lengths <= 10)).all()
+
+
+def test_report_and_table(tmp_path):
+    pytest.importorskip("torch")
+    stream = io.StringIO()
+    report = benchmark.run(shapes=[(20, 3, 5, 4)], repeats=2, memory=True, stream=stream)
+    row = report["rows"][0]
+    assert row["shape"] == [20, 3, 5, 4]
+    assert row["torch_ms"] > 0 and row["deploy_ctc_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["torch_ms"] / row["deploy_ctc_ms"])
+    assert row["torch_peak_mb"] >= 0 and row["deploy_ctc_peak_mb"] >= 0
+    assert "done" in stream.getvalue()  # the progress display
+    table = benchmark.format_table(report)
+    assert "| (20, 3, 5, 4) |" in table and report["machine"]["cpu"] in table
+    json.dumps(report)  # what `--output` writes must serialise
+
+
+def test_main_rejects_a_bad_repeat_count(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
