@@ -97,7 +97,8 @@ def _forward_backward(problem, grad_scale, convention):
     ok = np.ones(N, dtype=bool)
     scratch = workspace.current()
     spans, parallel = _chunks(il, tl, C, grad is not None)
-    chunks = [_Chunk(problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch)
+    # Chunks that run one after another share their scratch tables (one tag); pipelined ones need their own.
+    chunks = [_Chunk(problem, span, index if parallel else 0, run, nll, ok, grad, grad_scale, convention, scratch)
               for index, span in enumerate(spans)]
     chunks = [chunk for chunk in chunks if chunk.active]
     if not parallel:
