@@ -97,10 +97,9 @@ def _forward_backward(problem, grad_scale, convention):
     ok = np.ones(N, dtype=bool)
     scratch = workspace.current()
     spans, parallel = _chunks(il, tl, C, grad is not None)
-    # Scratch tables are shared by chunks that are never alive together: one set when they run one after another,
-    # three in the pipeline (one chunk being prepared, one in its recursion, one finishing its posteriors).
-    chunks = [_Chunk(problem, span, index % 3 if parallel else 0, run, nll, ok, grad, grad_scale, convention,
-                     scratch) for index, span in enumerate(spans)]
+    # Chunks that run one after another share their scratch tables (one tag); pipelined ones need their own.
+    chunks = [_Chunk(problem, span, index if parallel else 0, run, nll, ok, grad, grad_scale, convention, scratch)
+              for index, span in enumerate(spans)]
     chunks = [chunk for chunk in chunks if chunk.active]
     if not parallel:
         for chunk in chunks:
@@ -115,25 +114,16 @@ def _forward_backward(problem, grad_scale, convention):
         # Running recursions concurrently would only contend for the GIL.
         pool = _pool()
         parts = _pool_size()
-        prepared = {0: pool.submit(chunks[0].prepare)}
-        finishing = {}
-        for c, chunk in enumerate(chunks):
-            if c + 1 < len(chunks):
-                for done in finishing.get(c - 2, ()):  # chunk c + 1 reuses the tables of chunk c - 2
-                    done.result()
-                prepared[c + 1] = pool.submit(chunks[c + 1].prepare)
-            prepared[c].result()
+        prepared = [pool.submit(chunk.prepare) for chunk in chunks]
+        pending = []
+        for chunk, ready in zip(chunks, prepared):
+            ready.result()
             chunk.recurse()
-            if grad is None:
-                chunk.check()  # before chunk c + 3 reuses its emission table
-            else:
-                finishing[c] = [pool.submit(chunk.posterior, part, parts) for part in range(parts)]
-        for futures in finishing.values():
-            for done in futures:
-                done.result()
-        if grad is not None:
-            for chunk in chunks:
-                chunk.check()
+            pending += [pool.submit(chunk.posterior, part, parts) for part in range(parts)]
+        for done in pending:
+            done.result()
+        for chunk in chunks:
+            chunk.check()
 
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
