@@ -117,6 +117,23 @@ def test_harness_matches_torch(case, dtype, harness, rng):
         _check(nll, grad, expected, dtype, f"{case.name} zero_infinity={zero_infinity}", lp)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_harness_matches_the_numpy_backend(case, harness_library, rng):
+    """The kernels and the NumPy backend agree on the Core issue's edge cases (float64, every option)."""
+    from deploy_ctc import numpy_backend
+
+    harness = cuda_harness.Harness(harness_library, order="random", seed=7)
+    lp, targets, il, tl, w = _inputs(case, rng, np.float64)
+    for zero_infinity in (False, True):
+        for convention in ("torch", "plain"):
+            problem = validation.validate(lp, targets, il, tl, case.blank, "none", zero_infinity)
+            got = cupy_backend.run_kernels(problem, w, convention, harness)
+            expected = numpy_backend.forward_backward(problem, w, convention)
+            what = f"{case.name} zero_infinity={zero_infinity} {convention}"
+            oracles.assert_close(got[0], expected[0], np.float64, f"{what}: nll")
+            oracles.assert_close(got[1], expected[1], np.float64, f"{what}: grad")
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.name)
 def test_harness_plain_convention(case, harness, rng):
     lp, targets, il, tl, w = _inputs(case, rng, np.float64)
