@@ -427,8 +427,14 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     T, _, C = grad.shape
     q_fwd = q[:, :k, 2:]  # (t_max, k, L)
     beta = q[::-1, k:, 2:]  # (t_max, k, L) beta'_t(s): the reversed chains, time-reversed view
-    cells, starts, columns = _class_groups(lattice.ext, lattice.valid & run[:, None], C)
-    column_scale = grad_scale[columns // C]  # (G,)
+    # Labels (odd positions) are summed per (sample, class) group; the blank (every even position) separately.
+    labels = lattice.valid & run[:, None]  # (k, L)
+    labels[:, 0::2] = False
+    cells, starts, columns = _class_groups(lattice.ext, labels, C)
+    group_sample = columns // C  # (G,)
+    column_scale = grad_scale[group_sample]  # (G,)
+    blank_scale = np.where(run, grad_scale, 0.0)  # (k,)
+    blank_columns = np.arange(k) * C + lattice.ext[:, 0]  # (k,)
     scale = None if np.all(grad_scale[run] == 1.0) else grad_scale.astype(grad.dtype)[None, :, None]  # (1, k, 1)
     flat_grad = grad.reshape(T, k * C) if grad.flags.c_contiguous else None
     short = [(int(length), np.flatnonzero(il == length)) for length in np.unique(il) if length < t_max]
@@ -450,16 +456,21 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
                 block[max(length - t0, 0):, samples] = 0.0
         z = g.sum(axis=2)  # (B, k)
         log_z[t0:t1] = np.log(z)
-        np.multiply(g, np.where(z > 0, 1.0 / z, 0.0)[:, :, None], out=g)  # gamma
+        inverse_z = np.where(z > 0, 1.0 / z, 0.0)  # (B, k): gamma = g / Z, applied to the sums below
+        blank = g[:, :, 0::2].sum(axis=2) * inverse_z * blank_scale  # (B, k)
         if cells.size:
             agg = np.add.reduceat(np.take(g.reshape(t1 - t0, k * L), cells, axis=1), starts, axis=1)  # (B, G)
+            agg *= inverse_z[:, group_sample]
             agg *= column_scale
-            agg = agg.astype(grad.dtype, copy=False)
-            if flat_grad is not None:
-                rows = flat_grad[t0:t1]
-                rows[:, columns] -= agg
-            else:
-                block[:, columns // C, columns % C] -= agg
+        if flat_grad is not None:
+            rows = flat_grad[t0:t1]
+            rows[:, blank_columns] -= blank.astype(grad.dtype, copy=False)
+            if cells.size:
+                rows[:, columns] -= agg.astype(grad.dtype, copy=False)
+        else:
+            block[:, np.arange(k), lattice.ext[:, 0]] -= blank.astype(grad.dtype, copy=False)
+            if cells.size:
+                block[:, group_sample, columns % C] -= agg.astype(grad.dtype, copy=False)
 
 
 def _class_groups(ext, valid, C):
