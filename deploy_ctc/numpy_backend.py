@@ -430,7 +430,7 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     # Labels (odd positions) are summed per (sample, class) group; the blank (every even position) separately.
     labels = lattice.valid & run[:, None]  # (k, L)
     labels[:, 0::2] = False
-    cells, starts, columns = _class_groups(lattice.ext, labels, C)
+    cells, starts, columns = numpy_logspace.class_groups(lattice.ext, labels, C)
     group_sample = columns // C  # (G,)
     column_scale = grad_scale[group_sample]  # (G,)
     blank_scale = np.where(run, grad_scale, 0.0)  # (k,)
@@ -471,19 +471,3 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
             block[:, np.arange(k), lattice.ext[:, 0]] -= blank.astype(grad.dtype, copy=False)
             if cells.size:
                 block[:, group_sample, columns % C] -= agg.astype(grad.dtype, copy=False)
-
-
-def _class_groups(ext, valid, C):
-    """Group valid lattice cells by (sample, class) for the scatter into the gradient's classes.
-
-    Returns:
-        ``(cells, starts, columns)``: flattened ``n * L + s`` lattice cells sorted by group; ``starts`` the first
-        cell of each group (for ``np.add.reduceat``); ``columns`` each group's flattened ``n * C + c``.
-    """
-    k = ext.shape[0]
-    keys = (np.arange(k)[:, None] * C + ext)[valid]  # (P,)
-    cells = np.flatnonzero(valid)  # (P,)
-    order = np.argsort(keys, kind="stable")
-    keys, cells = keys[order], cells[order]
-    columns, starts = np.unique(keys, return_index=True)
-    return cells, starts, columns

@@ -116,21 +116,30 @@ class _Lattice:
         return np.maximum(lpe, NEG, out=lpe)  # -inf -> NEG; NaN stays NaN
 
     def groups(self, C):
-        """Group the valid lattice positions of each sample by class, for the scatter into ``(N, C)`` columns.
-
-        Returns:
-            ``(samples, positions, starts, columns)``: ``samples`` and ``positions`` ``(P,)`` index the valid
-            ``(n, s)`` lattice cells, sorted by class within each sample; ``starts`` the first entry of each
-            (sample, class) group (for ``np.add.reduceat``); ``columns`` the flattened ``(N * C)`` column of each group.
-        """
-        N, L = self.ext.shape
+        """:func:`class_groups` of the valid lattice positions, as ``(samples, positions, starts, columns)``."""
+        L = self.ext.shape[1]
         valid = np.arange(L)[None, :] < self.lengths[:, None]  # (N, L)
-        keys = (np.arange(N)[:, None] * C + self.ext)[valid]  # (P,) flattened (n, class)
-        samples, positions = np.nonzero(valid)  # (P,), (P,)
-        order = np.argsort(keys, kind="stable")
-        keys, samples, positions = keys[order], samples[order], positions[order]
-        columns, starts = np.unique(keys, return_index=True)
-        return samples, positions, starts, columns
+        cells, starts, columns = class_groups(self.ext, valid, C)
+        return cells // L, cells % L, starts, columns
+
+
+def class_groups(ext, valid, C):
+    """Group the ``valid`` lattice cells by (sample, class), for the scatter of posteriors into class columns.
+
+    Args:
+        ext: ``(k, L)`` extended labels; valid: ``(k, L)`` bool cells to include; C: number of classes.
+
+    Returns:
+        ``(cells, starts, columns)``: flattened ``n * L + s`` cells sorted by group; ``starts`` the first cell of each
+        group (for ``np.add.reduceat``); ``columns`` each group's flattened ``n * C + c``.
+    """
+    k = ext.shape[0]
+    keys = (np.arange(k)[:, None] * C + ext)[valid]  # (P,)
+    cells = np.flatnonzero(valid)  # (P,)
+    order = np.argsort(keys, kind="stable")
+    keys, cells = keys[order], cells[order]
+    columns, starts = np.unique(keys, return_index=True)
+    return cells, starts, columns
 
 
 def _lse3(shifted, skip, out, scratch, m):
