@@ -20,9 +20,10 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
+
+from deploy_ctc.benchmark import interleaved_medians
 
 SHAPES = {  # (T, N, C, S), as the Core benchmark
     "small": [(50, 16, 20, 30), (500, 32, 30, 100)],
@@ -42,22 +43,6 @@ def _problem(T, N, C, S, seed=0):
     input_lengths[0] = T
     return {"log_probs": log_probs, "targets": targets, "input_lengths": input_lengths,
             "target_lengths": target_lengths}
-
-
-def _interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, timed in alternating rounds so all see the same machine load."""
-    start = time.perf_counter()
-    for fn in fns.values():
-        fn()  # warm-up (ORT allocations, first-call overhead)
-    if time.perf_counter() - start > SLOW_S * len(fns):
-        repeats = 1
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def bench_shape(shape, repeats: int) -> dict:
@@ -81,12 +66,12 @@ def bench_shape(shape, repeats: int) -> dict:
 
     direct = deploy_ctc.ctc_loss(*feeds.values())
     losses = {"extension": extension.run(None, feeds)[0], "portable": portable.run(None, feeds)[0]}
-    medians = _interleaved_medians({
+    medians = interleaved_medians({
         "direct_ms": lambda: deploy_ctc.ctc_loss(*feeds.values()),
         "extension_ms": lambda: extension.run(None, feeds),
         "portable_ms": lambda: portable.run(None, feeds),
         "torch_forward_ms": torch_forward,
-    }, repeats)
+    }, repeats, slow_s=SLOW_S)
     result = {"shape_TNCS": list(shape), **{k: 1e3 * v for k, v in medians.items()},
               "rel_diff_vs_direct": {k: float(abs(v - direct) / abs(direct)) for k, v in losses.items()}}
     result["extension_over_direct"] = result["extension_ms"] / result["direct_ms"]

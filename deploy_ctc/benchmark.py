@@ -59,9 +59,18 @@ def _runners(inputs):
 
 def time_shape(shape, repeats, progress=None):
     """Median seconds of each implementation on ``shape``, interleaved runs after one warm-up each."""
-    runners = _runners(make_inputs(*shape))
+    return interleaved_medians(_runners(make_inputs(*shape)), repeats, progress)
+
+
+def interleaved_medians(runners, repeats, progress=None, slow_s=None):
+    """Median seconds of each callable in ``runners`` (a dict), timed in alternating rounds after one warm-up each,
+    so every one sees the same machine load. With ``slow_s``, a warm-up longer than ``slow_s`` per callable cuts
+    the rounds to one; ``progress(done, total)`` is called after each round."""
+    start = time.perf_counter()
     for run in runners.values():
         run()
+    if slow_s is not None and time.perf_counter() - start > slow_s * len(runners):
+        repeats = 1
     times = {name: [] for name in runners}
     for i in range(repeats):
         for name, run in runners.items():
