@@ -1,7 +1,8 @@
 """The public functions: ``torch.nn.functional.ctc_loss``'s behaviour on NumPy and CuPy arrays.
 
 Each call validates its arguments (:mod:`deploy_ctc.validation`), hands the canonical problem to the backend that
-owns the array (:mod:`deploy_ctc.numpy_backend` or :mod:`deploy_ctc.cupy_backend`), then applies ``zero_infinity``
+owns the array (NumPy: :mod:`deploy_ctc.native_backend` or :mod:`deploy_ctc.numpy_backend`, chosen by
+:mod:`deploy_ctc.cpu_backends`; CuPy: :mod:`deploy_ctc.cupy_backend`), then applies ``zero_infinity``
 and the reduction exactly as torch does.
 """
 
@@ -110,9 +111,9 @@ class CTCLoss:
 
 def _backend(problem):
     if problem.xp is np:
-        from . import numpy_backend
+        from . import cpu_backends
 
-        return numpy_backend
+        return cpu_backends.current()
     from . import cupy_backend
 
     return cupy_backend

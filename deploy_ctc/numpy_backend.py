@@ -34,14 +34,9 @@ loops). Frames at ``t >= input_lengths[n]`` never enter the results.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
-
 import numpy as np
 
-from . import numpy_logspace, workspace
-from .validation import CTCProblem
+from . import cpu_common, numpy_logspace, workspace
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
@@ -78,21 +73,11 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 
 
 def _forward_backward(problem, grad_scale, convention):
-    lp = problem.log_probs  # (T, N, C)
-    T, N, C = lp.shape
-    il, tl, targets = problem.input_lengths, problem.target_lengths, problem.targets
-    # A target needs one frame per label plus one blank between each pair of equal neighbours.
-    inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
-    repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
-    feasible = il >= tl + repeats  # (N,)
-    nll = np.where(feasible, np.nan, np.inf)  # (N,) filled in below
-    nll[(il == 0) & (tl == 0)] = 0.0
-    grad = None if grad_scale is None else np.zeros((T, N, C), dtype=lp.dtype)
-    if grad is not None:
-        grad_scale = np.asarray(grad_scale, dtype=np.float64)
-    run = feasible & (il > 0)  # (N,) samples the recursions handle
+    N, C = problem.log_probs.shape[1:]
+    il, tl = problem.input_lengths, problem.target_lengths
+    nll, grad, grad_scale, run = cpu_common.start(problem, grad_scale)
     if not run.any():
-        return _finish(problem, nll, grad)
+        return cpu_common.finish(problem, nll, grad)
 
     ok = np.ones(N, dtype=bool)
     scratch = workspace.current()
@@ -112,8 +97,8 @@ def _forward_backward(problem, grad_scale, convention):
         # while the workers compute the next chunk's emissions and the previous chunks' posteriors and gradient
         # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
         # Running recursions concurrently would only contend for the GIL.
-        pool = _pool()
-        parts = _pool_size()
+        pool = cpu_common.pool()
+        parts = cpu_common.pool_size()
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
         pending = []
         for chunk, ready in zip(chunks, prepared):
@@ -127,43 +112,8 @@ def _forward_backward(problem, grad_scale, convention):
 
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
-        _exact(problem, redo, nll, grad, grad_scale, convention)
-    return _finish(problem, nll, grad)
-
-
-def _finish(problem, nll, grad):
-    """Rows of samples with a non-finite loss: NaN, or 0 for +inf under zero_infinity (torch's behaviour)."""
-    if grad is not None:
-        for n in np.flatnonzero(~np.isfinite(nll) & (problem.input_lengths > 0)):
-            zero = problem.zero_infinity and nll[n] == np.inf
-            grad[: problem.input_lengths[n], n, :] = 0.0 if zero else np.nan
-    return nll, grad
-
-
-def _exact(problem, samples, nll, grad, grad_scale, convention):
-    """Recompute ``samples`` with the exact log-space recursions and write them into ``nll`` / ``grad``."""
-    sub = CTCProblem(xp=np, log_probs=problem.log_probs[:, samples], targets=problem.targets[samples],
-                     input_lengths=problem.input_lengths[samples], target_lengths=problem.target_lengths[samples],
-                     blank=problem.blank, reduction=problem.reduction, zero_infinity=problem.zero_infinity,
-                     batched=True, out_dtype=problem.out_dtype)
-    sub_nll, sub_grad = numpy_logspace.forward_backward(sub, None if grad is None else grad_scale[samples],
-                                                         convention)
-    nll[samples] = sub_nll
-    if grad is not None:
-        grad[:, samples] = sub_grad
-
-
-def _pool_size():
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-@lru_cache(maxsize=1)
-def _pool():
-    return ThreadPoolExecutor(_pool_size(), thread_name_prefix="deploy_ctc")
-
-
-# A forked child (a DataLoader worker, say) inherits the pool object but not its threads: give it a new one.
-os.register_at_fork(after_in_child=_pool.cache_clear)
+        cpu_common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    return cpu_common.finish(problem, nll, grad)
 
 
 def _chunks(il, tl, C, with_grad):
@@ -174,7 +124,7 @@ def _chunks(il, tl, C, with_grad):
     per_sample = t_max * (L + 2) * (8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    parallel = cells >= _PARALLEL_MIN_CELLS and _pool_size() > 1
+    parallel = cells >= _PARALLEL_MIN_CELLS and cpu_common.pool_size() > 1
     if parallel:
         count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))

@@ -18,7 +18,7 @@ from tests.utils import oracles
 pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
 
 # The backend the API uses, and the exact log-space fallback beside it while it exists: one body tests both.
-BACKENDS = ["deploy_ctc.numpy_backend"] + [
+BACKENDS = ["deploy_ctc.numpy_backend", "deploy_ctc.native_backend"] + [
     name for name in ["deploy_ctc.numpy_logspace"] if importlib.util.find_spec(name) is not None]
 
 

@@ -1,0 +1,73 @@
+"""What the two CPU backends (:mod:`deploy_ctc.native_backend`, :mod:`deploy_ctc.numpy_backend`) share: which
+samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
+samples with an infinite loss, and the worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+
+from . import numpy_logspace
+from .validation import CTCProblem
+
+
+def start(problem, grad_scale):
+    """``(nll, grad, grad_scale, run)`` before the recursions.
+
+    ``nll`` ``(N,)`` float64: ``+inf`` for infeasible targets (fewer frames than labels plus the blanks between
+    equal neighbours), 0 for an empty target on zero frames, NaN where the recursions will fill it in. ``grad``
+    ``(T, N, C)`` zeros in ``log_probs``' dtype, or None without ``grad_scale``. ``run`` ``(N,)`` bool: the samples
+    the recursions handle (feasible, at least one frame).
+    """
+    lp, targets = problem.log_probs, problem.targets  # (T, N, C), (N, S)
+    il, tl = problem.input_lengths, problem.target_lengths  # (N,)
+    inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
+    repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
+    feasible = il >= tl + repeats  # (N,)
+    nll = np.where(feasible, np.nan, np.inf)  # (N,)
+    nll[(il == 0) & (tl == 0)] = 0.0
+    grad = None if grad_scale is None else np.zeros(lp.shape, dtype=lp.dtype)
+    if grad is not None:
+        grad_scale = np.asarray(grad_scale, dtype=np.float64)
+    return nll, grad, grad_scale, feasible & (il > 0)
+
+
+def finish(problem, nll, grad):
+    """Rows of samples with a non-finite loss: NaN, or 0 for +inf under zero_infinity (torch's behaviour)."""
+    if grad is not None:
+        for n in np.flatnonzero(~np.isfinite(nll) & (problem.input_lengths > 0)):
+            zero = problem.zero_infinity and nll[n] == np.inf
+            grad[: problem.input_lengths[n], n, :] = 0.0 if zero else np.nan
+    return nll, grad
+
+
+def redo_exact(problem, samples, nll, grad, grad_scale, convention):
+    """Recompute ``samples`` with the exact log-space recursions and write them into ``nll`` / ``grad``."""
+    sub = CTCProblem(xp=np, log_probs=problem.log_probs[:, samples], targets=problem.targets[samples],
+                     input_lengths=problem.input_lengths[samples], target_lengths=problem.target_lengths[samples],
+                     blank=problem.blank, reduction=problem.reduction, zero_infinity=problem.zero_infinity,
+                     batched=True, out_dtype=problem.out_dtype)
+    sub_nll, sub_grad = numpy_logspace.forward_backward(sub, None if grad is None else grad_scale[samples],
+                                                         convention)
+    nll[samples] = sub_nll
+    if grad is not None:
+        grad[:, samples] = sub_grad
+
+
+def pool_size():
+    """Worker threads of :func:`pool`: the CPU count, at most 4."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@lru_cache(maxsize=1)
+def pool():
+    """The backends' shared worker threads (NumPy loops and the native engine release the GIL)."""
+    return ThreadPoolExecutor(pool_size(), thread_name_prefix="deploy_ctc")
+
+
+# A forked child (a DataLoader worker, say) inherits the pool object but not its threads: give it a new one.
+os.register_at_fork(after_in_child=pool.cache_clear)

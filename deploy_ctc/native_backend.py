@@ -1,0 +1,96 @@
+r"""Native CPU backend: the NumPy backend's algorithm as compiled code (``kernels/ctc_cpu.cpp``).
+
+Same contract as :func:`deploy_ctc.numpy_backend.forward_backward` (``notes/CONTRACT.md``, "Backends"). Each sample
+runs its scaled probability-space forward and backward recursions in float64, vectorized over the ``L = 2S + 1``
+lattice positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x L`` table
+outlives its sample, so peak memory is the gradient plus ``2 T_n (L_n + 4)`` float64 of scratch per worker thread.
+Samples whose consistency check fails (flushed mass on extreme, peaky inputs; NaN) are recomputed by the exact
+log-space path :mod:`deploy_ctc.numpy_logspace`, exactly as in the NumPy backend.
+
+Samples are dealt to the worker threads of :func:`deploy_ctc.cpu_common.pool` by estimated cost (the engine
+releases the GIL); small batches run on the calling thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import cpu_common, native_build
+
+# Below this much work (lattice cells plus gradient cells) a batch runs on the calling thread: handing it to a
+# worker costs more than it saves.
+_PARALLEL_MIN_CELLS = 200_000
+
+
+def forward_backward(problem, grad_scale=None, convention="torch"):
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient.
+
+    Args:
+        problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
+        grad_scale: ``(N,)`` float64 per-sample gradient weights, or None for the loss alone.
+        convention: ``"torch"`` (``exp(lp) - posterior``) or ``"plain"`` (``-posterior``).
+
+    Returns:
+        ``(nll, grad)`` as :func:`deploy_ctc.numpy_backend.forward_backward`.
+
+    Raises:
+        deploy_ctc.native_build.NativeUnavailable: the engine cannot be built here.
+        MemoryError: the engine's scratch memory could not be allocated.
+    """
+    lib = native_build.library()
+    nll, grad, grad_scale, run = cpu_common.start(problem, grad_scale)
+    samples = np.flatnonzero(run)  # (R,)
+    if samples.size:
+        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,)
+        _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
+        redo = samples[ok[samples] == 0]
+        if redo.size:
+            with np.errstate(all="ignore"):
+                cpu_common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    return cpu_common.finish(problem, nll, grad)
+
+
+def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
+    """Call the engine on ``samples``, split across the worker threads when the work is large enough."""
+    lp = problem.log_probs  # (T, N, C)
+    T, N, C = lp.shape
+    if any(stride % lp.itemsize for stride in lp.strides):
+        lp = np.ascontiguousarray(lp)  # strides that are not whole elements (a view into a packed record)
+    st, sn, sc = (stride // lp.itemsize for stride in lp.strides)
+    # The engine indexes these as dense arrays: grad_output reaches grad_scale as a stride-0 broadcast, say.
+    il, tl = (np.ascontiguousarray(a, dtype=np.int64) for a in (problem.input_lengths, problem.target_lengths))
+    targets = np.ascontiguousarray(problem.targets, dtype=np.int64)  # (N, S)
+    grad_scale = None if grad_scale is None else np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
+    entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
+    address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
+
+    cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
+    parts = _deal(samples, cost, cpu_common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+
+    def call(part):
+        status = entry(address(lp), N, C, st, sn, sc, address(targets), targets.shape[1], address(il), address(tl),
+                       problem.blank, address(part), part.size, address(grad), address(grad_scale),
+                       int(convention == "plain"), address(nll), address(ok))
+        if status != 0:
+            raise MemoryError(f"deploy_ctc's native engine could not allocate its scratch memory for "
+                              f"{part.size} samples of up to T={int(il[part].max())} frames")
+
+    if len(parts) == 1:
+        call(parts[0])
+    else:
+        for done in [cpu_common.pool().submit(call, part) for part in parts]:
+            done.result()
+
+
+def _deal(samples, cost, workers):
+    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
+    currently lightest part)."""
+    if workers <= 1 or samples.size <= 1:
+        return [np.ascontiguousarray(samples, dtype=np.int64)]
+    loads = np.zeros(workers)
+    parts = [[] for _ in range(workers)]
+    for i in np.argsort(-cost, kind="stable"):
+        lightest = int(np.argmin(loads))
+        parts[lightest].append(samples[i])
+        loads[lightest] += cost[i]
+    return [np.array(sorted(part), dtype=np.int64) for part in parts if part]

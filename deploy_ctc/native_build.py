@@ -1,0 +1,158 @@
+"""Building, caching and loading the native CPU engine ``kernels/ctc_cpu.cpp``.
+
+Like the CUDA kernels, the C++ source ships inside the wheel and is compiled at run time: on first use in a process,
+with the system's C++ compiler (``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` on ``PATH``), into a shared
+library that ctypes loads. The library is cached on disk, in ``$DEPLOY_CTC_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/deploy_ctc``, else ``~/.cache/deploy_ctc``), under a name that digests the source, the compiler's
+version, the flags and the CPU (the build targets the machine it runs on, ``-march=native``); a later process loads it
+without compiling. Builds are written to a temporary name and renamed, so concurrent processes never load a
+half-written file. Where the cache directory is not writable, the build goes to a per-process temporary directory.
+
+No compiler, or a failed build, raises :class:`NativeUnavailable` with the reason; deploy_ctc then runs the pure
+NumPy backend (:mod:`deploy_ctc.cpu_backends`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from .kernel_loader import kernels_dir
+
+#: The translation unit of the CPU engine, in the kernels folder.
+SOURCE = "ctc_cpu.cpp"
+
+#: Flags of every build; -fopenmp-simd honours the source's ``omp simd`` reductions without linking OpenMP.
+FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fPIC", "-shared")
+#: Tried first; a compiler that rejects it builds without it.
+NATIVE_FLAGS = ("-march=native",)
+
+#: Exported entry points, one per input type.
+ENTRY_POINTS = {"float32": "deploy_ctc_cpu_float", "float64": "deploy_ctc_cpu_double"}
+_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 5  # lp; N, C and lp's element strides st, sn, sc
+              + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets .. blank
+              + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
+              + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad, grad_scale, plain
+              + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
+_COMPILE_TIMEOUT_S = 300
+
+
+class NativeUnavailable(RuntimeError):
+    """The native engine could not be built or loaded; the message says why."""
+
+
+_lock = threading.Lock()
+_library = None
+_failure: NativeUnavailable | None = None
+
+
+def library():
+    """The loaded engine (a :class:`ctypes.CDLL` with typed entry points), built on first use.
+
+    Raises:
+        NativeUnavailable: no C++ compiler, a failed build or load (the failure is remembered for the process).
+    """
+    global _library, _failure
+    with _lock:
+        if _library is None and _failure is None:
+            try:
+                _library = _load(_build())
+            except NativeUnavailable as error:
+                _failure = error
+        if _failure is not None:
+            raise _failure
+        return _library
+
+
+def describe():
+    """One line for ``deploy-ctc check``: the loaded library's path, or why there is none."""
+    try:
+        return f"native engine {library()._name}"
+    except NativeUnavailable as error:
+        return f"native engine unavailable ({error})"
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept (see the module docstring)."""
+    if os.environ.get("DEPLOY_CTC_CACHE_DIR"):
+        return Path(os.environ["DEPLOY_CTC_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deploy_ctc"
+
+
+def find_compiler() -> str:
+    """Path of the C++ compiler: ``$CXX`` or the first of c++, g++, clang++ on PATH."""
+    wanted = os.environ.get("CXX")
+    candidates = [wanted] if wanted else ["c++", "g++", "clang++"]
+    for name in candidates:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise NativeUnavailable(f"no C++ compiler found (tried {', '.join(candidates)}; set CXX)")
+
+
+def _build() -> Path:
+    compiler = find_compiler()
+    try:
+        source = kernels_dir() / SOURCE
+    except FileNotFoundError as error:
+        raise NativeUnavailable(str(error)) from None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise NativeUnavailable(f"{compiler} --version failed: {error}") from None
+    errors = []
+    for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+        digest = hashlib.sha256()
+        for part in (source.read_bytes(), compiler.encode(), version.encode(), " ".join(flags).encode(),
+                     platform.machine().encode(), _cpu_identity().encode()):
+            digest.update(part)
+            digest.update(b"\0")
+        name = f"ctc_cpu-{digest.hexdigest()[:20]}.so"
+        for folder in (cache_dir(), None):
+            target = (folder or Path(tempfile.mkdtemp(prefix="deploy_ctc-"))) / name
+            if target.exists():
+                return target
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                partial = tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so.partial", delete=False)
+                partial.close()
+            except OSError:
+                continue  # the cache is not writable: build into a temporary directory instead
+            result = subprocess.run([compiler, *flags, str(source), "-o", partial.name], capture_output=True,
+                                    text=True, timeout=_COMPILE_TIMEOUT_S)
+            if result.returncode == 0:
+                os.replace(partial.name, target)
+                return target
+            os.unlink(partial.name)
+            errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-2000:]}")
+            break
+    raise NativeUnavailable("the build failed:\n" + "\n".join(errors))
+
+
+def _load(path: Path):
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise NativeUnavailable(f"could not load {path}: {error}") from None
+    for entry in ENTRY_POINTS.values():
+        function = getattr(lib, entry)
+        function.argtypes, function.restype = _SIGNATURE, ctypes.c_int
+    return lib
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (what ``-march=native`` depends on), where the OS tells them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    keep = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(sorted(set(keep)))
