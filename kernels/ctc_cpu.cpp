@@ -44,6 +44,7 @@ namespace {
 
 constexpr double kConsistencyTol = 1e-9;  // nats; float64 rounding of the running total stays below ~1e-11
 constexpr double kLogZFloor = -650.0;     // Z_t below ~1e-282: too near the subnormals for 1/Z_t to be trusted
+constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bit_cast(From from) {
@@ -126,6 +127,7 @@ struct Workspace {
   double* skip;     // (W,)   skip(s) at column s + 2
   double* acc;      // (L,)   per-class sums of g_t, indexed by class slot
   std::int64_t* ext;          // (L,) l'_s
+  std::int64_t* offset;       // (L,) l'_s * sc, the element offset of l'_s in a row of lp
   std::int32_t* slot;         // (L,) class slot of l'_s
   std::int64_t* classes;      // (L,) the distinct classes of l', slot order
   std::int32_t* slot_of;      // (C,) class -> slot, -1 when absent (restored after each sample)
@@ -134,7 +136,7 @@ struct Workspace {
   bool allocate(std::int64_t t_max, std::int64_t l_max, std::int64_t C) {
     const std::int64_t W = l_max + 4;
     const std::int64_t doubles = 2 * t_max * W + t_max + 4 * W + l_max;
-    const std::size_t bytes = sizeof(double) * doubles + sizeof(std::int64_t) * 2 * l_max +
+    const std::size_t bytes = sizeof(double) * doubles + sizeof(std::int64_t) * 3 * l_max +
                               sizeof(std::int32_t) * (l_max + C);
     memory = std::malloc(bytes);
     if (memory == nullptr) return false;
@@ -148,7 +150,8 @@ struct Workspace {
     skip = d, d += W;
     acc = d, d += l_max;
     ext = reinterpret_cast<std::int64_t*>(d);
-    classes = ext + l_max;
+    offset = ext + l_max;
+    classes = offset + l_max;
     slot = reinterpret_cast<std::int32_t*>(classes + l_max);
     slot_of = slot + l_max;
     for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
@@ -179,41 +182,46 @@ struct Sample {
 template <typename In>
 double forward(Workspace& w, const Sample& x, const In* lp, std::int64_t st, std::int64_t sc) {
   const std::int64_t L = x.L, W = L + 4;
-  double scale_log = 0.0, prev_sum = 1.0;  // K_t and sum_s r_{t-1}(s)
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (std::int64_t s = 0; s < L; ++s) w.offset[s] = w.ext[s] * sc;
+  // The emissions of every frame first: gathers from different frames are independent, so they overlap in the
+  // memory system instead of stalling the recursion once per frame.
+  double scale_log = 0.0;  // K_{T-1} = sum_t m_t + sum_{t < T-1} log sum_s r_t(s)
   for (std::int64_t t = 0; t < x.T; ++t) {
     const In* row = lp + t * st;
     double* e = w.emit + t * W + 2;
-    double* r = w.alpha + t * W + 2;
     e[-2] = e[-1] = e[L] = e[L + 1] = 0.0;
-    r[-2] = r[-1] = r[L] = r[L + 1] = 0.0;
-    double m = -std::numeric_limits<double>::infinity();
+    double m = -kInf;
     for (std::int64_t s = 0; s < L; ++s) {
-      e[s] = static_cast<double>(row[w.ext[s] * sc]);
+      e[s] = static_cast<double>(row[w.offset[s]]);
       m = e[s] > m ? e[s] : m;
     }
-    if (!(m > -std::numeric_limits<double>::infinity())) return NAN;
+    if (!(m > -kInf)) return NAN;  // every label at -inf (or NaN): no alignment through this frame
+#pragma omp simd
+    for (std::int64_t s = 0; s < L; ++s) e[s] = exp_poly(e[s] - m);
+    scale_log += m;
+  }
+  double prev_sum = 1.0;  // sum_s r_{t-1}(s)
+  const double* skip = w.skip + 2;
+  for (std::int64_t t = 0; t < x.T; ++t) {
+    const double* e = w.emit + t * W + 2;
+    double* r = w.alpha + t * W + 2;
+    r[-2] = r[-1] = r[L] = r[L + 1] = 0.0;
     double sum = 0.0;
     if (t == 0) {
-      for (std::int64_t s = 0; s < L; ++s) {
-        e[s] = exp_poly(e[s] - m);
-        r[s] = s < 2 ? e[s] : 0.0;
-        sum += r[s];
-      }
-      scale_log = m;
+      for (std::int64_t s = 0; s < L; ++s) sum += r[s] = s < 2 ? e[s] : 0.0;
     } else {
       const double* p = r - W;
       const double inv = 1.0 / prev_sum;
-      const double* skip = w.skip + 2;
 #pragma omp simd reduction(+ : sum)
       for (std::int64_t s = 0; s < L; ++s) {
-        e[s] = exp_poly(e[s] - m);
         r[s] = e[s] * inv * (p[s] + p[s - 1] + skip[s] * p[s - 2]);
         sum += r[s];
       }
-      scale_log += w.log_sum[t - 1] + m;
     }
-    if (!(sum > 0.0) || !(sum < std::numeric_limits<double>::infinity())) return NAN;
+    if (!(sum > 0.0) || !(sum < kInf)) return NAN;
     w.log_sum[t] = std::log(sum);
+    if (t < x.T - 1) scale_log += w.log_sum[t];
     prev_sum = sum;
   }
   return scale_log;
@@ -253,6 +261,12 @@ double backward(Workspace& w, const Sample& x, std::int64_t count, double scale_
     }
     double* g = w.alpha + t * W + 2;  // r_t in, g_t out
     const double* e = w.emit + t * W + 2;
+    if (t >= kPrefetchFrames) {  // the tables are walked backwards, which hardware prefetchers follow poorly
+      for (std::int64_t i = 0; i < W; i += 8) {
+        __builtin_prefetch(g - kPrefetchFrames * W + i - 2);
+        __builtin_prefetch(e - kPrefetchFrames * W + i - 2);
+      }
+    }
     double z = 0.0, sum_q = 0.0;
 #pragma omp simd reduction(+ : z, sum_q)
     for (std::int64_t s = 0; s < L; ++s) {
