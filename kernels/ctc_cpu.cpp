@@ -2,28 +2,31 @@
 //
 // Compiled at run time with the system's C++ compiler into a cached shared library and called through ctypes
 // (deploy_ctc/native_build.py); each call handles a list of samples, and the Python side runs several calls on
-// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/numpy_backend.py), per sample
-// and in float64 whatever the input type:
+// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/numpy_backend.py): scaled
+// probability-space recursions in float64 whatever the input type, one sample at a time.
 //
-//   scaled probability-space recursions over the extended labels l' = (blank, l_1, blank, ..., l_S, blank),
-//   positions s < L = 2S + 1. With y_hat_t(s) = exp(lp[t, l'_s] - m_t), m_t the largest of those log-probs,
-//     forward   r_0(s)     = y_hat_0(s) for s < 2,
-//               r_{t+1}(s) = y_hat_{t+1}(s) (r_t(s) + r_t(s-1) + skip(s) r_t(s-2)) / sum_s r_t(s)
-//     backward  q_{T-1}(s) = 1 for s >= L - 2,
-//               q_t(s)     = (b_{t+1}(s) + b_{t+1}(s+1) + skip(s+2) b_{t+1}(s+2)) / sum_s q_{t+1}(s),
-//               b_t(s)     = y_hat_t(s) q_t(s)
-//   where skip(s) = 1 when l'_s is a label that differs from l'_{s-2}. Then g_t(s) = r_t(s) q_t(s) is the
-//   posterior of position s at frame t up to the factor 1 / Z_t, Z_t = sum_s g_t(s), and
-//     log p(l|x) = log Z_t + K_t + Kq_t  for every t,
-//   K_t, Kq_t being the logs of the scales divided out. Its frame-to-frame change reduces to
-//     est_t - est_{t+1} = log Z_t - log Z_{t+1} - log sum r_t + log sum q_{t+1},
-//   a sum of O(1) terms: their running total must stay within kConsistencyTol of 0. That identity is the accuracy
-//   check: mass flushed to zero by extreme (peaky) inputs, all -inf frames or NaN break it, and such a sample is
-//   reported not ok and recomputed by the exact log-space path (deploy_ctc/numpy_logspace.py).
+// The extended labels l' = (blank, l_0, blank, l_1, ..., l_{S-1}, blank) are held as two planes, so every loop is
+// contiguous and vectorizes: the blank plane e[i] = position 2i (i <= S) and the label plane o[i] = position 2i + 1
+// (i < S). With y_t(c) = exp(lp[t, c] - m_t), m_t the largest log-prob of the sample's classes at frame t,
+//   forward   e_0[0] = y_0(blank), o_0[0] = y_0(l_0), the rest 0;
+//             e_t[i] = y_t(blank) (e_{t-1}[i] + o_{t-1}[i-1]) / 2^a_{t-1}
+//             o_t[i] = y_t(l_i) (o_{t-1}[i] + e_{t-1}[i] + k_i o_{t-1}[i-1]) / 2^a_{t-1}
+//   backward  (q: beta without the emission at t; b = y q)
+//             qe_{T-1}[S] = qo_{T-1}[S-1] = 1, the rest 0;
+//             qe_t[i] = (be_{t+1}[i] + bo_{t+1}[i]) / 2^c_{t+1}
+//             qo_t[i] = (bo_{t+1}[i] + be_{t+1}[i+1] + k_{i+1} bo_{t+1}[i+1]) / 2^c_{t+1}
+// where k_i = 1 when l_i differs from l_{i-1} (the skip over a blank), and 2^a_t, 2^c_t are the powers of two
+// nearest the sums of the frame's forward and backward values: scaling by them is exact and needs no logarithm.
+// g_t = (e_t qe_t, o_t qo_t) is the posterior of each position at frame t up to 1 / Z_t, Z_t = sum g_t, and
+//   log p(l|x) = log Z_t + (A_t + Cq_t) ln 2 + sum_t m_t      for every t,
+// A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
+// its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
+// all -inf frames or NaN break it, and the sample is reported not ok and recomputed by the exact log-space path
+// (deploy_ctc/numpy_logspace.py). The loss is torch's forward end, at t = T - 1.
 //
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
-//   targets[n * S + j]             int64, padded
+//   targets[n * S_max + j]         int64, padded
 //   grad[(t * N + n) * C + c]      same type as lp; rows t < input_lengths[n] of the listed samples are written:
 //                                  grad_scale[n] * (exp(lp) - sum_{s: l'_s = c} g_t(s) / Z_t)   ("torch")
 //                                  grad_scale[n] * (       - sum_{s: l'_s = c} g_t(s) / Z_t)   ("plain": the rows
@@ -42,8 +45,8 @@
 
 namespace {
 
-constexpr double kConsistencyTol = 1e-9;  // nats; float64 rounding of the running total stays below ~1e-11
-constexpr double kLogZFloor = -650.0;     // Z_t below ~1e-282: too near the subnormals for 1/Z_t to be trusted
+constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
+constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
 
 template <typename To, typename From>
@@ -116,115 +119,142 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   return p * low * high;
 }
 
-// Per-call scratch for the largest sample of the call: rows are W = L + 4 wide, position s at column s + 2, and
-// the two columns on either side stay 0 so the shifted reads s - 2 .. s + 2 need no bounds checks.
+// The exponent a of the power of two nearest x > 0 from above (x = f 2^a, 0.5 <= f < 1), for normal x.
+inline int exponent_of(double x) {
+  return static_cast<int>((bit_cast<std::uint64_t>(x) >> 52) & 0x7ff) - 1022;
+}
+
+// Per-call scratch, sized for the largest sample of the call. Label-plane rows carry one zero before and after
+// (index -1 and S), so the shifted reads need no bounds checks.
 struct Workspace {
-  double* alpha;    // (T, W) r_t, overwritten by g_t during the backward pass
-  double* emit;     // (T, W) y_hat_t
-  double* log_sum;  // (T,)   log sum_s r_t(s)
-  double* q;        // (W,)   q_t
-  double* b[2];     // (W,)   b_{t+1} and b_t
-  double* skip;     // (W,)   skip(s) at column s + 2
-  double* acc;      // (L,)   per-class sums of g_t, indexed by class slot
-  std::int64_t* ext;          // (L,) l'_s
-  std::int64_t* offset;       // (L,) l'_s * sc, the element offset of l'_s in a row of lp
-  std::int32_t* slot;         // (L,) class slot of l'_s
-  std::int64_t* classes;      // (L,) the distinct classes of l', slot order
-  std::int32_t* slot_of;      // (C,) class -> slot, -1 when absent (restored after each sample)
+  std::int64_t s_max, width;  // S_max, label-plane row width S_max + 2
+  double* fwd_blank;   // (T, S_max + 1)  e_t, overwritten by e_t qe_t in the backward pass
+  double* fwd_label;   // (T, width)      o_t at +1, overwritten by o_t qo_t
+  double* emit_label;  // (T, S_max)      y_t(l_i)
+  double* emit_blank;  // (T,)            y_t(blank)
+  std::int32_t* scale; // (T,)            a_t
+  double* q_blank[1];  // (S_max + 1,)    qe_t
+  double* q_label;     // (width,)        qo_t at +1
+  double* b_blank[2];  // (S_max + 2,)    be_{t+1}, be_t (one zero beyond S)
+  double* b_label[2];  // (width,)        bo_{t+1}, bo_t at +1
+  double* skip;        // (S_max + 1,)    k_i, and k_S = 0
+  double* acc;         // (S_max,)        per-class sums of the label plane's posteriors, by class slot
+  std::int64_t* offset;   // (S_max,)     l_i * sc: element offset of l_i within a row of lp
+  std::int64_t* classes;  // (S_max,)     the distinct labels, in slot order
+  std::int32_t* slot;     // (S_max,)     slot of l_i
+  std::int32_t* slot_of;  // (C,)         label -> slot, -1 when absent (restored after each sample)
   void* memory;
 
-  bool allocate(std::int64_t t_max, std::int64_t l_max, std::int64_t C) {
-    const std::int64_t W = l_max + 4;
-    const std::int64_t doubles = 2 * t_max * W + t_max + 4 * W + l_max;
-    const std::size_t bytes = sizeof(double) * doubles + sizeof(std::int64_t) * 3 * l_max +
-                              sizeof(std::int32_t) * (l_max + C);
+  bool allocate(std::int64_t t_max, std::int64_t s_max_, std::int64_t C) {
+    s_max = s_max_, width = s_max_ + 2;
+    const std::int64_t doubles = t_max * (s_max + 1) + t_max * width + t_max * s_max + t_max + (s_max + 1) +
+                                 width + 2 * (s_max + 2) + 2 * width + (s_max + 1) + s_max;
+    const std::size_t bytes = sizeof(double) * doubles + sizeof(std::int64_t) * 2 * s_max +
+                              sizeof(std::int32_t) * (t_max + s_max + C);
     memory = std::malloc(bytes);
     if (memory == nullptr) return false;
     double* d = static_cast<double*>(memory);
-    alpha = d, d += t_max * W;
-    emit = d, d += t_max * W;
-    log_sum = d, d += t_max;
-    q = d, d += W;
-    b[0] = d, d += W;
-    b[1] = d, d += W;
-    skip = d, d += W;
-    acc = d, d += l_max;
-    ext = reinterpret_cast<std::int64_t*>(d);
-    offset = ext + l_max;
-    classes = offset + l_max;
-    slot = reinterpret_cast<std::int32_t*>(classes + l_max);
-    slot_of = slot + l_max;
+    auto take = [&d](std::int64_t count) { double* p = d; d += count; return p; };
+    fwd_blank = take(t_max * (s_max + 1));
+    fwd_label = take(t_max * width);
+    emit_label = take(t_max * s_max);
+    emit_blank = take(t_max);
+    q_blank[0] = take(s_max + 1);
+    q_label = take(width);
+    b_blank[0] = take(s_max + 2), b_blank[1] = take(s_max + 2);
+    b_label[0] = take(width), b_label[1] = take(width);
+    skip = take(s_max + 1);
+    acc = take(s_max);
+    offset = reinterpret_cast<std::int64_t*>(d);
+    classes = offset + s_max;
+    scale = reinterpret_cast<std::int32_t*>(classes + s_max);
+    slot = scale + t_max;
+    slot_of = slot + s_max;
     for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
     return true;
   }
 };
 
-// One sample's lattice: l', the skip rule and the class slots. Returns the number of distinct classes.
-std::int64_t build_lattice(Workspace& w, const std::int64_t* target, std::int64_t L, std::int64_t blank) {
+struct Sample {
+  std::int64_t T, S;  // frames T_n and target length S_n
+};
+
+// The sample's skip flags, class slots and row offsets. Returns the number of distinct labels.
+std::int64_t build_lattice(Workspace& w, const std::int64_t* target, std::int64_t S, std::int64_t sc) {
   std::int64_t count = 0;
-  for (std::int64_t s = 0; s < L; ++s) {
-    const std::int64_t c = (s % 2 == 0) ? blank : target[s / 2];
-    w.ext[s] = c;
+  for (std::int64_t i = 0; i < S; ++i) {
+    const std::int64_t c = target[i];
     if (w.slot_of[c] < 0) w.slot_of[c] = static_cast<std::int32_t>(count), w.classes[count++] = c;
-    w.slot[s] = w.slot_of[c];
+    w.slot[i] = w.slot_of[c];
+    w.offset[i] = c * sc;
+    w.skip[i] = (i > 0 && c != target[i - 1]) ? 1.0 : 0.0;
   }
-  for (std::int64_t s = 0; s < L + 4; ++s) w.skip[s] = 0.0;
-  for (std::int64_t s = 3; s < L; s += 2) w.skip[s + 2] = (w.ext[s] != w.ext[s - 2]) ? 1.0 : 0.0;
+  w.skip[S] = 0.0;
   return count;
 }
 
-struct Sample {
-  std::int64_t T, L;  // frames T_n and positions L_n = 2 S_n + 1
-};
-
-// Forward pass: fills y_hat and r for frames t < T and returns K_{T-1}, or NaN when a frame has no mass (the sample
-// then takes the exact path).
+// Forward pass over frames t < T: the emissions, then the scaled forward values. Returns sum_t m_t, or NaN when a
+// frame has no mass (the sample then takes the exact path). Leaves A_{T-1} in *a_end.
 template <typename In>
-double forward(Workspace& w, const Sample& x, const In* lp, std::int64_t st, std::int64_t sc) {
-  const std::int64_t L = x.L, W = L + 4;
+double forward(Workspace& w, const Sample& x, const In* lp, std::int64_t st, std::int64_t blank_offset,
+               std::int64_t* a_end) {
+  const std::int64_t S = x.S, W = w.width;
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  for (std::int64_t s = 0; s < L; ++s) w.offset[s] = w.ext[s] * sc;
   // The emissions of every frame first: gathers from different frames are independent, so they overlap in the
   // memory system instead of stalling the recursion once per frame.
-  double scale_log = 0.0;  // K_{T-1} = sum_t m_t + sum_{t < T-1} log sum_s r_t(s)
+  double m_sum = 0.0;
   for (std::int64_t t = 0; t < x.T; ++t) {
     const In* row = lp + t * st;
-    double* e = w.emit + t * W + 2;
-    e[-2] = e[-1] = e[L] = e[L + 1] = 0.0;
-    double m = -kInf;
-    for (std::int64_t s = 0; s < L; ++s) {
-      e[s] = static_cast<double>(row[w.offset[s]]);
-      m = e[s] > m ? e[s] : m;
+    double* y = w.emit_label + t * w.s_max;
+    double m = static_cast<double>(row[blank_offset]);
+    m = m == m ? m : -kInf;  // NaN: taken care of by the check
+    for (std::int64_t i = 0; i < S; ++i) {
+      y[i] = static_cast<double>(row[w.offset[i]]);
+      m = y[i] > m ? y[i] : m;
     }
-    if (!(m > -kInf)) return NAN;  // every label at -inf (or NaN): no alignment through this frame
+    if (!(m > -kInf)) return NAN;  // every class at -inf: no alignment through this frame
 #pragma omp simd
-    for (std::int64_t s = 0; s < L; ++s) e[s] = exp_poly(e[s] - m);
-    scale_log += m;
+    for (std::int64_t i = 0; i < S; ++i) y[i] = exp_poly(y[i] - m);
+    w.emit_blank[t] = exp_poly(static_cast<double>(row[blank_offset]) - m);
+    m_sum += m;
   }
-  double prev_sum = 1.0;  // sum_s r_{t-1}(s)
-  const double* skip = w.skip + 2;
+  std::int64_t a_total = 0;  // A_t
   for (std::int64_t t = 0; t < x.T; ++t) {
-    const double* e = w.emit + t * W + 2;
-    double* r = w.alpha + t * W + 2;
-    r[-2] = r[-1] = r[L] = r[L + 1] = 0.0;
+    const double yb = w.emit_blank[t];
+    const double* y = w.emit_label + t * w.s_max;
+    double* e = w.fwd_blank + t * (w.s_max + 1);
+    double* o = w.fwd_label + t * W + 1;
+    o[-1] = o[S] = 0.0;
     double sum = 0.0;
     if (t == 0) {
-      for (std::int64_t s = 0; s < L; ++s) sum += r[s] = s < 2 ? e[s] : 0.0;
+      for (std::int64_t i = 0; i <= S; ++i) e[i] = 0.0;
+      for (std::int64_t i = 0; i < S; ++i) o[i] = 0.0;
+      e[0] = yb;
+      if (S > 0) o[0] = y[0];
+      sum = e[0] + (S > 0 ? o[0] : 0.0);
     } else {
-      const double* p = r - W;
-      const double inv = 1.0 / prev_sum;
+      const double* pe = e - (w.s_max + 1);
+      const double* po = o - W;
+      const double inv = std::ldexp(1.0, -w.scale[t - 1]);
+      const double* k = w.skip;
+      const double fb = yb * inv;
 #pragma omp simd reduction(+ : sum)
-      for (std::int64_t s = 0; s < L; ++s) {
-        r[s] = e[s] * inv * (p[s] + p[s - 1] + skip[s] * p[s - 2]);
-        sum += r[s];
+      for (std::int64_t i = 0; i <= S; ++i) {
+        e[i] = fb * (pe[i] + po[i - 1]);
+        sum += e[i];
       }
+#pragma omp simd reduction(+ : sum)
+      for (std::int64_t i = 0; i < S; ++i) {
+        o[i] = y[i] * inv * (po[i] + pe[i] + k[i] * po[i - 1]);
+        sum += o[i];
+      }
+      a_total += w.scale[t - 1];
     }
-    if (!(sum > 0.0) || !(sum < kInf)) return NAN;
-    w.log_sum[t] = std::log(sum);
-    if (t < x.T - 1) scale_log += w.log_sum[t];
-    prev_sum = sum;
+    if (!(sum >= kTiny) || !(sum < kInf)) return NAN;
+    w.scale[t] = exponent_of(sum);
   }
-  return scale_log;
+  *a_end = a_total;
+  return m_sum;
 }
 
 // exp(lp) * scale for a whole row of classes, in the input's precision (what torch computes for the "torch" term).
@@ -239,92 +269,128 @@ void dense_row(In* out, const In* row, std::int64_t C, std::int64_t sc, double s
   }
 }
 
-// Backward pass, posteriors and gradient rows. Returns -log p(l|x), or NaN when the check fails.
+inline void prefetch_row(const double* row, std::int64_t count) {
+  for (std::int64_t i = 0; i < count; i += 8) __builtin_prefetch(row + i);
+}
+
+// The gradient row of frame t: the dense term (torch convention), then each class's posterior subtracted.
 template <typename In>
-double backward(Workspace& w, const Sample& x, std::int64_t count, double scale_log, const In* lp, std::int64_t st,
-                std::int64_t sc, std::int64_t C, In* grad, std::int64_t row_stride, double grad_scale, bool plain) {
-  const std::int64_t L = x.L, W = L + 4;
-  double* q = w.q + 2;
-  double* b_next = w.b[0] + 2;  // b_{t+1}
-  double* b_now = w.b[1] + 2;   // b_t
-  for (double* row : {w.q, w.b[0], w.b[1]})
-    for (std::int64_t s = 0; s < W; ++s) row[s] = 0.0;
-  const double* skip2 = w.skip + 4;  // skip(s + 2)
-  double sum_q_next = 1.0, log_z_next = 0.0, log_sum_q_next = 0.0, drift = 0.0, log_z_end = 0.0;
+void gradient_row(Workspace& w, const Sample& x, std::int64_t count, const double* ge, const double* go, double z,
+                  In* out, const In* row, std::int64_t C, std::int64_t sc, std::int64_t blank, double grad_scale,
+                  bool plain) {
+  if (!plain) dense_row(out, row, C, sc, grad_scale);
+  double blank_sum = 0.0;
+#pragma omp simd reduction(+ : blank_sum)
+  for (std::int64_t i = 0; i <= x.S; ++i) blank_sum += ge[i];
+  for (std::int64_t j = 0; j < count; ++j) w.acc[j] = 0.0;
+  for (std::int64_t i = 0; i < x.S; ++i) w.acc[w.slot[i]] += go[i];
+  const double factor = grad_scale / z;
+  out[blank] = static_cast<In>(static_cast<double>(out[blank]) - factor * blank_sum);
+  for (std::int64_t j = 0; j < count; ++j) {
+    In& cell = out[w.classes[j]];
+    cell = static_cast<In>(static_cast<double>(cell) - factor * w.acc[j]);
+  }
+}
+
+// Backward pass, consistency check and gradient rows. Returns -log p(l|x), or NaN when the check fails.
+template <typename In>
+double backward(Workspace& w, const Sample& x, std::int64_t count, double m_sum, std::int64_t a_end, const In* lp,
+                std::int64_t st, std::int64_t sc, std::int64_t C, std::int64_t blank, In* grad,
+                std::int64_t row_stride, double grad_scale, bool plain) {
+  const std::int64_t S = x.S, W = w.width, WB = w.s_max + 1;
+  double* qe = w.q_blank[0];
+  double* qo = w.q_label + 1;
+  double* be_next = w.b_blank[0];
+  double* be_now = w.b_blank[1];
+  double* bo_next = w.b_label[0] + 1;
+  double* bo_now = w.b_label[1] + 1;
+  for (double* r : {w.b_blank[0], w.b_blank[1]})
+    for (std::int64_t i = 0; i < w.s_max + 2; ++i) r[i] = 0.0;
+  for (double* r : {w.q_label, w.b_label[0], w.b_label[1]})
+    for (std::int64_t i = 0; i < W; ++i) r[i] = 0.0;
+  const double* k = w.skip;
+  double z_end = 0.0;
+  std::int64_t shift = 0, c_next = 0;  // A_t + Cq_t - A_{T-1}, and c_{t+1}
   for (std::int64_t t = x.T - 1; t >= 0; --t) {
-    if (t == x.T - 1) {
-      for (std::int64_t s = 0; s < L; ++s) q[s] = s >= L - 2 ? 1.0 : 0.0;
-    } else {
-      const double inv = 1.0 / sum_q_next;
-#pragma omp simd
-      for (std::int64_t s = 0; s < L; ++s) q[s] = inv * (b_next[s] + b_next[s + 1] + skip2[s] * b_next[s + 2]);
-    }
-    double* g = w.alpha + t * W + 2;  // r_t in, g_t out
-    const double* e = w.emit + t * W + 2;
+    double* ge = w.fwd_blank + t * WB;    // e_t in, e_t qe_t out
+    double* go = w.fwd_label + t * W + 1;  // o_t in, o_t qo_t out
+    const double yb = w.emit_blank[t];
+    const double* y = w.emit_label + t * w.s_max;
     if (t >= kPrefetchFrames) {  // the tables are walked backwards, which hardware prefetchers follow poorly
-      for (std::int64_t i = 0; i < W; i += 8) {
-        __builtin_prefetch(g - kPrefetchFrames * W + i - 2);
-        __builtin_prefetch(e - kPrefetchFrames * W + i - 2);
-      }
+      prefetch_row(ge - kPrefetchFrames * WB, WB);
+      prefetch_row(go - kPrefetchFrames * W - 1, W);
+      prefetch_row(y - kPrefetchFrames * w.s_max, w.s_max);
+    }
+    if (t == x.T - 1) {
+      for (std::int64_t i = 0; i <= S; ++i) qe[i] = i == S ? 1.0 : 0.0;
+      for (std::int64_t i = 0; i < S; ++i) qo[i] = i == S - 1 ? 1.0 : 0.0;
+    } else {
+      const double inv = std::ldexp(1.0, -c_next);
+#pragma omp simd
+      for (std::int64_t i = 0; i <= S; ++i) qe[i] = inv * (be_next[i] + bo_next[i]);
+#pragma omp simd
+      for (std::int64_t i = 0; i < S; ++i) qo[i] = inv * (bo_next[i] + be_next[i + 1] + k[i + 1] * bo_next[i + 1]);
+      shift += c_next - w.scale[t];
     }
     double z = 0.0, sum_q = 0.0;
 #pragma omp simd reduction(+ : z, sum_q)
-    for (std::int64_t s = 0; s < L; ++s) {
-      g[s] *= q[s];
-      b_now[s] = e[s] * q[s];
-      z += g[s];
-      sum_q += q[s];
+    for (std::int64_t i = 0; i <= S; ++i) {
+      ge[i] *= qe[i];
+      be_now[i] = yb * qe[i];
+      z += ge[i];
+      sum_q += qe[i];
     }
-    if (!(z > 0.0) || !(z < std::numeric_limits<double>::infinity())) return NAN;
-    const double log_z = std::log(z);
-    if (log_z < kLogZFloor) return NAN;
+#pragma omp simd reduction(+ : z, sum_q)
+    for (std::int64_t i = 0; i < S; ++i) {
+      go[i] *= qo[i];
+      bo_now[i] = y[i] * qo[i];
+      z += go[i];
+      sum_q += qo[i];
+    }
+    if (!(z >= kTiny) || !(z < std::numeric_limits<double>::infinity())) return NAN;
     if (t == x.T - 1) {
-      log_z_end = log_z;
+      z_end = z;
     } else {
-      drift += log_z - log_z_next - w.log_sum[t] + log_sum_q_next;
-      if (!(std::fabs(drift) <= kConsistencyTol)) return NAN;
+      // Z_t 2^(A_t + Cq_t) against Z_{T-1} 2^(A_{T-1}); the shift is clamped, far beyond any consistent value.
+      const int exponent = static_cast<int>(shift < -4000 ? -4000 : (shift > 4000 ? 4000 : shift));
+      const double ratio = std::ldexp(z, exponent) / z_end;
+      if (!(std::fabs(ratio - 1.0) <= kConsistencyTol)) return NAN;
     }
-    sum_q_next = sum_q, log_z_next = log_z, log_sum_q_next = std::log(sum_q);
-    std::swap(b_now, b_next);
+    c_next = exponent_of(sum_q);
+    std::swap(be_now, be_next);
+    std::swap(bo_now, bo_next);
     if (grad != nullptr) {
-      In* out = grad + t * row_stride;
-      if (!plain) dense_row(out, lp + t * st, C, sc, grad_scale);
-      for (std::int64_t j = 0; j < count; ++j) w.acc[j] = 0.0;
-      for (std::int64_t s = 0; s < L; ++s) w.acc[w.slot[s]] += g[s];
-      const double factor = grad_scale / z;
-      for (std::int64_t j = 0; j < count; ++j) {
-        In& cell = out[w.classes[j]];
-        cell = static_cast<In>(static_cast<double>(cell) - factor * w.acc[j]);
-      }
+      gradient_row(w, x, count, ge, go, z, grad + t * row_stride, lp + t * st, C, sc, blank, grad_scale, plain);
     }
   }
-  // torch reports the forward end: est_{T-1} = log Z_{T-1} + K_{T-1} (Kq_{T-1} = 0).
-  return -(log_z_end + scale_log);
+  return -(std::log(z_end) + static_cast<double>(a_end) * 0.693147180559945309 + m_sum);
 }
 
 template <typename In>
 int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
-        const std::int64_t* targets, std::int64_t S, const std::int64_t* input_lengths,
+        const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
         const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples, std::int64_t n_samples,
         In* grad, const double* grad_scale, int plain, double* nll, std::uint8_t* ok) {
-  std::int64_t t_max = 1, l_max = 1;
+  std::int64_t t_max = 1, s_max = 1;
   for (std::int64_t i = 0; i < n_samples; ++i) {
     const std::int64_t n = samples[i];
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
-    l_max = 2 * target_lengths[n] + 1 > l_max ? 2 * target_lengths[n] + 1 : l_max;
+    s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
   Workspace w;
-  if (!w.allocate(t_max, l_max, C)) return -1;
+  if (!w.allocate(t_max, s_max, C)) return -1;
   for (std::int64_t i = 0; i < n_samples; ++i) {
     const std::int64_t n = samples[i];
-    const Sample x{input_lengths[n], 2 * target_lengths[n] + 1};
-    const std::int64_t count = build_lattice(w, targets + n * S, x.L, blank);
+    const Sample x{input_lengths[n], target_lengths[n]};
+    const std::int64_t count = build_lattice(w, targets + n * S_max, x.S, sc);
     const In* sample_lp = lp + n * sn;
     double value = NAN;
-    const double scale_log = forward(w, x, sample_lp, st, sc);
-    if (!std::isnan(scale_log)) {
-      value = backward(w, x, count, scale_log, sample_lp, st, sc, C, grad == nullptr ? nullptr : grad + n * C,
-                       N * C, grad_scale == nullptr ? 0.0 : grad_scale[n], plain != 0);
+    std::int64_t a_end = 0;
+    const double m_sum = forward(w, x, sample_lp, st, blank * sc, &a_end);
+    if (!std::isnan(m_sum)) {
+      value = backward(w, x, count, m_sum, a_end, sample_lp, st, sc, C, blank,
+                       grad == nullptr ? nullptr : grad + n * C, N * C, grad_scale == nullptr ? 0.0 : grad_scale[n],
+                       plain != 0);
     }
     nll[n] = value;
     ok[n] = std::isnan(value) ? 0 : 1;
