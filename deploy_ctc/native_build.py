@@ -31,8 +31,10 @@ SOURCE = "ctc_cpu.cpp"
 
 #: Flags of every build; -fopenmp-simd honours the source's ``omp simd`` reductions without linking OpenMP.
 FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fPIC", "-shared")
-#: Tried first; a compiler that rejects it builds without it.
-NATIVE_FLAGS = ("-march=native",)
+#: Extra flags, tried in this order until the compiler accepts them: code for this machine's CPU, with 256-bit
+#: vectors preferred on x86 (the recursions' short, frame-to-frame dependent loops ran about twice as fast as with
+#: 512-bit vectors on an AMD EPYC), then for this CPU, then generic code.
+TARGET_FLAGS = (("-march=native", "-mprefer-vector-width=256"), ("-march=native",), ())
 
 #: Exported entry points, one per input type.
 ENTRY_POINTS = {"float32": "deploy_ctc_cpu_float", "float64": "deploy_ctc_cpu_double"}
@@ -109,7 +111,7 @@ def _build() -> Path:
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"{compiler} --version failed: {error}") from None
     errors = []
-    for flags in (FLAGS + NATIVE_FLAGS, FLAGS):
+    for flags in (FLAGS + extra for extra in TARGET_FLAGS):
         digest = hashlib.sha256()
         for part in (source.read_bytes(), compiler.encode(), version.encode(), " ".join(flags).encode(),
                      platform.machine().encode(), _cpu_identity().encode()):

@@ -124,137 +124,156 @@ inline int exponent_of(double x) {
   return static_cast<int>((bit_cast<std::uint64_t>(x) >> 52) & 0x7ff) - 1022;
 }
 
-// Per-call scratch, sized for the largest sample of the call. Label-plane rows carry one zero before and after
-// (index -1 and S), so the shifted reads need no bounds checks.
-struct Workspace {
-  std::int64_t s_max, width;  // S_max, label-plane row width S_max + 2
-  double* fwd_blank;   // (T, S_max + 1)  e_t, overwritten by e_t qe_t in the backward pass
-  double* fwd_label;   // (T, width)      o_t at +1, overwritten by o_t qo_t
-  double* emit_label;  // (T, S_max)      y_t(l_i)
-  double* emit_blank;  // (T,)            y_t(blank)
-  std::int32_t* scale; // (T,)            a_t
-  double* q_blank[1];  // (S_max + 1,)    qe_t
-  double* q_label;     // (width,)        qo_t at +1
-  double* b_blank[2];  // (S_max + 2,)    be_{t+1}, be_t (one zero beyond S)
-  double* b_label[2];  // (width,)        bo_{t+1}, bo_t at +1
-  double* skip;        // (S_max + 1,)    k_i, and k_S = 0
-  double* acc;         // (S_max,)        per-class sums of the label plane's posteriors, by class slot
-  std::int64_t* offset;   // (S_max,)     l_i * sc: element offset of l_i within a row of lp
-  std::int64_t* classes;  // (S_max,)     the distinct labels, in slot order
-  std::int32_t* slot;     // (S_max,)     slot of l_i
-  std::int32_t* slot_of;  // (C,)         label -> slot, -1 when absent (restored after each sample)
-  void* memory;
+// 2^-a for |a| < 1022, from its bits (ldexp is a library call).
+inline double inverse_power_of_two(std::int64_t a) {
+  return bit_cast<double>(static_cast<std::uint64_t>(1023 - a) << 52);
+}
 
-  bool allocate(std::int64_t t_max, std::int64_t s_max_, std::int64_t C) {
+// One sample's scratch and state: a lane. Several lanes advance frame by frame in lockstep (see run): each frame of
+// a recursion reads the row its sample stored one frame earlier at shifted positions, and a vector load spanning
+// two recent vector stores waits until they reach the cache; the other lanes' frames fill that wait.
+// Scratch is sized for the largest sample of the call; label-plane rows carry a zero at index -1 and S, so the
+// shifted reads need no bounds checks.
+struct Lane {
+  std::int64_t s_max, width;  // S_max, and the label-plane row width S_max + 2
+  double* fwd_blank;    // (T, S_max + 1)  e_t, overwritten by e_t qe_t in the backward pass
+  double* fwd_label;    // (T, width)      o_t at +1, overwritten by o_t qo_t
+  double* emit_label;   // (T, S_max)      y_t(l_i)
+  double* emit_blank;   // (T,)            y_t(blank)
+  std::int32_t* scale;  // (T,)            a_t
+  double* b_blank[2];   // (S_max + 2,)    be_{t+1} and be_t (a zero beyond S)
+  double* b_label[2];   // (width,)        bo_{t+1} and bo_t at +1
+  double* skip;         // (S_max + 1,)    k_i, and k_S = 0
+  std::int64_t* offset;   // (S_max,)      l_i * sc: element offset of l_i within a row of lp
+  std::int64_t* classes;  // (S_max,)      the distinct labels, in slot order
+  std::int32_t* slot;     // (S_max,)      slot of l_i
+  std::int32_t* members;  // (S_max,)      label positions grouped by slot: slot j owns members[first[j] .. first[j+1])
+  std::int32_t* first;    // (S_max + 1,)
+
+  std::int64_t n = 0, T = 0, S = 0, count = 0;  // sample, frames T_n, target length S_n, distinct labels
+  bool alive = false;                           // false once the sample failed (it then takes the exact path)
+  double m_sum = 0.0;                           // sum_t m_t
+  std::int64_t a_total = 0;                     // forward: A_t; after the forward pass, A_{T-1}
+  std::int64_t shift = 0, c_next = 0;           // backward: A_t + Cq_t - A_{T-1}, and c_{t+1}
+  double z_end = 0.0;                           // Z_{T-1}
+  int next = 0;                                 // which of b_blank / b_label holds frame t + 1
+
+  static std::size_t bytes(std::int64_t t_max, std::int64_t s_max) {
+    const std::int64_t width = s_max + 2;
+    const std::int64_t doubles =
+        t_max * (s_max + 1) + t_max * width + t_max * s_max + t_max + 2 * (s_max + 2) + 2 * width + (s_max + 1);
+    const std::size_t raw = sizeof(double) * doubles + sizeof(std::int64_t) * 2 * s_max +
+                            sizeof(std::int32_t) * (t_max + 3 * s_max + 1);
+    return (raw + 63) / 64 * 64;
+  }
+
+  void carve(void* memory, std::int64_t t_max, std::int64_t s_max_) {
     s_max = s_max_, width = s_max_ + 2;
-    const std::int64_t doubles = t_max * (s_max + 1) + t_max * width + t_max * s_max + t_max + (s_max + 1) +
-                                 width + 2 * (s_max + 2) + 2 * width + (s_max + 1) + s_max;
-    const std::size_t bytes = sizeof(double) * doubles + sizeof(std::int64_t) * 2 * s_max +
-                              sizeof(std::int32_t) * (t_max + s_max + C);
-    memory = std::malloc(bytes);
-    if (memory == nullptr) return false;
     double* d = static_cast<double*>(memory);
     auto take = [&d](std::int64_t count) { double* p = d; d += count; return p; };
     fwd_blank = take(t_max * (s_max + 1));
     fwd_label = take(t_max * width);
     emit_label = take(t_max * s_max);
     emit_blank = take(t_max);
-    q_blank[0] = take(s_max + 1);
-    q_label = take(width);
     b_blank[0] = take(s_max + 2), b_blank[1] = take(s_max + 2);
     b_label[0] = take(width), b_label[1] = take(width);
     skip = take(s_max + 1);
-    acc = take(s_max);
     offset = reinterpret_cast<std::int64_t*>(d);
     classes = offset + s_max;
     scale = reinterpret_cast<std::int32_t*>(classes + s_max);
     slot = scale + t_max;
-    slot_of = slot + s_max;
-    for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
-    return true;
+    members = slot + s_max;
+    first = members + s_max;
   }
-};
 
-struct Sample {
-  std::int64_t T, S;  // frames T_n and target length S_n
-};
-
-// The sample's skip flags, class slots and row offsets. Returns the number of distinct labels.
-std::int64_t build_lattice(Workspace& w, const std::int64_t* target, std::int64_t S, std::int64_t sc) {
-  std::int64_t count = 0;
-  for (std::int64_t i = 0; i < S; ++i) {
-    const std::int64_t c = target[i];
-    if (w.slot_of[c] < 0) w.slot_of[c] = static_cast<std::int32_t>(count), w.classes[count++] = c;
-    w.slot[i] = w.slot_of[c];
-    w.offset[i] = c * sc;
-    w.skip[i] = (i > 0 && c != target[i - 1]) ? 1.0 : 0.0;
-  }
-  w.skip[S] = 0.0;
-  return count;
-}
-
-// Forward pass over frames t < T: the emissions, then the scaled forward values. Returns sum_t m_t, or NaN when a
-// frame has no mass (the sample then takes the exact path). Leaves A_{T-1} in *a_end.
-template <typename In>
-double forward(Workspace& w, const Sample& x, const In* lp, std::int64_t st, std::int64_t blank_offset,
-               std::int64_t* a_end) {
-  const std::int64_t S = x.S, W = w.width;
-  constexpr double kInf = std::numeric_limits<double>::infinity();
-  // The emissions of every frame first: gathers from different frames are independent, so they overlap in the
-  // memory system instead of stalling the recursion once per frame.
-  double m_sum = 0.0;
-  for (std::int64_t t = 0; t < x.T; ++t) {
-    const In* row = lp + t * st;
-    double* y = w.emit_label + t * w.s_max;
-    double m = static_cast<double>(row[blank_offset]);
-    m = m == m ? m : -kInf;  // NaN: taken care of by the check
+  // Take sample n: its skip flags, class slots (slot_of: class -> slot, all -1 before and after) and row offsets.
+  void start(std::int64_t n_, std::int64_t T_, const std::int64_t* target, std::int64_t S_, std::int64_t sc,
+             std::int32_t* slot_of) {
+    n = n_, T = T_, S = S_, count = 0, alive = true;
     for (std::int64_t i = 0; i < S; ++i) {
-      y[i] = static_cast<double>(row[w.offset[i]]);
-      m = y[i] > m ? y[i] : m;
+      const std::int64_t c = target[i];
+      if (slot_of[c] < 0) slot_of[c] = static_cast<std::int32_t>(count), classes[count++] = c;
+      slot[i] = slot_of[c];
+      offset[i] = c * sc;
+      skip[i] = (i > 0 && c != target[i - 1]) ? 1.0 : 0.0;
     }
-    if (!(m > -kInf)) return NAN;  // every class at -inf: no alignment through this frame
+    skip[S] = 0.0;
+    for (std::int64_t j = 0; j < count; ++j) slot_of[classes[j]] = -1;
+    // Group the positions by class (a counting sort), so each class's posterior is one independent sum.
+    for (std::int64_t j = 0; j <= count; ++j) first[j] = 0;
+    for (std::int64_t i = 0; i < S; ++i) ++first[slot[i] + 1];
+    for (std::int64_t j = 0; j < count; ++j) first[j + 1] += first[j];
+    for (std::int64_t i = 0; i < S; ++i) members[first[slot[i]]++] = static_cast<std::int32_t>(i);
+    for (std::int64_t j = count; j > 0; --j) first[j] = first[j - 1];  // each cursor stopped at the next start
+    first[0] = 0;
+  }
+};
+
+// The emissions of every frame of the lane's sample, before its recursion: gathers from different frames are
+// independent, so they overlap in the memory system. Sets m_sum; a frame with every class at -inf kills the lane.
+template <typename In>
+void emissions(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  double m_sum = 0.0;
+  for (std::int64_t t = 0; t < w.T; ++t) {
+    const In* row = lp + t * st;
+    const In* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
+    double* y = w.emit_label + t * w.s_max;
+    for (std::int64_t i = 0; i < w.S; ++i) {  // a plain gather: no dependency between iterations
+      __builtin_prefetch(ahead + w.offset[i]);  // a wide row is read from memory, one line per label
+      y[i] = static_cast<double>(row[w.offset[i]]);
+    }
+    double m = static_cast<double>(row[blank_offset]);
+    m = m == m ? m : -kInf;  // NaN: caught by the check
+#pragma omp simd reduction(max : m)
+    for (std::int64_t i = 0; i < w.S; ++i) m = y[i] > m ? y[i] : m;
+    if (!(m > -kInf)) {
+      w.alive = false;
+      return;
+    }
 #pragma omp simd
-    for (std::int64_t i = 0; i < S; ++i) y[i] = exp_poly(y[i] - m);
+    for (std::int64_t i = 0; i < w.S; ++i) y[i] = exp_poly(y[i] - m);
     w.emit_blank[t] = exp_poly(static_cast<double>(row[blank_offset]) - m);
     m_sum += m;
   }
-  std::int64_t a_total = 0;  // A_t
-  for (std::int64_t t = 0; t < x.T; ++t) {
-    const double yb = w.emit_blank[t];
-    const double* y = w.emit_label + t * w.s_max;
-    double* e = w.fwd_blank + t * (w.s_max + 1);
-    double* o = w.fwd_label + t * W + 1;
-    o[-1] = o[S] = 0.0;
-    double sum = 0.0;
-    if (t == 0) {
-      for (std::int64_t i = 0; i <= S; ++i) e[i] = 0.0;
-      for (std::int64_t i = 0; i < S; ++i) o[i] = 0.0;
-      e[0] = yb;
-      if (S > 0) o[0] = y[0];
-      sum = e[0] + (S > 0 ? o[0] : 0.0);
-    } else {
-      const double* pe = e - (w.s_max + 1);
-      const double* po = o - W;
-      const double inv = std::ldexp(1.0, -w.scale[t - 1]);
-      const double* k = w.skip;
-      const double fb = yb * inv;
+  w.m_sum = m_sum, w.a_total = 0;
+}
+
+// Forward frame t of the lane's sample.
+inline void forward_step(Lane& w, std::int64_t t) {
+  const std::int64_t S = w.S, W = w.width, WB = w.s_max + 1;
+  const double yb = w.emit_blank[t];
+  const double* y = w.emit_label + t * w.s_max;
+  double* e = w.fwd_blank + t * WB;
+  double* o = w.fwd_label + t * W + 1;
+  o[-1] = o[S] = 0.0;
+  double sum = 0.0;
+  if (t == 0) {
+    for (std::int64_t i = 0; i <= S; ++i) e[i] = 0.0;
+    for (std::int64_t i = 0; i < S; ++i) o[i] = 0.0;
+    e[0] = yb;
+    if (S > 0) o[0] = y[0];
+    sum = e[0] + (S > 0 ? o[0] : 0.0);
+  } else {
+    const double* pe = e - WB;
+    const double* po = o - W;
+    const double inv = inverse_power_of_two(w.scale[t - 1]);
+    const double* k = w.skip;
+    const double fb = yb * inv;
 #pragma omp simd reduction(+ : sum)
-      for (std::int64_t i = 0; i <= S; ++i) {
-        e[i] = fb * (pe[i] + po[i - 1]);
-        sum += e[i];
-      }
-#pragma omp simd reduction(+ : sum)
-      for (std::int64_t i = 0; i < S; ++i) {
-        o[i] = y[i] * inv * (po[i] + pe[i] + k[i] * po[i - 1]);
-        sum += o[i];
-      }
-      a_total += w.scale[t - 1];
+    for (std::int64_t i = 0; i <= S; ++i) {
+      e[i] = fb * (pe[i] + po[i - 1]);
+      sum += e[i];
     }
-    if (!(sum >= kTiny) || !(sum < kInf)) return NAN;
-    w.scale[t] = exponent_of(sum);
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t i = 0; i < S; ++i) {
+      o[i] = y[i] * inv * (po[i] + pe[i] + k[i] * po[i - 1]);
+      sum += o[i];
+    }
+    w.a_total += w.scale[t - 1];
   }
-  *a_end = a_total;
-  return m_sum;
+  if (!(sum >= kTiny) || !(sum < std::numeric_limits<double>::infinity())) w.alive = false;
+  w.scale[t] = exponent_of(sum);
 }
 
 // exp(lp) * scale for a whole row of classes, in the input's precision (what torch computes for the "torch" term).
@@ -273,98 +292,106 @@ inline void prefetch_row(const double* row, std::int64_t count) {
   for (std::int64_t i = 0; i < count; i += 8) __builtin_prefetch(row + i);
 }
 
+// Where the gradient goes: grad row (t, n) at out + t * row_stride; lp row at lp + t * st.
+template <typename In>
+struct GradientTarget {
+  In* out;
+  const In* lp;
+  std::int64_t row_stride, st, sc, C, blank;
+  double scale;
+  bool plain;
+};
+
 // The gradient row of frame t: the dense term (torch convention), then each class's posterior subtracted.
 template <typename In>
-void gradient_row(Workspace& w, const Sample& x, std::int64_t count, const double* ge, const double* go, double z,
-                  In* out, const In* row, std::int64_t C, std::int64_t sc, std::int64_t blank, double grad_scale,
-                  bool plain) {
-  if (!plain) dense_row(out, row, C, sc, grad_scale);
+void gradient_row(Lane& w, const double* ge, const double* go, double z, const GradientTarget<In>& g,
+                  std::int64_t t) {
+  In* out = g.out + t * g.row_stride;
+  if (!g.plain) dense_row(out, g.lp + t * g.st, g.C, g.sc, g.scale);
   double blank_sum = 0.0;
 #pragma omp simd reduction(+ : blank_sum)
-  for (std::int64_t i = 0; i <= x.S; ++i) blank_sum += ge[i];
-  for (std::int64_t j = 0; j < count; ++j) w.acc[j] = 0.0;
-  for (std::int64_t i = 0; i < x.S; ++i) w.acc[w.slot[i]] += go[i];
-  const double factor = grad_scale / z;
-  out[blank] = static_cast<In>(static_cast<double>(out[blank]) - factor * blank_sum);
-  for (std::int64_t j = 0; j < count; ++j) {
+  for (std::int64_t i = 0; i <= w.S; ++i) blank_sum += ge[i];
+  const double factor = g.scale / z;
+  out[g.blank] = static_cast<In>(static_cast<double>(out[g.blank]) - factor * blank_sum);
+  for (std::int64_t j = 0; j < w.count; ++j) {
+    double sum = 0.0;
+    for (std::int32_t k = w.first[j]; k < w.first[j + 1]; ++k) sum += go[w.members[k]];
     In& cell = out[w.classes[j]];
-    cell = static_cast<In>(static_cast<double>(cell) - factor * w.acc[j]);
+    cell = static_cast<In>(static_cast<double>(cell) - factor * sum);
   }
 }
 
-// Backward pass, consistency check and gradient rows. Returns -log p(l|x), or NaN when the check fails.
+// Backward frame t (frames are visited from T - 1 down): posteriors, the consistency check, the gradient row.
 template <typename In>
-double backward(Workspace& w, const Sample& x, std::int64_t count, double m_sum, std::int64_t a_end, const In* lp,
-                std::int64_t st, std::int64_t sc, std::int64_t C, std::int64_t blank, In* grad,
-                std::int64_t row_stride, double grad_scale, bool plain) {
-  const std::int64_t S = x.S, W = w.width, WB = w.s_max + 1;
-  double* qe = w.q_blank[0];
-  double* qo = w.q_label + 1;
-  double* be_next = w.b_blank[0];
-  double* be_now = w.b_blank[1];
-  double* bo_next = w.b_label[0] + 1;
-  double* bo_now = w.b_label[1] + 1;
-  for (double* r : {w.b_blank[0], w.b_blank[1]})
-    for (std::int64_t i = 0; i < w.s_max + 2; ++i) r[i] = 0.0;
-  for (double* r : {w.q_label, w.b_label[0], w.b_label[1]})
-    for (std::int64_t i = 0; i < W; ++i) r[i] = 0.0;
+void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
+  const std::int64_t S = w.S, W = w.width, WB = w.s_max + 1;
+  if (t == w.T - 1) {
+    // b_T = (1 at blank S, 0 elsewhere) with scale 1 makes the general step give q_{T-1}: qe[S] = qo[S-1] = 1.
+    for (double* r : {w.b_blank[0], w.b_blank[1]})
+      for (std::int64_t i = 0; i < w.s_max + 2; ++i) r[i] = 0.0;
+    for (double* r : {w.b_label[0], w.b_label[1]})
+      for (std::int64_t i = 0; i < W; ++i) r[i] = 0.0;
+    w.b_blank[0][S] = 1.0;
+    w.next = 0, w.shift = 0, w.c_next = 0;
+  } else {
+    w.shift += w.c_next - w.scale[t];
+  }
+  const double* be_next = w.b_blank[w.next];
+  const double* bo_next = w.b_label[w.next] + 1;
+  double* be_now = w.b_blank[1 - w.next];
+  double* bo_now = w.b_label[1 - w.next] + 1;
+  double* ge = w.fwd_blank + t * WB;    // e_t in, e_t qe_t out
+  double* go = w.fwd_label + t * W + 1;  // o_t in, o_t qo_t out
+  const double yb = w.emit_blank[t];
+  const double* y = w.emit_label + t * w.s_max;
+  if (t >= kPrefetchFrames) {  // the tables are walked backwards, which hardware prefetchers follow poorly
+    prefetch_row(ge - kPrefetchFrames * WB, WB);
+    prefetch_row(go - kPrefetchFrames * W - 1, W);
+    prefetch_row(y - kPrefetchFrames * w.s_max, w.s_max);
+  }
+  const double inv = inverse_power_of_two(w.c_next);
   const double* k = w.skip;
-  double z_end = 0.0;
-  std::int64_t shift = 0, c_next = 0;  // A_t + Cq_t - A_{T-1}, and c_{t+1}
-  for (std::int64_t t = x.T - 1; t >= 0; --t) {
-    double* ge = w.fwd_blank + t * WB;    // e_t in, e_t qe_t out
-    double* go = w.fwd_label + t * W + 1;  // o_t in, o_t qo_t out
-    const double yb = w.emit_blank[t];
-    const double* y = w.emit_label + t * w.s_max;
-    if (t >= kPrefetchFrames) {  // the tables are walked backwards, which hardware prefetchers follow poorly
-      prefetch_row(ge - kPrefetchFrames * WB, WB);
-      prefetch_row(go - kPrefetchFrames * W - 1, W);
-      prefetch_row(y - kPrefetchFrames * w.s_max, w.s_max);
-    }
-    if (t == x.T - 1) {
-      for (std::int64_t i = 0; i <= S; ++i) qe[i] = i == S ? 1.0 : 0.0;
-      for (std::int64_t i = 0; i < S; ++i) qo[i] = i == S - 1 ? 1.0 : 0.0;
-    } else {
-      const double inv = std::ldexp(1.0, -c_next);
-#pragma omp simd
-      for (std::int64_t i = 0; i <= S; ++i) qe[i] = inv * (be_next[i] + bo_next[i]);
-#pragma omp simd
-      for (std::int64_t i = 0; i < S; ++i) qo[i] = inv * (bo_next[i] + be_next[i + 1] + k[i + 1] * bo_next[i + 1]);
-      shift += c_next - w.scale[t];
-    }
-    double z = 0.0, sum_q = 0.0;
+  double z = 0.0, sum_q = 0.0;
 #pragma omp simd reduction(+ : z, sum_q)
-    for (std::int64_t i = 0; i <= S; ++i) {
-      ge[i] *= qe[i];
-      be_now[i] = yb * qe[i];
-      z += ge[i];
-      sum_q += qe[i];
-    }
+  for (std::int64_t i = 0; i <= S; ++i) {
+    const double q = inv * (be_next[i] + bo_next[i]);
+    ge[i] *= q;
+    be_now[i] = yb * q;
+    z += ge[i];
+    sum_q += q;
+  }
 #pragma omp simd reduction(+ : z, sum_q)
-    for (std::int64_t i = 0; i < S; ++i) {
-      go[i] *= qo[i];
-      bo_now[i] = y[i] * qo[i];
-      z += go[i];
-      sum_q += qo[i];
-    }
-    if (!(z >= kTiny) || !(z < std::numeric_limits<double>::infinity())) return NAN;
-    if (t == x.T - 1) {
-      z_end = z;
-    } else {
-      // Z_t 2^(A_t + Cq_t) against Z_{T-1} 2^(A_{T-1}); the shift is clamped, far beyond any consistent value.
-      const int exponent = static_cast<int>(shift < -4000 ? -4000 : (shift > 4000 ? 4000 : shift));
-      const double ratio = std::ldexp(z, exponent) / z_end;
-      if (!(std::fabs(ratio - 1.0) <= kConsistencyTol)) return NAN;
-    }
-    c_next = exponent_of(sum_q);
-    std::swap(be_now, be_next);
-    std::swap(bo_now, bo_next);
-    if (grad != nullptr) {
-      gradient_row(w, x, count, ge, go, z, grad + t * row_stride, lp + t * st, C, sc, blank, grad_scale, plain);
+  for (std::int64_t i = 0; i < S; ++i) {
+    const double q = inv * (bo_next[i] + be_next[i + 1] + k[i + 1] * bo_next[i + 1]);
+    go[i] *= q;
+    bo_now[i] = y[i] * q;
+    z += go[i];
+    sum_q += q;
+  }
+  if (!(z >= kTiny) || !(z < std::numeric_limits<double>::infinity())) {
+    w.alive = false;
+    return;
+  }
+  if (t == w.T - 1) {
+    w.z_end = z;
+  } else {
+    // Z_t 2^(A_t + Cq_t) against Z_{T-1} 2^(A_{T-1}). Z_t and Z_{T-1} lie within [2^-938, 9], so a consistent
+    // shift is below 1000 in magnitude.
+    if (!(w.shift > -1000 && w.shift < 1000 &&
+          std::fabs(z * inverse_power_of_two(-w.shift) / w.z_end - 1.0) <= kConsistencyTol)) {
+      w.alive = false;
+      return;
     }
   }
-  return -(std::log(z_end) + static_cast<double>(a_end) * 0.693147180559945309 + m_sum);
+  w.c_next = exponent_of(sum_q);
+  w.next = 1 - w.next;
+  if (grad != nullptr) gradient_row(w, ge, go, z, *grad, t);
 }
+
+// Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
+// within kLaneBytes.
+constexpr int kMaxLanes = 4;
+constexpr std::size_t kLaneBytes = std::size_t(16) << 20;
 
 template <typename In>
 int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
@@ -377,26 +404,48 @@ int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int6
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
-  Workspace w;
-  if (!w.allocate(t_max, s_max, C)) return -1;
-  for (std::int64_t i = 0; i < n_samples; ++i) {
-    const std::int64_t n = samples[i];
-    const Sample x{input_lengths[n], target_lengths[n]};
-    const std::int64_t count = build_lattice(w, targets + n * S_max, x.S, sc);
-    const In* sample_lp = lp + n * sn;
-    double value = NAN;
-    std::int64_t a_end = 0;
-    const double m_sum = forward(w, x, sample_lp, st, blank * sc, &a_end);
-    if (!std::isnan(m_sum)) {
-      value = backward(w, x, count, m_sum, a_end, sample_lp, st, sc, C, blank,
-                       grad == nullptr ? nullptr : grad + n * C, N * C, grad_scale == nullptr ? 0.0 : grad_scale[n],
-                       plain != 0);
+  const std::size_t lane_bytes = Lane::bytes(t_max, s_max);
+  int lanes = static_cast<int>(kLaneBytes / lane_bytes);
+  lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);
+  char* memory = static_cast<char*>(std::malloc(lanes * lane_bytes + sizeof(std::int32_t) * C));
+  if (memory == nullptr) return -1;
+  Lane group[kMaxLanes];
+  for (int j = 0; j < lanes; ++j) group[j].carve(memory + j * lane_bytes, t_max, s_max);
+  std::int32_t* slot_of = reinterpret_cast<std::int32_t*>(memory + lanes * lane_bytes);
+  for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
+
+  for (std::int64_t first = 0; first < n_samples; first += lanes) {
+    const int used = static_cast<int>(n_samples - first < lanes ? n_samples - first : lanes);
+    std::int64_t frames = 0;
+    for (int j = 0; j < used; ++j) {
+      Lane& w = group[j];
+      const std::int64_t n = samples[first + j];
+      w.start(n, input_lengths[n], targets + n * S_max, target_lengths[n], sc, slot_of);
+      emissions(w, lp + n * sn, st, blank * sc);
+      frames = w.T > frames ? w.T : frames;
     }
-    nll[n] = value;
-    ok[n] = std::isnan(value) ? 0 : 1;
-    for (std::int64_t j = 0; j < count; ++j) w.slot_of[w.classes[j]] = -1;
+    for (std::int64_t t = 0; t < frames; ++t)
+      for (int j = 0; j < used; ++j)
+        if (group[j].alive && t < group[j].T) forward_step(group[j], t);
+    GradientTarget<In> targets_of[kMaxLanes];
+    for (int j = 0; j < used; ++j) {
+      const std::int64_t n = group[j].n;
+      targets_of[j] = {grad == nullptr ? nullptr : grad + n * C, lp + n * sn, N * C, st, sc, C, blank,
+                       grad_scale == nullptr ? 0.0 : grad_scale[n], plain != 0};
+    }
+    for (std::int64_t step = 0; step < frames; ++step)
+      for (int j = 0; j < used; ++j)
+        if (group[j].alive && step < group[j].T)
+          backward_step(group[j], group[j].T - 1 - step, grad == nullptr ? nullptr : &targets_of[j]);
+    for (int j = 0; j < used; ++j) {
+      const Lane& w = group[j];
+      // torch's loss is the forward end: log p = log Z_{T-1} + A_{T-1} ln 2 + sum_t m_t.
+      nll[w.n] = w.alive ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
+                         : NAN;
+      ok[w.n] = w.alive ? 1 : 0;
+    }
   }
-  std::free(w.memory);
+  std::free(memory);
   return 0;
 }
 
