@@ -144,7 +144,8 @@ struct Lane {
   double* b_blank[2];   // (S_max + 2,)    be_{t+1} and be_t (a zero beyond S)
   double* b_label[2];   // (width,)        bo_{t+1} and bo_t at +1
   double* skip;         // (S_max + 1,)    k_i, and k_S = 0
-  std::int64_t* offset;   // (S_max,)      l_i * sc: element offset of l_i within a row of lp
+  double* unique_emit;    // (S_max,)      y_t of each distinct label, by slot
+  std::int64_t* offset;   // (S_max,)      classes[j] * sc: element offset of slot j's class within a row of lp
   std::int64_t* classes;  // (S_max,)      the distinct labels, in slot order
   std::int32_t* slot;     // (S_max,)      slot of l_i
   std::int32_t* members;  // (S_max,)      label positions grouped by slot: slot j owns members[first[j] .. first[j+1])
@@ -160,8 +161,8 @@ struct Lane {
 
   static std::size_t bytes(std::int64_t t_max, std::int64_t s_max) {
     const std::int64_t width = s_max + 2;
-    const std::int64_t doubles =
-        t_max * (s_max + 1) + t_max * width + t_max * s_max + t_max + 2 * (s_max + 2) + 2 * width + (s_max + 1);
+    const std::int64_t doubles = t_max * (s_max + 1) + t_max * width + t_max * s_max + t_max + 2 * (s_max + 2) +
+                                 2 * width + (s_max + 1) + s_max;
     const std::size_t raw = sizeof(double) * doubles + sizeof(std::int64_t) * 2 * s_max +
                             sizeof(std::int32_t) * (t_max + 3 * s_max + 1);
     return (raw + 63) / 64 * 64;
@@ -178,6 +179,7 @@ struct Lane {
     b_blank[0] = take(s_max + 2), b_blank[1] = take(s_max + 2);
     b_label[0] = take(width), b_label[1] = take(width);
     skip = take(s_max + 1);
+    unique_emit = take(s_max);
     offset = reinterpret_cast<std::int64_t*>(d);
     classes = offset + s_max;
     scale = reinterpret_cast<std::int32_t*>(classes + s_max);
@@ -192,9 +194,8 @@ struct Lane {
     n = n_, T = T_, S = S_, count = 0, alive = true;
     for (std::int64_t i = 0; i < S; ++i) {
       const std::int64_t c = target[i];
-      if (slot_of[c] < 0) slot_of[c] = static_cast<std::int32_t>(count), classes[count++] = c;
+      if (slot_of[c] < 0) slot_of[c] = static_cast<std::int32_t>(count), offset[count] = c * sc, classes[count++] = c;
       slot[i] = slot_of[c];
-      offset[i] = c * sc;
       skip[i] = (i > 0 && c != target[i - 1]) ? 1.0 : 0.0;
     }
     skip[S] = 0.0;
@@ -209,7 +210,7 @@ struct Lane {
   }
 };
 
-// The emissions of every frame of the lane's sample, before its recursion: gathers from different frames are
+// The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion: gathers from different frames are
 // independent, so they overlap in the memory system. Sets m_sum; a frame with every class at -inf kills the lane.
 template <typename In>
 void emissions(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset) {
@@ -218,21 +219,23 @@ void emissions(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset
   for (std::int64_t t = 0; t < w.T; ++t) {
     const In* row = lp + t * st;
     const In* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
-    double* y = w.emit_label + t * w.s_max;
-    for (std::int64_t i = 0; i < w.S; ++i) {  // a plain gather: no dependency between iterations
-      __builtin_prefetch(ahead + w.offset[i]);  // a wide row is read from memory, one line per label
-      y[i] = static_cast<double>(row[w.offset[i]]);
+    double* u = w.unique_emit;
+    for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
+      __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
+      u[j] = static_cast<double>(row[w.offset[j]]);
     }
     double m = static_cast<double>(row[blank_offset]);
     m = m == m ? m : -kInf;  // NaN: caught by the check
 #pragma omp simd reduction(max : m)
-    for (std::int64_t i = 0; i < w.S; ++i) m = y[i] > m ? y[i] : m;
+    for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
     if (!(m > -kInf)) {
       w.alive = false;
       return;
     }
 #pragma omp simd
-    for (std::int64_t i = 0; i < w.S; ++i) y[i] = exp_poly(y[i] - m);
+    for (std::int64_t j = 0; j < w.count; ++j) u[j] = exp_poly(u[j] - m);
+    double* y = w.emit_label + t * w.s_max;
+    for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
     w.emit_blank[t] = exp_poly(static_cast<double>(row[blank_offset]) - m);
     m_sum += m;
   }
@@ -391,7 +394,7 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
 // Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
 // within kLaneBytes.
 constexpr int kMaxLanes = 4;
-constexpr std::size_t kLaneBytes = std::size_t(16) << 20;
+constexpr std::size_t kLaneBytes = std::size_t(1) << 20;
 
 template <typename In>
 int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
