@@ -1,7 +1,8 @@
-"""CPU benchmark: deploy_ctc's NumPy backend against ``torch.nn.functional.ctc_loss`` (forward + backward).
+"""CPU benchmark: deploy_ctc's CPU backends against ``torch.nn.functional.ctc_loss`` (forward + backward).
 
-Both run in the same process on the same float32 inputs, interleaved, after a warm-up; the report gives medians and
-their ratio. Peak memory is measured in a fresh child process per (implementation, shape): the growth of the peak
+``ctc_loss_and_grad`` as a user calls it (the native engine where it builds, see :mod:`deploy_ctc.cpu_backends`),
+the pure-NumPy backend, and torch run in the same process on the same float32 inputs, interleaved, after a warm-up;
+the report gives medians and their ratios to torch. Peak memory is measured in a fresh child process per (implementation, shape): the growth of the peak
 resident set (VmHWM, reset once the inputs exist) over the resident size at that point. Used by
 ``deploy-ctc bench`` and ``benchmarks/bench_cpu.py``; results go to JSON with a description of the machine.
 """
@@ -36,11 +37,15 @@ def make_inputs(T, N, C, S, seed=0):
     return log_probs.astype(np.float32), targets, input_lengths, target_lengths
 
 
+#: The timed implementations: torch, deploy_ctc's default CPU backend, deploy_ctc's pure-NumPy backend.
+IMPLEMENTATIONS = ("torch", "deploy_ctc", "numpy_backend")
+
+
 def _runners(inputs):
-    """``{"torch": f, "deploy_ctc": f}``: each runs one forward + backward on ``inputs``."""
+    """``{name: f}`` for each of :data:`IMPLEMENTATIONS`: each runs one forward + backward on ``inputs``."""
     import torch
 
-    from . import ctc_loss_and_grad
+    from . import cpu_backends, ctc_loss_and_grad
 
     log_probs, targets, input_lengths, target_lengths = inputs
     t_lp = torch.from_numpy(log_probs)
@@ -54,7 +59,11 @@ def _runners(inputs):
     def run_deploy_ctc():
         return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths)[1]
 
-    return {"torch": run_torch, "deploy_ctc": run_deploy_ctc}
+    def run_numpy_backend():
+        with cpu_backends.using("numpy"):
+            return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths)[1]
+
+    return {"torch": run_torch, "deploy_ctc": run_deploy_ctc, "numpy_backend": run_numpy_backend}
 
 
 def time_shape(shape, repeats, progress=None):
@@ -130,41 +139,56 @@ def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr):
             stream.flush()
 
         medians = time_shape(shape, repeats, progress)
-        row = {"shape": list(shape), "torch_ms": medians["torch"] * 1e3,
-               "deploy_ctc_ms": medians["deploy_ctc"] * 1e3, "speedup": medians["torch"] / medians["deploy_ctc"]}
+        row = {"shape": list(shape)}
+        for name in IMPLEMENTATIONS:
+            row[f"{name}_ms"] = medians[name] * 1e3
+        row["speedup"] = medians["torch"] / medians["deploy_ctc"]
+        row["numpy_backend_speedup"] = medians["torch"] / medians["numpy_backend"]
         if memory:
             stream.write(f"\r{label} peak memory          ")
             stream.flush()
-            row["torch_peak_mb"] = peak_memory("torch", shape) / 2**20
-            row["deploy_ctc_peak_mb"] = peak_memory("deploy_ctc", shape) / 2**20
+            for name in IMPLEMENTATIONS:
+                row[f"{name}_peak_mb"] = peak_memory(name, shape) / 2**20
         stream.write(f"\r{label} done: {row['speedup']:.2f}x            \n")
         results.append(row)
+    from . import cpu_backends
+
     speedups = [row["speedup"] for row in results]
+    numpy_speedups = [row["numpy_backend_speedup"] for row in results]
     return {"benchmark": "CTC loss forward+backward, float32, CPU", "machine": machine_description(),
-            "repeats": repeats, "rows": results,
-            "geomean_speedup": float(np.exp(np.mean(np.log(speedups)))), "min_speedup": min(speedups)}
+            "deploy_ctc_backend": cpu_backends.name(), "repeats": repeats, "rows": results,
+            "geomean_speedup": _geomean(speedups), "min_speedup": min(speedups),
+            "numpy_backend_geomean_speedup": _geomean(numpy_speedups),
+            "numpy_backend_min_speedup": min(numpy_speedups)}
+
+
+def _geomean(values):
+    return float(np.exp(np.mean(np.log(values))))
 
 
 def format_table(report):
     """A Markdown table of ``report`` (as returned by :func:`run`)."""
     memory = "torch_peak_mb" in report["rows"][0]
-    head = "| (T, N, C, S) | torch (ms) | deploy_ctc (ms) | speed-up |"
-    rule = "|---|---:|---:|---:|"
+    backend = report["deploy_ctc_backend"]
+    head = f"| (T, N, C, S) | torch (ms) | deploy_ctc, {backend} (ms) | speed-up | NumPy backend (ms) | speed-up |"
+    rule = "|---|---:|---:|---:|---:|---:|"
     if memory:
-        head += " peak MB torch | peak MB deploy_ctc |"
-        rule += "---:|---:|"
+        head += " peak MB torch | peak MB deploy_ctc | peak MB NumPy backend |"
+        rule += "---:|---:|---:|"
     lines = [head, rule]
     for row in report["rows"]:
         line = (f"| {tuple(row['shape'])} | {row['torch_ms']:.1f} | {row['deploy_ctc_ms']:.1f} | "
-                f"{row['speedup']:.2f}x |")
+                f"{row['speedup']:.2f}x | {row['numpy_backend_ms']:.1f} | {row['numpy_backend_speedup']:.2f}x |")
         if memory:
-            line += f" {row['torch_peak_mb']:.0f} | {row['deploy_ctc_peak_mb']:.0f} |"
+            line += " " + " | ".join(f"{row[f'{name}_peak_mb']:.0f}" for name in IMPLEMENTATIONS) + " |"
         lines.append(line)
     m = report["machine"]
     lines.append("")
-    lines.append(f"Geometric-mean speed-up {report['geomean_speedup']:.2f}x (lowest {report['min_speedup']:.2f}x); "
-                 f"medians of {report['repeats']} interleaved runs; {m['cpu']}, {m['cores']} cores, "
-                 f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}.")
+    lines.append(f"Geometric-mean speed-up {report['geomean_speedup']:.2f}x (lowest {report['min_speedup']:.2f}x) "
+                 f"for deploy_ctc ({backend} backend), {report['numpy_backend_geomean_speedup']:.2f}x (lowest "
+                 f"{report['numpy_backend_min_speedup']:.2f}x) for the pure-NumPy backend; medians of "
+                 f"{report['repeats']} interleaved runs; {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+                 f"({m['torch_threads']} threads), numpy {m['numpy']}.")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 import deploy_ctc
+from deploy_ctc import cpu_backends, native_build
 
 OPTIONAL = [("torch", "test"), ("cupy", "cuda"), ("onnx", "onnx"), ("onnxruntime", "onnx"),
             ("onnxruntime_extensions", "onnx"), ("onnxscript", "onnx")]
@@ -49,8 +50,8 @@ def _single_path_case():
     return abs(float(got) - expected) <= 1e-12 * abs(expected), f"single path: |{float(got):.12f} - {expected:.12f}|"
 
 
-def _torch_parity_cases():
-    """deploy_ctc (float64) vs torch CPU float64 on random batches: losses and gradients."""
+def _torch_parity_cases(backend):
+    """deploy_ctc (float64) on CPU ``backend`` vs torch CPU float64 on random batches: losses and gradients."""
     import torch
 
     rng = np.random.default_rng(1)
@@ -64,9 +65,11 @@ def _torch_parity_cases():
         ref = torch.nn.functional.ctc_loss(x, torch.from_numpy(targets), torch.from_numpy(il), torch.from_numpy(tl),
                                            blank=blank, reduction=reduction, zero_infinity=True)
         ref.sum().backward()
-        loss, grad = deploy_ctc.ctc_loss_and_grad(lp.numpy(), targets, il, tl, blank, reduction, True)
+        with cpu_backends.using(backend):
+            loss, grad = deploy_ctc.ctc_loss_and_grad(lp.numpy(), targets, il, tl, blank, reduction, True)
         err = max(float(np.max(np.abs(loss - ref.detach().numpy()))), float(np.max(np.abs(grad - x.grad.numpy()))))
-        results.append((err <= 1e-9, f"torch parity (T,N,C,S)=({T},{N},{C},{S}) {reduction}: max |diff| {err:.1e}"))
+        results.append((err <= 1e-9, f"torch parity, {backend} backend, (T,N,C,S)=({T},{N},{C},{S}) {reduction}: "
+                                     f"max |diff| {err:.1e}"))
     return results
 
 
@@ -79,12 +82,15 @@ def check(argv=None):
         print(f"  {module_name:<24} {version or f'not installed (pip install deploy_ctc[{extra}])'}")
     print(f"  {'onnxruntime.training':<24} {_version('onnxruntime.training') or 'not installed (separate venv: [train])'}")
     print("backends:")
+    print(f"  native  {native_build.describe()}")
     print("  numpy   available")
+    print(f"  NumPy arrays run on: {cpu_backends.name()} (set {cpu_backends.ENV}=auto|native|numpy)")
     print(f"  cupy    {'GPU ' + _gpu_status() if _version('cupy') else 'not installed'}")
     print(f"  onnx    {'available' if _version('onnxruntime') and _version('onnx') else 'not installed'}")
     cases = [_single_path_case()]
     if _version("torch"):
-        cases += _torch_parity_cases()
+        for backend in ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",):
+            cases += _torch_parity_cases(backend)
     else:
         print("torch not installed: parity against torch skipped (pip install deploy_ctc[test])")
     for ok, text in cases:

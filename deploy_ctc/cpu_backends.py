@@ -1,12 +1,15 @@
 """Which backend runs NumPy arrays: the native engine when it builds here, else pure NumPy.
 
 ``DEPLOY_CTC_CPU_BACKEND`` chooses: ``auto`` (the default: native, falling back to NumPy with one warning),
-``native`` (native or an error saying why not) or ``numpy``.
+``native`` (native, or a RuntimeError saying why not) or ``numpy``. :func:`using` overrides it for a block of code on
+the calling thread (the benchmark and ``deploy-ctc check`` run both backends that way).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 
 from . import native_build
@@ -14,6 +17,7 @@ from . import native_build
 ENV = "DEPLOY_CTC_CPU_BACKEND"
 CHOICES = ("auto", "native", "numpy")
 
+_override = threading.local()
 _warned = False
 
 
@@ -25,9 +29,7 @@ def current():
         RuntimeError: ``native`` was asked for and the engine cannot be built (the message says why).
     """
     global _warned
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if choice not in CHOICES:
-        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {os.environ[ENV]!r}")
+    choice = getattr(_override, "choice", None) or _choice_from_environment()
     if choice != "numpy":
         try:
             native_build.library()
@@ -36,7 +38,7 @@ def current():
             return native_backend
         except native_build.NativeUnavailable as error:
             if choice == "native":
-                raise RuntimeError(f"{ENV}=native, but {error}") from None
+                raise RuntimeError(f"the native CPU backend was asked for, but {error}") from None
             if not _warned:
                 _warned = True
                 warnings.warn(f"deploy_ctc: {error}; using the slower pure-NumPy CPU backend "
@@ -48,10 +50,30 @@ def current():
 
 
 def name():
-    """``"native"`` or ``"numpy"``: what :func:`current` picks now (without warning)."""
+    """``"native"`` or ``"numpy"``: what :func:`current` would pick now (without warning)."""
     global _warned
     warned, _warned = _warned, True
     try:
         return current().__name__.rsplit(".", 1)[1].split("_")[0]
     finally:
         _warned = warned
+
+
+@contextlib.contextmanager
+def using(choice):
+    """Run the block with CPU backend ``choice`` (one of :data:`CHOICES`) on this thread."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+    previous = getattr(_override, "choice", None)
+    _override.choice = choice
+    try:
+        yield
+    finally:
+        _override.choice = previous
+
+
+def _choice_from_environment():
+    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {os.environ[ENV]!r}")
+    return choice

@@ -106,8 +106,12 @@ def array_module(log_probs):
 
 
 def _float_log_probs(log_probs, xp):
-    """Return ``(log_probs as float32/float64, caller's dtype)``; float16 is upcast (torch refuses half)."""
+    """Return ``(log_probs as float32/float64, caller's dtype)``; float16 is upcast (torch refuses half), and
+    non-native byte order is converted (the results come back in native order)."""
     dtype = log_probs.dtype
+    if not dtype.isnative:  # big-endian data from a file, say: the backends compute in native byte order
+        dtype = dtype.newbyteorder("=")
+        log_probs = log_probs.astype(dtype)
     if dtype == np.float16:
         return log_probs.astype(np.float32), dtype
     if dtype in (np.float32, np.float64):

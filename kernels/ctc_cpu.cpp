@@ -119,6 +119,27 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   return p * low * high;
 }
 
+// log(x) for 1 <= x <= 3 (a sum of exponentials whose largest term is 1) without a library call, so the
+// log-space loops vectorize: x = 2^k f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(z) with z = (f - 1) / (f + 1),
+// |z| <= 0.172, by its series to z^23 (truncation < 3e-17).
+__attribute__((always_inline)) inline double log_1_to_3(double x) {
+  const bool high = x >= 1.4142135623730951;
+  const double f = high ? x * 0.5 : x;
+  const double z = (f - 1.0) / (f + 1.0), z2 = z * z;
+  double p = 1.0 / 23;
+  for (int i = 21; i >= 1; i -= 2) p = p * z2 + 1.0 / i;
+  return (high ? 0.6931471805599453 : 0.0) + 2.0 * z * p;
+}
+
+// Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as numpy_logspace).
+constexpr double kNeg = -1e30;
+
+// log(exp(a) + exp(b) + exp(c)) for values >= kNeg.
+__attribute__((always_inline)) inline double log_add3(double a, double b, double c) {
+  const double m = a > b ? (a > c ? a : c) : (b > c ? b : c);
+  return m + log_1_to_3(exp_poly(a - m) + exp_poly(b - m) + exp_poly(c - m));
+}
+
 // The exponent a of the power of two nearest x > 0 from above (x = f 2^a, 0.5 <= f < 1), for normal x.
 inline int exponent_of(double x) {
   return static_cast<int>((bit_cast<std::uint64_t>(x) >> 52) & 0x7ff) - 1022;
@@ -305,7 +326,8 @@ struct GradientTarget {
   bool plain;
 };
 
-// The gradient row of frame t: the dense term (torch convention), then each class's posterior subtracted.
+// The gradient row of frame t: the dense term (torch convention), then each class's posterior subtracted; ge and
+// go hold the posteriors times z.
 template <typename In>
 void gradient_row(Lane& w, const double* ge, const double* go, double z, const GradientTarget<In>& g,
                   std::int64_t t) {
@@ -314,13 +336,16 @@ void gradient_row(Lane& w, const double* ge, const double* go, double z, const G
   double blank_sum = 0.0;
 #pragma omp simd reduction(+ : blank_sum)
   for (std::int64_t i = 0; i <= w.S; ++i) blank_sum += ge[i];
+  // The target's cells are assigned, not updated, in the "plain" convention: a row a failed fast pass wrote is
+  // rewritten whole by the log-space pass.
   const double factor = g.scale / z;
-  out[g.blank] = static_cast<In>(static_cast<double>(out[g.blank]) - factor * blank_sum);
+  In& blank_cell = out[g.blank];
+  blank_cell = static_cast<In>((g.plain ? 0.0 : static_cast<double>(blank_cell)) - factor * blank_sum);
   for (std::int64_t j = 0; j < w.count; ++j) {
     double sum = 0.0;
     for (std::int32_t k = w.first[j]; k < w.first[j + 1]; ++k) sum += go[w.members[k]];
     In& cell = out[w.classes[j]];
-    cell = static_cast<In>(static_cast<double>(cell) - factor * sum);
+    cell = static_cast<In>((g.plain ? 0.0 : static_cast<double>(cell)) - factor * sum);
   }
 }
 
@@ -391,6 +416,94 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
   if (grad != nullptr) gradient_row(w, ge, go, z, *grad, t);
 }
 
+// The exact log-space path, for samples whose scaled recursions failed the check: alpha and beta' (beta without
+// the emission at t) as logs, with log y_t(c) = lp[t, c] itself, over the same planes and tables:
+//   la_e_t[i] = ly(blank) + log(e^la_e_{t-1}[i] + e^la_o_{t-1}[i-1])
+//   la_o_t[i] = ly(l_i) + log(e^la_o_{t-1}[i] + e^la_e_{t-1}[i] + k_i e^la_o_{t-1}[i-1])
+//   lq_e_t[i] = log(e^lb_e_{t+1}[i] + e^lb_o_{t+1}[i]),  lq_o_t[i] = log(e^lb_o_{t+1}[i] + e^lb_e_{t+1}[i+1] +
+//   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
+// Slower (three exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
+// alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
+template <typename In>
+double log_space_sample(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset,
+                        const GradientTarget<In>* grad) {
+  const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
+  // Log emissions, -inf clamped to kNeg.
+  for (std::int64_t t = 0; t < T; ++t) {
+    const In* row = lp + t * st;
+    double* y = w.emit_label + t * w.s_max;
+    double* u = w.unique_emit;
+    bool nan = false;
+    for (std::int64_t j = 0; j < w.count; ++j) {
+      const double v = static_cast<double>(row[w.offset[j]]);
+      nan |= v != v;
+      u[j] = v > kNeg ? v : kNeg;
+    }
+    const double b = static_cast<double>(row[blank_offset]);
+    if (nan || b != b) return NAN;
+    for (std::int64_t i = 0; i < S; ++i) y[i] = u[w.slot[i]];
+    w.emit_blank[t] = b > kNeg ? b : kNeg;
+  }
+  // Forward.
+  for (std::int64_t t = 0; t < T; ++t) {
+    const double yb = w.emit_blank[t];
+    const double* y = w.emit_label + t * w.s_max;
+    double* e = w.fwd_blank + t * WB;
+    double* o = w.fwd_label + t * W + 1;
+    o[-1] = o[S] = kNeg;
+    if (t == 0) {
+      for (std::int64_t i = 0; i <= S; ++i) e[i] = kNeg;
+      for (std::int64_t i = 0; i < S; ++i) o[i] = kNeg;
+      e[0] = yb;
+      if (S > 0) o[0] = y[0];
+      continue;
+    }
+    const double* pe = e - WB;
+    const double* po = o - W;
+#pragma omp simd
+    for (std::int64_t i = 0; i <= S; ++i) e[i] = yb + log_add3(pe[i], po[i - 1], kNeg);
+#pragma omp simd
+    for (std::int64_t i = 0; i < S; ++i) o[i] = y[i] + log_add3(po[i], pe[i], w.skip[i] > 0.0 ? po[i - 1] : kNeg);
+  }
+  const double* e_end = w.fwd_blank + (T - 1) * WB;
+  const double* o_end = w.fwd_label + (T - 1) * W + 1;
+  const double log_p = log_add3(e_end[S], S > 0 ? o_end[S - 1] : kNeg, kNeg);
+  if (!(log_p > kNeg / 2)) return std::numeric_limits<double>::infinity();
+  // Backward, with posteriors and gradient rows.
+  double* be_next = w.b_blank[0];
+  double* be_now = w.b_blank[1];
+  double* bo_next = w.b_label[0] + 1;
+  double* bo_now = w.b_label[1] + 1;
+  for (std::int64_t i = 0; i < w.s_max + 2; ++i) be_next[i] = be_now[i] = kNeg;
+  for (std::int64_t i = -1; i < W - 1; ++i) bo_next[i] = bo_now[i] = kNeg;
+  be_next[S] = 0.0;  // lb_T: log 1 at blank S, so the general step gives lq_{T-1}
+  for (std::int64_t t = T - 1; t >= 0; --t) {
+    const double yb = w.emit_blank[t];
+    const double* y = w.emit_label + t * w.s_max;
+    double* ge = w.fwd_blank + t * WB;
+    double* go = w.fwd_label + t * W + 1;
+    double z = 0.0;
+#pragma omp simd reduction(+ : z)
+    for (std::int64_t i = 0; i <= S; ++i) {
+      const double q = log_add3(be_next[i], bo_next[i], kNeg);
+      be_now[i] = yb + q;
+      ge[i] = exp_poly(ge[i] + q - log_p);
+      z += ge[i];
+    }
+#pragma omp simd reduction(+ : z)
+    for (std::int64_t i = 0; i < S; ++i) {
+      const double q = log_add3(bo_next[i], be_next[i + 1], w.skip[i + 1] > 0.0 ? bo_next[i + 1] : kNeg);
+      bo_now[i] = y[i] + q;
+      go[i] = exp_poly(go[i] + q - log_p);
+      z += go[i];
+    }
+    std::swap(be_now, be_next);
+    std::swap(bo_now, bo_next);
+    if (grad != nullptr) gradient_row(w, ge, go, 1.0, *grad, t);  // posteriors are already normalised
+  }
+  return -log_p;
+}
+
 // Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
 // within kLaneBytes.
 constexpr int kMaxLanes = 4;
@@ -441,11 +554,13 @@ int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int6
         if (group[j].alive && step < group[j].T)
           backward_step(group[j], group[j].T - 1 - step, grad == nullptr ? nullptr : &targets_of[j]);
     for (int j = 0; j < used; ++j) {
-      const Lane& w = group[j];
+      Lane& w = group[j];
       // torch's loss is the forward end: log p = log Z_{T-1} + A_{T-1} ln 2 + sum_t m_t.
-      nll[w.n] = w.alive ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
-                         : NAN;
-      ok[w.n] = w.alive ? 1 : 0;
+      const double value = w.alive
+          ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
+          : log_space_sample(w, lp + w.n * sn, st, blank * sc, grad == nullptr ? nullptr : &targets_of[j]);
+      nll[w.n] = value;
+      ok[w.n] = std::isnan(value) ? 0 : 1;
     }
   }
   std::free(memory);

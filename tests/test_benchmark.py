@@ -24,9 +24,11 @@ def test_report_and_table(tmp_path):
     report = benchmark.run(shapes=[(20, 3, 5, 4)], repeats=2, memory=True, stream=stream)
     row = report["rows"][0]
     assert row["shape"] == [20, 3, 5, 4]
-    assert row["torch_ms"] > 0 and row["deploy_ctc_ms"] > 0
+    for name in benchmark.IMPLEMENTATIONS:
+        assert row[f"{name}_ms"] > 0 and row[f"{name}_peak_mb"] >= 0
     assert row["speedup"] == pytest.approx(row["torch_ms"] / row["deploy_ctc_ms"])
-    assert row["torch_peak_mb"] >= 0 and row["deploy_ctc_peak_mb"] >= 0
+    assert row["numpy_backend_speedup"] == pytest.approx(row["torch_ms"] / row["numpy_backend_ms"])
+    assert report["deploy_ctc_backend"] in ("native", "numpy")
     assert "done" in stream.getvalue()  # the progress display
     table = benchmark.format_table(report)
     assert "| (20, 3, 5, 4) |" in table and report["machine"]["cpu"] in table

@@ -1,0 +1,106 @@
+"""deploy_ctc.native_build: building, caching and loading kernels/ctc_cpu.cpp with the system's C++ compiler.
+
+Builds that must start from an empty cache run in child processes with their own DEPLOY_CTC_CACHE_DIR; the failure
+paths run in-process with the module's memoized state patched.
+"""
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deploy_ctc import native_build
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not any(map(__import__("shutil").which, ["c++", "g++", "clang++"])),
+                                reason="no C++ compiler on PATH")
+
+# Prints the loaded library's path and the loss of a fixed batch (float64, so runs compare exactly).
+CHILD = """
+import numpy as np, deploy_ctc
+from deploy_ctc import native_build
+lp = np.log(np.random.default_rng(0).dirichlet(np.ones(5), size=(12, 3)).astype(np.float64))
+print(native_build.library()._name)
+print(repr(float(deploy_ctc.ctc_loss(lp, np.array([[1, 2], [3, 3], [4, 0]]), [12, 12, 9], [2, 2, 1]))))
+"""
+
+
+def run_child(cache_dir, **env):
+    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(cache_dir), "DEPLOY_CTC_CPU_BACKEND": "native",
+                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
+    result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=environment,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    path, loss = result.stdout.split()
+    return Path(path), float(loss)
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """The module's memoized library and failure, reset for this test and restored after it."""
+    monkeypatch.setattr(native_build, "_library", None)
+    monkeypatch.setattr(native_build, "_failure", None)
+
+
+def test_library_exports_both_entry_points():
+    lib = native_build.library()
+    for entry in native_build.ENTRY_POINTS.values():
+        assert getattr(lib, entry).restype is not None
+    assert native_build.describe() == f"native engine {lib._name}" and lib._name.endswith(".so")
+
+
+def test_build_is_cached_and_reused_by_later_processes(tmp_path):
+    path, loss = run_child(tmp_path)
+    assert path.parent == tmp_path and path.is_file()
+    built = path.stat().st_mtime_ns
+    again, loss_again = run_child(tmp_path)
+    assert again == path and path.stat().st_mtime_ns == built  # loaded, not rebuilt
+    assert loss_again == loss
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_concurrent_first_builds_share_one_library(tmp_path):
+    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path), "DEPLOY_CTC_CPU_BACKEND": "native",
+                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    children = [subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=environment) for _ in range(3)]
+    outputs = [child.communicate(timeout=600) for child in children]
+    assert all(child.returncode == 0 for child in children), [err for _, err in outputs]
+    assert len({out for out, _ in outputs}) == 1  # one path, one loss
+    assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.partial"))
+
+
+def test_unwritable_cache_directory_builds_in_a_temporary_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    path, _ = run_child(blocker / "cache")
+    assert path.is_file() and blocker not in path.parents
+
+
+def test_cache_dir_defaults_to_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("DEPLOY_CTC_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native_build.cache_dir() == tmp_path / "deploy_ctc"
+
+
+def test_missing_compiler_is_reported(fresh_state, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises(native_build.NativeUnavailable, match=r"no C\+\+ compiler found \(tried /nonexistent/c\+\+"):
+        native_build.library()
+    assert "unavailable" in native_build.describe()
+
+
+def test_failed_build_reports_the_compiler_output(fresh_state, monkeypatch, tmp_path):
+    fake = tmp_path / "broken-c++"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo broken 1.0; exit 0; fi\n"
+                    "echo 'error: this compiler is broken' >&2\nexit 1\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("DEPLOY_CTC_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(native_build.NativeUnavailable, match="this compiler is broken"):
+        native_build.library()
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-built left behind
