@@ -1,4 +1,4 @@
-"""The installed distribution ships what the package needs at run time (the CUDA sources above all)."""
+"""The installed distribution ships what the package needs at run time (the CUDA and C++ sources above all)."""
 
 import importlib.metadata
 import pathlib
@@ -20,8 +20,8 @@ def _distribution_files():
 
 def test_wheel_ships_every_kernel_source():
     files = _distribution_files()
-    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh"))
-    assert sources, "kernels/ holds no CUDA sources"
+    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".cpp"))
+    assert "ctc.cu" in sources and "ctc_cpu.cpp" in sources, sources
     missing = [name for name in sources if f"deploy_ctc/kernels/{name}" not in files]
     assert not missing, f"kernel sources missing from the installed package: {missing}"
 
