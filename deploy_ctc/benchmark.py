@@ -2,9 +2,10 @@
 
 ``ctc_loss_and_grad`` as a user calls it (the native engine where it builds, see :mod:`deploy_ctc.cpu_backends`),
 the pure-NumPy backend, and torch run in the same process on the same float32 inputs, interleaved, after a warm-up;
-the report gives medians and their ratios to torch. Peak memory is measured in a fresh child process per (implementation, shape): the growth of the peak
-resident set (VmHWM, reset once the inputs exist) over the resident size at that point. Used by
-``deploy-ctc bench`` and ``benchmarks/bench_cpu.py``; results go to JSON with a description of the machine.
+the report gives medians and their ratios to torch. Peak memory is measured in a fresh child process per
+(implementation, shape): the growth of the peak resident set (VmHWM, reset once the inputs exist) over the resident
+size at that point. Used by ``deploy-ctc bench`` and ``benchmarks/bench_cpu.py``; results go to JSON with a
+description of the machine. ``--logit-scale 10`` times confident, peaky outputs instead (the engine's log-space path).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ import numpy as np
 SHAPES = [(50, 16, 20, 30), (500, 32, 30, 100), (400, 16, 1000, 80), (1500, 8, 5000, 300)]
 
 
-def make_inputs(T, N, C, S, seed=0):
-    """float32 log-probabilities ``(T, N, C)``, padded targets ``(N, S)``, full input lengths, target lengths
-    uniform in ``[S/2, S]``."""
+def make_inputs(T, N, C, S, seed=0, logit_scale=1.0):
+    """float32 log-probabilities ``(T, N, C)`` (log_softmax of standard normal logits times ``logit_scale``: larger
+    scales give the confident, peaky outputs of a trained model), padded targets ``(N, S)``, full input lengths,
+    target lengths uniform in ``[S/2, S]``."""
     rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((T, N, C), dtype=np.float32)
+    logits = rng.standard_normal((T, N, C), dtype=np.float32) * np.float32(logit_scale)
+    logits -= logits.max(axis=2, keepdims=True)  # a stable log_softmax at any scale
     log_probs = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
     targets = rng.integers(1, C, size=(N, S), dtype=np.int64)
     input_lengths = np.full(N, T, dtype=np.int64)
@@ -66,9 +69,9 @@ def _runners(inputs):
     return {"torch": run_torch, "deploy_ctc": run_deploy_ctc, "numpy_backend": run_numpy_backend}
 
 
-def time_shape(shape, repeats, progress=None):
+def time_shape(shape, repeats, progress=None, logit_scale=1.0):
     """Median seconds of each implementation on ``shape``, interleaved runs after one warm-up each."""
-    return interleaved_medians(_runners(make_inputs(*shape)), repeats, progress)
+    return interleaved_medians(_runners(make_inputs(*shape, logit_scale=logit_scale)), repeats, progress)
 
 
 def interleaved_medians(runners, repeats, progress=None, slow_s=None):
@@ -91,16 +94,16 @@ def interleaved_medians(runners, repeats, progress=None, slow_s=None):
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def peak_memory(name, shape):
+def peak_memory(name, shape, logit_scale=1.0):
     """Peak resident-set growth (bytes) of one forward + backward of ``name`` on ``shape``, in a child process."""
     code = ("import json, sys; from deploy_ctc.benchmark import _child_peak_memory; "
-            f"print(json.dumps(_child_peak_memory({name!r}, {tuple(shape)!r})))")
+            f"print(json.dumps(_child_peak_memory({name!r}, {tuple(shape)!r}, {float(logit_scale)!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _child_peak_memory(name, shape):
-    runners = _runners(make_inputs(*shape))
+def _child_peak_memory(name, shape, logit_scale):
+    runners = _runners(make_inputs(*shape, logit_scale=logit_scale))
     # Reset the peak-RSS mark (Linux: "5" to clear_refs) so the inputs' construction does not count.
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
@@ -128,7 +131,7 @@ def machine_description():
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr):
+def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr, logit_scale=1.0):
     """Time (and measure memory of) every shape; progress goes to ``stream``. Returns the result dict."""
     results = []
     for index, shape in enumerate(shapes, 1):
@@ -138,7 +141,7 @@ def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr):
             stream.write(f"\r{label} timing {done}/{total}")
             stream.flush()
 
-        medians = time_shape(shape, repeats, progress)
+        medians = time_shape(shape, repeats, progress, logit_scale)
         row = {"shape": list(shape)}
         for name in IMPLEMENTATIONS:
             row[f"{name}_ms"] = medians[name] * 1e3
@@ -148,7 +151,7 @@ def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr):
             stream.write(f"\r{label} peak memory          ")
             stream.flush()
             for name in IMPLEMENTATIONS:
-                row[f"{name}_peak_mb"] = peak_memory(name, shape) / 2**20
+                row[f"{name}_peak_mb"] = peak_memory(name, shape, logit_scale) / 2**20
         stream.write(f"\r{label} done: {row['speedup']:.2f}x            \n")
         results.append(row)
     from . import cpu_backends
@@ -156,7 +159,7 @@ def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr):
     speedups = [row["speedup"] for row in results]
     numpy_speedups = [row["numpy_backend_speedup"] for row in results]
     return {"benchmark": "CTC loss forward+backward, float32, CPU", "machine": machine_description(),
-            "deploy_ctc_backend": cpu_backends.name(), "repeats": repeats, "rows": results,
+            "deploy_ctc_backend": cpu_backends.name(), "logit_scale": logit_scale, "repeats": repeats, "rows": results,
             "geomean_speedup": _geomean(speedups), "min_speedup": min(speedups),
             "numpy_backend_geomean_speedup": _geomean(numpy_speedups),
             "numpy_backend_min_speedup": min(numpy_speedups)}
@@ -187,8 +190,8 @@ def format_table(report):
     lines.append(f"Geometric-mean speed-up {report['geomean_speedup']:.2f}x (lowest {report['min_speedup']:.2f}x) "
                  f"for deploy_ctc ({backend} backend), {report['numpy_backend_geomean_speedup']:.2f}x (lowest "
                  f"{report['numpy_backend_min_speedup']:.2f}x) for the pure-NumPy backend; medians of "
-                 f"{report['repeats']} interleaved runs; {m['cpu']}, {m['cores']} cores, torch {m['torch']} "
-                 f"({m['torch_threads']} threads), numpy {m['numpy']}.")
+                 f"{report['repeats']} interleaved runs; logits x{report['logit_scale']:g}; {m['cpu']}, "
+                 f"{m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}.")
     return "\n".join(lines)
 
 
@@ -200,6 +203,8 @@ def main(argv=None):
                         help="JSON file for the results (default: print only)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--quick", action="store_true", help="only the two smallest shapes, 3 repeats")
+    parser.add_argument("--logit-scale", type=float, default=1.0,
+                        help="multiply the random logits (10: the confident, peaky outputs of a trained model)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -209,7 +214,7 @@ def main(argv=None):
         print("deploy-ctc bench compares against torch: pip install 'deploy_ctc[test]'", file=sys.stderr)
         return 2
     shapes, repeats = (SHAPES[:2], 3) if args.quick else (SHAPES, args.repeats)
-    report = run(shapes, repeats, memory=not args.no_memory)
+    report = run(shapes, repeats, memory=not args.no_memory, logit_scale=args.logit_scale)
     print(format_table(report))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -119,9 +119,9 @@ __attribute__((always_inline)) inline F exp_poly(F x) {
   return p * low * high;
 }
 
-// log(x) for 1 <= x <= 3 (a sum of two or three exponentials whose largest term is 1) without a library call, so the
-// log-space loops vectorize: x = 2^k f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(z) with z = (f - 1) / (f + 1),
-// |z| <= 0.172, by its series to z^23 (truncation < 3e-17).
+// log(x) for 1 <= x <= 3 (a sum of two or three exponentials whose largest term is 1) without a library call, so
+// the log-space loops vectorize: x = 2^k f with k in {0, 1} and f in [1/sqrt(2), 3/2], log f = 2 atanh(z) with
+// z = (f - 1) / (f + 1) in [-0.172, 0.2], by its series to z^23 (truncation below 1e-18 relative).
 __attribute__((always_inline)) inline double log_1_to_3(double x) {
   const bool high = x >= 1.4142135623730951;
   const double f = high ? x * 0.5 : x;
@@ -236,8 +236,9 @@ struct Lane {
   }
 };
 
-// The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion: gathers from different frames are
-// independent, so they overlap in the memory system. Sets m_sum; a frame with every class at -inf kills the lane.
+// The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
+// gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
+// every class at -inf kills the lane.
 template <typename In>
 void emissions(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -427,7 +428,7 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
 //   la_o_t[i] = ly(l_i) + log(e^la_o_{t-1}[i] + e^la_e_{t-1}[i] + k_i e^la_o_{t-1}[i-1])
 //   lq_e_t[i] = log(e^lb_e_{t+1}[i] + e^lb_o_{t+1}[i]),  lq_o_t[i] = log(e^lb_o_{t+1}[i] + e^lb_e_{t+1}[i+1] +
 //   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
-// Slower (three exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
+// Slower (two or three exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
 // alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
 template <typename In>
 double log_space_sample(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset,
