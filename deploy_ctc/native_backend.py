@@ -23,15 +23,8 @@ _PARALLEL_MIN_CELLS = 200_000
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient.
-
-    Args:
-        problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
-        grad_scale: ``(N,)`` float64 per-sample gradient weights, or None for the loss alone.
-        convention: ``"torch"`` (``exp(lp) - posterior``) or ``"plain"`` (``-posterior``).
-
-    Returns:
-        ``(nll, grad)`` as :func:`deploy_ctc.numpy_backend.forward_backward`.
+    """Per-sample negative log-likelihoods ``(N,)`` and, with ``grad_scale``, the scaled ``(T, N, C)`` gradient:
+    the arguments and results of :func:`deploy_ctc.numpy_backend.forward_backward` (``notes/CONTRACT.md``).
 
     Raises:
         deploy_ctc.native_build.NativeUnavailable: the engine cannot be built here.
