@@ -58,9 +58,25 @@ def redo_exact(problem, samples, nll, grad, grad_scale, convention):
         grad[:, samples] = sub_grad
 
 
+THREADS_ENV = "DEPLOY_CTC_NUM_THREADS"
+
+
+@lru_cache(maxsize=1)
 def pool_size():
-    """Worker threads of :func:`pool`: the CPU count, at most 4."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Worker threads of :func:`pool`: ``$DEPLOY_CTC_NUM_THREADS``, else the CPUs this process may run on.
+
+    Raises:
+        ValueError: ``DEPLOY_CTC_NUM_THREADS`` is not a positive integer.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV} must be a positive integer, got {value!r}")
+        return int(value)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))  # a container's or taskset's CPU limit, where the OS tells it
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 @lru_cache(maxsize=1)
@@ -71,3 +87,4 @@ def pool():
 
 # A forked child (a DataLoader worker, say) inherits the pool object but not its threads: give it a new one.
 os.register_at_fork(after_in_child=pool.cache_clear)
+os.register_at_fork(after_in_child=pool_size.cache_clear)

@@ -53,6 +53,8 @@ _CHUNK_TABLE_BYTES = 48 << 20
 # _PIPELINE_CHUNKS chunks whose stages overlap on the worker threads.
 _PARALLEL_MIN_CELLS = 400_000
 _PIPELINE_CHUNKS = 2
+# Frame ranges of a chunk's posterior stage: NumPy's per-call overhead makes more, smaller ranges slower.
+_MAX_PARTS = 4
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
@@ -98,7 +100,7 @@ def _forward_backward(problem, grad_scale, convention):
         # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
         # Running recursions concurrently would only contend for the GIL.
         pool = cpu_common.pool()
-        parts = cpu_common.pool_size()
+        parts = min(_MAX_PARTS, cpu_common.pool_size())
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
         pending = []
         for chunk, ready in zip(chunks, prepared):
