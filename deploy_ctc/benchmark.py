@@ -5,7 +5,8 @@ the pure-NumPy backend, and torch run in the same process on the same float32 in
 the report gives medians and their ratios to torch. Peak memory is measured in a fresh child process per
 (implementation, shape): the growth of the peak resident set (VmHWM, reset once the inputs exist) over the resident
 size at that point. Used by ``deploy-ctc bench`` and ``benchmarks/bench_cpu.py``; results go to JSON with a
-description of the machine. ``--logit-scale 10`` times confident, peaky outputs instead (the engine's log-space path).
+description of the machine. ``--logit-scale 10`` times confident outputs that disagree with the targets instead
+(the engine's log-space path).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ SHAPES = [(50, 16, 20, 30), (500, 32, 30, 100), (400, 16, 1000, 80), (1500, 8, 5
 
 def make_inputs(T, N, C, S, seed=0, logit_scale=1.0):
     """float32 log-probabilities ``(T, N, C)`` (log_softmax of standard normal logits times ``logit_scale``: larger
-    scales give the confident, peaky outputs of a trained model), padded targets ``(N, S)``, full input lengths,
-    target lengths uniform in ``[S/2, S]``."""
+    scales give confident, peaky outputs that disagree with the random targets), padded targets ``(N, S)``, full
+    input lengths, target lengths uniform in ``[S/2, S]``."""
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal((T, N, C), dtype=np.float32) * np.float32(logit_scale)
     logits -= logits.max(axis=2, keepdims=True)  # a stable log_softmax at any scale
@@ -204,7 +205,7 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     parser.add_argument("--quick", action="store_true", help="only the two smallest shapes, 3 repeats")
     parser.add_argument("--logit-scale", type=float, default=1.0,
-                        help="multiply the random logits (10: the confident, peaky outputs of a trained model)")
+                        help="multiply the random logits (10: confident outputs that disagree with the targets)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
