@@ -16,8 +16,14 @@ from deploy_ctc import native_build
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not any(map(__import__("shutil").which, ["c++", "g++", "clang++"])),
-                                reason="no C++ compiler on PATH")
+def has_compiler():
+    try:
+        return bool(native_build.find_compiler())
+    except native_build.NativeUnavailable:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler ($CXX, c++, g++, clang++)")
 
 # Prints the loaded library's path and the loss of a fixed batch (float64, so runs compare exactly).
 CHILD = """

@@ -17,13 +17,20 @@ from tests.utils import oracles
 
 pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
 
-# The backend the API uses, and the exact log-space fallback beside it while it exists: one body tests both.
+# Both CPU backends (native where a compiler exists) and the exact log-space twin: one body tests all three.
 BACKENDS = ["deploy_ctc.numpy_backend", "deploy_ctc.native_backend"] + [
     name for name in ["deploy_ctc.numpy_logspace"] if importlib.util.find_spec(name) is not None]
 
 
 @pytest.fixture(params=BACKENDS)
 def numpy_backend(request):
+    if request.param == "deploy_ctc.native_backend":
+        from deploy_ctc import native_build
+
+        try:
+            native_build.library()
+        except native_build.NativeUnavailable as error:
+            pytest.skip(f"the native engine is not available here: {error}")
     return importlib.import_module(request.param)
 
 
