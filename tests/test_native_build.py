@@ -110,3 +110,14 @@ def test_failed_build_reports_the_compiler_output(fresh_state, monkeypatch, tmp_
     with pytest.raises(native_build.NativeUnavailable, match="this compiler is broken"):
         native_build.library()
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-built left behind
+
+
+def test_a_build_is_logged(tmp_path):
+    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path),
+                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = ("import logging; logging.basicConfig(level=logging.INFO); "
+            "from deploy_ctc import native_build; native_build.library()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "building the native CPU engine" in result.stderr and "built " in result.stderr
