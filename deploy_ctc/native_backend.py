@@ -1,11 +1,12 @@
 r"""Native CPU backend: the NumPy backend's algorithm as compiled code (``kernels/ctc_cpu.cpp``).
 
 Same contract as :func:`deploy_ctc.numpy_backend.forward_backward` (``notes/CONTRACT.md``, "Backends"). Each sample
-runs its scaled probability-space forward and backward recursions in float64, vectorized over the ``L = 2S + 1``
-lattice positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x L`` table
-outlives its sample, so peak memory is the gradient plus ``2 T_n (L_n + 4)`` float64 of scratch per worker thread.
-Samples whose consistency check fails (flushed mass on extreme, peaky inputs; NaN) are recomputed by the exact
-log-space path :mod:`deploy_ctc.numpy_logspace`, exactly as in the NumPy backend.
+runs its scaled probability-space forward and backward recursions in float64, vectorized over the lattice's blank
+and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x (2S + 1)``
+table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per sample in
+flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
+(confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with
+NaN log-probs come back here, for :mod:`deploy_ctc.numpy_logspace`.
 
 Samples are dealt to the worker threads of :func:`deploy_ctc.cpu_common.pool` by estimated cost (the engine
 releases the GIL); small batches run on the calling thread.
@@ -77,13 +78,13 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
 
 def _deal(samples, cost, workers):
     """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
-    currently lightest part)."""
+    currently lightest part); each part stays in decreasing cost, so the engine's lanes get similar lengths."""
     if workers <= 1 or samples.size <= 1:
-        return [np.ascontiguousarray(samples, dtype=np.int64)]
+        return [np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)]
     loads = np.zeros(workers)
     parts = [[] for _ in range(workers)]
     for i in np.argsort(-cost, kind="stable"):
         lightest = int(np.argmin(loads))
         parts[lightest].append(samples[i])
         loads[lightest] += cost[i]
-    return [np.array(sorted(part), dtype=np.int64) for part in parts if part]
+    return [np.array(part, dtype=np.int64) for part in parts if part]

@@ -114,37 +114,53 @@ def _build() -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"{compiler} --version failed: {error}") from None
-    errors = []
-    for flags in (FLAGS + extra for extra in TARGET_FLAGS):
+    builds = []  # (flags, file name) in order of preference
+    for extra in TARGET_FLAGS:
+        flags = FLAGS + extra
         digest = hashlib.sha256()
         for part in (source.read_bytes(), compiler.encode(), version.encode(), " ".join(flags).encode(),
                      platform.machine().encode(), _cpu_identity().encode()):
             digest.update(part)
             digest.update(b"\0")
-        name = f"ctc_cpu-{digest.hexdigest()[:20]}.so"
-        for folder in (cache_dir(), None):
-            target = (folder or Path(tempfile.mkdtemp(prefix="deploy_ctc-"))) / name
-            if target.exists():
-                return target
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                partial = tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so.partial", delete=False)
-                partial.close()
-            except OSError:
-                continue  # the cache is not writable: build into a temporary directory instead
-            _logger.info("building the native CPU engine (once per machine and version): %s %s", compiler,
-                         " ".join(flags))
-            start = time.perf_counter()
+        builds.append((flags, f"ctc_cpu-{digest.hexdigest()[:20]}.so"))
+    for _, name in builds:  # an earlier process's build, even with fallback flags, saves a failing compile
+        if (cache_dir() / name).is_file():
+            return cache_dir() / name
+    errors = []
+    for flags, name in builds:
+        try:
+            return _compile(compiler, flags, source, name)
+        except NativeUnavailable as error:
+            errors.append(str(error))
+    raise NativeUnavailable("the build failed:\n" + "\n".join(errors))
+
+
+def _compile(compiler, flags, source, name) -> Path:
+    """Compile ``source`` into ``name`` in the cache (else a temporary directory), via a temporary name."""
+    for folder in (cache_dir(), None):
+        target = (folder or Path(tempfile.mkdtemp(prefix="deploy_ctc-"))) / name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so.partial", delete=False)
+            partial.close()
+        except OSError:
+            continue  # the cache is not writable: build into a temporary directory instead
+        _logger.info("building the native CPU engine (once per machine and version): %s %s", compiler,
+                     " ".join(flags))
+        start = time.perf_counter()
+        try:
             result = subprocess.run([compiler, *flags, str(source), "-o", partial.name], capture_output=True,
                                     text=True, timeout=_COMPILE_TIMEOUT_S)
-            if result.returncode == 0:
-                os.replace(partial.name, target)
-                _logger.info("built %s in %.1f s", target, time.perf_counter() - start)
-                return target
-            os.unlink(partial.name)
-            errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-2000:]}")
-            break
-    raise NativeUnavailable("the build failed:\n" + "\n".join(errors))
+            failure = None if result.returncode == 0 else result.stderr.strip()[-2000:]
+        except (OSError, subprocess.SubprocessError) as error:
+            failure = str(error)
+        if failure is None:
+            os.replace(partial.name, target)
+            _logger.info("built %s in %.1f s", target, time.perf_counter() - start)
+            return target
+        os.unlink(partial.name)
+        raise NativeUnavailable(f"{compiler} {' '.join(flags)}: {failure}")
+    raise NativeUnavailable(f"no writable directory for the build ({cache_dir()} and the temporary directory)")
 
 
 def _load(path: Path):

@@ -121,3 +121,21 @@ def test_a_build_is_logged(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr
     assert "building the native CPU engine" in result.stderr and "built " in result.stderr
+
+
+def test_a_compiler_rejecting_the_preferred_flags_builds_with_the_next_set_once(tmp_path):
+    """Flags the compiler rejects fall back to the next set; later processes load that build without retrying."""
+    real = native_build.find_compiler()
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "picky-c++"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n"
+                    "case \"$*\" in *-mprefer-vector-width*) echo 'unrecognized option' >&2; exit 1;; esac\n"
+                    f"exec {real} \"$@\"\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    path, loss = run_child(tmp_path / "cache", CXX=str(fake))
+    compiles = [line for line in log.read_text().splitlines() if "--version" not in line]
+    assert len(compiles) == 2 and "-mprefer-vector-width=256" in compiles[0]
+    assert "-march=native" in compiles[1] and "-mprefer-vector-width" not in compiles[1]
+    again, loss_again = run_child(tmp_path / "cache", CXX=str(fake))
+    assert again == path and loss_again == loss
+    assert [line for line in log.read_text().splitlines() if "--version" not in line] == compiles  # no new build
