@@ -134,15 +134,18 @@ __attribute__((always_inline)) inline double log_1_to_3(double x) {
 // Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as numpy_logspace).
 constexpr double kNeg = -1e30;
 
-// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for values >= kNeg.
+// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for values >= kNeg: the largest term is exp(0) = 1, so
+// only the others need an exponential.
 __attribute__((always_inline)) inline double log_add2(double a, double b) {
-  const double m = a > b ? a : b;
-  return m + log_1_to_3(exp_poly(a - m) + exp_poly(b - m));
+  const double m = a > b ? a : b, low = a > b ? b : a;
+  return m + log_1_to_3(1.0 + exp_poly(low - m));
 }
 
 __attribute__((always_inline)) inline double log_add3(double a, double b, double c) {
   const double m = a > b ? (a > c ? a : c) : (b > c ? b : c);
-  return m + log_1_to_3(exp_poly(a - m) + exp_poly(b - m) + exp_poly(c - m));
+  const double x = a == m ? b : a;                  // the two terms other than (one) maximum
+  const double y = a == m ? c : (b == m ? c : b);
+  return m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
 }
 
 // The exponent a of the power of two nearest x > 0 from above (x = f 2^a, 0.5 <= f < 1), for normal x.
@@ -428,7 +431,7 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
 //   la_o_t[i] = ly(l_i) + log(e^la_o_{t-1}[i] + e^la_e_{t-1}[i] + k_i e^la_o_{t-1}[i-1])
 //   lq_e_t[i] = log(e^lb_e_{t+1}[i] + e^lb_o_{t+1}[i]),  lq_o_t[i] = log(e^lb_o_{t+1}[i] + e^lb_e_{t+1}[i+1] +
 //   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
-// Slower (two or three exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
+// Slower (one or two exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
 // alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
 template <typename In>
 double log_space_sample(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset,
