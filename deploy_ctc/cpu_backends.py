@@ -28,6 +28,15 @@ def current():
         ValueError: ``DEPLOY_CTC_CPU_BACKEND`` holds something else than auto, native or numpy.
         RuntimeError: ``native`` was asked for and the engine cannot be built (the message says why).
     """
+    return _select(warn=True)
+
+
+def name():
+    """``"native"`` or ``"numpy"``: what :func:`current` would pick now (without warning)."""
+    return _select(warn=False).__name__.rsplit(".", 1)[1].split("_")[0]
+
+
+def _select(warn):
     global _warned
     choice = getattr(_override, "choice", None) or _choice_from_environment()
     if choice != "numpy":
@@ -39,24 +48,14 @@ def current():
         except native_build.NativeUnavailable as error:
             if choice == "native":
                 raise RuntimeError(f"the native CPU backend was asked for, but {error}") from None
-            if not _warned:
+            if warn and not _warned:
                 _warned = True
                 warnings.warn(f"deploy_ctc: {error}; using the slower pure-NumPy CPU backend "
                               f"(set {ENV}=numpy to choose it and silence this warning)", RuntimeWarning,
-                              stacklevel=4)
+                              stacklevel=5)
     from . import numpy_backend
 
     return numpy_backend
-
-
-def name():
-    """``"native"`` or ``"numpy"``: what :func:`current` would pick now (without warning)."""
-    global _warned
-    warned, _warned = _warned, True
-    try:
-        return current().__name__.rsplit(".", 1)[1].split("_")[0]
-    finally:
-        _warned = warned
 
 
 @contextlib.contextmanager

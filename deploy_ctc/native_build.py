@@ -114,14 +114,16 @@ def _build() -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"{compiler} --version failed: {error}") from None
+    common = hashlib.sha256()  # what every build depends on but its flags
+    for part in (source.read_bytes(), compiler.encode(), version.encode(), platform.machine().encode(),
+                 _cpu_identity().encode()):
+        common.update(part)
+        common.update(b"\0")
     builds = []  # (flags, file name) in order of preference
     for extra in TARGET_FLAGS:
         flags = FLAGS + extra
-        digest = hashlib.sha256()
-        for part in (source.read_bytes(), compiler.encode(), version.encode(), " ".join(flags).encode(),
-                     platform.machine().encode(), _cpu_identity().encode()):
-            digest.update(part)
-            digest.update(b"\0")
+        digest = common.copy()
+        digest.update(" ".join(flags).encode())
         builds.append((flags, f"ctc_cpu-{digest.hexdigest()[:20]}.so"))
     for _, name in builds:  # an earlier process's build, even with fallback flags, saves a failing compile
         if (cache_dir() / name).is_file():
