@@ -188,33 +188,31 @@ struct Lane {
   double z_end = 0.0;                           // Z_{T-1}
   int next = 0;                                 // which of b_blank / b_label holds frame t + 1
 
-  static std::size_t bytes(std::int64_t t_max, std::int64_t s_max) {
-    const std::int64_t width = s_max + 2;
-    const std::int64_t doubles = t_max * (s_max + 1) + t_max * width + t_max * s_max + t_max + 2 * (s_max + 2) +
-                                 2 * width + (s_max + 1) + s_max;
-    const std::size_t raw = sizeof(double) * doubles + sizeof(std::int64_t) * 2 * s_max +
-                            sizeof(std::int32_t) * (t_max + 3 * s_max + 1);
-    return (raw + 63) / 64 * 64;
-  }
-
-  void carve(void* memory, std::int64_t t_max, std::int64_t s_max_) {
+  // Lays the scratch out from `memory` and returns its size in bytes (a multiple of 64); with memory == nullptr it
+  // only measures, so the size and the layout cannot disagree.
+  std::size_t carve(char* memory, std::int64_t t_max, std::int64_t s_max_) {
     s_max = s_max_, width = s_max_ + 2;
-    double* d = static_cast<double*>(memory);
-    auto take = [&d](std::int64_t count) { double* p = d; d += count; return p; };
-    fwd_blank = take(t_max * (s_max + 1));
-    fwd_label = take(t_max * width);
-    emit_label = take(t_max * s_max);
-    emit_blank = take(t_max);
-    b_blank[0] = take(s_max + 2), b_blank[1] = take(s_max + 2);
-    b_label[0] = take(width), b_label[1] = take(width);
-    skip = take(s_max + 1);
-    unique_emit = take(s_max);
-    offset = reinterpret_cast<std::int64_t*>(d);
-    classes = offset + s_max;
-    scale = reinterpret_cast<std::int32_t*>(classes + s_max);
-    slot = scale + t_max;
-    members = slot + s_max;
-    first = members + s_max;
+    std::size_t used = 0;
+    auto take = [&](auto*& pointer, std::int64_t count) {  // doubles first, then 8- and 4-byte integers: aligned
+      using T = std::remove_reference_t<decltype(*pointer)>;
+      pointer = memory == nullptr ? nullptr : reinterpret_cast<T*>(memory + used);
+      used += sizeof(T) * static_cast<std::size_t>(count);
+    };
+    take(fwd_blank, t_max * (s_max + 1));
+    take(fwd_label, t_max * width);
+    take(emit_label, t_max * s_max);
+    take(emit_blank, t_max);
+    take(b_blank[0], s_max + 2), take(b_blank[1], s_max + 2);
+    take(b_label[0], width), take(b_label[1], width);
+    take(skip, s_max + 1);
+    take(unique_emit, s_max);
+    take(offset, s_max);
+    take(classes, s_max);
+    take(scale, t_max);
+    take(slot, s_max);
+    take(members, s_max);
+    take(first, s_max + 1);
+    return (used + 63) / 64 * 64;
   }
 
   // Take sample n: its skip flags, class slots (slot_of: class -> slot, all -1 before and after) and row offsets.
@@ -529,7 +527,7 @@ int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int6
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
-  const std::size_t lane_bytes = Lane::bytes(t_max, s_max);
+  const std::size_t lane_bytes = Lane().carve(nullptr, t_max, s_max);
   int lanes = static_cast<int>(kLaneBytes / lane_bytes);
   lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);
   char* memory = static_cast<char*>(std::malloc(lanes * lane_bytes + sizeof(std::int32_t) * C));
