@@ -1,8 +1,8 @@
 """The public functions: ``torch.nn.functional.ctc_loss``'s behaviour on NumPy and CuPy arrays.
 
 Each call validates its arguments (:mod:`deploy_ctc.validation`), hands the canonical problem to the backend that
-owns the array (NumPy: :mod:`deploy_ctc.native_backend` or :mod:`deploy_ctc.numpy_backend`, chosen by
-:mod:`deploy_ctc.cpu_backends`; CuPy: :mod:`deploy_ctc.cupy_backend`), then applies ``zero_infinity``
+owns the array (NumPy: :mod:`deploy_ctc._backends.cpu.native` or :mod:`deploy_ctc._backends.cpu.pure_numpy`, chosen by
+:mod:`deploy_ctc._backends.cpu`; CuPy: :mod:`deploy_ctc._backends.cuda.cupy_kernels`), then applies ``zero_infinity``
 and the reduction exactly as torch does.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._backends import backend_for
 from .validation import check_options, validate
 
 CONVENTIONS = ("torch", "plain")
@@ -51,7 +52,7 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         Unsegmented Sequence Data with Recurrent Neural Networks. ICML 2006.
     """
     problem = validate(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
-    nll, _ = _backend(problem).forward_backward(problem)
+    nll, _ = backend_for(problem).forward_backward(problem)
     return _reduce(problem, nll)
 
 
@@ -79,7 +80,7 @@ def ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, blank=0
         raise ValueError(f"convention must be 'torch' or 'plain', got {convention!r}")
     problem = validate(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
     scale = _grad_scale(problem, grad_output)
-    nll, grad = _backend(problem).forward_backward(problem, scale, convention)
+    nll, grad = backend_for(problem).forward_backward(problem, scale, convention)
     if not problem.batched:
         grad = grad[:, 0, :]  # (T, C)
     return _reduce(problem, nll), grad.astype(problem.out_dtype, copy=False)
@@ -107,16 +108,6 @@ class CTCLoss:
     def __repr__(self):
         return (f"CTCLoss(blank={self.blank}, reduction={self.reduction!r}, "
                 f"zero_infinity={self.zero_infinity})")
-
-
-def _backend(problem):
-    if problem.xp is np:
-        from . import cpu_backends
-
-        return cpu_backends.current()
-    from . import cupy_backend
-
-    return cupy_backend
 
 
 def _reduce(problem, nll):

@@ -1,6 +1,6 @@
 """CPU benchmark: deploy_ctc's CPU backends against ``torch.nn.functional.ctc_loss`` (forward + backward).
 
-``ctc_loss_and_grad`` as a user calls it (the native engine where it builds, see :mod:`deploy_ctc.cpu_backends`),
+``ctc_loss_and_grad`` as a user calls it (the native engine where it builds, see :mod:`deploy_ctc._backends.cpu`),
 the pure-NumPy backend, and torch run in the same process on the same float32 inputs, interleaved, after a warm-up;
 the report gives medians and their ratios to torch. Peak memory is measured in a fresh child process per
 (implementation, shape): the growth of the peak resident set (VmHWM, reset once the inputs exist) over the resident
@@ -49,7 +49,7 @@ def _runners(inputs):
     """``{name: f}`` for each of :data:`IMPLEMENTATIONS`: each runs one forward + backward on ``inputs``."""
     import torch
 
-    from . import cpu_backends, ctc_loss_and_grad
+    from . import backends, ctc_loss_and_grad
 
     log_probs, targets, input_lengths, target_lengths = inputs
     t_lp = torch.from_numpy(log_probs)
@@ -64,7 +64,7 @@ def _runners(inputs):
         return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths)[1]
 
     def run_numpy_backend():
-        with cpu_backends.using("numpy"):
+        with backends.using("numpy"):
             return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths)[1]
 
     return {"torch": run_torch, "deploy_ctc": run_deploy_ctc, "numpy_backend": run_numpy_backend}
@@ -155,12 +155,12 @@ def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr, logit_scale=1.
                 row[f"{name}_peak_mb"] = peak_memory(name, shape, logit_scale) / 2**20
         stream.write(f"\r{label} done: {row['speedup']:.2f}x            \n")
         results.append(row)
-    from . import cpu_backends
+    from . import backends
 
     speedups = [row["speedup"] for row in results]
     numpy_speedups = [row["numpy_backend_speedup"] for row in results]
     return {"benchmark": "CTC loss forward+backward, float32, CPU", "machine": machine_description(),
-            "deploy_ctc_backend": cpu_backends.name(), "logit_scale": logit_scale, "repeats": repeats, "rows": results,
+            "deploy_ctc_backend": backends.cpu_backend(), "logit_scale": logit_scale, "repeats": repeats, "rows": results,
             "geomean_speedup": _geomean(speedups), "min_speedup": min(speedups),
             "numpy_backend_geomean_speedup": _geomean(numpy_speedups),
             "numpy_backend_min_speedup": min(numpy_speedups)}

@@ -16,7 +16,8 @@ import sys
 import numpy as np
 
 import deploy_ctc
-from deploy_ctc import cpu_backends, native_build
+from deploy_ctc._backends import cpu as cpu_backends
+from deploy_ctc._backends.cpu import native_build
 
 OPTIONAL = [("torch", "test"), ("cupy", "cuda"), ("onnx", "onnx"), ("onnxruntime", "onnx"),
             ("onnxruntime_extensions", "onnx"), ("onnxscript", "onnx")]

@@ -1,6 +1,6 @@
 // CTC loss kernels (Graves et al. 2006) with torch.nn.CTCLoss's conventions, for the whole batch.
 //
-// Memory layout (all indices in elements; the launch code in deploy_ctc/cupy_backend.py sets them up):
+// Memory layout (all indices in elements; the launch code in deploy_ctc/_backends/cuda/cupy_kernels.py sets them up):
 //   log_probs  lp[t * lp_st + n * lp_sn + c * lp_sc]       (T, N, C), any strides (a strided view is fine)
 //   targets    targets[n * S + i]                          (N, S) int64, C-contiguous
 //   lengths    input_lengths[n], target_lengths[n]         (N,) int64
@@ -22,7 +22,7 @@
 // beta is alpha run on the reversed frames and reversed l' (s -> 2L-s keeps parity and the skip rule), so one
 // kernel computes both: blocks [0, N) run the forward direction, blocks [N, 2N) the backward one.
 //
-// Launch sequence (deploy_ctc/cupy_backend.py): ctc_lattice (alpha, beta, nll, and in spare blocks the dense
+// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py): ctc_lattice (alpha, beta, nll, and in spare blocks the dense
 // part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no
 // atomics; every sum runs in an order fixed by the shapes.
 #include "ctc.cuh"
@@ -35,20 +35,20 @@ using dctc::log_add;
 // t < input_lengths[n], 0 for later frames. The lattice launch runs it in its spare blocks, so the one pass over
 // the (T, N, C) arrays overlaps the latency-bound recursions; ctc_grad then overwrites the target's classes.
 // `block` numbers this block among the dense blocks, `blocks` is their count; one row (t, n) at a time.
-template <typename T>
-__device__ void dense_grad(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
+template <typename scalar_t>
+__device__ void dense_grad(const scalar_t* lp, long long lp_st, long long lp_sn, long long lp_sc,
                            const long long* input_lengths, int N, int T_max, int C, const double* grad_scale,
-                           int plain, T* grad, long long block, long long blocks) {
+                           int plain, scalar_t* grad, long long block, long long blocks) {
     for (long long r = block; r < static_cast<long long>(T_max) * N; r += blocks) {
         const long long t = r / N;
         const int n = static_cast<int>(r - t * N);
-        T* g = grad + r * C;
+        scalar_t* g = grad + r * C;
         if (t >= input_lengths[n] || plain) {
-            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = T(0);
+            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = scalar_t(0);
         } else {
-            const T* lp_row = lp + t * lp_st + n * lp_sn;
-            const T w = static_cast<T>(grad_scale[n]);
-            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = w * Math<T>::exp(lp_row[c * lp_sc]);
+            const scalar_t* lp_row = lp + t * lp_st + n * lp_sn;
+            const scalar_t w = static_cast<scalar_t>(grad_scale[n]);
+            for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = w * Math<scalar_t>::exp(lp_row[c * lp_sc]);
         }
     }
 }
@@ -61,12 +61,12 @@ __device__ void dense_grad(const T* lp, long long lp_st, long long lp_sn, long l
 //            from the global table (the slow path of targets too long for shared memory: no length ceiling);
 //   [stage_frames rows] the emissions lp[t, n, l'_s] of the next stage_frames frames, gathered by the whole
 //            block with many loads in flight, so the per-frame critical path touches only shared memory.
-template <typename T>
-__global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
+template <typename scalar_t>
+__global__ void ctc_lattice(const scalar_t* lp, long long lp_st, long long lp_sn, long long lp_sc,
                             const long long* targets, int S, const long long* input_lengths,
                             const long long* target_lengths, int N, int T_max, int C, int blank,
-                            int rows_in_shared, int stage_frames, T* alpha, T* beta, T* nll,
-                            const double* grad_scale, int plain, T* grad) {
+                            int rows_in_shared, int stage_frames, scalar_t* alpha, scalar_t* beta, scalar_t* nll,
+                            const double* grad_scale, int plain, scalar_t* grad) {
     if (blockIdx.x >= 2u * N) {
         dense_grad(lp, lp_st, lp_sn, lp_sc, input_lengths, N, T_max, C, grad_scale, plain, grad,
                    blockIdx.x - 2LL * N, gridDim.x - 2LL * N);
@@ -79,12 +79,12 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
     const int width = 2 * L + 1;                       // lattice positions of this sample
     const long long row = 2LL * S + 1;                 // row stride of the tables
     const long long* target = targets + static_cast<long long>(n) * S;
-    const T* lp_n = lp + n * lp_sn;
-    T* table = (forward ? alpha : beta) + static_cast<long long>(n) * T_max * row;
-    T* rows = reinterpret_cast<T*>(dctc_smem);               // (2, width) if rows_in_shared
-    T* stage = rows + (rows_in_shared ? 2 * row : 0);        // (stage_frames, width)
+    const scalar_t* lp_n = lp + n * lp_sn;
+    scalar_t* table = (forward ? alpha : beta) + static_cast<long long>(n) * T_max * row;
+    scalar_t* rows = reinterpret_cast<scalar_t*>(dctc_smem);               // (2, width) if rows_in_shared
+    scalar_t* stage = rows + (rows_in_shared ? 2 * row : 0);        // (stage_frames, width)
     const int dir = forward ? 1 : -1;                  // neighbours of s in the recursion are s - dir, s - 2 dir
-    const T neg_inf = Math<T>::neg_inf();
+    const scalar_t neg_inf = Math<scalar_t>::neg_inf();
 
     int staged = 0;                                    // index of frame k in the emission stage
     for (long long k = 0; k < frames; ++k, ++staged) {
@@ -96,7 +96,7 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
             constexpr int kStageLoads = 8;
             const int count = static_cast<int>(min(static_cast<long long>(stage_frames), frames - k)) * width;
             for (int base = threadIdx.x; base < count; base += kStageLoads * blockDim.x) {
-                T value[kStageLoads];
+                scalar_t value[kStageLoads];
 #pragma unroll
                 for (int u = 0; u < kStageLoads; ++u) {
                     const int i = base + u * blockDim.x;
@@ -115,15 +115,15 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
             }
             __syncthreads();
         }
-        T* out = table + t * row;
-        const T* prev = rows_in_shared ? rows + ((k + 1) & 1) * width : table + (k > 0 ? t - dir : t) * row;
-        T* cur = rows + (k & 1) * width;
+        scalar_t* out = table + t * row;
+        const scalar_t* prev = rows_in_shared ? rows + ((k + 1) & 1) * width : table + (k > 0 ? t - dir : t) * row;
+        scalar_t* cur = rows + (k & 1) * width;
         for (int j = threadIdx.x; j < width; j += blockDim.x) {
             const int s = forward ? j : width - 1 - j;  // j: position in the direction of the recursion
             const int label = extended_label(target, s, blank);
-            T acc;
+            scalar_t acc;
             if (k == 0) {
-                acc = j < 2 ? T(0) : neg_inf;
+                acc = j < 2 ? scalar_t(0) : neg_inf;
             } else {
                 acc = prev[s];
                 if (j >= 1) acc = log_add(acc, prev[s - dir]);
@@ -131,7 +131,7 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
                     acc = log_add(acc, prev[s - 2 * dir]);
             }
             // Unreachable positions stay -inf without reading their emission.
-            T value = neg_inf;
+            scalar_t value = neg_inf;
             if (acc != neg_inf)
                 value = acc + (stage_frames > 0 ? stage[staged * width + j] : lp_n[t * lp_st + label * lp_sc]);
             out[s] = value;
@@ -140,9 +140,9 @@ __global__ void ctc_lattice(const T* lp, long long lp_st, long long lp_sn, long 
         __syncthreads();
     }
     if (forward && threadIdx.x == 0) {
-        T log_likelihood = L == 0 ? T(0) : neg_inf;    // input length 0: only the empty target has an alignment
+        scalar_t log_likelihood = L == 0 ? scalar_t(0) : neg_inf;    // input length 0: only the empty target has an alignment
         if (frames > 0) {
-            const T* last = table + (frames - 1) * row;
+            const scalar_t* last = table + (frames - 1) * row;
             log_likelihood = last[width - 1];
             if (L > 0) log_likelihood = log_add(log_likelihood, last[width - 2]);
         }
@@ -172,10 +172,10 @@ __global__ void ctc_label_links(const long long* targets, int S, const long long
 
 // grad[t, n, c] = w_n * (exp(lp) - posterior) (plain: -w_n * posterior) of one class, from the log of the
 // summed alpha + beta of the class's lattice positions. A class without reachable positions has posterior 0.
-template <typename T>
-__device__ __forceinline__ T class_grad(T lp, T log_alpha_beta, T nll, T w, int plain) {
-    const T posterior = log_alpha_beta == Math<T>::neg_inf() ? T(0) : Math<T>::exp(log_alpha_beta + nll - lp);
-    return plain ? -w * posterior : w * (Math<T>::exp(lp) - posterior);
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t class_grad(scalar_t lp, scalar_t log_alpha_beta, scalar_t nll, scalar_t w, int plain) {
+    const scalar_t posterior = log_alpha_beta == Math<scalar_t>::neg_inf() ? scalar_t(0) : Math<scalar_t>::exp(log_alpha_beta + nll - lp);
+    return plain ? -w * posterior : w * (Math<scalar_t>::exp(lp) - posterior);
 }
 
 // Gradient kernel, after the lattice launch wrote the dense part: one block per (frame t, sample n) overwrites
@@ -183,39 +183,39 @@ __device__ __forceinline__ T class_grad(T lp, T log_alpha_beta, T nll, T w, int 
 // in order; the blank's even positions are reduced by the whole block in a fixed order (dctc::block_log_add).
 // Rows of an infinite nll become NaN (0 with zero_infinity); rows t >= input_lengths[n] keep their zeros.
 // Grid: (T, min(N, 65535)); blockDim.x a multiple of 32.
-template <typename T>
-__global__ void ctc_grad(const T* lp, long long lp_st, long long lp_sn, long long lp_sc,
+template <typename scalar_t>
+__global__ void ctc_grad(const scalar_t* lp, long long lp_st, long long lp_sn, long long lp_sc,
                          const long long* targets, int S, const long long* input_lengths,
                          const long long* target_lengths, int N, int T_max, int C, int blank, const int* links,
-                         const T* alpha, const T* beta, const T* nll, const double* grad_scale,
-                         int zero_infinity, int plain, T* grad) {
-    __shared__ T scratch[32];
+                         const scalar_t* alpha, const scalar_t* beta, const scalar_t* nll, const double* grad_scale,
+                         int zero_infinity, int plain, scalar_t* grad) {
+    __shared__ scalar_t scratch[32];
     const long long t = blockIdx.x;
     const long long row = 2LL * S + 1;
     for (int n = blockIdx.y; n < N; n += gridDim.y) {  // block-uniform loop: the barriers below are safe
         if (t >= input_lengths[n]) continue;
-        T* g = grad + (t * N + n) * C;
-        const T loss = nll[n];
-        if (loss == Math<T>::pos_inf()) {
-            const T fill = zero_infinity ? T(0) : Math<T>::nan();
+        scalar_t* g = grad + (t * N + n) * C;
+        const scalar_t loss = nll[n];
+        if (loss == Math<scalar_t>::pos_inf()) {
+            const scalar_t fill = zero_infinity ? scalar_t(0) : Math<scalar_t>::nan();
             for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = fill;
             continue;
         }
-        const T* lp_row = lp + t * lp_st + n * lp_sn;
-        const T w = static_cast<T>(grad_scale[n]);
+        const scalar_t* lp_row = lp + t * lp_st + n * lp_sn;
+        const scalar_t w = static_cast<scalar_t>(grad_scale[n]);
         const long long* target = targets + static_cast<long long>(n) * S;
         const int L = static_cast<int>(target_lengths[n]);
-        const T* a = alpha + (static_cast<long long>(n) * T_max + t) * row;
-        const T* b = beta + (static_cast<long long>(n) * T_max + t) * row;
+        const scalar_t* a = alpha + (static_cast<long long>(n) * T_max + t) * row;
+        const scalar_t* b = beta + (static_cast<long long>(n) * T_max + t) * row;
         const int* link = links + static_cast<long long>(n) * S * 2;
         for (int i = threadIdx.x; i < L; i += blockDim.x) {
             if (link[2 * i] >= 0) continue;  // not the first occurrence of its label
-            T acc = Math<T>::neg_inf();
+            scalar_t acc = Math<scalar_t>::neg_inf();
             for (int j = i; j >= 0; j = link[2 * j + 1]) acc = log_add(acc, a[2 * j + 1] + b[2 * j + 1]);
             const int c = static_cast<int>(target[i]);
             g[c] = class_grad(lp_row[c * lp_sc], acc, loss, w, plain);
         }
-        T acc = Math<T>::neg_inf();
+        scalar_t acc = Math<scalar_t>::neg_inf();
         for (int s = 2 * threadIdx.x; s <= 2 * L; s += 2 * blockDim.x) acc = log_add(acc, a[s] + b[s]);
         acc = dctc::block_log_add(acc, scratch);
         if (threadIdx.x == 0) g[blank] = class_grad(lp_row[blank * lp_sc], acc, loss, w, plain);

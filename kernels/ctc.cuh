@@ -2,7 +2,7 @@
 // peaky inputs, IEEE special values built from bits (NVRTC has no math.h, so INFINITY/NAN are undefined),
 // the extended label sequence l' and a deterministic block reduction.
 //
-// Everything is templated over the float type T (float or double); float kernels call the float math
+// Everything is templated over the float type scalar_t (float or double); float kernels call the float math
 // functions explicitly so no double arithmetic sneaks into them.
 #pragma once
 
@@ -12,7 +12,7 @@ extern __shared__ __align__(16) unsigned char dctc_smem[];
 
 namespace dctc {
 
-template <typename T> struct Math;
+template <typename scalar_t> struct Math;
 
 template <> struct Math<float> {
     __device__ __forceinline__ static float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
@@ -36,11 +36,11 @@ template <> struct Math<double> {
 
 // log(exp(a) + exp(b)) without overflow or underflow: max + log1p(exp(min - max)).
 // Both -inf stays -inf (instead of -inf - -inf = NaN).
-template <typename T>
-__device__ __forceinline__ T log_add(T a, T b) {
-    const T hi = Math<T>::max(a, b);
-    if (hi == Math<T>::neg_inf()) return hi;
-    return hi + Math<T>::log1p(Math<T>::exp(Math<T>::min(a, b) - hi));
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t log_add(scalar_t a, scalar_t b) {
+    const scalar_t hi = Math<scalar_t>::max(a, b);
+    if (hi == Math<scalar_t>::neg_inf()) return hi;
+    return hi + Math<scalar_t>::log1p(Math<scalar_t>::exp(Math<scalar_t>::min(a, b) - hi));
 }
 
 // Label of position s of the extended sequence l' = (blank, l_0, blank, l_1, ..., l_{L-1}, blank):
@@ -52,8 +52,8 @@ __device__ __forceinline__ int extended_label(const long long* target, int s, in
 // log_add over the whole block, in a fixed order (warp butterflies, then the warp results in warp order),
 // so the result is bitwise reproducible for a given blockDim. Requires blockDim.x to be a multiple of 32.
 // Every thread must call it; the result is valid in thread 0. `scratch` holds 32 values.
-template <typename T>
-__device__ T block_log_add(T v, T* scratch) {
+template <typename scalar_t>
+__device__ scalar_t block_log_add(scalar_t v, scalar_t* scratch) {
     for (int offset = 16; offset > 0; offset >>= 1) v = log_add(v, __shfl_xor_sync(0xffffffffu, v, offset));
     const int warp = threadIdx.x >> 5;
     if ((threadIdx.x & 31) == 0) scratch[warp] = v;

@@ -1,8 +1,8 @@
-// CTC loss and gradient on the CPU: the native engine of deploy_ctc's CPU backend (deploy_ctc/native_backend.py).
+// CTC loss and gradient on the CPU: the native engine of deploy_ctc's CPU backend (deploy_ctc/_backends/cpu/native.py).
 //
 // Compiled at run time with the system's C++ compiler into a cached shared library and called through ctypes
-// (deploy_ctc/native_build.py); each call handles a list of samples, and the Python side runs several calls on
-// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/numpy_backend.py): scaled
+// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several calls on
+// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/_backends/cpu/pure_numpy.py): scaled
 // probability-space recursions in float64 whatever the input type, one sample at a time.
 //
 // The extended labels l' = (blank, l_0, blank, l_1, ..., l_{S-1}, blank) are held as two planes, so every loop is
@@ -22,7 +22,7 @@
 // A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
 // its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
 // all -inf frames or NaN break it, and the sample is reported not ok and recomputed by the exact log-space path
-// (deploy_ctc/numpy_logspace.py). The loss is torch's forward end, at t = T - 1.
+// (deploy_ctc/_backends/cpu/logspace.py). The loss is torch's forward end, at t = T - 1.
 //
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
@@ -240,13 +240,13 @@ struct Lane {
 // The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
 // gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
 // every class at -inf kills the lane.
-template <typename In>
-void emissions(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset) {
+template <typename scalar_t>
+void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   double m_sum = 0.0;
   for (std::int64_t t = 0; t < w.T; ++t) {
-    const In* row = lp + t * st;
-    const In* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
+    const scalar_t* row = lp + t * st;
+    const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
     double* u = w.unique_emit;
     for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
       __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
@@ -308,9 +308,9 @@ inline void forward_step(Lane& w, std::int64_t t) {
 }
 
 // exp(lp) * scale for a whole row of classes, in the input's precision (what torch computes for the "torch" term).
-template <typename In>
-void dense_row(In* out, const In* row, std::int64_t C, std::int64_t sc, double scale) {
-  const In f = static_cast<In>(scale);
+template <typename scalar_t>
+void dense_row(scalar_t* out, const scalar_t* row, std::int64_t C, std::int64_t sc, double scale) {
+  const scalar_t f = static_cast<scalar_t>(scale);
   if (sc == 1) {
 #pragma omp simd
     for (std::int64_t c = 0; c < C; ++c) out[c] = exp_poly(row[c]) * f;
@@ -324,10 +324,10 @@ inline void prefetch_row(const double* row, std::int64_t count) {
 }
 
 // Where the gradient goes: grad row (t, n) at out + t * row_stride; lp row at lp + t * st.
-template <typename In>
+template <typename scalar_t>
 struct GradientTarget {
-  In* out;
-  const In* lp;
+  scalar_t* out;
+  const scalar_t* lp;
   std::int64_t row_stride, st, sc, C, blank;
   double scale;
   bool plain;
@@ -335,10 +335,10 @@ struct GradientTarget {
 
 // The gradient row of frame t: the dense term (torch convention), then each class's posterior subtracted; ge and
 // go hold the posteriors times z.
-template <typename In>
-void gradient_row(Lane& w, const double* ge, const double* go, double z, const GradientTarget<In>& g,
+template <typename scalar_t>
+void gradient_row(Lane& w, const double* ge, const double* go, double z, const GradientTarget<scalar_t>& g,
                   std::int64_t t) {
-  In* out = g.out + t * g.row_stride;
+  scalar_t* out = g.out + t * g.row_stride;
   if (!g.plain) dense_row(out, g.lp + t * g.st, g.C, g.sc, g.scale);
   double blank_sum = 0.0;
 #pragma omp simd reduction(+ : blank_sum)
@@ -346,19 +346,19 @@ void gradient_row(Lane& w, const double* ge, const double* go, double z, const G
   // The target's cells are assigned, not updated, in the "plain" convention: a row a failed fast pass wrote is
   // rewritten whole by the log-space pass.
   const double factor = g.scale / z;
-  In& blank_cell = out[g.blank];
-  blank_cell = static_cast<In>((g.plain ? 0.0 : static_cast<double>(blank_cell)) - factor * blank_sum);
+  scalar_t& blank_cell = out[g.blank];
+  blank_cell = static_cast<scalar_t>((g.plain ? 0.0 : static_cast<double>(blank_cell)) - factor * blank_sum);
   for (std::int64_t j = 0; j < w.count; ++j) {
     double sum = 0.0;
     for (std::int32_t k = w.first[j]; k < w.first[j + 1]; ++k) sum += go[w.members[k]];
-    In& cell = out[w.classes[j]];
-    cell = static_cast<In>((g.plain ? 0.0 : static_cast<double>(cell)) - factor * sum);
+    scalar_t& cell = out[w.classes[j]];
+    cell = static_cast<scalar_t>((g.plain ? 0.0 : static_cast<double>(cell)) - factor * sum);
   }
 }
 
 // Backward frame t (frames are visited from T - 1 down): posteriors, the consistency check, the gradient row.
-template <typename In>
-void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
+template <typename scalar_t>
+void backward_step(Lane& w, std::int64_t t, const GradientTarget<scalar_t>* grad) {
   const std::int64_t S = w.S, W = w.width, WB = w.s_max + 1;
   if (t == w.T - 1) {
     // b_T = (1 at blank S, 0 elsewhere) with scale 1 makes the general step give q_{T-1}: qe[S] = qo[S-1] = 1.
@@ -431,13 +431,13 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<In>* grad) {
 //   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
 // Slower (one or two exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
 // alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
-template <typename In>
-double log_space_sample(Lane& w, const In* lp, std::int64_t st, std::int64_t blank_offset,
-                        const GradientTarget<In>* grad) {
+template <typename scalar_t>
+double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset,
+                        const GradientTarget<scalar_t>* grad) {
   const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
   // Log emissions, -inf clamped to kNeg.
   for (std::int64_t t = 0; t < T; ++t) {
-    const In* row = lp + t * st;
+    const scalar_t* row = lp + t * st;
     double* y = w.emit_label + t * w.s_max;
     double* u = w.unique_emit;
     bool nan = false;
@@ -516,11 +516,11 @@ double log_space_sample(Lane& w, const In* lp, std::int64_t st, std::int64_t bla
 constexpr int kMaxLanes = 4;
 constexpr std::size_t kLaneBytes = std::size_t(1) << 20;
 
-template <typename In>
-int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
+template <typename scalar_t>
+int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
         const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
         const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples, std::int64_t n_samples,
-        In* grad, const double* grad_scale, int plain, double* nll, std::uint8_t* ok) {
+        scalar_t* grad, const double* grad_scale, int plain, double* nll, std::uint8_t* ok) {
   std::int64_t t_max = 1, s_max = 1;
   for (std::int64_t i = 0; i < n_samples; ++i) {
     const std::int64_t n = samples[i];
@@ -550,7 +550,7 @@ int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int6
     for (std::int64_t t = 0; t < frames; ++t)
       for (int j = 0; j < used; ++j)
         if (group[j].alive && t < group[j].T) forward_step(group[j], t);
-    GradientTarget<In> targets_of[kMaxLanes];
+    GradientTarget<scalar_t> targets_of[kMaxLanes];
     for (int j = 0; j < used; ++j) {
       const std::int64_t n = group[j].n;
       targets_of[j] = {grad == nullptr ? nullptr : grad + n * C, lp + n * sn, N * C, st, sc, C, blank,
@@ -576,7 +576,7 @@ int run(const In* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int6
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/native_build.py). Return 0, or -1
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0, or -1
 // when the scratch memory could not be allocated.
 #define DEPLOY_CTC_ENTRY(NAME, TYPE)                                                                               \
   extern "C" int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn,            \

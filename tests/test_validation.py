@@ -1,7 +1,7 @@
 """Every bad input raises its documented error, naming the argument and the offending value (and position).
 
 Messages are matched loosely: the argument name and the value must appear, in any wording.
-Also checks the canonical CTCProblem that validate() hands to the backends (notes/CONTRACT.md).
+Also checks the canonical CTCProblem that validate() hands to the backends (deploy_ctc._backends.Backend).
 """
 
 import re

@@ -10,7 +10,7 @@ None of these functions calls deploy_ctc: expected values come from
   loss = -sum of the log-probs on that path, posterior = one-hot of the path;
 * :func:`finite_difference` -- central differences of any scalar function.
 
-Gradient conventions (see notes/CONTRACT.md), for sample n with weight w_n (= grad_output times the
+Gradient conventions (see deploy_ctc._backends.Backend), for sample n with weight w_n (= grad_output times the
 reduction factor) and frames t < input_lengths[n]::
 
     torch:  grad[t, n, c] = w_n * (exp(lp[t, n, c]) - posterior[t, n, c])

@@ -3,8 +3,8 @@
 :func:`build` compiles the *unmodified* kernel translation unit as C++17 with ``cuda_shim.h`` (the CUDA
 built-ins, and a scheduler that runs each block's threads as cooperative fibers switching at
 ``__syncthreads`` and warp shuffles) into a shared library, one C entry point per name expression of
-:data:`deploy_ctc.kernel_loader.NAME_EXPRESSIONS`. :class:`Harness` loads it with ctypes and offers the same
-``launch(name, grid, block, args, shared_mem)`` as the GPU launcher, so ``deploy_ctc.cupy_backend.run_kernels``
+:data:`deploy_ctc._backends.cuda.loader.NAME_EXPRESSIONS`. :class:`Harness` loads it with ctypes and offers the same
+``launch(name, grid, block, args, shared_mem)`` as the GPU launcher, so ``deploy_ctc._backends.cuda.cupy_kernels.run_kernels``
 drives it unchanged with NumPy arrays. Each launch runs under a thread order: ``"forward"``, ``"reverse"`` or
 ``"random"`` (reshuffled at every scheduling round, seeded).
 
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy_ctc import kernel_loader
+from deploy_ctc._backends.cuda import loader
+from deploy_ctc._backends.kernel_sources import kernel_sources_dir
 
 HERE = Path(__file__).resolve().parent
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
@@ -69,15 +70,15 @@ def build(cache_dir: Path, sanitize: bool = False, source_dir: Path | None = Non
           names: tuple[str, ...] | None = None) -> Path:
     """Compiles a harness library into ``cache_dir`` (reused while the sources are unchanged).
 
-    By default the package's kernels (``kernel_loader.SOURCE`` and ``NAME_EXPRESSIONS``); ``source_dir``,
+    By default the package's kernels (``loader.SOURCE`` and ``NAME_EXPRESSIONS``); ``source_dir``,
     ``source`` and ``names`` select another ``.cu`` file, e.g. the harness's own self-test kernels.
     """
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA harness")
-    source_dir = Path(source_dir or kernel_loader.kernels_dir())
-    source = source or kernel_loader.SOURCE
-    names = tuple(names or kernel_loader.NAME_EXPRESSIONS)
+    source_dir = Path(source_dir or kernel_sources_dir())
+    source = source or loader.SOURCE
+    names = tuple(names or loader.NAME_EXPRESSIONS)
     flags = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wno-unknown-pragmas"]
     if sanitize:
         flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]

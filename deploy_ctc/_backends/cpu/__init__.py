@@ -33,7 +33,7 @@ def current():
 
 def name():
     """``"native"`` or ``"numpy"``: what :func:`current` would pick now (without warning)."""
-    return _select(warn=False).__name__.rsplit(".", 1)[1].split("_")[0]
+    return "numpy" if _select(warn=False).__name__.endswith(".pure_numpy") else "native"
 
 
 def _select(warn):
@@ -42,9 +42,9 @@ def _select(warn):
     if choice != "numpy":
         try:
             native_build.library()
-            from . import native_backend
+            from . import native
 
-            return native_backend
+            return native
         except native_build.NativeUnavailable as error:
             if choice == "native":
                 raise RuntimeError(f"the native CPU backend was asked for, but {error}") from None
@@ -53,9 +53,9 @@ def _select(warn):
                 warnings.warn(f"deploy_ctc: {error}; using the slower pure-NumPy CPU backend "
                               f"(set {ENV}=numpy to choose it and silence this warning)", RuntimeWarning,
                               stacklevel=5)
-    from . import numpy_backend
+    from . import pure_numpy
 
-    return numpy_backend
+    return pure_numpy
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ _GRAD_CHUNK_BYTES = 4 << 20
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """The exact twin of :func:`deploy_ctc.numpy_backend.forward_backward`: same arguments, same results.
+    """The exact twin of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward`: same arguments, same results.
 
     Used for the samples whose scaled recursions fail the consistency check, and as a reference in the tests.
     """

@@ -1,4 +1,4 @@
-"""deploy_ctc.native_build: building, caching and loading kernels/ctc_cpu.cpp with the system's C++ compiler.
+"""deploy_ctc._backends.cpu.native_build: building, caching and loading kernels/ctc_cpu.cpp with the system's C++ compiler.
 
 Builds that must start from an empty cache run in child processes with their own DEPLOY_CTC_CACHE_DIR; the failure
 paths run in-process with the module's memoized state patched.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy_ctc import native_build
+from deploy_ctc._backends.cpu import native_build
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 def has_compiler():
     try:
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler ($CX
 # Prints the loaded library's path and the loss of a fixed batch (float64, so runs compare exactly).
 CHILD = """
 import numpy as np, deploy_ctc
-from deploy_ctc import native_build
+from deploy_ctc._backends.cpu import native_build
 lp = np.log(np.random.default_rng(0).dirichlet(np.ones(5), size=(12, 3)).astype(np.float64))
 print(native_build.library()._name)
 print(repr(float(deploy_ctc.ctc_loss(lp, np.array([[1, 2], [3, 3], [4, 0]]), [12, 12, 9], [2, 2, 1]))))
@@ -116,7 +116,7 @@ def test_a_build_is_logged(tmp_path):
     environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path),
                    "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     code = ("import logging; logging.basicConfig(level=logging.INFO); "
-            "from deploy_ctc import native_build; native_build.library()")
+            "from deploy_ctc._backends.cpu import native_build; native_build.library()")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                             timeout=600)
     assert result.returncode == 0, result.stderr

@@ -1,4 +1,4 @@
-"""deploy_ctc.numpy_backend.forward_backward on validated problems (notes/CONTRACT.md, "Backends").
+"""deploy_ctc._backends.cpu.pure_numpy.forward_backward on validated problems (the deploy_ctc._backends.Backend protocol).
 
 The backend returns per-sample nll (N,) in float64 (+inf when infeasible, never zeroed) and, when grad_scale is
 given, grad = grad_scale[n] * (exp(lp) - posterior) (or -posterior), 0 beyond input_lengths, NaN rows for an
@@ -18,14 +18,14 @@ from tests.utils import oracles
 pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
 
 # Both CPU backends (native where a compiler exists) and the exact log-space twin: one body tests all three.
-BACKENDS = ["deploy_ctc.numpy_backend", "deploy_ctc.native_backend"] + [
-    name for name in ["deploy_ctc.numpy_logspace"] if importlib.util.find_spec(name) is not None]
+BACKENDS = ["deploy_ctc._backends.cpu.pure_numpy", "deploy_ctc._backends.cpu.native"] + [
+    name for name in ["deploy_ctc._backends.cpu.logspace"] if importlib.util.find_spec(name) is not None]
 
 
 @pytest.fixture(params=BACKENDS)
-def numpy_backend(request):
-    if request.param == "deploy_ctc.native_backend":
-        from deploy_ctc import native_build
+def pure_numpy(request):
+    if request.param == "deploy_ctc._backends.cpu.native":
+        from deploy_ctc._backends.cpu import native_build
 
         try:
             native_build.library()
@@ -54,11 +54,11 @@ def expected(lp, targets, il, tl, blank, scale, convention="torch", zero_infinit
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("convention", ["torch", "plain"])
 @pytest.mark.parametrize("T,N,C,S", [(1, 1, 2, 1), (9, 5, 4, 4), (33, 7, 11, 9), (64, 3, 129, 20)])
-def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype, numpy_backend):
+def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype, pure_numpy):
     blank = C // 2
     problem, lp, targets, il, tl = make_problem(rng, T, N, C, S, blank, dtype)
     scale = rng.uniform(-2, 2, N)
-    nll, grad = numpy_backend.forward_backward(problem, scale, convention)
+    nll, grad = pure_numpy.forward_backward(problem, scale, convention)
     ref_nll, ref_grad = expected(lp, targets, il, tl, blank, scale, convention)
     assert nll.shape == (N,) and nll.dtype == np.float64
     oracles.assert_close(nll, ref_nll, np.float64 if dtype == np.float64 else np.float32, "nll")
@@ -66,19 +66,19 @@ def test_forward_backward_matches_torch(rng, T, N, C, S, convention, dtype, nump
     oracles.assert_close(grad, ref_grad, dtype, "grad")
 
 
-def test_no_grad_without_grad_scale(rng, numpy_backend):
+def test_no_grad_without_grad_scale(rng, pure_numpy):
     problem, lp, targets, il, tl = make_problem(rng, 12, 4, 5, 4)
-    nll, grad = numpy_backend.forward_backward(problem)
+    nll, grad = pure_numpy.forward_backward(problem)
     assert grad is None
     oracles.assert_close(nll, oracles.torch_reference(lp, targets, il, tl, 0, "none")[0], np.float64, "nll")
 
 
 @pytest.mark.parametrize("zero_infinity", [False, True])
-def test_infeasible_rows(rng, zero_infinity, numpy_backend):
+def test_infeasible_rows(rng, zero_infinity, pure_numpy):
     lp = oracles.random_log_probs(rng, 5, 3, 4)
     targets, il, tl = np.array([[1, 1, 1], [1, 2, 3], [2, 0, 0]]), np.array([4, 2, 0]), np.array([3, 3, 1])
     problem = validation.validate(lp, targets, il, tl, 0, "none", zero_infinity)
-    nll, grad = numpy_backend.forward_backward(problem, np.ones(3))
+    nll, grad = pure_numpy.forward_backward(problem, np.ones(3))
     np.testing.assert_array_equal(nll, np.inf)  # never zeroed by the backend
     inside = np.arange(5)[:, None] < il[None, :]  # (T, N)
     if zero_infinity:
@@ -88,7 +88,7 @@ def test_infeasible_rows(rng, zero_infinity, numpy_backend):
     np.testing.assert_array_equal(grad[~inside], 0.0)
 
 
-def test_rows_beyond_input_length_are_zero_and_never_read(rng, numpy_backend):
+def test_rows_beyond_input_length_are_zero_and_never_read(rng, pure_numpy):
     problem, lp, targets, il, tl = make_problem(rng, 10, 4, 5, 3)
     il = np.array([10, 6, 1, 0])
     tl = np.minimum(tl, [3, 3, 1, 0])
@@ -96,37 +96,37 @@ def test_rows_beyond_input_length_are_zero_and_never_read(rng, numpy_backend):
     for n, length in enumerate(il):
         lp[length:, n] = np.nan
     problem = validation.validate(lp, targets, il, tl, 0, "none", False)
-    nll, grad = numpy_backend.forward_backward(problem, np.ones(4))
+    nll, grad = pure_numpy.forward_backward(problem, np.ones(4))
     ref_nll, ref_grad = expected(clean, targets, il, tl, 0, np.ones(4))
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
-def test_strided_log_probs_view(rng, numpy_backend):
+def test_strided_log_probs_view(rng, pure_numpy):
     base = oracles.random_log_probs(rng, 5, 14, 9)  # (N, 2T, C)
     lp = base.transpose(1, 0, 2)[::2]  # (T, N, C) view
     targets, il, tl = np.array([[1, 2], [3, 3], [4, 0], [8, 1], [2, 2]]), np.full(5, 7), np.array([2, 2, 1, 2, 2])
     problem = validation.validate(lp, targets, il, tl, 0, "none", False)
     assert not problem.log_probs.flags.c_contiguous
-    nll, grad = numpy_backend.forward_backward(problem, np.ones(5))
+    nll, grad = pure_numpy.forward_backward(problem, np.ones(5))
     ref_nll, ref_grad = expected(lp, targets, il, tl, 0, np.ones(5))
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
 @pytest.mark.parametrize("T,scale", [(2500, 1.0), (300, 300.0), (2000, 300.0)])
-def test_long_and_peaky_stay_finite(rng, T, scale, numpy_backend):
+def test_long_and_peaky_stay_finite(rng, T, scale, pure_numpy):
     problem, lp, targets, il, tl = make_problem(rng, T, 2, 5, 40, scale=scale, full=True)
     ref_nll, ref_grad = expected(lp, targets, il, tl, 0, np.ones(2))
     assert np.isfinite(ref_nll).all()
-    nll, grad = numpy_backend.forward_backward(problem, np.ones(2))
+    nll, grad = pure_numpy.forward_backward(problem, np.ones(2))
     assert np.isfinite(nll).all() and np.isfinite(grad).all()
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
 @pytest.mark.parametrize("T,C", [(4, 3), (6, 3)])
-def test_matches_brute_force(rng, T, C, numpy_backend):
+def test_matches_brute_force(rng, T, C, pure_numpy):
     N = 6
     for blank in (0, C - 1):
         tl = np.array([0, 1, 2, 3, 2, 3])
@@ -136,21 +136,21 @@ def test_matches_brute_force(rng, T, C, numpy_backend):
         nll, post = oracles.brute_force_batch(lp, targets, il, tl, blank)
         scale = rng.uniform(0.5, 2, N)
         problem = validation.validate(lp, targets, il, tl, blank, "none", False)
-        got_nll, got_grad = numpy_backend.forward_backward(problem, scale)
+        got_nll, got_grad = pure_numpy.forward_backward(problem, scale)
         oracles.assert_close(got_nll, nll, np.float64, "nll")
         oracles.assert_close(got_grad, oracles.grad_from_posterior(lp, post, nll, il, scale), np.float64, "grad")
 
 
-def test_large_C_allocates_no_float64_TNC_temporary(rng, numpy_backend):
+def test_large_C_allocates_no_float64_TNC_temporary(rng, pure_numpy):
     """Issue 2, item 4: with large C, no (T, N, C) float64 temporary (grad float32 + 8 bytes/cell would be 3x)."""
     T, N, C, S = 40, 4, 20000, 10
     problem, *_ = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)
     tnc32 = T * N * C * 4
     tables = T * N * (2 * S + 1) * 8
-    numpy_backend.forward_backward(problem, np.ones(N))  # warm-up (lazy imports, caches)
+    pure_numpy.forward_backward(problem, np.ones(N))  # warm-up (lazy imports, caches)
     tracemalloc.start()
     try:
-        numpy_backend.forward_backward(problem, np.ones(N))
+        pure_numpy.forward_backward(problem, np.ones(N))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -158,7 +158,7 @@ def test_large_C_allocates_no_float64_TNC_temporary(rng, numpy_backend):
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
 
 
-def test_large_mixed_batch(rng, numpy_backend):
+def test_large_mixed_batch(rng, pure_numpy):
     """A batch large enough to be split into chunks (and threads), mixing every kind of sample."""
     T, N, C, S = 300, 24, 40, 30
     lp = oracles.random_log_probs(rng, T, N, C)
@@ -174,11 +174,11 @@ def test_large_mixed_batch(rng, numpy_backend):
         lp[il[n]:, n] = np.nan  # padding never read
     problem = validation.validate(lp, targets, il, tl, 7, "none", False)
     scale = rng.uniform(0.5, 2.0, N)
-    nll, grad = numpy_backend.forward_backward(problem, scale)
+    nll, grad = pure_numpy.forward_backward(problem, scale)
     ref_nll, ref_grad = expected(clean, targets, il, tl, 7, scale)
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
-    nll_only, _ = numpy_backend.forward_backward(problem)
+    nll_only, _ = pure_numpy.forward_backward(problem)
     oracles.assert_close(nll_only, ref_nll, np.float64, "nll without grad")
 
 

@@ -1,7 +1,6 @@
 """Finding, compiling and caching the CUDA kernels of ``kernels/*.cu`` for CuPy.
 
-The kernel sources ship inside the wheel at ``deploy_ctc/kernels/`` (pyproject force-includes the top-level
-``kernels/`` folder there); in a source checkout they are read from the repository's ``kernels/``. They are
+The kernel sources are found by :func:`deploy_ctc._backends.kernel_sources.kernel_sources_dir`. They are
 compiled with NVRTC through ``cupy.RawModule`` lazily, once per device, on first use, with the kernels folder
 on the include path; CuPy caches the binaries on disk.
 
@@ -13,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from pathlib import Path
 
 import numpy as np
+
+from ..kernel_sources import kernel_sources_dir
 
 #: The translation unit holding every kernel; it includes the shared header ``ctc.cuh``.
 SOURCE = "ctc.cu"
@@ -37,19 +37,9 @@ def kernel_name(kernel: str, dtype=None) -> str:
 NAME_EXPRESSIONS = PLAIN_KERNELS + tuple(kernel_name(k, d) for k in TEMPLATED_KERNELS for d in C_TYPES)
 
 
-def kernels_dir() -> Path:
-    """Folder holding ``ctc.cu`` and its headers: the installed package's copy, else the source tree's."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "kernels", package.parent / "kernels"):
-        if (candidate / SOURCE).is_file():
-            return candidate
-    raise FileNotFoundError(f"CUDA kernel source {SOURCE} not found in {package / 'kernels'} "
-                            f"or {package.parent / 'kernels'}; the deploy_ctc installation is incomplete")
-
-
 def source() -> str:
     """Text of the kernel translation unit."""
-    return (kernels_dir() / SOURCE).read_text()
+    return (kernel_sources_dir() / SOURCE).read_text()
 
 
 def compile_options() -> tuple[str, ...]:
@@ -58,7 +48,7 @@ def compile_options() -> tuple[str, ...]:
     CuPy's on-disk cache is keyed by the source text and the options but not by included headers; the digest
     define makes an edit of ``ctc.cuh`` invalidate the cached binaries too.
     """
-    folder = kernels_dir()
+    folder = kernel_sources_dir()
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.cu*")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

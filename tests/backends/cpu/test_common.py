@@ -1,34 +1,34 @@
-"""deploy_ctc.cpu_common: what both CPU backends share (here: the worker-thread count)."""
+"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker-thread count)."""
 
 import numpy as np
 import pytest
 
 import deploy_ctc
-from deploy_ctc import cpu_common
+from deploy_ctc._backends.cpu import common
 
 
 @pytest.fixture
 def fresh_pool_size():
-    cpu_common.pool_size.cache_clear()
+    common.pool_size.cache_clear()
     yield
-    cpu_common.pool_size.cache_clear()
+    common.pool_size.cache_clear()
 
 
 def test_thread_count_from_the_environment(monkeypatch, fresh_pool_size):
-    monkeypatch.setenv(cpu_common.THREADS_ENV, "3")
-    assert cpu_common.pool_size() == 3
+    monkeypatch.setenv(common.THREADS_ENV, "3")
+    assert common.pool_size() == 3
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
 def test_bad_thread_count_names_the_variable(monkeypatch, fresh_pool_size, value):
-    monkeypatch.setenv(cpu_common.THREADS_ENV, value)
+    monkeypatch.setenv(common.THREADS_ENV, value)
     with pytest.raises(ValueError, match=f"DEPLOY_CTC_NUM_THREADS must be a positive integer, got {value!r}"):
-        cpu_common.pool_size()
+        common.pool_size()
 
 
 def test_default_thread_count_is_the_usable_cpus(monkeypatch, fresh_pool_size):
-    monkeypatch.delenv(cpu_common.THREADS_ENV, raising=False)
-    assert 1 <= cpu_common.pool_size() <= (__import__("os").cpu_count() or 1)
+    monkeypatch.delenv(common.THREADS_ENV, raising=False)
+    assert 1 <= common.pool_size() <= (__import__("os").cpu_count() or 1)
 
 
 def test_one_thread_gives_the_same_results(monkeypatch, fresh_pool_size):
@@ -36,8 +36,8 @@ def test_one_thread_gives_the_same_results(monkeypatch, fresh_pool_size):
 
     inputs = make_inputs(200, 24, 30, 40)  # large enough to be split across threads
     threaded = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
-    cpu_common.pool_size.cache_clear()
-    monkeypatch.setenv(cpu_common.THREADS_ENV, "1")
+    common.pool_size.cache_clear()
+    monkeypatch.setenv(common.THREADS_ENV, "1")
     single = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
     np.testing.assert_allclose(single[0], threaded[0], rtol=1e-6)
     np.testing.assert_allclose(single[1], threaded[1], rtol=1e-6, atol=1e-9)

@@ -8,9 +8,9 @@ version, the flags and the CPU (the build targets the machine it runs on, ``-mar
 without compiling. Builds are written to a temporary name and renamed, so concurrent processes never load a
 half-written file. Where the cache directory is not writable, the build goes to a per-process temporary directory.
 
-A build takes a few seconds (about 3 s on a 2-core VM) and is logged at INFO level on the ``deploy_ctc.native_build``
+A build takes a few seconds (about 3 s on a 2-core VM) and is logged at INFO level on the ``deploy_ctc._backends.cpu.native_build``
 logger. No compiler, or a failed build, raises :class:`NativeUnavailable` with the reason; deploy_ctc then runs the
-pure NumPy backend (:mod:`deploy_ctc.cpu_backends`).
+pure NumPy backend (:mod:`deploy_ctc._backends.cpu`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from .kernel_loader import kernels_dir
+from ..kernel_sources import kernel_sources_dir
 
 #: The translation unit of the CPU engine, in the kernels folder.
 SOURCE = "ctc_cpu.cpp"
@@ -53,7 +53,7 @@ class NativeUnavailable(RuntimeError):
     """The native engine could not be built or loaded; the message says why."""
 
 
-_logger = logging.getLogger("deploy_ctc.native_build")
+_logger = logging.getLogger("deploy_ctc._backends.cpu.native_build")
 _lock = threading.Lock()
 _library = None
 _failure: NativeUnavailable | None = None
@@ -107,7 +107,7 @@ def find_compiler() -> str:
 def _build() -> Path:
     compiler = find_compiler()
     try:
-        source = kernels_dir() / SOURCE
+        source = kernel_sources_dir() / SOURCE
     except FileNotFoundError as error:
         raise NativeUnavailable(str(error)) from None
     try:

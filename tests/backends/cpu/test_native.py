@@ -1,4 +1,4 @@
-"""deploy_ctc.native_backend beyond the backend contract (which tests/test_numpy_backend.py runs on it too): the
+"""deploy_ctc._backends.cpu.native beyond the backend contract (which tests/backends/test_contract.py runs on it too): the
 engine's own exponential, its thread split, and layouts it must copy.
 
 Oracles: NumPy's exp (correctly rounded to within an ulp) and torch float64 (tests/utils/oracles.py).
@@ -7,7 +7,9 @@ Oracles: NumPy's exp (correctly rounded to within an ulp) and torch float64 (tes
 import numpy as np
 import pytest
 
-from deploy_ctc import cpu_backends, native_backend, validation
+from deploy_ctc import validation
+from deploy_ctc._backends import cpu as cpu_backends
+from deploy_ctc._backends.cpu import native
 from tests.utils import oracles
 
 if cpu_backends.name() != "native":
@@ -26,7 +28,7 @@ def test_dense_gradient_term_is_exp_to_one_ulp_with_ieee_special_values(rng, dty
     lp[0, 0, 2:8] = [0.0, -0.0, np.inf, -np.inf, np.nan, np.log(float(info.max)) * 0.999]
     targets, il, tl = np.ones((N, 1), dtype=np.int64), np.full(N, T), np.ones(N, dtype=np.int64)
     problem = validation.validate(lp, targets, il, tl, 0, "none", False)
-    nll, grad = native_backend.forward_backward(problem, np.ones(N))
+    nll, grad = native.forward_backward(problem, np.ones(N))
     with np.errstate(over="ignore"):
         expected = np.exp(lp[:, :, 2:].astype(np.float64)).astype(dtype)
     got = grad[:, :, 2:]
@@ -42,12 +44,12 @@ def test_dense_gradient_term_is_exp_to_one_ulp_with_ieee_special_values(rng, dty
 def test_work_is_dealt_into_balanced_parts():
     samples = np.arange(10, dtype=np.int64) * 3
     cost = np.array([100, 1, 1, 1, 50, 50, 1, 1, 1, 1])
-    parts = native_backend._deal(samples, cost, 2)
+    parts = native._deal(samples, cost, 2)
     assert sorted(np.concatenate(parts).tolist()) == samples.tolist()
     loads = [cost[np.isin(samples, part)].sum() for part in parts]
     assert max(loads) - min(loads) <= 2
     assert [p.dtype for p in parts] == [np.int64, np.int64]
-    assert len(native_backend._deal(samples, cost, 1)) == 1
+    assert len(native._deal(samples, cost, 1)) == 1
 
 
 def test_strides_that_are_not_whole_elements(rng):
@@ -59,7 +61,7 @@ def test_strides_that_are_not_whole_elements(rng):
     view[...] = dense
     targets, il, tl = np.array([[1, 2], [3, 3], [4, 0]]), np.array([7, 6, 3]), np.array([2, 2, 1])
     scale = np.array([1.0, 0.5, 2.0])
-    nll, grad = native_backend.forward_backward(validation.validate(view, targets, il, tl, 0, "none", False), scale)
+    nll, grad = native.forward_backward(validation.validate(view, targets, il, tl, 0, "none", False), scale)
     ref_nll, ref_grad = oracles.torch_reference(dense, targets, il, tl, 0, "none")
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad * scale[None, :, None], np.float64, "grad")
@@ -69,7 +71,7 @@ def test_big_endian_input(rng):
     lp = oracles.random_log_probs(rng, 9, 2, 4)
     targets, il, tl = np.array([[1, 2], [3, 3]]), np.array([9, 8]), np.array([2, 2])
     problem = validation.validate(lp.astype(">f8"), targets, il, tl, 0, "none", False)
-    nll, grad = native_backend.forward_backward(problem, np.ones(2))
+    nll, grad = native.forward_backward(problem, np.ones(2))
     ref_nll, ref_grad = oracles.torch_reference(lp, targets, il, tl, 0, "none")
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
@@ -78,27 +80,28 @@ def test_big_endian_input(rng):
 def test_many_samples_on_the_worker_threads_match_one_at_a_time(rng):
     """A batch big enough for the thread split (and for lanes of samples in lockstep) gives each sample exactly
     what it gets alone."""
-    T, N, C, S = 200, 48, 12, 20  # about 5e5 cells: above native_backend._PARALLEL_MIN_CELLS
+    T, N, C, S = 200, 48, 12, 20  # about 5e5 cells: above native._PARALLEL_MIN_CELLS
     lp = oracles.random_log_probs(rng, T, N, C)
     tl = rng.integers(0, S + 1, N)
     targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
     il = rng.integers(2 * S + 1, T + 1, N)
     scale = rng.uniform(0.5, 2, N)
-    nll, grad = native_backend.forward_backward(validation.validate(lp, targets, il, tl, 0, "none", False), scale)
+    nll, grad = native.forward_backward(validation.validate(lp, targets, il, tl, 0, "none", False), scale)
     for n in (0, 17, 39):
         one = validation.validate(lp[:, n:n + 1], targets[n:n + 1], il[n:n + 1], tl[n:n + 1], 0, "none", False)
-        nll_n, grad_n = native_backend.forward_backward(one, scale[n:n + 1])
+        nll_n, grad_n = native.forward_backward(one, scale[n:n + 1])
         assert nll_n[0] == nll[n]
         np.testing.assert_array_equal(grad_n[:, 0], grad[:, n])
 
 
 def engine_ok(problem, scale, convention="torch"):
     """Per-sample ``ok`` flags of one engine call: 1 where the engine produced the result itself (either path)."""
-    from deploy_ctc import cpu_common, native_build
+    from deploy_ctc._backends.cpu import common
+    from deploy_ctc._backends.cpu import native_build
 
-    nll, grad, scale, run = cpu_common.start(problem, scale)
+    nll, grad, scale, run = common.start(problem, scale)
     ok = np.zeros(nll.shape, dtype=np.uint8)
-    native_backend._run_engine(native_build.library(), problem, np.flatnonzero(run), nll, ok, grad, scale,
+    native._run_engine(native_build.library(), problem, np.flatnonzero(run), nll, ok, grad, scale,
                                convention)
     return ok
 
@@ -116,7 +119,7 @@ def test_peaky_inputs_take_the_engines_log_space_path(rng, convention, dtype):
     problem = validation.validate(lp, targets, il, tl, 0, "none", False)
     scale = rng.uniform(0.5, 2, N)
     assert engine_ok(problem, scale, convention).all()  # no sample left for the Python twin
-    nll, grad = native_backend.forward_backward(problem, scale, convention)
+    nll, grad = native.forward_backward(problem, scale, convention)
     ref_nll, ref_grad = oracles.torch_reference(lp, targets, il, tl, 0, "none", convention=convention)
     oracles.assert_close(nll, ref_nll, np.float64 if dtype == np.float64 else np.float32, "nll")
     oracles.assert_close(grad, ref_grad * scale[None, :, None], dtype, "grad")
@@ -128,5 +131,5 @@ def test_nan_log_probs_are_left_to_the_python_twin(rng):
     targets, il, tl = np.array([[1, 2], [1, 3]]), np.array([6, 6]), np.array([2, 2])
     problem = validation.validate(lp, targets, il, tl, 0, "none", False)
     np.testing.assert_array_equal(engine_ok(problem, np.ones(2)), [1, 0])
-    nll, grad = native_backend.forward_backward(problem, np.ones(2))
+    nll, grad = native.forward_backward(problem, np.ones(2))
     assert np.isfinite(nll[0]) and np.isnan(nll[1])

@@ -1,14 +1,14 @@
 r"""Native CPU backend: the NumPy backend's algorithm as compiled code (``kernels/ctc_cpu.cpp``).
 
-Same contract as :func:`deploy_ctc.numpy_backend.forward_backward` (``notes/CONTRACT.md``, "Backends"). Each sample
+Same contract as :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend` protocol). Each sample
 runs its scaled probability-space forward and backward recursions in float64, vectorized over the lattice's blank
 and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x (2S + 1)``
 table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per sample in
 flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
 (confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with
-NaN log-probs come back here, for :mod:`deploy_ctc.numpy_logspace`.
+NaN log-probs come back here, for :mod:`deploy_ctc._backends.cpu.logspace`.
 
-Samples are dealt to the worker threads of :func:`deploy_ctc.cpu_common.pool` by estimated cost (the engine
+Samples are dealt to the worker threads of :func:`deploy_ctc._backends.cpu.common.pool` by estimated cost (the engine
 releases the GIL); small batches run on the calling thread.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cpu_common, native_build
+from . import common, native_build
 
 # Below this much work (lattice cells plus gradient cells) a batch runs on the calling thread: handing it to a
 # worker costs more than it saves.
@@ -25,14 +25,14 @@ _PARALLEL_MIN_CELLS = 200_000
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
     """Per-sample negative log-likelihoods ``(N,)`` and, with ``grad_scale``, the scaled ``(T, N, C)`` gradient:
-    the arguments and results of :func:`deploy_ctc.numpy_backend.forward_backward` (``notes/CONTRACT.md``).
+    the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend` protocol).
 
     Raises:
-        deploy_ctc.native_build.NativeUnavailable: the engine cannot be built here.
+        deploy_ctc._backends.cpu.native_build.NativeUnavailable: the engine cannot be built here.
         MemoryError: the engine's scratch memory could not be allocated.
     """
     lib = native_build.library()
-    nll, grad, grad_scale, run = cpu_common.start(problem, grad_scale)
+    nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:
         ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,)
@@ -40,8 +40,8 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         redo = samples[ok[samples] == 0]
         if redo.size:
             with np.errstate(all="ignore"):
-                cpu_common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
-    return cpu_common.finish(problem, nll, grad)
+                common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    return common.finish(problem, nll, grad)
 
 
 def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
@@ -59,7 +59,7 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
 
     cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
-    parts = _deal(samples, cost, cpu_common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    parts = _deal(samples, cost, common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
 
     def call(part):
         status = entry(address(lp), N, C, st, sn, sc, address(targets), targets.shape[1], address(il), address(tl),
@@ -72,7 +72,7 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     if len(parts) == 1:
         call(parts[0])
     else:
-        for done in [cpu_common.pool().submit(call, part) for part in parts]:
+        for done in [common.pool().submit(call, part) for part in parts]:
             done.result()
 
 

@@ -1,4 +1,4 @@
-"""What the two CPU backends (:mod:`deploy_ctc.native_backend`, :mod:`deploy_ctc.numpy_backend`) share: which
+"""What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share: which
 samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
 samples with an infinite loss, and the worker threads.
 """
@@ -11,8 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import numpy_logspace
-from .validation import CTCProblem
+from . import logspace
+from ...validation import CTCProblem
 
 
 def start(problem, grad_scale):
@@ -51,7 +51,7 @@ def redo_exact(problem, samples, nll, grad, grad_scale, convention):
                      input_lengths=problem.input_lengths[samples], target_lengths=problem.target_lengths[samples],
                      blank=problem.blank, reduction=problem.reduction, zero_infinity=problem.zero_infinity,
                      batched=True, out_dtype=problem.out_dtype)
-    sub_nll, sub_grad = numpy_logspace.forward_backward(sub, None if grad is None else grad_scale[samples],
+    sub_nll, sub_grad = logspace.forward_backward(sub, None if grad is None else grad_scale[samples],
                                                          convention)
     nll[samples] = sub_nll
     if grad is not None:

@@ -1,4 +1,4 @@
-"""deploy_ctc.cpu_backends: the choice between the native engine and pure NumPy for NumPy arrays."""
+"""deploy_ctc._backends.cpu: the choice between the native engine and pure NumPy for NumPy arrays."""
 
 import warnings
 
@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 import deploy_ctc
-from deploy_ctc import cpu_backends, native_build, native_backend, numpy_backend
+from deploy_ctc._backends import cpu as cpu_backends
+from deploy_ctc._backends.cpu import native_build
+from deploy_ctc._backends.cpu import native
+from deploy_ctc._backends.cpu import pure_numpy
 
 
 @pytest.fixture
@@ -33,13 +36,13 @@ def has_compiler():
 def test_native_is_the_default_where_a_compiler_exists(monkeypatch):
     """CI has a compiler: the native engine must be what users get there, not a silent fallback."""
     monkeypatch.delenv(cpu_backends.ENV, raising=False)
-    assert cpu_backends.current() is native_backend
+    assert cpu_backends.current() is native
     assert cpu_backends.name() == "native"
 
 
 def test_environment_variable_selects_numpy(monkeypatch):
     monkeypatch.setenv(cpu_backends.ENV, "numpy")
-    assert cpu_backends.current() is numpy_backend
+    assert cpu_backends.current() is pure_numpy
 
 
 def test_bad_environment_value_names_the_variable(monkeypatch):
@@ -51,11 +54,11 @@ def test_bad_environment_value_names_the_variable(monkeypatch):
 def test_using_overrides_the_environment_on_this_thread(monkeypatch):
     monkeypatch.setenv(cpu_backends.ENV, "auto")
     with cpu_backends.using("numpy"):
-        assert cpu_backends.current() is numpy_backend
+        assert cpu_backends.current() is pure_numpy
         with pytest.raises(ValueError, match="choice must be one of"):
             with cpu_backends.using("gpu"):
                 pass
-        assert cpu_backends.current() is numpy_backend
+        assert cpu_backends.current() is pure_numpy
     assert cpu_backends.name() in ("native", "numpy")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deploy_ctc import kernel_loader
+from deploy_ctc._backends.cuda import loader
 
 #: Dynamic shared memory a lattice block may use for its two rows; longer targets take the global-memory path.
 #: 48 KiB is what every CUDA device grants without opting in.
@@ -52,7 +52,7 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     """
     device = problem.log_probs.device
     with device:
-        return run_kernels(problem, grad_scale, convention, kernel_loader.launcher(device.id))
+        return run_kernels(problem, grad_scale, convention, loader.launcher(device.id))
 
 
 def _int32(value: int, what: str) -> np.int32:
@@ -105,7 +105,7 @@ def run_kernels(problem, grad_scale, convention, launcher):
     # Blocks beyond the 2N lattice blocks write the dense part of the gradient meanwhile.
     dense_blocks = min(T * N, DENSE_MAX_BLOCKS) if want_grad else 0
     threads = _threads(max(row, min(C, DENSE_THREADS)) if want_grad else row, LATTICE_MAX_THREADS)
-    launcher.launch(kernel_loader.kernel_name("ctc_lattice", dtype),
+    launcher.launch(loader.kernel_name("ctc_lattice", dtype),
                     ((2 if want_grad else 1) * N + dense_blocks, 1, 1), (threads, 1, 1),
                     (*common, np.int32(rows_in_shared), np.int32(stage_frames), alpha, beta, nll, scale,
                      np.int32(plain), grad if want_grad else alpha), shared)
@@ -115,11 +115,11 @@ def run_kernels(problem, grad_scale, convention, launcher):
     links = xp.empty((N, S, 2), dtype=np.int32)              # (N, S, 2)
     grid_y = min(N, MAX_GRID_Y)
     if S > 0:
-        launcher.launch(kernel_loader.kernel_name("ctc_label_links"),
+        launcher.launch(loader.kernel_name("ctc_label_links"),
                         (-(-S // LINKS_THREADS), grid_y, 1), (LINKS_THREADS, 1, 1),
                         (targets, np.int32(S), target_lengths, n32, links))
     if T > 0:
-        launcher.launch(kernel_loader.kernel_name("ctc_grad", dtype),
+        launcher.launch(loader.kernel_name("ctc_grad", dtype),
                         (T, grid_y, 1), (_threads(S + 1, GRAD_MAX_THREADS), 1, 1),
                         (*common, links, alpha, beta, nll, scale, np.int32(problem.zero_infinity),
                          np.int32(plain), grad))

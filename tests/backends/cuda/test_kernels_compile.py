@@ -10,15 +10,16 @@ import re
 
 import pytest
 
-from deploy_ctc import cupy_backend, kernel_loader
+from deploy_ctc._backends.cuda import cupy_kernels
+from deploy_ctc._backends.cuda import loader
 
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
                             reason="CuPy's NVRTC bindings (pip install deploy_ctc[cuda-build])")
 
 ARCHS = ("sm_80", "sm_90")
 #: Largest block the launch code uses for each kernel; registers * threads must fit the 64K register file.
-MAX_THREADS = {"ctc_lattice": cupy_backend.LATTICE_MAX_THREADS, "ctc_label_links": cupy_backend.LINKS_THREADS,
-               "ctc_grad": cupy_backend.GRAD_MAX_THREADS}
+MAX_THREADS = {"ctc_lattice": cupy_kernels.LATTICE_MAX_THREADS, "ctc_label_links": cupy_kernels.LINKS_THREADS,
+               "ctc_grad": cupy_kernels.GRAD_MAX_THREADS}
 REGISTER_FILE = 65536
 _FUNCTION = re.compile(r"Function properties for (\S+)\s*\n\S+\s+\.\s+(\d+) bytes stack frame, "
                        r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -28,18 +29,18 @@ _REGISTERS = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) register
 def _compile(arch):
     """(lowered name of each name expression, ptxas log) of one NVRTC compilation."""
     try:
-        program = nvrtc.createProgram(kernel_loader.source(), kernel_loader.SOURCE, [], [])
+        program = nvrtc.createProgram(loader.source(), loader.SOURCE, [], [])
     except Exception as error:  # the bindings import even when libnvrtc itself is missing
         pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
-    for name in kernel_loader.NAME_EXPRESSIONS:
+    for name in loader.NAME_EXPRESSIONS:
         nvrtc.addNameExpression(program, name)
-    options = [*kernel_loader.compile_options(), f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+    options = [*loader.compile_options(), f"--gpu-architecture={arch}", "--ptxas-options=-v"]
     try:
         nvrtc.compileProgram(program, options)
     except nvrtc.NVRTCError as error:
         pytest.fail(f"{arch}: {error}\n{nvrtc.getProgramLog(program)}")
     assert nvrtc.getCUBIN(program), f"{arch}: empty cubin"
-    lowered = {name: nvrtc.getLoweredName(program, name) for name in kernel_loader.NAME_EXPRESSIONS}
+    lowered = {name: nvrtc.getLoweredName(program, name) for name in loader.NAME_EXPRESSIONS}
     return lowered, nvrtc.getProgramLog(program).rstrip("\x00")
 
 
@@ -63,23 +64,23 @@ def test_every_instantiation_compiles_without_spills(arch):
 
 
 def test_every_kernel_of_the_source_has_name_expressions():
-    """A kernel added to ctc.cu but not to kernel_loader's lists would never be compiled or tested."""
-    kernels = set(re.findall(r"__global__\s+void\s+(\w+)", kernel_loader.source()))
-    listed = {name.split("<")[0] for name in kernel_loader.NAME_EXPRESSIONS}
-    assert kernels == listed, f"kernels in {kernel_loader.SOURCE}: {sorted(kernels)}, listed: {sorted(listed)}"
+    """A kernel added to ctc.cu but not to the loader's lists would never be compiled or tested."""
+    kernels = set(re.findall(r"__global__\s+void\s+(\w+)", loader.source()))
+    listed = {name.split("<")[0] for name in loader.NAME_EXPRESSIONS}
+    assert kernels == listed, f"kernels in {loader.SOURCE}: {sorted(kernels)}, listed: {sorted(listed)}"
 
 
 def test_float_kernels_do_no_double_arithmetic():
     """float instantiations must stay in float: a stray double literal or overload would halve their speed.
     The one double value they touch is grad_scale, which is loaded and converted once per row."""
     try:
-        program = nvrtc.createProgram(kernel_loader.source(), kernel_loader.SOURCE, [], [])
+        program = nvrtc.createProgram(loader.source(), loader.SOURCE, [], [])
     except Exception as error:
         pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
-    floats = [name for name in kernel_loader.NAME_EXPRESSIONS if name.endswith("<float>")]
+    floats = [name for name in loader.NAME_EXPRESSIONS if name.endswith("<float>")]
     for name in floats:
         nvrtc.addNameExpression(program, name)
-    nvrtc.compileProgram(program, [*kernel_loader.compile_options(), "--gpu-architecture=compute_90"])
+    nvrtc.compileProgram(program, [*loader.compile_options(), "--gpu-architecture=compute_90"])
     ptx = nvrtc.getPTX(program).decode()
     for name in floats:
         body = ptx.split(f".entry {nvrtc.getLoweredName(program, name)}(")[1].split(".entry ")[0]

@@ -23,7 +23,7 @@ frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the poste
 
 and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the
 accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
-inputs; all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc.numpy_logspace`. The
+inputs; all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`. The
 gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax):
 ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cpu_common, numpy_logspace, workspace
+from . import common, logspace, workspace
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
@@ -58,7 +58,7 @@ _MAX_PARTS = 4
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (see ``notes/CONTRACT.md``).
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the :class:`deploy_ctc._backends.Backend` protocol).
 
     Args:
         problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
@@ -77,9 +77,9 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 def _forward_backward(problem, grad_scale, convention):
     N, C = problem.log_probs.shape[1:]
     il, tl = problem.input_lengths, problem.target_lengths
-    nll, grad, grad_scale, run = cpu_common.start(problem, grad_scale)
+    nll, grad, grad_scale, run = common.start(problem, grad_scale)
     if not run.any():
-        return cpu_common.finish(problem, nll, grad)
+        return common.finish(problem, nll, grad)
 
     ok = np.ones(N, dtype=bool)
     scratch = workspace.current()
@@ -99,8 +99,8 @@ def _forward_backward(problem, grad_scale, convention):
         # while the workers compute the next chunk's emissions and the previous chunks' posteriors and gradient
         # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
         # Running recursions concurrently would only contend for the GIL.
-        pool = cpu_common.pool()
-        parts = min(_MAX_PARTS, cpu_common.pool_size())
+        pool = common.pool()
+        parts = min(_MAX_PARTS, common.pool_size())
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
         pending = []
         for chunk, ready in zip(chunks, prepared):
@@ -114,8 +114,8 @@ def _forward_backward(problem, grad_scale, convention):
 
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
-        cpu_common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
-    return cpu_common.finish(problem, nll, grad)
+        common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    return common.finish(problem, nll, grad)
 
 
 def _chunks(il, tl, C, with_grad):
@@ -126,7 +126,7 @@ def _chunks(il, tl, C, with_grad):
     per_sample = t_max * (L + 2) * (8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    parallel = cells >= _PARALLEL_MIN_CELLS and cpu_common.pool_size() > 1
+    parallel = cells >= _PARALLEL_MIN_CELLS and common.pool_size() > 1
     if parallel:
         count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))
@@ -382,7 +382,7 @@ def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convent
     # Labels (odd positions) are summed per (sample, class) group; the blank (every even position) separately.
     labels = lattice.valid & run[:, None]  # (k, L)
     labels[:, 0::2] = False
-    cells, starts, columns = numpy_logspace.class_groups(lattice.ext, labels, C)
+    cells, starts, columns = logspace.class_groups(lattice.ext, labels, C)
     group_sample = columns // C  # (G,)
     column_scale = grad_scale[group_sample]  # (G,)
     blank_scale = np.where(run, grad_scale, 0.0)  # (k,)

@@ -1,8 +1,8 @@
 """The CUDA backend's kernels against torch float64, on the CPU harness in CI and on a GPU when there is one.
 
-Harness tests run the real ``kernels/ctc.cu`` through :func:`deploy_ctc.cupy_backend.run_kernels` (the launch
+Harness tests run the real ``kernels/ctc.cu`` through :func:`deploy_ctc._backends.cuda.cupy_kernels.run_kernels` (the launch
 code the GPU uses) with NumPy arrays, each under the forward, reverse and random thread orders, so a missing
-barrier changes the result. GPU tests run :func:`deploy_ctc.cupy_backend.forward_backward` on CuPy arrays.
+barrier changes the result. GPU tests run :func:`deploy_ctc._backends.cuda.cupy_kernels.forward_backward` on CuPy arrays.
 The oracle is ``torch.nn.functional.ctc_loss`` in float64 (tests/utils/oracles.py).
 """
 
@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deploy_ctc import cupy_backend, validation
+from deploy_ctc import validation
+from deploy_ctc._backends.cuda import cupy_kernels
 from tests.utils import cuda_harness, oracles
 
 
@@ -104,7 +105,7 @@ def harness(request, harness_library):
 
 def _run(harness, lp, targets, il, tl, blank, zero_infinity=False, grad_scale=None, convention="torch"):
     problem = validation.validate(lp, targets, il, tl, blank, "none", zero_infinity)
-    return cupy_backend.run_kernels(problem, grad_scale, convention, harness)
+    return cupy_kernels.run_kernels(problem, grad_scale, convention, harness)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -120,15 +121,15 @@ def test_harness_matches_torch(case, dtype, harness, rng):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_harness_matches_the_numpy_backend(case, harness_library, rng):
     """The kernels and the NumPy backend agree on the Core issue's edge cases (float64, every option)."""
-    from deploy_ctc import numpy_backend
+    from deploy_ctc._backends.cpu import pure_numpy
 
     harness = cuda_harness.Harness(harness_library, order="random", seed=7)
     lp, targets, il, tl, w = _inputs(case, rng, np.float64)
     for zero_infinity in (False, True):
         for convention in ("torch", "plain"):
             problem = validation.validate(lp, targets, il, tl, case.blank, "none", zero_infinity)
-            got = cupy_backend.run_kernels(problem, w, convention, harness)
-            expected = numpy_backend.forward_backward(problem, w, convention)
+            got = cupy_kernels.run_kernels(problem, w, convention, harness)
+            expected = pure_numpy.forward_backward(problem, w, convention)
             what = f"{case.name} zero_infinity={zero_infinity} {convention}"
             oracles.assert_close(got[0], expected[0], np.float64, f"{what}: nll")
             oracles.assert_close(got[1], expected[1], np.float64, f"{what}: grad")
@@ -182,18 +183,18 @@ def test_harness_lattice_memory_paths(path, dtype, harness, rng, monkeypatch):
     lp, targets, il, tl, w = _inputs(case, rng, dtype)
     row_bytes = (2 * targets.shape[1] + 1) * np.dtype(dtype).itemsize
     if path == "global_rows_direct_loads":
-        monkeypatch.setattr(cupy_backend, "SHARED_BUDGET", 0)
+        monkeypatch.setattr(cupy_kernels, "SHARED_BUDGET", 0)
     elif path == "global_rows_staged":
-        monkeypatch.setattr(cupy_backend, "SHARED_BUDGET", row_bytes + row_bytes // 2)
+        monkeypatch.setattr(cupy_kernels, "SHARED_BUDGET", row_bytes + row_bytes // 2)
     else:
-        monkeypatch.setattr(cupy_backend, "MAX_STAGE_FRAMES", 3)
+        monkeypatch.setattr(cupy_kernels, "MAX_STAGE_FRAMES", 3)
     nll, grad = _run(harness, lp, targets, il, tl, case.blank, True, w)
     _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, True, "torch"), dtype, path, lp)
 
 
 def test_harness_grid_y_limit_loops_over_samples(harness, rng, monkeypatch):
     """Batches larger than the grid's y limit (65535 on a GPU) are covered by the kernels' loops over n."""
-    monkeypatch.setattr(cupy_backend, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(cupy_kernels, "MAX_GRID_Y", 2)
     case = CASES[0]  # N = 4
     lp, targets, il, tl, w = _inputs(case, rng, np.float64)
     nll, grad = _run(harness, lp, targets, il, tl, case.blank, False, w)
@@ -203,7 +204,7 @@ def test_harness_grid_y_limit_loops_over_samples(harness, rng, monkeypatch):
 def test_harness_target_too_long_for_shared_memory(harness_library, rng):
     """No target-length ceiling: 2 rows of 2*1540+1 doubles exceed 48 KiB, so this takes the slow path unpatched."""
     L, C = 1540, 5
-    assert 2 * (2 * L + 1) * 8 > cupy_backend.SHARED_BUDGET
+    assert 2 * (2 * L + 1) * 8 > cupy_kernels.SHARED_BUDGET
     targets = oracles.random_targets(rng, [L], C, repeat_prob=0.1)
     T = oracles.minimal_input_length(targets[0]) + 40  # feasible, with some freedom in the alignment
     lp = oracles.random_log_probs(rng, T, 1, C)
@@ -227,12 +228,12 @@ def test_harness_random_batches(harness_library, data):
     w = rng.uniform(0.1, 3.0, size=N)
     convention = draw(st.sampled_from(["torch", "plain"]), label="convention")
     zero_infinity = draw(st.booleans(), label="zero_infinity")
-    budget = draw(st.sampled_from([0, 150, 400, cupy_backend.SHARED_BUDGET]), label="shared budget")
+    budget = draw(st.sampled_from([0, 150, 400, cupy_kernels.SHARED_BUDGET]), label="shared budget")
     stage = draw(st.integers(1, 5), label="stage frames")
     harness = cuda_harness.Harness(harness_library, "random", seed=int(rng.integers(1 << 30)))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cupy_backend, "SHARED_BUDGET", budget)
-        patch.setattr(cupy_backend, "MAX_STAGE_FRAMES", stage)
+        patch.setattr(cupy_kernels, "SHARED_BUDGET", budget)
+        patch.setattr(cupy_kernels, "MAX_STAGE_FRAMES", stage)
         nll, grad = _run(harness, lp, targets, il, tl, blank, zero_infinity, w, convention)
     expected = _expected(lp, targets, il, tl, blank, w, zero_infinity, convention)
     _check(nll, grad, expected, np.float64, "random batch", lp)
@@ -244,7 +245,7 @@ def test_harness_results_are_bitwise_identical_across_thread_orders(harness_libr
     results = []
     for order, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)):
         problem = validation.validate(lp, targets, il, tl, 0, "none", False)
-        results.append(cupy_backend.run_kernels(problem, w, "torch", cuda_harness.Harness(harness_library, order, seed)))
+        results.append(cupy_kernels.run_kernels(problem, w, "torch", cuda_harness.Harness(harness_library, order, seed)))
     for nll, grad in results[1:]:
         np.testing.assert_array_equal(nll, results[0][0])
         np.testing.assert_array_equal(grad, results[0][1])
@@ -274,7 +275,7 @@ def test_gpu_matches_torch(case, dtype, rng):
     for zero_infinity in (False, True):
         problem = validation.validate(cupy.asarray(lp), cupy.asarray(targets), il, tl, case.blank, "none",
                                       zero_infinity)
-        nll, grad = cupy_backend.forward_backward(problem, cupy.asarray(w), "torch")
+        nll, grad = cupy_kernels.forward_backward(problem, cupy.asarray(w), "torch")
         assert isinstance(grad, cupy.ndarray)
         expected = _expected(lp, targets, il, tl, case.blank, w, zero_infinity, "torch")
         _check(cupy.asnumpy(nll), cupy.asnumpy(grad), expected, dtype, f"{case.name} zero_infinity={zero_infinity}", lp)
@@ -290,8 +291,8 @@ def test_gpu_long_target_and_determinism(rng):
     lp = oracles.random_log_probs(rng, T, 2, C, dtype=np.float32)
     il, tl, w = np.array([T, T - 50]), np.array([L, L // 2]), np.ones(2)
     problem = validation.validate(cupy.asarray(lp), cupy.asarray(targets), il, tl, 0, "none", False)
-    first = [cupy.asnumpy(x) for x in cupy_backend.forward_backward(problem, cupy.asarray(w))]
-    second = [cupy.asnumpy(x) for x in cupy_backend.forward_backward(problem, cupy.asarray(w))]
+    first = [cupy.asnumpy(x) for x in cupy_kernels.forward_backward(problem, cupy.asarray(w))]
+    second = [cupy.asnumpy(x) for x in cupy_kernels.forward_backward(problem, cupy.asarray(w))]
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
     _check(first[0], first[1], _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float32, "long target", lp)

@@ -1,0 +1,15 @@
+"""Choosing and tuning deploy_ctc's backends (the knobs users set; the backends live in ``deploy_ctc._backends``).
+
+- :func:`using` runs a block of code on one CPU backend (``"auto"``, ``"native"`` or ``"numpy"``) on the calling
+  thread; ``DEPLOY_CTC_CPU_BACKEND`` sets the process default.
+- :func:`cpu_backend` names the CPU backend NumPy arrays run on now.
+- :func:`release_workspace` frees the pure-NumPy backend's cached scratch memory of the calling thread.
+"""
+
+from __future__ import annotations
+
+from ._backends.cpu import CHOICES, ENV, using
+from ._backends.cpu import name as cpu_backend
+from ._backends.cpu.workspace import release as release_workspace
+
+__all__ = ["CHOICES", "ENV", "cpu_backend", "release_workspace", "using"]
