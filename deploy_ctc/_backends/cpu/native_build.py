@@ -8,9 +8,9 @@ version, the flags and the CPU (the build targets the machine it runs on, ``-mar
 without compiling. Builds are written to a temporary name and renamed, so concurrent processes never load a
 half-written file. Where the cache directory is not writable, the build goes to a per-process temporary directory.
 
-A build takes a few seconds (about 3 s on a 2-core VM) and is logged at INFO level on the ``deploy_ctc._backends.cpu.native_build``
-logger. No compiler, or a failed build, raises :class:`NativeUnavailable` with the reason; deploy_ctc then runs the
-pure NumPy backend (:mod:`deploy_ctc._backends.cpu`).
+A build takes a few seconds (about 3 s on a 2-core VM) and is logged at INFO level on the
+``deploy_ctc._backends.cpu.native_build`` logger. No compiler, or a failed build, raises :class:`NativeUnavailable` with
+the reason; deploy_ctc then runs the pure NumPy backend (:mod:`deploy_ctc._backends.cpu`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""deploy_ctc._backends.cpu.native_build: building, caching and loading kernels/ctc_cpu.cpp with the system's C++ compiler.
+"""deploy_ctc._backends.cpu.native_build: building, caching and loading kernels/ctc_cpu.cpp with the system's C++
+compiler.
 
 Builds that must start from an empty cache run in child processes with their own DEPLOY_CTC_CACHE_DIR; the failure
 paths run in-process with the module's memoized state patched.
