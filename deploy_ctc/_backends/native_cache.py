@@ -122,8 +122,9 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
         description: what the INFO log line says is built (default ``name``).
 
     Raises:
-        NativeUnavailable: no compiler, a failed build (the compiler's messages), a built library without
-            ``symbols``, no trusted directory to build in, or not a POSIX system.
+        NativeUnavailable: no compiler, a missing source, a failed build (the compiler's messages), a built
+            library without ``symbols``, no trusted directory to build in, or not a POSIX system.
+        ValueError: ``name`` or a source name that is not a plain file name.
     """
     if fcntl is None:
         raise NativeUnavailable("native libraries are built on POSIX systems only")
@@ -136,8 +137,10 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
         raise NativeUnavailable(str(error)) from None
     source_paths = [folder / source for source in sources]
     for source, path in zip(sources, source_paths):
-        if path.parent != folder or not path.is_file():
-            raise NativeUnavailable(f"source {source!r} is not a file in {folder}")
+        if path.parent != folder or path.name in ("", ".", ".."):
+            raise ValueError(f"sources must name a file directly inside {folder}, got {source!r}")
+        if not path.is_file():
+            raise NativeUnavailable(f"source {source!r} is not a file in {folder} (an incomplete installation?)")
     compiler = find_compiler()
     include = [f"-I{folder}"] + [f"-I{Path(d).resolve()}" for d in include_dirs]
     key = _key(name, compiler, source_paths, folder, depends, [*compile_flags, *include, *link_flags])
@@ -155,9 +158,11 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
                 return _build_shared(cache, f"{name}-{key.hexdigest()[:24]}.lock", builds, symbols, what)
             except _CacheUnusable as error:
                 reason = str(error)
-        if reason:
-            _warn_once(f"deploy_ctc: not using the cache directory: {reason}; building {what} in a private "
-                       f"temporary directory (removed at exit), so every process compiles it again")
+        if reason and reason not in _warned:  # once per process and reason, whichever library is built
+            _warned.add(reason)
+            warnings.warn(f"deploy_ctc: not using the cache directory: {reason}; native libraries are built in a "
+                          f"private temporary directory removed at exit, so every process compiles them again",
+                          RuntimeWarning, stacklevel=2)
         private = _private_dir()
         try:
             return _find(private, builds, symbols) or _compile_first(private, builds, symbols, what)
@@ -450,12 +455,6 @@ def _remove_private(path, owner):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
 # --- Files: locking, atomic writes, verification -----------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -571,7 +570,7 @@ def _library_problem(data, symbols):
         return "is not an ELF file" if data else "is empty"
     try:
         return _elf_problem(data, symbols)
-    except (struct.error, IndexError, ValueError):
+    except (struct.error, IndexError, KeyError, ValueError, OverflowError):
         return "is not a valid ELF file (truncated or damaged)"
 
 
