@@ -29,12 +29,16 @@ def backend(request):
         yield request.param
 
 
-def random_batch(rng, T, N, C, S, aligned=False):
-    """``(lp, targets, il, tl)``: full-length random targets with repeats; lp random, or confident along a random
-    alignment of each target."""
-    tl = np.full(N, S)
+def random_batch(rng, T, N, C, S, aligned=False, full=False):
+    """``(lp, targets, il, tl)``: random targets with repeats (sample 0, or with ``full`` all, of length S), input
+    lengths from each target's shortest feasible one to T (sample 0, or all, of length T); lp random, or confident
+    along a random alignment of each target."""
+    tl = np.full(N, S) if full else rng.integers(S // 2, S + 1, N)
+    tl[0] = S
     targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
-    il = np.full(N, T)
+    shortest = np.array([oracles.minimal_input_length(targets[n, :tl[n]]) for n in range(N)])
+    il = np.full(N, T) if full else rng.integers(np.minimum(shortest, T), T + 1)
+    il[0] = T
     lp = oracles.aligned_log_probs(rng, targets, il, tl, C) if aligned else oracles.random_log_probs(rng, T, N, C)
     return lp, targets, il, tl
 
@@ -72,7 +76,7 @@ def test_ordinary_inputs_take_the_fast_path(rng, backend, T, N, C, S, aligned, w
 def test_peaky_outputs_disagreeing_with_the_target_are_redone(rng, backend, dtype):
     """Samples 1 and 3 are confident (log_softmax(30 randn)) in random labels over 300 frames: alpha's and beta's
     mass end up on different positions and the fast path cannot represent their overlap; the rest is random."""
-    lp, targets, il, tl = random_batch(rng, 300, 5, 5, 40)
+    lp, targets, il, tl = random_batch(rng, 300, 5, 5, 40, full=True)
     lp[:, [1, 3]] = oracles.random_log_probs(rng, 300, 2, 5, scale=30.0)
     lp = lp.astype(dtype)
     stats = run_paths(lp, targets, il, tl)
@@ -98,7 +102,7 @@ def test_nan_and_dead_frames_are_redone_alone(rng, backend, poison, with_grad):
 
 def test_samples_without_recursions_are_not_counted(rng, backend):
     """Infeasible targets and zero-length inputs are settled before the recursions: neither path."""
-    lp, targets, il, tl = random_batch(rng, 12, 4, 5, 4)
+    lp, targets, il, tl = random_batch(rng, 12, 4, 5, 4, full=True)
     il[1], il[3], tl[3] = 3, 0, 0
     stats = run_paths(lp, targets, il, tl)
     assert [(record.samples, record.exact) for record in stats.records] == [(2, ())]
@@ -140,7 +144,7 @@ def test_torch_adapter_takes_the_fast_path_and_redoes_peaky_samples(rng, backend
     torch = pytest.importorskip("torch", reason="deploy_ctc.torch needs torch (the test extra)")
     import deploy_ctc.torch as dctorch
 
-    lp, targets, il, tl = random_batch(rng, 200, 4, 6, 20)
+    lp, targets, il, tl = random_batch(rng, 200, 4, 6, 20, full=True)
     lp[:, 2] = oracles.random_log_probs(rng, 200, 1, 6, scale=30.0)[:, 0]
     x = torch.tensor(lp, requires_grad=True)
     with path_stats() as stats:
