@@ -1,9 +1,10 @@
 // CTC loss and gradient on the CPU: the native engine of deploy_ctc's CPU backend (deploy_ctc/_backends/cpu/native.py).
 //
 // Compiled at run time with the system's C++ compiler into a cached shared library and called through ctypes
-// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several calls on
-// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/_backends/cpu/pure_numpy.py): scaled
-// probability-space recursions in float64 whatever the input type, one sample at a time.
+// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several
+// calls on threads (ctypes releases the GIL). The algorithm is the NumPy backend's
+// (deploy_ctc/_backends/cpu/pure_numpy.py): scaled probability-space recursions in float64 whatever the input type, one
+// sample at a time.
 //
 // The extended labels l' = (blank, l_0, blank, l_1, ..., l_{S-1}, blank) are held as two planes, so every loop is
 // contiguous and vectorizes: the blank plane e[i] = position 2i (i <= S) and the label plane o[i] = position 2i + 1
@@ -580,8 +581,8 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0, or -1
-// when the scratch memory could not be allocated.
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return
+// 0, or -1 when the scratch memory could not be allocated.
 #define DEPLOY_CTC_ENTRY(NAME, TYPE)                                                                               \
   extern "C" int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn,            \
                       std::int64_t sc, const std::int64_t* targets, std::int64_t S, const std::int64_t* il,         \

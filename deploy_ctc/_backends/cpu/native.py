@@ -1,12 +1,12 @@
 r"""Native CPU backend: the NumPy backend's algorithm as compiled code (``kernels/ctc_cpu.cpp``).
 
-Same contract as :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend` protocol). Each sample
-runs its scaled probability-space forward and backward recursions in float64, vectorized over the lattice's blank
-and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x (2S + 1)``
-table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per sample in
-flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
-(confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with
-NaN log-probs come back here, for :mod:`deploy_ctc._backends.cpu.logspace`.
+Same contract as :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend`
+protocol). Each sample runs its scaled probability-space forward and backward recursions in float64, vectorized over the
+lattice's blank and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x
+(2S + 1)`` table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per
+sample in flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
+(confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with NaN
+log-probs come back here, for :mod:`deploy_ctc._backends.cpu.logspace`.
 
 Samples are dealt to the worker threads of :func:`deploy_ctc._backends.cpu.common.pool` by estimated cost (the engine
 releases the GIL); small batches run on the calling thread.
@@ -31,7 +31,8 @@ ENGINE_LEFT, ENGINE_FAST, ENGINE_EXACT = 0, 1, 2
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
     """Per-sample negative log-likelihoods ``(N,)`` and, with ``grad_scale``, the scaled ``(T, N, C)`` gradient:
-    the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend` protocol).
+    the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the
+    :class:`deploy_ctc._backends.Backend` protocol).
 
     Raises:
         deploy_ctc._backends.cpu.native_build.NativeUnavailable: the engine cannot be built here.

@@ -21,11 +21,11 @@ frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the poste
     \gamma_t(s) = \frac{g_t(s)}{Z_t}, \qquad g_t(s) = q^{fwd}_t(s)\, \hat y_t(l'_s)\, q^{rev}_t(s), \qquad
     Z_t = \sum_s g_t(s),
 
-and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the
-accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
-inputs; all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`. The
-gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax):
-``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
+and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the accuracy
+check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky inputs;
+all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`. The
+gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax): ``y_t(c) - sum_{s:
+l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
 
 Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
 recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its
@@ -59,7 +59,8 @@ _MAX_PARTS = 4
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the :class:`deploy_ctc._backends.Backend` protocol).
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the
+    :class:`deploy_ctc._backends.Backend` protocol).
 
     Args:
         problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
@@ -138,9 +139,9 @@ def _chunks(il, tl, C, with_grad):
 
 class _Chunk:
     """The scaled recursions for a contiguous range of samples, in three stages run by the pipeline:
-    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and
-    gradient, by frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
-    the check fails (the exact path then redoes the sample, rows included).
+    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and gradient, by
+    frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples
+    in place; ``ok[n]`` becomes False where the check fails (the exact path then redoes the sample, rows included).
     """
 
     def __init__(self, problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch):
