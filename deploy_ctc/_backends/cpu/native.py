@@ -17,10 +17,16 @@ from __future__ import annotations
 import numpy as np
 
 from . import common, native_build
+from .. import paths
 
 # Below this much work (lattice cells plus gradient cells) a batch runs on the calling thread: handing it to a
 # worker costs more than it saves.
 _PARALLEL_MIN_CELLS = 200_000
+
+# What the engine writes to ``ok[n]`` for each sample it was given (kernels/ctc_cpu.cpp, ``run``): left for
+# :func:`deploy_ctc._backends.cpu.common.redo_exact` (NaN log-probs), done by the scaled recursions, or redone
+# exactly in log space by the engine itself.
+ENGINE_LEFT, ENGINE_FAST, ENGINE_EXACT = 0, 1, 2
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
@@ -36,17 +42,19 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:
-        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,)
-        _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
-        redo = samples[ok[samples] == 0]
+        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,) the engine's ENGINE_* code of each sample
+        parts = _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
+        redo = samples[ok[samples] == ENGINE_LEFT]
         if redo.size:
             with np.errstate(all="ignore"):
                 common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+        paths.record("native", samples, samples[ok[samples] != ENGINE_FAST], parts)
     return common.finish(problem, nll, grad)
 
 
 def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
-    """Call the engine on ``samples``, split across the worker threads when the work is large enough."""
+    """Call the engine on ``samples``, split across the worker threads when the work is large enough; returns how
+    many parts it was split into."""
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     if any(stride % lp.itemsize for stride in lp.strides):
@@ -75,6 +83,7 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     else:
         for done in [common.pool().submit(call, part) for part in parts]:
             done.result()
+    return len(parts)
 
 
 def _deal(samples, cost, workers):

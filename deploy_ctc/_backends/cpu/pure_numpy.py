@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import common, logspace, workspace
+from .. import paths
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
@@ -116,6 +117,7 @@ def _forward_backward(problem, grad_scale, convention):
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
         common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    paths.record("numpy", np.flatnonzero(run), redo, len(chunks) if parallel else 1)
     return common.finish(problem, nll, grad)
 
 
@@ -260,6 +262,9 @@ class _ChainPair:
         emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
         np.exp(gathered, out=emit[:, :, 2:])
+        # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
+        # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
+        emit[:, ~np.isfinite(log_max).all(axis=0)] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
         return emit, log_max.astype(np.float64)
@@ -335,6 +340,7 @@ def _recursion(emit, lattice, store, scratch, tag):
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
             np.max(a_rows, axis=1, out=c)
+            c[c == 0.0] = 1.0  # a chain without mass stays 0 rather than 0 / 0 (NaN that would cross chains)
             np.divide(a_rows, c[:, None], out=a_rows)
         q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)
         fwd_next, rev_next = q_next[2:half], q_next[half:]
