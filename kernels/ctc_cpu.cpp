@@ -45,10 +45,12 @@
 #include <type_traits>
 #include <utility>
 
+#include "ctc_constants.h"
+
 namespace {
 
-constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
-constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
+using dctc::kConsistencyTol;             // relative; float64 rounding of Z_t stays near L * 1e-16
+constexpr double kTiny = dctc::kTinyMass;  // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
 // What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
 // exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
@@ -136,8 +138,9 @@ __attribute__((always_inline)) inline double log_1_to_3(double x) {
   return (high ? 0.6931471805599453 : 0.0) + 2.0 * z * p;
 }
 
-// Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as numpy_logspace).
-constexpr double kNeg = -1e30;
+// Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as
+// deploy_ctc/_backends/cpu/logspace.py).
+constexpr double kNeg = dctc::kLogZero;
 
 // log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for values >= kNeg: the largest term is exp(0) = 1, so
 // only the others need an exponential.

@@ -278,3 +278,16 @@ def test_grad_output_of_wrong_shape(case, reduction, grad_output):
 def test_unknown_convention(case):
     with raises(ValueError, "convention", "'exact'"):
         deploy_ctc.ctc_loss_and_grad(*case, convention="exact")
+
+
+def test_reductions_follow_torchs_enum_order():
+    """The ONNX bodies and the exporter map reductions to torch's at::Reduction numbers by their index."""
+    torch = pytest.importorskip("torch")
+    assert [torch.nn._reduction.get_enum(name) for name in validation.REDUCTIONS] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("convention", ["Torch", "", None, 1])
+def test_unknown_convention(convention):
+    lp = np.log(np.full((4, 1, 3), 1 / 3))
+    with pytest.raises(ValueError, match=re.escape(f"convention must be one of 'torch', 'plain', got {convention!r}")):
+        deploy_ctc.ctc_loss_and_grad(lp, np.array([[1]]), [4], [1], convention=convention)

@@ -30,7 +30,6 @@ OPSET_VERSION = 1
 
 # Attribute name -> default, in torch.nn.CTCLoss's order.
 ATTRIBUTE_DEFAULTS = {"blank": 0, "reduction": "mean", "zero_infinity": 0}
-REDUCTIONS = ("none", "mean", "sum")
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(double)"]
 _INT_TYPES = ["tensor(int32)", "tensor(int64)"]

@@ -35,7 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-NEG = -1e30
+from .constants import LOG_ZERO
+
+NEG = LOG_ZERO  # kernels/ctc_constants.h
 _NEG_THRESHOLD = NEG / 2
 # Rows of the (T, N, C) gradient handled by one task: a few MB, so exp/scale/scatter stay cache-resident.
 _GRAD_CHUNK_BYTES = 4 << 20
