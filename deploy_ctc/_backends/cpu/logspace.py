@@ -48,7 +48,7 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 
     Used for the samples whose scaled recursions fail the consistency check, and as a reference in the tests.
     """
-    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) is -inf, the log-space zero; NaN propagates
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # log(0) is -inf, the log-space zero
         return _forward_backward(problem, grad_scale, convention)
 
 
