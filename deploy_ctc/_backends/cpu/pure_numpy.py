@@ -76,11 +76,11 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         ``problem.log_probs.dtype`` (None without ``grad_scale``) with rows ``t >= input_lengths[n]`` exactly 0 and
         rows of infinite-loss samples NaN (0 when ``problem.zero_infinity``).
     """
-    with np.errstate(all="ignore"):  # under/overflow and NaN are detected by the consistency check instead
-        return _forward_backward(problem, grad_scale, convention)
+    with np.errstate(all="ignore"), workspace.borrowed() as scratch:  # under/overflow and NaN: the check's job
+        return _forward_backward(problem, grad_scale, convention, scratch)
 
 
-def _forward_backward(problem, grad_scale, convention):
+def _forward_backward(problem, grad_scale, convention, scratch):
     N, C = problem.log_probs.shape[1:]
     il, tl = problem.input_lengths, problem.target_lengths
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
@@ -88,7 +88,6 @@ def _forward_backward(problem, grad_scale, convention):
         return common.finish(problem, nll, grad)
 
     ok = np.ones(N, dtype=bool)
-    scratch = workspace.current()
     spans, parallel = _chunks(il, tl, C, grad is not None)
     # Chunks that run one after another share their scratch tables (one tag); pipelined ones need their own.
     chunks = [_Chunk(problem, span, index if parallel else 0, run, nll, ok, grad, grad_scale, convention, scratch)
