@@ -169,7 +169,8 @@ print("parent:", native_build.describe(), "status", status)
 def test_a_process_forked_during_the_first_build_does_not_hang(tmp_path):
     """A stand-in compiler builds a stub with the engine's entry points slowly (the real build is tested above)."""
     stub = tmp_path / "stub.cpp"
-    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n' for name in native_build.ENTRY_POINTS.values()))
+    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n'
+                            for name in native_build.ENTRY_POINTS.values()))
     log = tmp_path / "builds.log"
     compiler = tmp_path / "slow-c++"
     compiler.write_text(textwrap.dedent(f"""\
