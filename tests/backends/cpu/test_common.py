@@ -32,7 +32,7 @@ def test_default_thread_count_is_the_usable_cpus(monkeypatch, fresh_pool_size):
 
 
 def test_one_thread_gives_the_same_results(monkeypatch, fresh_pool_size):
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     inputs = make_inputs(200, 24, 30, 40)  # large enough to be split across threads
     threaded = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
