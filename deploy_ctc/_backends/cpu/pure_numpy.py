@@ -21,13 +21,13 @@ frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the poste
     \gamma_t(s) = \frac{g_t(s)}{Z_t}, \qquad g_t(s) = q^{fwd}_t(s)\, \hat y_t(l'_s)\, q^{rev}_t(s), \qquad
     Z_t = \sum_s g_t(s),
 
-and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the
-accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
-inputs; all-``-inf`` frames; NaN, ``+inf``) is recomputed exactly by the log-space twin
-:mod:`deploy_ctc._backends.cpu.logspace`. An emission flushed to zero before the chains start would be the same zero
-in both directions and pass that identity, so a sample with a finite log-probability more than ``-_FLUSH_LOG`` nats
-below its frame's best (a ``-1e30`` mask, say) takes the exact path too. The gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax):
-``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
+and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the accuracy
+check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky inputs;
+all-``-inf`` frames; NaN, ``+inf``) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`.
+An emission flushed to zero before the chains start would be the same zero in both directions and pass that identity,
+so a sample with a finite log-probability more than ``-_FLUSH_LOG`` nats below its frame's best (a ``-1e30`` mask, say)
+takes the exact path too. The gradient follows torch's convention (Graves eq. 16, the gradient through an upstream
+log_softmax): ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
 
 Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
 recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its
@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import common, logspace, workspace
+from .. import paths
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
@@ -64,7 +65,8 @@ _MAX_PARTS = 4
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the :class:`deploy_ctc._backends.Backend` protocol).
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the
+    :class:`deploy_ctc._backends.Backend` protocol).
 
     Args:
         problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
@@ -105,7 +107,7 @@ def _forward_backward(problem, grad_scale, convention, scratch):
         # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
         # Running recursions concurrently would only contend for the GIL.
         pool = common.pool()
-        parts = min(_MAX_PARTS, common.pool_size())
+        parts = min(_MAX_PARTS, common.workers())
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
         pending = []
         for chunk, ready in zip(chunks, prepared):
@@ -120,6 +122,7 @@ def _forward_backward(problem, grad_scale, convention, scratch):
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
         common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    paths.record("numpy", np.flatnonzero(run), redo, len(chunks) if parallel else 1)
     return common.finish(problem, nll, grad)
 
 
@@ -131,7 +134,7 @@ def _chunks(il, tl, C, with_grad):
     per_sample = t_max * (L + 2) * (8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    parallel = cells >= _PARALLEL_MIN_CELLS and common.pool_size() > 1
+    parallel = cells >= _PARALLEL_MIN_CELLS and common.workers() > 1
     if parallel:
         count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))
@@ -141,9 +144,9 @@ def _chunks(il, tl, C, with_grad):
 
 class _Chunk:
     """The scaled recursions for a contiguous range of samples, in three stages run by the pipeline:
-    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and
-    gradient, by frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
-    the check fails (the exact path then redoes the sample, rows included).
+    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and gradient, by
+    frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples
+    in place; ``ok[n]`` becomes False where the check fails (the exact path then redoes the sample, rows included).
     """
 
     def __init__(self, problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch):
@@ -267,6 +270,9 @@ class _ChainPair:
         emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
         np.exp(gathered, out=emit[:, :, 2:])
+        # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
+        # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
+        emit[:, ~np.isfinite(log_max).all(axis=0)] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
         return emit, log_max, flushed
@@ -346,6 +352,7 @@ def _recursion(emit, lattice, store, scratch, tag):
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
             np.max(a_rows, axis=1, out=c)
+            c[c == 0.0] = 1.0  # a chain without mass stays 0 rather than 0 / 0 (NaN that would cross chains)
             np.divide(a_rows, c[:, None], out=a_rows)
         q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)
         fwd_next, rev_next = q_next[2:half], q_next[half:]
