@@ -1,4 +1,4 @@
-"""Building, caching and loading the native CPU engine ``kernels/ctc_cpu.cpp``.
+"""Building, caching and loading the native CPU engine ``kernels/ctc_cpu.cpp`` (with ``kernels/ctc_align_cpu.cpp``).
 
 Like the CUDA kernels, the C++ source ships inside the wheel and is compiled at run time: on first use in a process,
 with the system's C++ compiler (``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` on ``PATH``), into a shared
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ..kernel_sources import kernel_sources_dir
 
-#: The translation unit of the CPU engine, in the kernels folder.
-SOURCE = "ctc_cpu.cpp"
+#: The translation units of the CPU engine, in the kernels folder: the loss and the forced alignment.
+SOURCES = ("ctc_cpu.cpp", "ctc_align_cpu.cpp")
 
 #: Flags of every build; -fopenmp-simd honours the source's ``omp simd`` reductions without linking OpenMP.
 FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fPIC", "-shared")
@@ -46,6 +46,11 @@ _SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 5  # lp; N, C and lp's elem
               + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
               + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad, grad_scale, plain
               + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
+#: Forced-alignment entry points (kernels/ctc_align_cpu.cpp), one per input type.
+ALIGN_ENTRY_POINTS = {"float32": "deploy_ctc_align_float", "float64": "deploy_ctc_align_double"}
+_ALIGN_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 4  # lp; N and lp's element strides st, sn, sc
+                    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets ..
+                    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p])  # samples, count, outputs
 _COMPILE_TIMEOUT_S = 300
 
 
@@ -107,7 +112,7 @@ def find_compiler() -> str:
 def _build() -> Path:
     compiler = find_compiler()
     try:
-        source = kernel_sources_dir() / SOURCE
+        sources = [kernel_sources_dir() / name for name in SOURCES]
     except FileNotFoundError as error:
         raise NativeUnavailable(str(error)) from None
     try:
@@ -115,7 +120,7 @@ def _build() -> Path:
     except (OSError, subprocess.SubprocessError) as error:
         raise NativeUnavailable(f"{compiler} --version failed: {error}") from None
     common = hashlib.sha256()  # what every build depends on but its flags
-    for part in (source.read_bytes(), compiler.encode(), version.encode(), platform.machine().encode(),
+    for part in (*(source.read_bytes() for source in sources), compiler.encode(), version.encode(), platform.machine().encode(),
                  _cpu_identity().encode()):
         common.update(part)
         common.update(b"\0")
@@ -131,14 +136,14 @@ def _build() -> Path:
     errors = []
     for flags, name in builds:
         try:
-            return _compile(compiler, flags, source, name)
+            return _compile(compiler, flags, sources, name)
         except NativeUnavailable as error:
             errors.append(str(error))
     raise NativeUnavailable("the build failed:\n" + "\n".join(errors))
 
 
-def _compile(compiler, flags, source, name) -> Path:
-    """Compile ``source`` into ``name`` in the cache (else a temporary directory), via a temporary name."""
+def _compile(compiler, flags, sources, name) -> Path:
+    """Compile ``sources`` into ``name`` in the cache (else a temporary directory), via a temporary name."""
     for folder in (cache_dir(), None):
         target = (folder or Path(tempfile.mkdtemp(prefix="deploy_ctc-"))) / name
         try:
@@ -151,7 +156,7 @@ def _compile(compiler, flags, source, name) -> Path:
                      " ".join(flags))
         start = time.perf_counter()
         try:
-            result = subprocess.run([compiler, *flags, str(source), "-o", partial.name], capture_output=True,
+            result = subprocess.run([compiler, *flags, *map(str, sources), "-o", partial.name], capture_output=True,
                                     text=True, timeout=_COMPILE_TIMEOUT_S)
             failure = None if result.returncode == 0 else result.stderr.strip()[-2000:]
         except (OSError, subprocess.SubprocessError) as error:
@@ -170,9 +175,10 @@ def _load(path: Path):
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         raise NativeUnavailable(f"could not load {path}: {error}") from None
-    for entry in ENTRY_POINTS.values():
-        function = getattr(lib, entry)
-        function.argtypes, function.restype = _SIGNATURE, ctypes.c_int
+    for entries, signature in ((ENTRY_POINTS, _SIGNATURE), (ALIGN_ENTRY_POINTS, _ALIGN_SIGNATURE)):
+        for entry in entries.values():
+            function = getattr(lib, entry)
+            function.argtypes, function.restype = signature, ctypes.c_int
     return lib
 
 

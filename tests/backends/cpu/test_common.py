@@ -1,4 +1,4 @@
-"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker-thread count)."""
+"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker-thread count and how work is split among the threads)."""
 
 import numpy as np
 import pytest
@@ -41,3 +41,14 @@ def test_one_thread_gives_the_same_results(monkeypatch, fresh_pool_size):
     single = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
     np.testing.assert_allclose(single[0], threaded[0], rtol=1e-6)
     np.testing.assert_allclose(single[1], threaded[1], rtol=1e-6, atol=1e-9)
+
+
+def test_work_is_dealt_into_balanced_parts():
+    samples = np.arange(10, dtype=np.int64) * 3
+    cost = np.array([100, 1, 1, 1, 50, 50, 1, 1, 1, 1])
+    parts = common.deal(samples, cost, 2)
+    assert sorted(np.concatenate(parts).tolist()) == samples.tolist()
+    loads = [cost[np.isin(samples, part)].sum() for part in parts]
+    assert max(loads) - min(loads) <= 2
+    assert [p.dtype for p in parts] == [np.int64, np.int64]
+    assert len(common.deal(samples, cost, 1)) == 1
