@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deploy_ctc import backends
-from deploy_ctc.align import forced_align, token_spans
+from deploy_ctc import backends, forced_align, token_spans
 from tests.utils.oracles import brute_force_alignment, collapse, concatenate_targets, log_softmax
 
 BACKENDS = ("numpy", "native")
