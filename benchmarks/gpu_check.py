@@ -6,7 +6,8 @@ Run from the repository root on a machine with a CUDA GPU, CuPy and torch (CUDA 
 
     python benchmarks/gpu_check.py [--reps 20] [--skip-tests]
 
-1. runs ``tests/backends/cuda/test_cupy_kernels.py`` and ``tests/backends/cuda/test_kernels_compile.py`` (their GPU tests run there);
+1. runs ``tests/backends/cuda/test_cupy_kernels.py`` and ``tests/backends/cuda/test_kernels_compile.py`` (their GPU
+   tests run there);
 2. for (T, N, C, S) in SHAPES, float32, full input lengths, target lengths in [S/2, S]: medians over ``reps``
    CUDA-event timings (after warm-up) of loss + gradient for deploy_ctc (``ctc_loss_and_grad`` on CuPy arrays,
    validation included), torch native CUDA (int64 padded targets) and cuDNN (int32 concatenated CPU targets,
@@ -118,7 +119,8 @@ def main():
               "torch": torch.__version__, "python": platform.python_version(), "dtype": "float32"}
     if not args.skip_tests:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/backends/cuda/test_cupy_kernels.py",
-                                "tests/backends/cuda/test_kernels_compile.py"], cwd=ROOT, capture_output=True, text=True)
+                                "tests/backends/cuda/test_kernels_compile.py"],
+                               cwd=ROOT, capture_output=True, text=True)
         print(tests.stdout[-3000:])
         report["tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}
 
@@ -130,7 +132,8 @@ def main():
             r["speedup_vs_cudnn"] = r["torch_cudnn_ms"] / r["deploy_ctc_ms"]
         print(f"(T,N,C,S)={r['shape']}: deploy_ctc {r['deploy_ctc_ms']:.3f} ms, torch native "
               f"{r['torch_native_ms']:.3f} ms ({r['speedup_vs_native']:.2f}x)"
-              + (f", cuDNN {r['torch_cudnn_ms']:.3f} ms ({r['speedup_vs_cudnn']:.2f}x)" if "torch_cudnn_ms" in r else "")
+              + (f", cuDNN {r['torch_cudnn_ms']:.3f} ms ({r['speedup_vs_cudnn']:.2f}x)"
+                 if "torch_cudnn_ms" in r else "")
               + f", deterministic={r['bitwise_deterministic']}")
     report["geomean_speedup_vs_native"] = float(np.exp(np.mean([np.log(r["speedup_vs_native"])
                                                                 for r in report["results"]])))

@@ -160,7 +160,8 @@ def run(shapes=SHAPES, repeats=7, memory=True, stream=sys.stderr, logit_scale=1.
     speedups = [row["speedup"] for row in results]
     numpy_speedups = [row["numpy_backend_speedup"] for row in results]
     return {"benchmark": "CTC loss forward+backward, float32, CPU", "machine": machine_description(),
-            "deploy_ctc_backend": backends.cpu_backend(), "logit_scale": logit_scale, "repeats": repeats, "rows": results,
+            "deploy_ctc_backend": backends.cpu_backend(), "logit_scale": logit_scale, "repeats": repeats,
+            "rows": results,
             "geomean_speedup": _geomean(speedups), "min_speedup": min(speedups),
             "numpy_backend_geomean_speedup": _geomean(numpy_speedups),
             "numpy_backend_min_speedup": min(numpy_speedups)}

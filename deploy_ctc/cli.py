@@ -81,7 +81,8 @@ def check(argv=None):
     for module_name, extra in OPTIONAL:
         version = _version(module_name)
         print(f"  {module_name:<24} {version or f'not installed (pip install deploy_ctc[{extra}])'}")
-    print(f"  {'onnxruntime.training':<24} {_version('onnxruntime.training') or 'not installed (separate venv: [train])'}")
+    training = _version("onnxruntime.training") or "not installed (separate venv: [train])"
+    print(f"  {'onnxruntime.training':<24} {training}")
     print("backends:")
     print(f"  native  {native_build.describe()}")
     print("  numpy   available")

@@ -22,9 +22,9 @@
 // beta is alpha run on the reversed frames and reversed l' (s -> 2L-s keeps parity and the skip rule), so one
 // kernel computes both: blocks [0, N) run the forward direction, blocks [N, 2N) the backward one.
 //
-// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py): ctc_lattice (alpha, beta, nll, and in spare blocks the dense
-// part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no
-// atomics; every sum runs in an order fixed by the shapes.
+// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py): ctc_lattice (alpha, beta, nll, and in spare blocks the
+// dense part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no atomics;
+// every sum runs in an order fixed by the shapes.
 #include "ctc.cuh"
 
 using dctc::Math;
@@ -140,7 +140,8 @@ __global__ void ctc_lattice(const scalar_t* lp, long long lp_st, long long lp_sn
         __syncthreads();
     }
     if (forward && threadIdx.x == 0) {
-        scalar_t log_likelihood = L == 0 ? scalar_t(0) : neg_inf;    // input length 0: only the empty target has an alignment
+        // Input length 0: only the empty target has an alignment.
+        scalar_t log_likelihood = L == 0 ? scalar_t(0) : neg_inf;
         if (frames > 0) {
             const scalar_t* last = table + (frames - 1) * row;
             log_likelihood = last[width - 1];
@@ -173,8 +174,11 @@ __global__ void ctc_label_links(const long long* targets, int S, const long long
 // grad[t, n, c] = w_n * (exp(lp) - posterior) (plain: -w_n * posterior) of one class, from the log of the
 // summed alpha + beta of the class's lattice positions. A class without reachable positions has posterior 0.
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t class_grad(scalar_t lp, scalar_t log_alpha_beta, scalar_t nll, scalar_t w, int plain) {
-    const scalar_t posterior = log_alpha_beta == Math<scalar_t>::neg_inf() ? scalar_t(0) : Math<scalar_t>::exp(log_alpha_beta + nll - lp);
+__device__ __forceinline__ scalar_t class_grad(scalar_t lp, scalar_t log_alpha_beta, scalar_t nll, scalar_t w,
+                                               int plain) {
+    const scalar_t posterior = log_alpha_beta == Math<scalar_t>::neg_inf()
+                                   ? scalar_t(0)
+                                   : Math<scalar_t>::exp(log_alpha_beta + nll - lp);
     return plain ? -w * posterior : w * (Math<scalar_t>::exp(lp) - posterior);
 }
 

@@ -1,9 +1,10 @@
 // CTC loss and gradient on the CPU: the native engine of deploy_ctc's CPU backend (deploy_ctc/_backends/cpu/native.py).
 //
 // Compiled at run time with the system's C++ compiler into a cached shared library and called through ctypes
-// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several calls on
-// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/_backends/cpu/pure_numpy.py): scaled
-// probability-space recursions in float64 whatever the input type, one sample at a time.
+// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several
+// calls on threads (ctypes releases the GIL). The algorithm is the NumPy backend's
+// (deploy_ctc/_backends/cpu/pure_numpy.py): scaled probability-space recursions in float64 whatever the input type, one
+// sample at a time.
 //
 // The extended labels l' = (blank, l_0, blank, l_1, ..., l_{S-1}, blank) are held as two planes, so every loop is
 // contiguous and vectorizes: the blank plane e[i] = position 2i (i <= S) and the label plane o[i] = position 2i + 1
@@ -21,8 +22,9 @@
 //   log p(l|x) = log Z_t + (A_t + Cq_t) ln 2 + sum_t m_t      for every t,
 // A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
 // its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
-// all -inf frames or NaN break it, and the sample is reported not ok and recomputed by the exact log-space path
-// (deploy_ctc/_backends/cpu/logspace.py). The loss is torch's forward end, at t = T - 1.
+// all -inf frames or NaN break it, and the sample is recomputed by the exact log-space path (log_space_sample,
+// twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
+// t = T - 1.
 //
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
@@ -48,6 +50,9 @@ namespace {
 constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
 constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
+// What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
+// exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
+constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bit_cast(From from) {
@@ -567,7 +572,7 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
           ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
           : log_space_sample(w, lp + w.n * sn, st, blank * sc, grad == nullptr ? nullptr : &targets_of[j]);
       nll[w.n] = value;
-      ok[w.n] = std::isnan(value) ? 0 : 1;
+      ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
   }
   std::free(memory);
@@ -576,8 +581,8 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0, or -1
-// when the scratch memory could not be allocated.
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return
+// 0, or -1 when the scratch memory could not be allocated.
 #define DEPLOY_CTC_ENTRY(NAME, TYPE)                                                                               \
   extern "C" int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn,            \
                       std::int64_t sc, const std::int64_t* targets, std::int64_t S, const std::int64_t* il,         \

@@ -1,4 +1,5 @@
-"""deploy_ctc._backends.cpu.pure_numpy.forward_backward on validated problems (the deploy_ctc._backends.Backend protocol).
+"""deploy_ctc._backends.cpu.pure_numpy.forward_backward on validated problems (the deploy_ctc._backends.Backend
+protocol).
 
 The backend returns per-sample nll (N,) in float64 (+inf when infeasible, never zeroed) and, when grad_scale is
 given, grad = grad_scale[n] * (exp(lp) - posterior) (or -posterior), 0 beyond input_lengths, NaN rows for an

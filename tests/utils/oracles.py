@@ -119,6 +119,32 @@ def random_targets(rng, target_lengths, C, blank=0, S=None, repeat_prob=0.0, pad
     return targets
 
 
+def aligned_log_probs(rng, targets, input_lengths, target_lengths, C, blank=0, boost=(5.0, 20.0)):
+    """Log-probs (T, N, C) of a model confident *in* its targets, as a trained one: ``log_softmax`` of random
+    logits raised by ``uniform(*boost)`` along one random alignment of each target (each label, and the blanks
+    between equal neighbours, get at least one frame; the other frames go to random positions of ``l'``).
+    Frames ``t >= input_lengths[n]`` keep their random logits."""
+    input_lengths = np.asarray(input_lengths).reshape(-1)
+    target_lengths = np.asarray(target_lengths).reshape(-1)
+    T = int(input_lengths.max(initial=0))
+    logits = rng.standard_normal((T, input_lengths.size, C))
+    for n, (frames, length) in enumerate(zip(input_lengths, target_lengths)):
+        target = [int(c) for c in targets[n, :length]]
+        extended = [blank]
+        for label in target:
+            extended += [label, blank]
+        required = np.zeros(len(extended), dtype=np.int64)  # (2S + 1,) frames each position must get
+        required[1::2] = 1
+        required[2:-1:2] = [int(a == b) for a, b in zip(target, target[1:])]
+        spare = int(frames) - int(required.sum())
+        if spare < 0:
+            raise ValueError(f"sample {n}: {frames} frames cannot align a target needing {required.sum()}")
+        durations = required + rng.multinomial(spare, np.full(len(extended), 1 / len(extended)))
+        path = np.repeat(extended, durations)  # (frames,)
+        logits[np.arange(int(frames)), n, path] += rng.uniform(*boost, int(frames))
+    return log_softmax(logits)
+
+
 def minimal_input_length(target) -> int:
     """Shortest T that can emit ``target``: its length plus one blank between each pair of equal neighbours."""
     target = list(target)

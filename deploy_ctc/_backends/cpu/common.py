@@ -1,5 +1,5 @@
-"""What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share: which
-samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
+"""What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share:
+which samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
 samples with an infinite loss, and the worker threads.
 """
 

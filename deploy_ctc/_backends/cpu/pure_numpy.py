@@ -21,11 +21,11 @@ frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the poste
     \gamma_t(s) = \frac{g_t(s)}{Z_t}, \qquad g_t(s) = q^{fwd}_t(s)\, \hat y_t(l'_s)\, q^{rev}_t(s), \qquad
     Z_t = \sum_s g_t(s),
 
-and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the
-accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
-inputs; all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`. The
-gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax):
-``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
+and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the accuracy
+check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky inputs;
+all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`. The
+gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax): ``y_t(c) - sum_{s:
+l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
 
 Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
 recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its
@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import common, logspace, workspace
+from .. import paths
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
@@ -58,7 +59,8 @@ _MAX_PARTS = 4
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the :class:`deploy_ctc._backends.Backend` protocol).
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the
+    :class:`deploy_ctc._backends.Backend` protocol).
 
     Args:
         problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
@@ -115,6 +117,7 @@ def _forward_backward(problem, grad_scale, convention):
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
         common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    paths.record("numpy", np.flatnonzero(run), redo, len(chunks) if parallel else 1)
     return common.finish(problem, nll, grad)
 
 
@@ -136,9 +139,9 @@ def _chunks(il, tl, C, with_grad):
 
 class _Chunk:
     """The scaled recursions for a contiguous range of samples, in three stages run by the pipeline:
-    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and
-    gradient, by frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
-    the check fails (the exact path then redoes the sample, rows included).
+    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and gradient, by
+    frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples
+    in place; ``ok[n]`` becomes False where the check fails (the exact path then redoes the sample, rows included).
     """
 
     def __init__(self, problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch):
@@ -259,6 +262,9 @@ class _ChainPair:
         emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
         np.exp(gathered, out=emit[:, :, 2:])
+        # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
+        # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
+        emit[:, ~np.isfinite(log_max).all(axis=0)] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
         return emit, log_max.astype(np.float64)
@@ -334,6 +340,7 @@ def _recursion(emit, lattice, store, scratch, tag):
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
             np.max(a_rows, axis=1, out=c)
+            c[c == 0.0] = 1.0  # a chain without mass stays 0 rather than 0 / 0 (NaN that would cross chains)
             np.divide(a_rows, c[:, None], out=a_rows)
         q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)
         fwd_next, rev_next = q_next[2:half], q_next[half:]

@@ -1,10 +1,11 @@
 """Reusable scratch memory for the NumPy backend.
 
 Each call of the backend needs tables of ``T x 2N x (2S + 3)`` floats. Fresh NumPy arrays of that size come from
-``mmap`` and are returned to the system when freed, so every call pays a page fault per 4 KiB touched -- measured
-at a third of the run time for the smaller benchmark shapes on a 2-core VM. A :class:`Workspace` keeps those
-buffers between calls, one workspace per calling thread (its pipeline's worker threads use the caller's
-workspace, under distinct names), up to ``limit_bytes`` each; larger requests get fresh, uncached memory. :func:`release` drops the cached buffers of the calling thread.
+``mmap`` and are returned to the system when freed, so every call pays a page fault per 4 KiB touched -- measured at a
+third of the run time for the smaller benchmark shapes on a 2-core VM. A :class:`Workspace` keeps those buffers between
+calls, one workspace per calling thread (its pipeline's worker threads use the caller's workspace, under distinct
+names), up to ``limit_bytes`` each; larger requests get fresh, uncached memory. :func:`release` drops the cached buffers
+of the calling thread.
 """
 
 from __future__ import annotations

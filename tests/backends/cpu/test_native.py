@@ -1,5 +1,5 @@
-"""deploy_ctc._backends.cpu.native beyond the backend contract (which tests/backends/test_contract.py runs on it too): the
-engine's own exponential and layouts it must copy.
+"""deploy_ctc._backends.cpu.native beyond the backend contract (which tests/backends/test_contract.py runs on it too):
+the engine's own exponential and layouts it must copy.
 
 Oracles: NumPy's exp (correctly rounded to within an ulp) and torch float64 (tests/utils/oracles.py).
 """
