@@ -9,7 +9,9 @@
 //   o_t[i] = y_t(l_i)   + max(o_{t-1}[i], e_{t-1}[i], k_i o_{t-1}[i-1])
 // The first maximal term wins (stay, then the step from the previous position, then the skip), and the path ends
 // on o[S-1] unless e[S] is strictly larger: the tie rule every backend shares. One byte per cell records the move
-// (0 stay, 1 one position back, 2 two back); the backtrack writes the labels and their log-probs.
+// (blank plane: 1 = from one position back, else stay; label plane: bit 1 = the skip from two back, else bit 0 =
+// from one back, else stay: bits rather than a select keep the loop vectorized); the backtrack writes the labels
+// and their log-probs.
 //
 // Layouts (element strides):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
@@ -27,12 +29,14 @@
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the emissions' rows are prefetched
 
 // One call's scratch, sized for its largest sample.
 struct AlignScratch {
   double* e[2];              // (S_max + 1,)  blank plane of frames t - 1 and t
   double* o[2];              // (S_max + 1,)  label plane at +1 (index -1 holds -inf)
   double* y;                 // (S_max,)      y_t(l_i)
+  double* skip;              // (S_max,)      0 where l_i may be entered from l_{i-1} (k_i = 1), else -inf
   std::uint8_t* move_blank;  // (T_max, S_max + 1)
   std::uint8_t* move_label;  // (T_max, S_max)
 };
@@ -48,11 +52,16 @@ template <typename scalar_t>
 void align_sample(const AlignScratch& w, const scalar_t* lp, std::int64_t st, std::int64_t sc,
                   const std::int64_t* target, std::int64_t T, std::int64_t S, std::int64_t blank,
                   std::int64_t* alignment, scalar_t* scores, std::int64_t N, std::int64_t s_max) {
+  for (std::int64_t i = 0; i < S; ++i) w.skip[i] = (i > 0 && target[i] != target[i - 1]) ? 0.0 : -kInf;
   int now = 0;
   for (std::int64_t t = 0; t < T; ++t) {
     const scalar_t* row = lp + t * st;
+    const scalar_t* ahead = lp + (t + kPrefetchFrames < T ? t + kPrefetchFrames : t) * st;
     const double yb = emission(row, blank * sc);
-    for (std::int64_t i = 0; i < S; ++i) w.y[i] = emission(row, target[i] * sc);
+    for (std::int64_t i = 0; i < S; ++i) {
+      __builtin_prefetch(ahead + target[i] * sc);  // a wide row comes from memory, one line per label
+      w.y[i] = emission(row, target[i] * sc);
+    }
     double* e = w.e[1 - now];
     double* o = w.o[1 - now] + 1;
     o[-1] = -kInf;
@@ -72,14 +81,17 @@ void align_sample(const AlignScratch& w, const scalar_t* lp, std::int64_t st, st
         e[i] = yb + (step ? po[i - 1] : pe[i]);
         mb[i] = step ? 1 : 0;
       }
+      const double* y = w.y;
+      const double* skip = w.skip;
 #pragma omp simd
       for (std::int64_t i = 0; i < S; ++i) {
-        const double skip = (i > 0 && target[i] != target[i - 1]) ? po[i - 1] : -kInf;
-        const bool step = pe[i] > po[i];
-        const double best = step ? pe[i] : po[i];
-        const bool jump = skip > best;
-        o[i] = w.y[i] + (jump ? skip : best);
-        ml[i] = jump ? 2 : (step ? 1 : 0);
+        const double stay = po[i], one = pe[i];
+        const double two = po[i - 1] + skip[i];  // values are finite or -inf: never NaN
+        const bool step = one > stay;
+        const double best = step ? one : stay;
+        const bool jump = two > best;
+        o[i] = y[i] + (jump ? two : best);
+        ml[i] = static_cast<std::uint8_t>(static_cast<int>(step) | (static_cast<int>(jump) << 1));  // see below
       }
     }
     now = 1 - now;
@@ -99,9 +111,12 @@ void align_sample(const AlignScratch& w, const scalar_t* lp, std::int64_t st, st
     scores[t * N] = lp[t * st + label * sc];
     if (t == 0) break;
     if (on_label) {
-      const std::uint8_t m = w.move_label[t * s_max + i];
-      if (m == 1) on_label = false;  // from the blank before l_i
-      if (m == 2) i -= 1;            // skip from l_{i-1}
+      const std::uint8_t m = w.move_label[t * s_max + i];  // bit 1: the skip won; else bit 0: the step won
+      if (m & 2) {
+        i -= 1;  // skip from l_{i-1}
+      } else if (m & 1) {
+        on_label = false;  // from the blank before l_i
+      }
     } else if (w.move_blank[t * (s_max + 1) + i] == 1) {
       on_label = true, i -= 1;  // from l_{i-1}
     }
@@ -119,8 +134,8 @@ int align(const scalar_t* lp, std::int64_t N, std::int64_t st, std::int64_t sn, 
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
-  // Doubles first (4 rows of S_max + 1, then y), then the move bytes.
-  const std::size_t doubles = 4 * static_cast<std::size_t>(s_max + 1) + static_cast<std::size_t>(s_max);
+  // Doubles first (4 rows of S_max + 1, then y and skip), then the move bytes.
+  const std::size_t doubles = 4 * static_cast<std::size_t>(s_max + 1) + 2 * static_cast<std::size_t>(s_max);
   const std::size_t bytes = doubles * sizeof(double) + static_cast<std::size_t>(t_max) * (2 * s_max + 1);
   char* memory = static_cast<char*>(std::malloc(bytes));
   if (memory == nullptr) return -1;
@@ -128,6 +143,7 @@ int align(const scalar_t* lp, std::int64_t N, std::int64_t st, std::int64_t sn, 
   AlignScratch w;
   w.e[0] = d, w.e[1] = d + (s_max + 1), w.o[0] = d + 2 * (s_max + 1), w.o[1] = d + 3 * (s_max + 1);
   w.y = d + 4 * (s_max + 1);
+  w.skip = w.y + s_max;
   w.move_blank = reinterpret_cast<std::uint8_t*>(memory + doubles * sizeof(double));
   w.move_label = w.move_blank + t_max * (s_max + 1);
   for (std::int64_t k = 0; k < count; ++k) {
