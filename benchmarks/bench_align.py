@@ -12,8 +12,7 @@ Implementations, run interleaved in rounds after one warm-up each (medians repor
   alignment's time against it;
 - ``torchaudio``: ``torchaudio.functional.forced_align`` one sample at a time, where torchaudio imports.
 
-Inputs: log-softmax of standard normal logits, padded targets in ``[1, C)``, full input lengths, target lengths
-uniform in ``[S/2, S]``.
+Inputs: :func:`benchmarks.common.make_inputs` (full input lengths, target lengths uniform in ``[S/2, S]``).
 """
 
 from __future__ import annotations
@@ -22,14 +21,16 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 
-import deploy_ctc
-from deploy_ctc import backends
+if __package__ in (None, ""):  # run as a script: make the checkout's root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import deploy_ctc  # noqa: E402
+from benchmarks.common import interleaved_medians, make_inputs  # noqa: E402
+from deploy_ctc import backends  # noqa: E402
 
 SHAPES = ((500, 32, 30, 100), (1500, 8, 5000, 300))  # (T, N, C, S)
 
@@ -46,15 +47,15 @@ def numpy_loop_align(lp, targets, input_lengths, target_lengths, blank=0):
         skip = np.zeros(labels.size, dtype=bool)
         skip[3::2] = target[1:] != target[:-1]
         delta = np.full(labels.size, -np.inf)
-        delta[:2] = 0.0
         moves = np.zeros((frames, labels.size), dtype=np.int8)
         for t in range(frames):
             emit = lp[t, n, labels].astype(np.float64)
             if t == 0:
                 delta = np.where(np.arange(labels.size) < 2, emit, -np.inf)
                 continue
-            one = np.concatenate(([-np.inf], delta[:-1]))
-            two = np.where(skip, np.concatenate(([-np.inf, -np.inf], delta[:-2])), -np.inf)
+            shifted = np.concatenate(([-np.inf, -np.inf], delta))
+            one = shifted[1:-1]
+            two = np.where(skip, shifted[:-2], -np.inf)
             step = one > delta
             best = np.where(step, one, delta)
             jump = two > best
@@ -71,13 +72,6 @@ def numpy_loop_align(lp, targets, input_lengths, target_lengths, blank=0):
     return alignment, scores
 
 
-def _inputs(rng, T, N, C, S):
-    logits = rng.standard_normal((T, N, C), dtype=np.float32)
-    lp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
-    targets = rng.integers(1, C, size=(N, S))
-    return lp, targets, np.full(N, T), rng.integers(S // 2, S + 1, size=N)
-
-
 def _torchaudio():
     try:
         import torch
@@ -89,9 +83,9 @@ def _torchaudio():
         return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
-def run_shape(shape, repeats, rng, torchaudio):
+def run_shape(shape, repeats, torchaudio):
     T, N, C, S = shape
-    lp, targets, il, tl = _inputs(rng, T, N, C, S)
+    lp, targets, il, tl = make_inputs(T, N, C, S)
 
     def on(choice, function):
         def call():
@@ -114,17 +108,11 @@ def run_shape(shape, repeats, rng, torchaudio):
                 F.forced_align(lp_t[n:n + 1], torch.from_numpy(targets[n:n + 1, : tl[n]]).int())
         runs["torchaudio"] = torchaudio_loop
 
-    results = {name: run() for name, run in runs.items()}  # warm-up (and the engine's build)
+    results = {name: runs[name]() for name in ("native", "numpy", "numpy_loop")}
     reference = results["native"]
     agree = {name: bool(np.array_equal(results[name][0], reference[0]) and
                         np.array_equal(results[name][1], reference[1])) for name in ("numpy", "numpy_loop")}
-    times = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = interleaved_medians(runs, repeats)
     return {
         "shape": {"T": T, "N": N, "C": C, "S": S},
         "median_s": medians,
@@ -140,9 +128,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    rng = np.random.default_rng(0)
     torchaudio = _torchaudio()
-    rows = [run_shape(shape, args.repeats, rng, torchaudio) for shape in SHAPES]
+    rows = [run_shape(shape, args.repeats, torchaudio) for shape in SHAPES]
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()},

@@ -191,7 +191,7 @@ def test_large_batch_in_a_forked_child_after_the_parent_used_the_worker_pool():
     import torch
 
     import deploy_ctc
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     inputs = make_inputs(300, 16, 40, 40)  # large enough for the threaded pipeline
     parent_loss, parent_grad = deploy_ctc.ctc_loss_and_grad(*inputs)

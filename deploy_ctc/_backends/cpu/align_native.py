@@ -37,7 +37,7 @@ def forced_align(problem):
 
     samples = np.flatnonzero(il > 0)  # (R,)
     cost = il[samples] * (2 * tl[samples] + 1)  # (R,) lattice cells
-    parts = common.deal(samples, cost, common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
 
     def call(part):
         status = entry(lp.ctypes.data, N, st, sn, sc, targets.ctypes.data, targets.shape[1], il.ctypes.data,

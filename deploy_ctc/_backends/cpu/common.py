@@ -1,11 +1,12 @@
 """What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share:
 which samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
-samples with an infinite loss, and the worker threads.
+samples with an infinite loss, and the worker threads (one pool per process, used by every CPU path).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -23,6 +24,7 @@ def start(problem, grad_scale):
     ``(T, N, C)`` zeros in ``log_probs``' dtype, or None without ``grad_scale``. ``run`` ``(N,)`` bool: the samples
     the recursions handle (feasible, at least one frame).
     """
+    pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only the first one large enough for threads
     lp, targets = problem.log_probs, problem.targets  # (T, N, C), (N, S)
     il, tl = problem.input_lengths, problem.target_lengths  # (N,)
     inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
@@ -96,7 +98,25 @@ def pool_size():
 @lru_cache(maxsize=1)
 def pool():
     """The backends' shared worker threads (NumPy loops and the native engine release the GIL)."""
-    return ThreadPoolExecutor(pool_size(), thread_name_prefix="deploy_ctc")
+    return ThreadPoolExecutor(pool_size(), thread_name_prefix="deploy_ctc", initializer=_mark_worker)
+
+
+def workers():
+    """How many of :func:`pool`'s threads a call may spread its work over: :func:`pool_size`, or 1 on one of those
+    threads. A call made from inside a task (a callback that runs deploy_ctc, say) then runs inline: were every
+    worker to wait on subtasks queued behind it, none would be left to run them.
+
+    Raises:
+        ValueError: ``DEPLOY_CTC_NUM_THREADS`` is not a positive integer.
+    """
+    return 1 if getattr(_worker, "marked", False) else pool_size()
+
+
+_worker = threading.local()
+
+
+def _mark_worker():
+    _worker.marked = True
 
 
 # A forked child (a DataLoader worker, say) inherits the pool object but not its threads: give it a new one.

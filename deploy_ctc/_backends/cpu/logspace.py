@@ -29,11 +29,10 @@ lengths propagates to a NaN loss, as in torch; frames at ``t >= input_lengths[n]
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+from . import common
 
 NEG = -1e30
 _NEG_THRESHOLD = NEG / 2
@@ -245,9 +244,10 @@ def _posterior(alpha, beta, nll, il, feasible):
 def _fill_gradient(grad, lp, posterior, lattice, il, grad_scale, convention):
     """Write ``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c} gamma_t(s))`` for ``t < il[n]``.
 
-    ``grad`` ``(T, N, C)`` arrives zeroed. Work is split into blocks of rows that threads run concurrently (NumPy
-    releases the GIL inside its loops); each block exponentiates, scales, and subtracts the class-aggregated
-    posterior, so the ``(T, N, C)`` array is touched once while cache-resident.
+    ``grad`` ``(T, N, C)`` arrives zeroed. Work is split into blocks of rows that the shared worker threads
+    (:func:`deploy_ctc._backends.cpu.common.pool`) run concurrently, NumPy releasing the GIL inside its loops; each
+    block exponentiates, scales, and subtracts the class-aggregated posterior, so the ``(T, N, C)`` array is touched
+    once while cache-resident.
     """
     T, N, C = grad.shape
     t_max = posterior.shape[0]
@@ -274,10 +274,8 @@ def _fill_gradient(grad, lp, posterior, lattice, il, grad_scale, convention):
             rows[:, columns] -= agg.astype(grad.dtype, copy=False)
 
     blocks = range(0, t_max, step)
-    workers = min(len(blocks), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(block, blocks))
+    if len(blocks) > 1 and common.workers() > 1:
+        list(common.pool().map(block, blocks))
     else:
         for t0 in blocks:
             block(t0)

@@ -68,7 +68,7 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
 
     cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
-    parts = common.deal(samples, cost, common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
 
     def call(part):
         status = entry(address(lp), N, C, st, sn, sc, address(targets), targets.shape[1], address(il), address(tl),

@@ -102,7 +102,7 @@ def _forward_backward(problem, grad_scale, convention):
         # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
         # Running recursions concurrently would only contend for the GIL.
         pool = common.pool()
-        parts = min(_MAX_PARTS, common.pool_size())
+        parts = min(_MAX_PARTS, common.workers())
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
         pending = []
         for chunk, ready in zip(chunks, prepared):
@@ -129,7 +129,7 @@ def _chunks(il, tl, C, with_grad):
     per_sample = t_max * (L + 2) * (8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    parallel = cells >= _PARALLEL_MIN_CELLS and common.pool_size() > 1
+    parallel = cells >= _PARALLEL_MIN_CELLS and common.workers() > 1
     if parallel:
         count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))

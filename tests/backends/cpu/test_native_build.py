@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,9 @@ def test_build_is_cached_and_reused_by_later_processes(tmp_path):
     assert again == path and path.stat().st_mtime_ns == built  # loaded, not rebuilt
     assert loss_again == loss
     assert not list(tmp_path.glob("*.partial"))
+    path.write_bytes(path.read_bytes()[:4096])  # truncated: loading it would die of SIGBUS
+    rebuilt, loss_rebuilt, errors = run_child(tmp_path)
+    assert rebuilt == path and loss_rebuilt == loss and f"rebuilding {path}" in errors
 
 
 def test_concurrent_first_builds_share_one_library(tmp_path):
@@ -139,3 +143,52 @@ def test_a_compiler_rejecting_the_preferred_flags_builds_with_the_next_set_once(
     again, loss_again, _ = run_child(tmp_path / "cache", CXX=str(fake))
     assert again == path and loss_again == loss
     assert [line for line in log.read_text().splitlines() if "--version" not in line] == compiles  # no new build
+
+
+# The engine's first use starts on a thread; the process forks while that build holds the engine's lock.
+FORK_DURING_BUILD = """
+import os, sys, threading, time
+from pathlib import Path
+from deploy_ctc._backends.cpu import native_build
+builder = threading.Thread(target=native_build.describe)
+builder.start()
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child:", native_build.describe(), flush=True)
+    finally:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+builder.join()
+print("parent:", native_build.describe(), "status", status)
+"""
+
+
+def test_a_process_forked_during_the_first_build_does_not_hang(tmp_path):
+    """A stand-in compiler builds a stub with the engine's entry points slowly (the real build is tested above)."""
+    stub = tmp_path / "stub.cpp"
+    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n'
+                            for name in native_build.ENTRY_POINTS.values()))
+    log = tmp_path / "builds.log"
+    compiler = tmp_path / "slow-c++"
+    compiler.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = --version ]; then echo stub 1.0; exit 0; fi
+        out=; previous=
+        for arg in "$@"; do [ "$previous" = -o ] && out=$arg; previous=$arg; done
+        echo build >> {log}
+        sleep 1
+        exec {native_cache.find_compiler()} -fPIC -shared {stub} -o "$out"
+        """))
+    compiler.chmod(0o755)
+    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(compiler),
+                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", FORK_DURING_BUILD, str(log)], capture_output=True, text=True,
+                            env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr
+    library = next((tmp_path / "cache").glob("ctc_cpu-*.so"))
+    assert f"child: native engine {library}" in result.stdout
+    assert f"parent: native engine {library} status 0" in result.stdout
+    assert len(log.read_text().splitlines()) == 1  # the child loaded the parent's build
