@@ -1,4 +1,5 @@
-"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker threads and their count)."""
+"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker threads, their count and how work
+is dealt among them)."""
 
 import numpy as np
 import pytest
@@ -122,3 +123,14 @@ def test_calls_from_inside_the_worker_threads_do_not_deadlock(backend):
            "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", REENTRY], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_work_is_dealt_into_balanced_parts():
+    samples = np.arange(10, dtype=np.int64) * 3
+    cost = np.array([100, 1, 1, 1, 50, 50, 1, 1, 1, 1])
+    parts = common.deal(samples, cost, 2)
+    assert sorted(np.concatenate(parts).tolist()) == samples.tolist()
+    loads = [cost[np.isin(samples, part)].sum() for part in parts]
+    assert max(loads) - min(loads) <= 2
+    assert [p.dtype for p in parts] == [np.int64, np.int64]
+    assert len(common.deal(samples, cost, 1)) == 1
