@@ -6,6 +6,8 @@ None of these functions calls deploy_ctc: expected values come from
   gradient from torch's autograd (any input layout torch accepts: padded, concatenated, unbatched);
 * :func:`brute_force` -- enumeration of all ``C**T`` alignments of one sequence (tiny T only), using the
   definition of CTC directly (collapse repeats, then drop blanks), no dynamic programming;
+* :func:`brute_force_alignment` -- the best alignment (forced alignment) by the same enumeration, with the
+  documented tie rule applied to whole paths;
 * :func:`single_path` -- the analytic case T = minimal alignment length, where exactly one alignment exists:
   loss = -sum of the log-probs on that path, posterior = one-hot of the path;
 * :func:`finite_difference` -- central differences of any scalar function.
@@ -323,6 +325,48 @@ def brute_force_batch(log_probs, targets, input_lengths, target_lengths, blank=0
         length = int(input_lengths[n])
         nll[n], posterior[:length, n] = brute_force(lp[:length, n], targets[n][: int(target_lengths[n])], blank)
     return nll, posterior
+
+
+def _lattice_states(path, blank):
+    """The extended-label position (0 .. 2S, blanks even) an alignment occupies at each frame."""
+    states, count = [], 0
+    for t, label in enumerate(path):
+        if label != blank and (t == 0 or label != path[t - 1]):
+            count += 1
+        states.append(2 * count - 1 if label != blank else 2 * count)
+    return states
+
+
+def brute_force_alignment(log_probs, target, blank=0):
+    """The best alignment of one sequence by enumerating all C**T label sequences (tiny T only).
+
+    Each alignment that collapses to ``target`` is scored by summing its log-probs in float64 from the first frame
+    to the last (NaN and +inf count as -inf). Among the maximal ones, the winner has the largest lattice positions
+    read from the last frame backwards, where ending on the last label beats ending on the trailing blank: the
+    documented tie rule of deploy_ctc.align, stated on whole paths instead of backpointers.
+
+    Returns:
+        ``(path (T,) int64, score)``, or ``(None, -inf)`` when no alignment has a finite score.
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    lp = np.where(lp < np.inf, lp, -np.inf)
+    T, C = lp.shape
+    paths, groups = _all_paths(T, C, blank)
+    idx = groups.get(tuple(int(c) for c in target))
+    if idx is None:
+        return None, -np.inf
+    best, best_key, best_score = None, None, -np.inf
+    for path in paths[idx].tolist():
+        score = 0.0
+        for t, label in enumerate(path):
+            score += float(lp[t, label])
+        if score == -np.inf:
+            continue
+        states = _lattice_states(path, blank)
+        key = (score, *[-s for s in states[-1:]], *states[-2::-1])
+        if best_key is None or key > best_key:
+            best, best_key, best_score = path, key, score
+    return (None, -np.inf) if best is None else (np.array(best, dtype=np.int64), best_score)
 
 
 # ----------------------------------------------------------------------------------------------------------
