@@ -13,8 +13,9 @@ constexpr double kConsistencyTol = 1e-9;
 // for 1 / Z_t and the cells carrying its mass to be trusted: the sample takes the exact log-space path.
 constexpr double kTinyMass = 0x1p-938;
 
-// Log-space "zero": finite, so kLogZero - kLogZero is 0 rather than NaN and exp(kLogZero - m) is exactly 0 for any
-// real m. A log-likelihood below kLogZero / 2 is an infinite loss.
-constexpr double kLogZero = -1e30;
+// An emission more than this many nats below its frame's largest (exp below ~1e-304) is subnormal or 0 after exp:
+// the forward and backward chains would share that zero and pass the consistency check, so such a (finite) value
+// sends the sample to the exact log-space path. -inf is a true zero and does not count.
+constexpr double kFlushLog = -700.0;
 
 }  // namespace dctc

@@ -61,7 +61,7 @@ from pathlib import Path
 try:
     import fcntl
 except ImportError:  # not a POSIX system
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 from .kernel_sources import kernel_sources_dir
 
@@ -132,7 +132,7 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
         raise ValueError(f"name must hold letters, digits, '_' and '-' only, got {name!r}")
     symbols = tuple(symbols)
     try:
-        folder = Path(source_dir) if source_dir is not None else kernel_sources_dir()
+        folder = Path(source_dir).resolve() if source_dir is not None else kernel_sources_dir()
     except FileNotFoundError as error:
         raise NativeUnavailable(str(error)) from None
     source_paths = [folder / source for source in sources]
@@ -144,7 +144,7 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
     compiler = find_compiler()
     include = [f"-I{folder}"] + [f"-I{Path(d).resolve()}" for d in include_dirs]
     key = _key(name, compiler, source_paths, folder, depends, [*compile_flags, *include, *link_flags])
-    builds = []  # (command without output, file name), in order of preference
+    builds = []  # (command up to the sources, link flags, file name), in order of preference
     for target in target_flags:
         command = [compiler, *compile_flags, *target, *include, *SHARED_FLAGS, *map(str, source_paths)]
         digest = key.copy()

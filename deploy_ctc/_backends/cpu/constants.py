@@ -40,5 +40,5 @@ CONSISTENCY_TOL: float = _VALUES["kConsistencyTol"]
 TINY_MASS: float = _VALUES["kTinyMass"]
 #: ``log(TINY_MASS)``, the same bound on ``log Z_t``.
 LOG_TINY_MASS: float = math.log(TINY_MASS)
-#: The finite log-space "zero".
-LOG_ZERO: float = _VALUES["kLogZero"]
+#: Finite emissions more than this many nats below their frame's largest take the exact log-space path.
+FLUSH_LOG: float = _VALUES["kFlushLog"]

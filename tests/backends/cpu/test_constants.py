@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from deploy_ctc._backends.cpu import constants, logspace, pure_numpy
+from deploy_ctc._backends.cpu import constants, pure_numpy
 from deploy_ctc._backends.kernel_sources import kernel_sources_dir
 from deploy_ctc._backends.native_cache import NativeUnavailable, find_compiler
 
@@ -13,8 +13,8 @@ PROGRAM = r"""
 #include <cstdio>
 #include "ctc_constants.h"
 int main() {
-  std::printf("kConsistencyTol %a\nkTinyMass %a\nkLogZero %a\n", dctc::kConsistencyTol, dctc::kTinyMass,
-              dctc::kLogZero);
+  std::printf("kConsistencyTol %a\nkTinyMass %a\nkFlushLog %a\n", dctc::kConsistencyTol, dctc::kTinyMass,
+              dctc::kFlushLog);
 }
 """
 
@@ -31,13 +31,13 @@ def test_python_reads_what_the_compiler_sees(tmp_path):
     printed = subprocess.run([str(program)], check=True, capture_output=True, text=True).stdout.split()
     compiled = {name: float.fromhex(value) for name, value in zip(printed[::2], printed[1::2])}
     assert compiled == constants.read_header()
-    assert set(compiled) == {"kConsistencyTol", "kTinyMass", "kLogZero"}
+    assert set(compiled) == {"kConsistencyTol", "kTinyMass", "kFlushLog"}
 
 
 def test_the_backends_use_the_shared_values():
     assert pure_numpy._CONSISTENCY_TOL == constants.CONSISTENCY_TOL == 1e-9
     assert pure_numpy._LOG_Z_FLOOR == pytest.approx(-938 * 0.6931471805599453)  # log(2^-938)
-    assert logspace.NEG == constants.LOG_ZERO == -1e30
+    assert pure_numpy._FLUSH_LOG == constants.FLUSH_LOG == -700.0
 
 
 def test_a_literal_python_cannot_read_is_refused(tmp_path):
