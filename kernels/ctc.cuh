@@ -37,9 +37,10 @@ template <> struct Math<double> {
 };
 
 // log(exp(a) + exp(b)) without overflow or underflow: max + log1p(exp(min - max)).
-// Both -inf stays -inf (instead of -inf - -inf = NaN).
+// Both -inf stays -inf (instead of -inf - -inf = NaN); NaN propagates, as in torch (fmax / fmin would drop it).
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t log_add(scalar_t a, scalar_t b) {
+    if (a != a || b != b) return a + b;
     const scalar_t hi = Math<scalar_t>::max(a, b);
     if (hi == Math<scalar_t>::neg_inf()) return hi;
     return hi + Math<scalar_t>::log1p(Math<scalar_t>::exp(Math<scalar_t>::min(a, b) - hi));
