@@ -119,7 +119,7 @@ def _float_log_probs(log_probs, xp):
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
-def _integer_array(value, name: str, xp):
+def integer_array(value, name: str, xp):
     """Convert an int / sequence / integer array to an integer array of ``xp`` without copying device data."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be integers, got {value!r}")
@@ -132,8 +132,12 @@ def _integer_array(value, name: str, xp):
         arr = arr.astype(np.int64)
     elif isinstance(value, numbers.Integral):
         arr = np.asarray(operator.index(value), dtype=np.int64)
-    elif isinstance(value, np.ndarray) or type(value).__module__.startswith("cupy"):
+    elif isinstance(value, np.ndarray):
         arr = value
+    elif type(value).__module__.startswith("cupy"):
+        # NumPy log_probs with device targets/lengths: NumPy cannot read device memory.
+        raise TypeError(f"{name} is a CuPy (device) array but log_probs is a NumPy array; pass {name} as a NumPy "
+                        "array, a sequence or an int")
     else:
         raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
@@ -143,7 +147,7 @@ def _integer_array(value, name: str, xp):
 
 def _lengths(value, name: str, n: int, batched: bool, xp):
     """``(N,)`` int64 array of ``xp`` from any accepted lengths form."""
-    arr = _integer_array(value, name, xp)
+    arr = integer_array(value, name, xp)
     if batched:
         if arr.ndim != 1 or arr.shape[0] != n:
             raise ValueError(f"{name} must have N={n} entries (one per batch item), got shape {tuple(arr.shape)}")
@@ -189,7 +193,7 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     il = _lengths(input_lengths, "input_lengths", N, batched, xp)  # (N,)
     tl = _lengths(target_lengths, "target_lengths", N, batched, xp)  # (N,)
 
-    targets = _integer_array(targets, "targets", xp)
+    targets = integer_array(targets, "targets", xp)
     targets = xp.asarray(targets)
     if targets.ndim == 0:
         raise ValueError("targets must be 1-D or 2-D, got a scalar")
