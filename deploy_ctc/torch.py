@@ -86,8 +86,14 @@ class CTCLoss(torch.nn.Module):
         super().__init__()
         self.blank, self.reduction, self.zero_infinity = check_options(blank, reduction, zero_infinity)
 
-    def forward(self, log_probs: torch.Tensor, targets: Any, input_lengths: Any, target_lengths: Any
-                ) -> torch.Tensor:
+    def forward(self, log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+                target_lengths: torch.Tensor) -> torch.Tensor:
+        """:func:`ctc_loss` with the module's options (eager: every argument form it takes; TorchScript: tensors)."""
+        if torch.jit.is_scripting():
+            # The op itself: argument conversion and device checks are Python; the op validates the values.
+            with_grad = torch.is_grad_enabled() and log_probs.requires_grad
+            return torch.ops.deploy_ctc.ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank,
+                                                 self.reduction, self.zero_infinity, with_grad)[0]
         return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
                         self.zero_infinity)
 
@@ -155,7 +161,10 @@ def _ctc_loss_op(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: 
                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, grad)``: the loss of :func:`deploy_ctc.ctc_loss` in ``log_probs``'s dtype and, when
     ``with_grad``, ``d loss / d log_probs`` for a unit upstream gradient (torch's convention, reduction factors
-    included; shape and dtype of ``log_probs``), else an empty ``(0,)`` tensor."""
+    included; shape and dtype of ``log_probs``), else an empty ``(0,)`` tensor.
+
+    ``with_grad`` only decides when the gradient is computed: in this one pass, or by backward if it is needed.
+    """
     compute = log_probs.detach()
     if compute.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16
         compute = compute.float()
@@ -179,25 +188,26 @@ def _ctc_loss_fake(log_probs, targets, input_lengths, target_lengths, blank, red
 
 
 def _setup_context(ctx, inputs, output):
-    log_probs, _, _, _, _, reduction, _, with_grad = inputs
+    log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, with_grad = inputs
+    ctx.options = (blank, reduction, zero_infinity)
     ctx.per_sample = reduction == "none" and log_probs.dim() == 3
     ctx.with_grad = with_grad
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, output[1] if with_grad else None)
     # An absent gradient for the ``grad`` output stays None: it is how backward tells a first-order call from a
     # call that differentiates the returned gradient again.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, grad_of_grad):
-    if grad_of_grad is not None:
+    if ctx.with_grad and grad_of_grad is not None:
         raise RuntimeError(DOUBLE_BACKWARD_ERROR)
     if grad_loss is None:
         return (None,) * 8
-    if not ctx.with_grad:
-        raise RuntimeError("deploy_ctc::ctc_loss was called with with_grad=False; it has no gradient to return")
-    (grad,) = ctx.saved_tensors
+    log_probs, targets, input_lengths, target_lengths, grad = ctx.saved_tensors
+    if grad is None:  # called with with_grad=False (a performance hint only): compute the gradient now
+        grad = _ctc_loss_op(log_probs, targets, input_lengths, target_lengths, *ctx.options, True)[1]
     # grad holds d loss / d log_probs for a unit upstream gradient; the product keeps ``grad``'s graph, so
-    # differentiating it again comes back here with grad_of_grad set.
+    # differentiating it again comes back here (or to the recomputing call's node) with grad_of_grad set.
     weight = grad_loss[None, :, None] if ctx.per_sample else grad_loss
     return (grad * weight.to(grad.dtype),) + (None,) * 7
 

@@ -1,0 +1,374 @@
+"""deploy_ctc.torch: a drop-in for torch.nn.functional.ctc_loss / nn.CTCLoss on CPU tensors.
+
+Losses and autograd gradients must equal torch's (float64 oracle on the same values, tests/utils/oracles.py),
+for every input layout torch accepts, through an upstream log_softmax, and under torch.autograd.gradcheck; and
+the op must behave like a torch operator: torch.compile (fullgraph), torch.export, TorchScript, autocast,
+DistributedDataParallel, double backward (raises, like torch), patch() inside a third-party model.
+"""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from tests.utils import oracles
+
+torch = pytest.importorskip("torch", reason="deploy_ctc.torch needs torch (the test extra)")
+
+
+@pytest.fixture
+def dctorch():
+    """deploy_ctc.torch, imported per test (after the skip above; a missing module fails tests, not collection)."""
+    return importlib.import_module("deploy_ctc.torch")
+
+
+DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def random_inputs(rng, T, N, C, S, blank=0, full=False):
+    lp = oracles.random_log_probs(rng, T, N, C)
+    tl = np.full(N, S) if full else rng.integers(0, S + 1, N)
+    tl[0] = S
+    targets = oracles.random_targets(rng, tl, C, blank, S=S, repeat_prob=0.3)
+    il = np.full(N, T) if full else rng.integers(np.minimum(2 * tl, T), T + 1)
+    return lp, targets, il, tl
+
+
+def run_adapter(fn, lp, targets, il, tl, dtype, grad_output, **kw):
+    """Loss and autograd gradient of ``fn`` on torch tensors built from the numpy inputs."""
+    x = torch.tensor(lp, dtype=dtype, requires_grad=True)
+    before = x.detach().clone()
+    loss = fn(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl), **kw)
+    assert isinstance(loss, torch.Tensor) and loss.dtype == dtype and loss.device.type == "cpu"
+    assert loss.requires_grad
+    loss.backward(torch.as_tensor(grad_output, dtype=dtype).reshape(loss.shape))
+    assert torch.equal(x.detach(), before), "the adapter modified log_probs"
+    return loss.detach().numpy(), x.grad.numpy()
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", oracles.REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_functional_matches_torch(rng, dtype, reduction, zero_infinity, dctorch):
+    T, N, C, S = 21, 5, 7, 6
+    lp, targets, il, tl = random_inputs(rng, T, N, C, S, blank=3)
+    il[2], tl[2] = 3, 4  # infeasible
+    lp = lp.astype(DTYPES[dtype])
+    go = rng.uniform(0.5, 2.0, N) if reduction == "none" else np.array(1.5)
+    kw = dict(blank=3, reduction=reduction, zero_infinity=zero_infinity)
+    loss, grad = run_adapter(dctorch.ctc_loss, lp, targets, il, tl, dtype, go, **kw)
+    ref_loss, ref_grad = oracles.torch_reference(lp, targets, il, tl, **kw, grad_output=go)
+    oracles.assert_close(loss, ref_loss, DTYPES[dtype], "loss")
+    oracles.assert_close(grad, ref_grad, DTYPES[dtype], "grad")
+
+
+@pytest.mark.parametrize("reduction", oracles.REDUCTIONS)
+def test_module_matches_nn_ctcloss(rng, reduction, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 30, 4, 6, 8, blank=5)
+    module = dctorch.CTCLoss(blank=5, reduction=reduction)
+    assert isinstance(module, torch.nn.Module)
+    go = np.ones(4) if reduction == "none" else np.array(1.0)
+    loss, grad = run_adapter(module, lp, targets, il, tl, torch.float64, go)
+    ref_loss, ref_grad = oracles.torch_reference(lp, targets, il, tl, 5, reduction)
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+def test_module_defaults_and_zero_infinity(rng, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 6, 3, 4, 4)
+    il[1] = 2
+    for kwargs in ({}, {"zero_infinity": True}):
+        ours = dctorch.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                         torch.as_tensor(tl))
+        ref = torch.nn.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                         torch.as_tensor(tl))
+        oracles.assert_close(ours.numpy(), ref.numpy(), np.float64, f"CTCLoss({kwargs})")
+
+
+def test_concatenated_and_tuple_lengths(rng, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 15, 4, 5, 5)
+    concat = oracles.concatenate_targets(targets, tl)
+    x = torch.tensor(lp, requires_grad=True)
+    loss = dctorch.ctc_loss(x, torch.as_tensor(concat, dtype=torch.int32), tuple(il.tolist()), tuple(tl.tolist()))
+    loss.backward()
+    ref_loss, ref_grad = oracles.torch_reference(lp, concat, il, tl)
+    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+    oracles.assert_close(x.grad.numpy(), ref_grad, np.float64, "grad")
+
+
+def test_unbatched_with_0d_lengths(rng, dctorch):
+    lp = oracles.random_log_probs(rng, 12, 1, 6)[:, 0]
+    target = np.array([2, 2, 5])
+    loss, grad = run_adapter(dctorch.ctc_loss, lp, target, np.array(10), np.array(3), torch.float64, np.array(1.0),
+                             reduction="none")
+    ref_loss, ref_grad = oracles.torch_reference(lp, target, 10, 3, reduction="none")
+    assert loss.shape == () and grad.shape == (12, 6)
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+def test_gradient_through_log_softmax_and_non_contiguous_input(rng, dctorch):
+    """The usual training graph: logits (N, T, C) -> transpose -> log_softmax -> CTC; compare the logits' grad."""
+    T, N, C, S = 25, 3, 8, 6
+    _, targets, il, tl = random_inputs(rng, T, N, C, S)
+    logits = rng.standard_normal((N, T, C))
+    grads = []
+    for fn in (dctorch.ctc_loss, torch.nn.functional.ctc_loss):
+        z = torch.tensor(logits, requires_grad=True)
+        lp = z.transpose(0, 1).log_softmax(2)  # (T, N, C), non-contiguous
+        loss = fn(lp, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+        loss.backward()
+        grads.append(z.grad.numpy())
+    oracles.assert_close(grads[0], grads[1], np.float64, "d loss / d logits")
+
+
+def test_gradcheck_through_log_softmax(rng, dctorch):
+    """Finite differences agree with the adapter's backward (torch's convention is exact through log_softmax)."""
+    targets, il, tl = torch.tensor([[1, 2], [2, 2]]), torch.tensor([5, 5]), torch.tensor([2, 2])
+    z = torch.tensor(rng.standard_normal((5, 2, 3)), requires_grad=True)
+
+    def f(z):
+        return dctorch.ctc_loss(z.log_softmax(2), targets, il, tl, reduction="sum")
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_no_grad_forward(rng, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 9, 2, 4, 3)
+    with torch.no_grad():
+        loss = dctorch.ctc_loss(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                torch.as_tensor(tl), reduction="none")
+    oracles.assert_close(loss.numpy(), oracles.torch_reference(lp, targets, il, tl, reduction="none")[0],
+                         np.float64, "loss")
+
+
+def test_bad_target_is_rejected(rng, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 9, 2, 4, 3, full=True)
+    targets[1, 0] = 4
+    with pytest.raises(ValueError, match=r"targets\[1, 0\]"):
+        dctorch.ctc_loss(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(rng, dtype, dctorch):
+    """torch refuses half; deploy_ctc computes it in float32 and returns the input dtype.
+
+    The oracle runs on the exact float64 upcast of the rounded inputs; the result is rounded to the half type,
+    so the tolerance is half an ulp of the output type (float16: 2**-11, bfloat16: 2**-8 relative).
+    """
+    lp, targets, il, tl = random_inputs(rng, 20, 3, 6, 5)
+    x = torch.tensor(lp).to(dtype).requires_grad_()
+    loss = dctorch.ctc_loss(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl), reduction="sum")
+    assert loss.dtype == dtype
+    loss.backward()
+    assert x.grad.dtype == dtype
+    exact = x.detach().double().numpy()
+    ref_loss, ref_grad = oracles.torch_reference(exact, targets, il, tl, reduction="sum")
+    tol = oracles.tolerance(np.float16) if dtype == torch.float16 else oracles.Tolerance(
+        4e-3, 4e-3, "bfloat16 rounding of the result: 2**-8 relative, at most 2**-8 absolute for |grad| <= 1")
+    oracles.assert_close(loss.double().detach().numpy(), ref_loss, np.float16, "loss", tol)
+    oracles.assert_close(x.grad.double().numpy(), ref_grad, np.float16, "grad", tol)
+
+
+def test_expanded_zero_stride_input(rng, dctorch):
+    """A batch broadcast from one sequence (stride 0 on N) works like a materialized copy."""
+    lp = torch.tensor(oracles.random_log_probs(rng, 10, 1, 5))
+    expanded = lp.expand(10, 3, 5)  # (T, N, C) with stride 0 on N
+    targets, il, tl = torch.tensor([[1, 2], [3, 3], [4, 0]]), torch.tensor([10, 9, 4]), torch.tensor([2, 2, 1])
+    loss = dctorch.ctc_loss(expanded, targets, il, tl, reduction="none")
+    ref_loss, _ = oracles.torch_reference(expanded.detach().contiguous().numpy(), targets.numpy(), il.numpy(),
+                                          tl.numpy(), reduction="none")
+    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+
+
+def test_non_tensor_log_probs_is_a_type_error(rng, dctorch):
+    lp, targets, il, tl = random_inputs(rng, 5, 2, 4, 2)
+    with pytest.raises(TypeError, match="log_probs"):
+        dctorch.ctc_loss(lp, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+
+
+# ---- torch integration: the op under torch's machinery ---------------------------------------------------
+
+class TinyCTCModel(torch.nn.Module):
+    """Linear + log_softmax + a CTC loss module over (T, N, 5) features: the smallest training graph."""
+
+    def __init__(self, loss, features=5, classes=6):
+        super().__init__()
+        self.linear = torch.nn.Linear(features, classes, dtype=torch.float64)
+        self.loss = loss
+
+    def forward(self, features, targets, input_lengths, target_lengths):
+        return self.loss(self.linear(features).log_softmax(-1), targets, input_lengths, target_lengths)
+
+
+def twin_models(dctorch, reduction="mean"):
+    """The same model with deploy_ctc's loss and with torch's (the oracle), sharing initial weights."""
+    torch.manual_seed(0)
+    ours = TinyCTCModel(dctorch.CTCLoss(reduction=reduction))
+    reference = TinyCTCModel(torch.nn.CTCLoss(reduction=reduction))
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
+
+
+def training_batch(rng, T=14, N=4, C=6, S=4):
+    """(features (T, N, 5) float64, targets (N, S), input_lengths (N,), target_lengths (N,)) tensors."""
+    _, targets, il, tl = random_inputs(rng, T, N, C, S)
+    return (torch.tensor(rng.standard_normal((T, N, 5))), torch.as_tensor(targets), torch.as_tensor(il),
+            torch.as_tensor(tl))
+
+
+def loss_and_grads(model, batch):
+    """One training step's loss and parameter gradients (of the summed loss), as numpy."""
+    model.zero_grad()
+    loss = model(*batch)
+    loss.sum().backward()
+    return loss.detach().numpy(), [p.grad.numpy().copy() for p in model.parameters()]
+
+
+def assert_same_step(got, want, dtype=np.float64, what="step"):
+    oracles.assert_close(got[0], want[0], dtype, f"{what}: loss")
+    for i, (g, w) in enumerate(zip(got[1], want[1])):
+        oracles.assert_close(g, w, dtype, f"{what}: grad of parameter {i}")
+
+
+def op_arguments(rng, with_grad, reduction="mean"):
+    lp, targets, il, tl = random_inputs(rng, 9, 3, 5, 3)
+    return (torch.tensor(lp, requires_grad=True), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl),
+            0, reduction, False, with_grad)
+
+
+def test_op_passes_torch_library_opcheck(rng, dctorch):
+    """Schema, fake implementation (shapes, dtypes, devices), autograd registration, AOT dispatch."""
+    op = torch.ops.deploy_ctc.ctc_loss.default
+    torch.library.opcheck(op, op_arguments(rng, with_grad=False, reduction="none"))
+    # With the gradient as an output, opcheck's AOT check differentiates that gradient too: the second
+    # derivative, which raises (test_double_backward_raises_like_torch).
+    torch.library.opcheck(op, op_arguments(rng, with_grad=True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiled_training_step_matches_torch(rng, dctorch, monkeypatch):
+    """torch.compile(fullgraph=True, inductor) of the model: loss and gradients equal eager torch.nn.CTCLoss,
+    and deploy_ctc computes them (the op runs once per step, forward and gradient in one pass)."""
+    calls = []
+    real = dctorch.api.ctc_loss_and_grad
+    monkeypatch.setattr(dctorch.api, "ctc_loss_and_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ours, reference = twin_models(dctorch)
+    compiled = torch.compile(ours, fullgraph=True)
+    for step in range(2):  # the second batch has new values and lengths: it reuses the compiled graphs
+        batch = training_batch(rng)
+        assert_same_step(loss_and_grads(compiled, batch), loss_and_grads(reference, batch), what=f"step {step}")
+    assert len(calls) == 2
+
+
+def test_compiled_model_with_tuple_lengths_and_errors(rng, dctorch):
+    """Python tuples for lengths trace as constants; a bad target still raises deploy_ctc's ValueError."""
+    ours, reference = twin_models(dctorch, "sum")
+    features, targets, il, tl = training_batch(rng)
+    il, tl = tuple(il.tolist()), tuple(tl.tolist())
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    assert_same_step(loss_and_grads(compiled, (features, targets, il, tl)),
+                     loss_and_grads(reference, (features, targets, il, tl)))
+    targets[0, 0] = 6
+    with pytest.raises(ValueError, match=r"targets\[0, 0\] = 6 is outside \[0, C=6\)"):
+        compiled(features, targets, il, tl)
+
+
+def test_export_captures_the_op(rng, dctorch):
+    """torch.export keeps deploy_ctc::ctc_loss as one node, with dynamic T and N; the program runs other shapes."""
+    ours, reference = twin_models(dctorch, "none")
+    T, N = torch.export.Dim("T", min=2), torch.export.Dim("N", min=2)
+    with torch.no_grad():
+        program = torch.export.export(ours, training_batch(rng),
+                                      dynamic_shapes=({0: T, 1: N}, {0: N}, {0: N}, {0: N}))
+    targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+    assert torch.ops.deploy_ctc.ctc_loss.default in targets and torch.ops.aten._ctc_loss.default not in targets
+    batch = training_batch(rng, T=17, N=3)
+    with torch.no_grad():
+        oracles.assert_close(program.module()(*batch).numpy(), reference(*batch).numpy(), np.float64, "loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cpu_autocast_computes_and_returns_float32(rng, dtype, dctorch):
+    """As torch's autocast policy for ctc_loss: float32 loss from the float32 cast of the input; the gradient
+    flows back to the input in its own dtype."""
+    lp, targets, il, tl = random_inputs(rng, 16, 3, 6, 4)
+    x = torch.tensor(lp).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16 if dtype == torch.float32 else dtype):
+        loss = dctorch.ctc_loss(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == dtype
+    ref_loss, ref_grad = oracles.torch_reference(x.detach().double().numpy(), targets, il, tl)
+    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float32, "loss")
+    tol = oracles.tolerance(np.float32) if dtype == torch.float32 else oracles.Tolerance(
+        4e-3, 4e-3, "the float32 gradient rounded to the input's half type: 2**-8 relative at most")
+    oracles.assert_close(x.grad.double().numpy(), ref_grad, np.float32, "grad", tol)
+
+
+def test_autocast_keeps_float64_and_covers_cuda(rng, dctorch):
+    """float64 is not cast (torch's rule); the CUDA autocast rule is registered (not run here: no GPU)."""
+    lp, targets, il, tl = random_inputs(rng, 8, 2, 4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dctorch.ctc_loss(torch.tensor(lp), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+    assert loss.dtype == torch.float64
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("deploy_ctc::ctc_loss", key), key
+
+
+def test_double_backward_raises_like_torch(rng, dctorch):
+    """gradgradcheck through logits -> log_softmax -> ctc_loss: torch raises, and so does deploy_ctc (never a
+    silently wrong second derivative); the first derivative under create_graph=True is still exact."""
+    targets, il, tl = torch.tensor([[1, 2], [2, 2]]), torch.tensor([5, 4]), torch.tensor([2, 1])
+    z = torch.tensor(rng.standard_normal((5, 2, 3)), requires_grad=True)
+
+    def ours(z):
+        return dctorch.ctc_loss(z.log_softmax(2), targets, il, tl, reduction="sum")
+
+    def theirs(z):
+        return torch.nn.functional.ctc_loss(z.log_softmax(2), targets, il, tl, reduction="sum")
+
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.gradgradcheck(theirs, (z,))
+    with pytest.raises(RuntimeError, match=r"double backward\) is not implemented"):
+        torch.autograd.gradgradcheck(ours, (z,))
+    (grad,) = torch.autograd.grad(ours(z), z, create_graph=True)
+    (ref_grad,) = torch.autograd.grad(theirs(z), z)
+    oracles.assert_close(grad.detach().numpy(), ref_grad.numpy(), np.float64, "d loss / d logits")
+
+
+def test_gradient_penalty_raises(rng, dctorch):
+    """A gradient penalty on the weights (create_graph=True, then backward through the gradient) raises."""
+    ours, _ = twin_models(dctorch)
+    (weight_grad,) = torch.autograd.grad(ours(*training_batch(rng)), ours.linear.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward\) is not implemented"):
+        weight_grad.pow(2).sum().backward()
+
+
+def test_no_grad_call_then_backward_through_the_op(rng, dctorch):
+    """with_grad=False is a performance hint: backward computes the gradient it skipped."""
+    lp, targets, il, tl, *options = op_arguments(rng, with_grad=False, reduction="sum")
+    loss, empty = torch.ops.deploy_ctc.ctc_loss(lp, targets, il, tl, *options)
+    assert empty.shape == (0,)
+    loss.backward()
+    _, ref_grad = oracles.torch_reference(lp.detach().numpy(), targets.numpy(), il.numpy(), tl.numpy(),
+                                          reduction="sum")
+    oracles.assert_close(lp.grad.numpy(), ref_grad, np.float64, "grad")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+def test_jit_script_matches_torch_and_round_trips(rng, dctorch, tmp_path):
+    """torch.jit.script(CTCLoss) works on tensors and survives save/load (loading needs deploy_ctc.torch
+    imported); value errors arrive as TorchScript's RuntimeError carrying deploy_ctc's message."""
+    torch.jit.save(torch.jit.script(dctorch.CTCLoss(blank=2, reduction="none")), str(tmp_path / "ctc.pt"))
+    loaded = torch.jit.load(str(tmp_path / "ctc.pt"))
+    lp, targets, il, tl = random_inputs(rng, 12, 3, 5, 4, blank=2)
+    go = rng.uniform(0.5, 2.0, 3)
+    loss, grad = run_adapter(loaded, lp, targets, il, tl, torch.float64, go)
+    ref_loss, ref_grad = oracles.torch_reference(lp, targets, il, tl, blank=2, reduction="none", grad_output=go)
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+    targets[1, 0] = 2
+    tl[1] = max(tl[1], 1)
+    with pytest.raises(RuntimeError, match=r"ValueError: targets\[1, 0\] = 2 equals blank=2"):
+        loaded(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
