@@ -155,10 +155,16 @@ def _device_context(tensor: torch.Tensor):
 
 # ---- the custom op -----------------------------------------------------------------------------------
 
-@torch.library.custom_op("deploy_ctc::ctc_loss", mutates_args=())
-def _ctc_loss_op(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-                 target_lengths: torch.Tensor, blank: int, reduction: str, zero_infinity: bool,
-                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+# Defined through torch.library.Library rather than torch.library.custom_op, whose kernels import torch._dynamo
+# (seconds) on the first call of every process.
+_LIBRARY = torch.library.Library("deploy_ctc", "DEF")
+_LIBRARY.define("ctc_loss(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+                "int blank, str reduction, bool zero_infinity, bool with_grad) -> (Tensor, Tensor)")
+
+
+def _ctc_loss_kernel(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+                     target_lengths: torch.Tensor, blank: int, reduction: str, zero_infinity: bool,
+                     with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, grad)``: the loss of :func:`deploy_ctc.ctc_loss` in ``log_probs``'s dtype and, when
     ``with_grad``, ``d loss / d log_probs`` for a unit upstream gradient (torch's convention, reduction factors
     included; shape and dtype of ``log_probs``), else an empty ``(0,)`` tensor.
@@ -179,7 +185,9 @@ def _ctc_loss_op(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: 
     return _tensor(loss).to(log_probs.dtype), grad
 
 
-@_ctc_loss_op.register_fake
+_ctc_loss_op = torch.ops.deploy_ctc.ctc_loss.default
+
+
 def _ctc_loss_fake(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, with_grad):
     per_sample = reduction == "none" and log_probs.dim() == 3
     loss = log_probs.new_empty((log_probs.shape[1],) if per_sample else ())
@@ -212,10 +220,13 @@ def _backward(ctx, grad_loss, grad_of_grad):
     return (grad * weight.to(grad.dtype),) + (None,) * 7
 
 
-_ctc_loss_op.register_autograd(_backward, setup_context=_setup_context)
+for _dispatch_key in ("CPU", "CUDA"):
+    _LIBRARY.impl("ctc_loss", _ctc_loss_kernel, _dispatch_key)
+torch.library.register_fake("deploy_ctc::ctc_loss", _ctc_loss_fake, lib=_LIBRARY)
+torch.library.register_autograd("deploy_ctc::ctc_loss", _backward, setup_context=_setup_context, lib=_LIBRARY)
 # torch's autocast policy runs ctc_loss in float32 (float16/bfloat16/float32 inputs cast; float64 kept).
 for _device_type in ("cpu", "cuda"):
-    _ctc_loss_op.register_autocast(_device_type, torch.float32)
+    torch.library.register_autocast("deploy_ctc::ctc_loss", _device_type, torch.float32, lib=_LIBRARY)
 
 
 # ---- patch(): deploy_ctc inside third-party code -----------------------------------------------------

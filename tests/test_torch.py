@@ -372,3 +372,88 @@ def test_jit_script_matches_torch_and_round_trips(rng, dctorch, tmp_path):
     tl[1] = max(tl[1], 1)
     with pytest.raises(RuntimeError, match=r"ValueError: targets\[1, 0\] = 2 equals blank=2"):
         loaded(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+
+
+# ---- patch(): deploy_ctc inside third-party code ---------------------------------------------------------
+
+def computed_by_deploy_ctc(loss):
+    return "deploy_ctc" in type(loss.grad_fn).__name__
+
+
+def third_party_losses(rng):
+    """Losses from code that calls torch's names at run time: F.ctc_loss, a new and an existing nn.CTCLoss."""
+    lp, targets, il, tl = (torch.as_tensor(a) for a in random_inputs(rng, 10, 2, 5, 3))
+    lp.requires_grad_()
+    existing = torch.nn.CTCLoss(reduction="sum")
+    return lambda: [torch.nn.functional.ctc_loss(lp, targets, il, tl), torch.nn.CTCLoss()(lp, targets, il, tl),
+                    existing(lp, targets, il, tl)]
+
+
+def test_patch_context_manager_swaps_and_restores(rng, dctorch):
+    originals = torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward
+    losses = third_party_losses(rng)
+    reference = [loss.detach() for loss in losses()]
+    with dctorch.patch():
+        inside = losses()
+        with dctorch.patch():  # nested: the inner exit leaves the outer patch in place
+            pass
+        inside += losses()
+    assert all(computed_by_deploy_ctc(loss) for loss in inside)
+    for i, loss in enumerate(inside):
+        oracles.assert_close(loss.detach().numpy(), reference[i % 3].numpy(), np.float64, f"loss {i}")
+    assert (torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward) == originals
+    assert not any(computed_by_deploy_ctc(loss) for loss in losses())
+
+
+def test_patch_restores_after_an_exception_and_decorates(rng, dctorch):
+    originals = torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward
+    losses = third_party_losses(rng)
+    with pytest.raises(KeyError), dctorch.patch():
+        raise KeyError("inside the block")
+    assert (torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward) == originals
+
+    @dctorch.patch()
+    def train_step():
+        return losses()
+
+    for _ in range(2):  # a decorator re-enters on every call
+        assert all(computed_by_deploy_ctc(loss) for loss in train_step())
+        assert (torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward) == originals
+
+
+def tiny_wav2vec2_for_ctc(transformers):
+    """A randomly initialised Wav2Vec2ForCTC small enough for a unit test (49 frames per 400 samples)."""
+    config = transformers.Wav2Vec2Config(
+        vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 3), num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2, pad_token_id=0, ctc_loss_reduction="mean")
+    torch.manual_seed(0)
+    return transformers.Wav2Vec2ForCTC(config).eval()  # eval: no dropout or masking, gradients still flow
+
+
+def test_patch_on_transformers_wav2vec2_for_ctc(rng, dctorch):
+    """Wav2Vec2ForCTC computes its own loss with F.ctc_loss from ``labels=``; under patch() deploy_ctc computes
+    it, with torch's loss and parameter gradients (float32: the model's log_softmax is float32)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
+    model = tiny_wav2vec2_for_ctc(transformers)
+    audio = torch.tensor(rng.standard_normal((3, 400)), dtype=torch.float32)
+    labels = torch.tensor([[1, 2, 3, -100], [4, 4, 5, 6], [2, -100, -100, -100]])  # -100: padding
+
+    def step():
+        model.zero_grad()
+        loss = model(audio, labels=labels).loss
+        loss.backward()
+        return loss, [p.grad.numpy().copy() for p in model.parameters() if p.grad is not None]
+
+    reference = step()
+    with dctorch.patch():
+        ours = step()
+    assert computed_by_deploy_ctc(ours[0]) and not computed_by_deploy_ctc(reference[0])
+    assert len(ours[1]) == len(reference[1]) > 10
+    oracles.assert_close(ours[0].detach().numpy(), reference[0].detach().numpy(), np.float32, "loss")
+    scale = max(float(np.abs(w).max()) for w in reference[1])
+    tol = oracles.Tolerance(5e-5, 2e-5 * scale, "float32 backpropagation through the model's layers amplifies the "
+                            "float32 rounding of the CTC gradient; absolute part relative to the model's largest "
+                            "gradient entry (measured: 4e-6 absolute where that entry is 14)")
+    for i, (g, w) in enumerate(zip(ours[1], reference[1])):
+        oracles.assert_close(g, w, np.float32, f"grad of parameter {i}", tol)
