@@ -457,3 +457,111 @@ def test_patch_on_transformers_wav2vec2_for_ctc(rng, dctorch):
                             "gradient entry (measured: 4e-6 absolute where that entry is 14)")
     for i, (g, w) in enumerate(zip(ours[1], reference[1])):
         oracles.assert_close(g, w, np.float32, f"grad of parameter {i}", tol)
+
+
+# ---- DistributedDataParallel ---------------------------------------------------------------------------
+
+def ddp_rank_gradients(rank, world_size, init_file, state, batch, out_dir):
+    """One DDP rank (gloo, CPU): the model with deploy_ctc's loss on its contiguous shard of the global batch;
+    saves the parameter gradients after DDP's all-reduce (the average over ranks)."""
+    import deploy_ctc.torch
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    try:
+        model = TinyCTCModel(deploy_ctc.torch.CTCLoss())
+        model.load_state_dict(state)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        features, targets, il, tl = batch
+        shard = slice(rank * len(il) // world_size, (rank + 1) * len(il) // world_size)
+        ddp(features[:, shard], targets[shard], il[shard], tl[shard]).backward()
+        torch.save([p.grad for p in model.parameters()], out_dir / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one_process(rng, dctorch, tmp_path):
+    """2 gloo ranks, each a mean-reduced half batch: DDP's averaged gradients equal torch.nn.CTCLoss's on the
+    whole batch in one process (equal shards: the mean of the halves' means is the global mean)."""
+    ours, reference = twin_models(dctorch)
+    batch = training_batch(rng, N=6)
+    torch.multiprocessing.spawn(ddp_rank_gradients, nprocs=2, join=True,
+                                args=(2, tmp_path / "rendezvous", ours.state_dict(), batch, tmp_path))
+    _, want = loss_and_grads(reference, batch)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for i, (g, w) in enumerate(zip(got, want)):
+            oracles.assert_close(g.numpy(), w, np.float64, f"rank {rank}: grad of parameter {i}")
+
+
+# ---- errors: the API's messages on every path -----------------------------------------------------------
+
+def _good_arguments():
+    """(log_probs (6, 2, 4) float64, targets (2, 3), input_lengths, target_lengths, options) as NumPy."""
+    rng = np.random.default_rng(0)
+    return [oracles.random_log_probs(rng, 6, 2, 4), np.array([[1, 2, 3], [2, 2, 0]]), np.array([6, 5]),
+            np.array([3, 2]), {}]
+
+
+def _bad(**change):
+    """Good arguments with some replaced (by index 0-3, or options by name)."""
+    args = _good_arguments()
+    for key, value in change.items():
+        if key.startswith("arg"):
+            args[int(key[3:])] = value(args[int(key[3:])]) if callable(value) else value
+        else:
+            args[4][key] = value
+    return args
+
+
+BAD_ARGUMENTS = {
+    "float targets": _bad(arg1=lambda t: t.astype(np.float32)),
+    "target outside C": _bad(arg1=lambda t: np.where(t == 3, 4, t)),
+    "target equals blank": _bad(arg1=lambda t: np.where(t == 3, 0, t)),
+    "concatenated length mismatch": _bad(arg1=np.array([1, 2, 3, 2])),
+    "input length above T": _bad(arg2=np.array([7, 5])),
+    "negative target length": _bad(arg3=np.array([-1, 2])),
+    "target length above S": _bad(arg3=np.array([4, 2])),
+    "lengths count": _bad(arg2=np.array([6, 5, 4])),
+    "float lengths list": _bad(arg2=[6.0, 5.5]),
+    "bool length": _bad(arg3=True),
+    "integer log_probs": _bad(arg0=lambda lp: (lp * 10).astype(np.int64)),
+    "4-D log_probs": _bad(arg0=lambda lp: lp[None]),
+    "empty log_probs": _bad(arg0=lambda lp: lp[:0]),
+    "blank outside C": _bad(blank=4),
+    "bool blank": _bad(blank=True),
+    "bad reduction": _bad(reduction="avg"),
+    "bad zero_infinity": _bad(zero_infinity=2),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_errors_match_the_api(case, dctorch):
+    """The same exception type and message as deploy_ctc.ctc_loss on the same (bad) values as tensors."""
+    import deploy_ctc
+
+    lp, targets, il, tl, options = BAD_ARGUMENTS[case]
+    with pytest.raises((TypeError, ValueError)) as expected:
+        deploy_ctc.ctc_loss(lp, targets, il, tl, **options)
+
+    def tensor(value):
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+    with pytest.raises(type(expected.value)) as got:
+        dctorch.ctc_loss(tensor(lp), tensor(targets), tensor(il), tensor(tl), **options)
+    assert str(got.value) == str(expected.value)
+
+
+def test_device_errors(dctorch):
+    """Tensors on an unsupported device, or on a device other than the CPU and log_probs's, are refused by name
+    (a 'meta' tensor stands in for a second device: this machine has no GPU)."""
+    lp, targets, il, tl, _ = _good_arguments()
+    lp, targets, il, tl = (torch.from_numpy(a) for a in (lp, targets, il, tl))
+    with pytest.raises(ValueError, match="supports CPU and CUDA tensors, got log_probs on device meta"):
+        dctorch.ctc_loss(lp.to("meta"), targets, il, tl)
+    for name, index in (("targets", 1), ("input_lengths", 2), ("target_lengths", 3)):
+        args = [lp, targets, il, tl]
+        args[index] = args[index].to("meta")
+        with pytest.raises(ValueError, match=rf"{name} must be on the CPU or on log_probs's device \(cpu\), got "
+                                             r"device meta"):
+            dctorch.ctc_loss(*args)
