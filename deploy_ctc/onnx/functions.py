@@ -26,8 +26,11 @@ where ``skip_s`` means ``l'_s != blank`` and ``l'_s != l'_{s-2}``.  The state is
 ``nll = -lse(alpha(2 S_n), alpha(2 S_n - 1))``; the posterior is ``exp(alpha + beta' - ll)``
 scattered onto classes, and CTCLossGrad returns ``scale_n * (exp(log_probs) - posterior)``.
 
-The bodies cannot raise Python errors; a bad ``reduction`` / ``zero_infinity`` value or a label outside
-[0, C) makes onnxruntime fail in a node whose name states the rule (see :func:`_require`).  Like
+The bodies cannot raise Python errors; every input :func:`deploy_ctc.validation.validate` rejects (a bad
+``reduction`` / ``zero_infinity``, ``blank`` outside [0, C), a target label outside [0, C) or equal to blank
+within its length, a length that is negative, above T or S, or concatenated lengths that do not add up to the
+targets' length, a lengths count other than N) makes onnxruntime fail, before any table is sized or indexed by
+it, in a node whose name states the rule (see :func:`_require`).  Like
 torch, they accept unbatched input: log_probs (T, C), targets (S,), 0-d lengths.
 """
 
@@ -116,9 +119,12 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     il = b.op("Reshape", b.op("Cast", input_lengths, to=7), b.const([-1]))  # (N,) int64
     tl = b.op("Reshape", b.op("Cast", target_lengths, to=7), b.const([-1]))  # (N,)
     tg = b.op("Cast", targets, to=7)  # (N, S) or (sum tl,)
-    n_vec = b.op("Shape", il)  # (1,) = [N]
-    n = b.op("Squeeze", n_vec, b.const([0]))  # ()
     zero, one, two = b.const(0), b.const(1), b.const(2)
+    # [0] computed from log_probs' values (x < x is False, even for NaN): never constant-folded, unlike
+    # anything derived from shapes or from lengths a model may hold as constants.
+    first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), b.const([0]), b.const([1])),
+                 keepdims=1)  # (1,)
+    guard = {"data_zero": b.op("Cast", b.op("Less", first, first), to=7)}  # (1,) int64
 
     # Padded (N, S_max) labels from either target layout: row n starts at n*S (padded) or at the
     # exclusive cumulative sum of target_lengths (concatenated); entries past tl[n] become blank.
@@ -126,10 +132,15 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     tg_shape = b.op("Shape", tg)
     is_padded = b.op("Equal", b.op("Size", tg_shape), two)  # ()
     row_width = b.op("Squeeze", b.op("Slice", tg_shape, b.const([-1]), b.const([_INT64_MAX])), b.const([0]))
+    # N, and everything sized by it or by the lengths, waits for the lengths' checks (0 once they pass).
+    checked = _check_lengths(b, guard, log_probs, t_len, il, tl, flat, tg_shape, row_width)  # ()
+    n_vec = b.op("Add", b.op("Shape", il), checked)  # (1,) = [N]
+    n = b.op("Squeeze", n_vec, b.const([0]))  # ()
+
     rows = b.op("Range", zero, n, one)  # (N,)
     start = b.op("Where", is_padded, b.op("Mul", rows, row_width),
                  b.op("Sub", b.op("CumSum", tl, zero), tl))  # (N,)
-    s_max = b.op("Max", b.op("ReduceMax", tl, keepdims=0), zero)  # ()
+    s_max = b.op("Add", b.op("Max", b.op("ReduceMax", tl, keepdims=0), zero), checked)  # ()
     s_idx = b.op("Range", zero, s_max, one)  # (S_max,)
     s_row = b.op("Unsqueeze", s_idx, b.const([0]))  # (1, S_max)
     pos = b.op("Add", b.op("Unsqueeze", start, b.const([1])), s_row)  # (N, S_max)
@@ -138,6 +149,7 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     tl_col = b.op("Unsqueeze", tl, b.const([1]))  # (N, 1)
     in_target = b.op("Less", s_row, tl_col)  # (N, S_max)
     labels = b.op("Where", in_target, b.op("Gather", flat, pos), blank)  # (N, S_max)
+    labels = b.op("Add", labels, _check_labels(b, guard, log_probs, blank, labels, in_target))  # + 0 once checked
 
     # Extended labels l' = (blank, l_1, blank, ..., l_S, blank): (N, L), L = 2 S_max + 1.
     blanks = b.op("Expand", blank, b.op("Shape", labels))  # (N, S_max)
@@ -175,15 +187,62 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     # Slice parameters of the Loop bodies, hoisted: a Constant inside a body runs every frame.
     slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2),
                                            ("end", _INT64_MAX))}
-    # [0] computed from log_probs' values (x < x is False, even for NaN): never constant-folded, unlike
-    # anything derived from shapes or from lengths a model may hold as constants.
-    first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), slices["0"], slices["1"]),
-                 keepdims=1)  # (1,)
-    data_zero = b.op("Cast", b.op("Less", first, first), to=7)  # (1,) int64
+    data_zero = guard["data_zero"]
     return dict(lp=log_probs, blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
                 tl_col=tl_col, ext=ext, ext_shape=ext_shape, e_index=e_index, emit=emit, skip_bias=skip_bias,
                 neg_inf=neg_inf, zero_f=zero_f, neg2=neg2, valid=valid, s_states=s_states,
                 floor=b.like(_LSE_FLOOR, log_probs), slices=slices, data_zero=data_zero)
+
+
+def _all(b: _Builder, condition: str) -> str:
+    """bool (): every entry of the bool tensor ``condition`` holds (True when it is empty)."""
+    failures = b.op("ReduceSum", b.op("Cast", b.op("Not", condition), to=7), keepdims=0)  # over all axes
+    return b.op("Equal", failures, b.const(0))
+
+
+def _check_lengths(b: _Builder, guard: dict, log_probs: str, t_len: str, il: str, tl: str, flat: str,
+                   tg_shape: str, row_width: str) -> str:
+    """int64 0 once the lengths pass the rules :func:`deploy_ctc.validation.validate` applies; else onnxruntime
+    fails in a node named after the broken rule (before any table sized by N or the lengths is allocated)."""
+    n_lp = b.op("Squeeze", b.op("Slice", b.op("Shape", log_probs), b.const([1]), b.const([2])), b.const([0]))
+    batched = b.op("Equal", b.op("Size", b.op("Shape", log_probs)), b.const(3))  # log_probs was (T, N, C)
+    concatenated = b.op("And", batched, b.op("Equal", b.op("Size", tg_shape), b.const(1)))
+    total = b.op("Size", flat)
+    rules = [
+        (b.op("Equal", b.op("Size", il), n_lp), "deploy_ctc: input_lengths must have N entries (log_probs.shape[1])"),
+        (b.op("Equal", b.op("Size", tl), n_lp), "deploy_ctc: target_lengths must have N entries (log_probs.shape[1])"),
+        (_all(b, b.op("GreaterOrEqual", il, b.const(0))), "deploy_ctc: input_lengths must be non-negative"),
+        (_all(b, b.op("LessOrEqual", il, t_len)), "deploy_ctc: input_lengths must not exceed T (log_probs.shape[0])"),
+        (_all(b, b.op("GreaterOrEqual", tl, b.const(0))), "deploy_ctc: target_lengths must be non-negative"),
+        # Each length within the targets' width first, so the sum below cannot wrap around.
+        (_all(b, b.op("LessOrEqual", tl, row_width)),
+         "deploy_ctc: target_lengths must not exceed S (targets.shape[-1]; the length of 1-D targets)"),
+        (b.op("Or", b.op("Not", concatenated), b.op("Equal", b.op("ReduceSum", tl, keepdims=0), total)),
+         "deploy_ctc: sum(target_lengths) must equal the length of 1-D (concatenated) targets"),
+    ]
+    checked = b.const(0)
+    for ok, message in rules:
+        checked = _require(b, guard, ok, checked, message)
+    return checked
+
+
+def _check_labels(b: _Builder, guard: dict, log_probs: str, blank: str, labels: str, in_target: str) -> str:
+    """int64 0 once ``blank`` and the target labels within ``target_lengths`` pass validate's rules; else
+    onnxruntime fails in a node named after the rule (before any label indexes log_probs)."""
+    c = b.op("Squeeze", b.op("Slice", b.op("Shape", log_probs), b.const([-1]), b.const([_INT64_MAX])), b.const([0]))
+    outside = b.op("Or", b.op("Less", labels, b.const(0)), b.op("GreaterOrEqual", labels, c))  # (N, S_max)
+    rules = [
+        (b.op("And", b.op("GreaterOrEqual", blank, b.const(0)), b.op("Less", blank, c)),
+         "deploy_ctc: blank must be in [0, C) (C = log_probs.shape[-1])"),
+        (_all(b, b.op("Not", b.op("And", in_target, outside))),
+         "deploy_ctc: targets must lie in [0, C) (C = log_probs.shape[-1]) within target_lengths"),
+        (_all(b, b.op("Not", b.op("And", in_target, b.op("Equal", labels, blank)))),
+         "deploy_ctc: targets must not contain the blank label within target_lengths"),
+    ]
+    checked = b.const(0)
+    for ok, message in rules:
+        checked = _require(b, guard, ok, checked, message)
+    return checked
 
 
 def _loop(b: _Builder, lat: dict, init: str, step, reverse: bool, history: bool):
@@ -354,9 +413,13 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     scale = b.op("Mul", d_loss, b.op("Where", is_mean, mean_factor, b.like(1.0, d_loss)))  # (N,)
     scale = b.op("Unsqueeze", scale, b.const([0, 2]))  # (1, N, 1)
 
+    # Rows of an infinite loss: 0 under zero_infinity, else NaN; of a NaN loss: NaN always (torch's rules; the
+    # posterior alone would leave the classes outside the target finite).
     _, fill = _infinite_fill(b, lat, "log_probs")
-    infeasible = b.op("Unsqueeze", b.op("IsInf", ll), b.const([0, 2]))  # (1, N, 1)
-    inside = b.op("Where", infeasible, fill, b.op("Mul", scale, raw))  # (T, N, C)
+    is_nan = b.op("IsNaN", ll)  # (N,)
+    fill = b.op("Unsqueeze", b.op("Where", is_nan, b.like(np.nan, "log_probs"), fill), b.const([0, 2]))  # (1, N, 1)
+    non_finite = b.op("Unsqueeze", b.op("Or", b.op("IsInf", ll), is_nan), b.const([0, 2]))  # (1, N, 1)
+    inside = b.op("Where", non_finite, fill, b.op("Mul", scale, raw))  # (T, N, C)
     grad = b.op("Where", lat["valid"], inside, lat["zero_f"])  # (T, N, C)
     b.nodes.append(b.onnx.helper.make_node("Reshape", [grad, b.op("Shape", "log_probs")], ["d_log_probs"]))
     return inputs, ["d_log_probs"]

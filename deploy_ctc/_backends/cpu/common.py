@@ -22,7 +22,8 @@ def start(problem, grad_scale):
     ``nll`` ``(N,)`` float64: ``+inf`` for infeasible targets (fewer frames than labels plus the blanks between
     equal neighbours), 0 for an empty target on zero frames, NaN where the recursions will fill it in. ``grad``
     ``(T, N, C)`` zeros in ``log_probs``' dtype, or None without ``grad_scale``. ``run`` ``(N,)`` bool: the samples
-    the recursions handle (feasible, at least one frame).
+    the recursions handle (feasible, at least one frame; and infeasible ones whose used frames hold NaN or ``+inf``
+    in a lattice class, whose loss is NaN in torch's recursion rather than ``+inf``).
     """
     pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only the first one large enough for threads
     lp, targets = problem.log_probs, problem.targets  # (T, N, C), (N, S)
@@ -30,6 +31,10 @@ def start(problem, grad_scale):
     inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
     repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
     feasible = il >= tl + repeats  # (N,)
+    for n in np.flatnonzero(~feasible & (il > 0)):
+        classes = np.append(targets[n, : tl[n]], problem.blank)  # (tl + 1,)
+        if not (lp[: il[n], n][:, classes] < np.inf).all():  # NaN or +inf on the lattice
+            feasible[n] = True
     nll = np.where(feasible, np.nan, np.inf)  # (N,)
     nll[(il == 0) & (tl == 0)] = 0.0
     grad = None if grad_scale is None else np.zeros(lp.shape, dtype=lp.dtype)
