@@ -115,7 +115,8 @@ def main():
               "torch": torch.__version__, "python": platform.python_version(), "dtype": "float32"}
     if not args.skip_tests:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/backends/cuda/test_cupy_kernels.py",
-                                "tests/backends/cuda/test_cupy_align.py", "tests/backends/cuda/test_kernels_compile.py"],
+                                "tests/backends/cuda/test_cupy_align.py",
+                                "tests/backends/cuda/test_kernels_compile.py"],
                                cwd=ROOT, capture_output=True, text=True)
         print(tests.stdout[-3000:])
         report["tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}
