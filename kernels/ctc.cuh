@@ -37,7 +37,8 @@ template <> struct Math<double> {
 };
 
 // log(exp(a) + exp(b)) without overflow or underflow: max + log1p(exp(min - max)).
-// Both -inf stays -inf (instead of -inf - -inf = NaN); NaN propagates, as in torch (fmax / fmin would drop it).
+// Both -inf stays -inf (instead of -inf - -inf = NaN). NaN in either stays NaN, as in torch: fmax and fmin
+// would drop it and turn a NaN log-prob into a finite loss.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t log_add(scalar_t a, scalar_t b) {
     if (a != a || b != b) return a + b;

@@ -1,4 +1,4 @@
-"""Portable bodies: model-local ONNX functions computing CTCLoss / CTCLossGrad with standard ops only.
+"""Portable bodies: model-local ONNX functions computing CTCLoss / CTCLossGrad / CTCAlign with standard ops only.
 
 A node ``deploy_ctc::CTCLoss`` whose model carries these FunctionProtos runs in any runtime that inlines
 model-local functions (plain onnxruntime on CPU or CUDA, onnx.reference) with no extension installed.
@@ -41,7 +41,7 @@ import itertools
 import numpy as np
 
 from deploy_ctc.onnx._deps import require_onnx
-from deploy_ctc.onnx.schemas import ATTRIBUTE_DEFAULTS, DOMAIN, REDUCTIONS
+from deploy_ctc.onnx.schemas import ALIGN_ATTRIBUTE_DEFAULTS, ATTRIBUTE_DEFAULTS, DOMAIN, REDUCTIONS
 
 MIN_OPSET = 18
 ML_OPSET = 3
@@ -417,16 +417,95 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     scale = b.op("Mul", d_loss, b.op("Where", is_mean, mean_factor, b.like(1.0, d_loss)))  # (N,)
     scale = b.op("Unsqueeze", scale, b.const([0, 2]))  # (1, N, 1)
 
+    # Rows of an infinite loss: 0 under zero_infinity, else NaN; of a NaN loss: NaN always (torch's rules; the
+    # posterior alone would leave the classes outside the target finite).
     _, fill = _infinite_fill(b, lat, "log_probs")
-    infeasible = b.op("Unsqueeze", b.op("IsInf", ll), b.const([0, 2]))  # (1, N, 1)
-    inside = b.op("Where", infeasible, fill, b.op("Mul", scale, raw))  # (T, N, C)
+    is_nan = b.op("IsNaN", ll)  # (N,)
+    fill = b.op("Unsqueeze", b.op("Where", is_nan, b.like(np.nan, "log_probs"), fill), b.const([0, 2]))  # (1, N, 1)
+    non_finite = b.op("Unsqueeze", b.op("Or", b.op("IsInf", ll), is_nan), b.const([0, 2]))  # (1, N, 1)
+    inside = b.op("Where", non_finite, fill, b.op("Mul", scale, raw))  # (T, N, C)
     grad = b.op("Where", lat["valid"], inside, lat["zero_f"])  # (T, N, C)
     b.nodes.append(b.onnx.helper.make_node("Reshape", [grad, b.op("Shape", "log_probs")], ["d_log_probs"]))
     return inputs, ["d_log_probs"]
 
 
+def _ctc_align_body(b: _Builder) -> tuple:
+    """Forced alignment (the Viterbi of deploy_ctc.align): a Loop over frames with max in place of log-sum-exp,
+    recording the move into each cell, then a Loop from the last frame back that follows the moves.
+
+    ``delta`` is float64 whatever the input type and the first maximal move wins (stay, step, skip), as on every
+    deploy_ctc backend; NaN and +inf log-probs count as -inf.
+    """
+    inputs = ["log_probs", "targets", "input_lengths", "target_lengths"]
+    lat = _lattice(b, *inputs)
+    c = lat["slices"]
+    double = b.onnx.TensorProto.DOUBLE
+    neg_inf = b.op("Cast", lat["neg_inf"], to=double)  # ()
+    neg2 = b.op("Cast", lat["neg2"], to=double)  # (N, 2)
+    skip_bias = b.op("Cast", lat["skip_bias"], to=double)  # (N, L)
+    two_tl = b.op("Mul", lat["tl_col"], b.const(2))  # (N, 1)
+    inside = b.op("Less", lat["s_states"], b.op("Add", two_tl, b.const(1)))  # (N, L) the sample's own positions
+    emit = b.op("Cast", lat["emit"], to=double)  # (T, N, L)
+    emit = b.op("Where", b.op("And", b.op("Less", emit, b.op("Cast", b.like(np.inf, lat["lp"]), to=double)),
+                              b.op("Unsqueeze", inside, b.const([0]))), emit, neg_inf)  # NaN, +inf: impossible
+    # delta_{-1} = (0, -inf, ...): the general step then starts paths on the first blank or the first label.
+    start = b.op("Where", b.op("Equal", lat["s_states"], b.const(0)), b.op("Cast", b.const(0.0, np.float64), to=double),
+                 neg_inf)  # (1, L)
+    delta0 = b.op("Expand", start, lat["ext_shape"])  # (N, L)
+
+    fwd = _Builder(b.onnx)
+    t, cond, delta = fwd.fresh("iter"), fwd.fresh("cond"), fwd.fresh("delta")
+    padded = fwd.op("Concat", neg2, delta, axis=1)  # (N, L + 2)
+    one = fwd.op("Slice", padded, c["1"], c["-1"], c["1"])  # from s - 1
+    two = fwd.op("Add", fwd.op("Slice", padded, c["0"], c["-2"], c["1"]), skip_bias)  # from s - 2
+    step = fwd.op("Greater", one, delta)
+    best = fwd.op("Where", step, one, delta)
+    jump = fwd.op("Greater", two, best)
+    best = fwd.op("Where", jump, two, best)
+    move = fwd.op("Where", jump, fwd.const(2, np.uint8), fwd.op("Cast", step, to=b.onnx.TensorProto.UINT8))  # (N, L)
+    new = fwd.op("Add", best, fwd.op("Gather", emit, t, axis=0))
+    new = fwd.op("Where", fwd.op("Gather", lat["valid"], t, axis=0), new, delta)  # frozen past the input
+    graph = fwd.graph("ctc_align_frame", [(t, b.onnx.TensorProto.INT64), (cond, b.onnx.TensorProto.BOOL), (delta, 0)],
+                      [fwd.op("Identity", cond), new, move])
+    final, moves = b.fresh("final"), b.fresh("moves")  # (N, L), (T, N, L)
+    b.nodes.append(b.onnx.helper.make_node("Loop", [lat["t_len"], b.const(True, np.bool_), delta0], [final, moves],
+                                           body=graph))
+
+    # The end: the last label unless the trailing blank is strictly better (S_n = 0: the blank).
+    end_label = b.op("Max", b.op("Sub", two_tl, b.const(1)), b.const(0))  # (N, 1)
+    on_label = b.op("And", b.op("Greater", lat["tl_col"], b.const(0)),
+                    b.op("GreaterOrEqual", b.op("GatherElements", final, end_label, axis=1),
+                         b.op("GatherElements", final, two_tl, axis=1)))  # (N, 1)
+    state0 = b.op("Where", on_label, end_label, two_tl)  # (N, 1)
+    feasible = b.op("Greater", b.op("GatherElements", final, state0, axis=1), neg_inf)  # (N, 1)
+
+    back = _Builder(b.onnx)
+    it, cond, state = back.fresh("iter"), back.fresh("cond"), back.fresh("state")
+    t = back.op("Sub", lat["t_last"], it)
+    active = back.op("And", back.op("Gather", lat["valid"], t, axis=0), feasible)  # (N, 1)
+    label = back.op("Where", active, back.op("GatherElements", lat["ext"], state, axis=1), lat["blank"])  # (N, 1)
+    move = back.op("Cast", back.op("GatherElements", back.op("Gather", moves, t, axis=0), state, axis=1), to=7)
+    new = back.op("Where", active, back.op("Sub", state, move), state)  # (N, 1)
+    graph = back.graph("ctc_align_back", [(it, b.onnx.TensorProto.INT64), (cond, b.onnx.TensorProto.BOOL), (state, 0)],
+                       [back.op("Identity", cond), new, label])
+    last, labels = b.fresh("last"), b.fresh("labels")  # (N, 1), (T, N, 1) from the last frame to the first
+    b.nodes.append(b.onnx.helper.make_node("Loop", [lat["t_len"], b.const(True, np.bool_), state0], [last, labels],
+                                           body=graph))
+    labels = b.op("Slice", labels, b.const([-1]), b.const([_INT64_MIN]), b.const([0]), b.const([-1]))  # frame order
+
+    picked = b.op("Squeeze", b.op("GatherElements", lat["lp"], labels, axis=2), b.const([2]))  # (T, N)
+    valid = b.op("Squeeze", lat["valid"], b.const([2]))  # (T, N)
+    scores = b.op("Where", valid, b.op("Where", b.op("Squeeze", feasible, b.const([1])), picked, lat["neg_inf"]),
+                  lat["zero_f"])  # (T, N)
+    out_shape = b.op("Slice", b.op("Shape", "log_probs"), c["0"], c["-1"])  # [T, N] or [T] unbatched
+    b.nodes.append(b.onnx.helper.make_node("Reshape", [b.op("Squeeze", labels, b.const([2])), out_shape],
+                                           ["alignment"]))
+    b.nodes.append(b.onnx.helper.make_node("Reshape", [scores, out_shape], ["scores"]))
+    return inputs, ["alignment", "scores"]
+
+
 def make_functions(opset: int = MIN_OPSET) -> list:
-    """[CTCLoss, CTCLossGrad] FunctionProtos (domain deploy_ctc) for a model importing ONNX ``opset``.
+    """[CTCLoss, CTCLossGrad, CTCAlign] FunctionProtos (domain deploy_ctc) for a model importing ONNX ``opset``.
 
     Raises:
         ValueError: ``opset`` < 18.
@@ -437,9 +516,11 @@ def make_functions(opset: int = MIN_OPSET) -> list:
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} for the portable CTC bodies, got {opset!r}")
     imports = [onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid("ai.onnx.ml", ML_OPSET)]
-    defaults = [onnx.helper.make_attribute(k, v) for k, v in ATTRIBUTE_DEFAULTS.items()]
     functions = []
-    for name, build in (("CTCLoss", _ctc_loss_body), ("CTCLossGrad", _ctc_loss_grad_body)):
+    for name, build, attributes in (("CTCLoss", _ctc_loss_body, ATTRIBUTE_DEFAULTS),
+                                    ("CTCLossGrad", _ctc_loss_grad_body, ATTRIBUTE_DEFAULTS),
+                                    ("CTCAlign", _ctc_align_body, ALIGN_ATTRIBUTE_DEFAULTS)):
+        defaults = [onnx.helper.make_attribute(k, v) for k, v in attributes.items()]
         b = _Builder(onnx)
         inputs, outputs = build(b)
         functions.append(onnx.helper.make_function(DOMAIN, name, inputs, outputs, b.nodes, imports,

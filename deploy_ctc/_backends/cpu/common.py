@@ -98,6 +98,20 @@ def redo_exact(problem, samples, nll, grad, grad_scale, convention):
         grad[:, samples] = sub_grad
 
 
+def deal(samples, cost, workers):
+    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
+    currently lightest part); each part stays in decreasing cost, so the engine's lanes get similar lengths."""
+    if workers <= 1 or samples.size <= 1:
+        return [np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)]
+    loads = np.zeros(workers)
+    parts = [[] for _ in range(workers)]
+    for i in np.argsort(-cost, kind="stable"):
+        lightest = int(np.argmin(loads))
+        parts[lightest].append(samples[i])
+        loads[lightest] += cost[i]
+    return [np.array(part, dtype=np.int64) for part in parts if part]
+
+
 THREADS_ENV = "DEPLOY_CTC_NUM_THREADS"
 
 
