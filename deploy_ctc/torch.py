@@ -302,15 +302,14 @@ class patch(contextlib.ContextDecorator):  # noqa: N801 -- used like a function:
             self._saved = [(torch.nn.functional, "ctc_loss", torch.nn.functional.ctc_loss),
                            (torch.nn.CTCLoss, "forward", torch.nn.CTCLoss.__dict__["forward"])]
             torch.nn.functional.ctc_loss = _patched_functional
-            torch.nn.CTCLoss.forward = _patched_forward
+            setattr(torch.nn.CTCLoss, "forward", _patched_forward)  # noqa: B010 -- a method, replaced on purpose
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         with self._lock:
             for owner, name, original in reversed(self._saved):
                 setattr(owner, name, original)
             self._saved = []
-        return False
 
 
 @functools.wraps(torch.nn.functional.ctc_loss)

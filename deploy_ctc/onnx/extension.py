@@ -21,6 +21,7 @@ output's shape.  Attribute values are also checked earlier, by the registered sc
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +120,7 @@ def custom_op_library_path() -> str:
     return require_extensions().get_library_path()
 
 
-def session_options(so=None):
+def session_options(so: Any = None) -> Any:
     """onnxruntime SessionOptions whose sessions run deploy_ctc::CTCLoss / CTCLossGrad with deploy_ctc.
 
     Args:
