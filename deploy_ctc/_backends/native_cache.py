@@ -4,19 +4,20 @@
 first of ``c++``, ``g++``, ``clang++`` on ``PATH``) into a shared library and returns its path; the native CPU engine
 (:mod:`deploy_ctc._backends.cpu.native_build`) is one user. A library is compiled once per machine: its file name
 digests everything the build depends on (the sources, the headers beside them and in the include directories, other
-files named by the caller, the compiler and its version, the flags, the CPU model and features, since ``-march=native`` code may not run
-on another CPU), so a later process loads it without compiling and an upgrade, an edit or a different CPU sharing
-the home directory gets its own build. Builds are logged at INFO level on this module's logger.
+files named by the caller, the compiler and its version, the flags, the CPU model and features, since
+``-march=native`` code may not run on another CPU), so a later process loads it without compiling and an upgrade,
+an edit or a different CPU sharing the home directory gets its own build. Builds are logged at INFO level on this
+module's logger.
 
 **Where**: ``$DEPLOY_CTC_CACHE_DIR``, else ``$XDG_CACHE_HOME/deploy_ctc``, else ``~/.cache/deploy_ctc`` (the home
 directory from ``$HOME``, else the user's passwd entry). Relative paths are never used: a relative
 ``XDG_CACHE_HOME`` is ignored (as the XDG specification asks), a relative ``DEPLOY_CTC_CACHE_DIR`` is refused.
 Missing directories are created with mode 0700.
 
-**What is trusted** (the rules of OpenSSH's StrictModes, applied as pip and Python's own caches would need them):
-the cache directory must be owned by the current user and not writable by group or others; every directory above
-it must belong to the user or root and not be writable by group or others unless it has the sticky bit (``/tmp``);
-symbolic links on the way must belong to the user or root, and are followed. A library is loaded only if it is a
+**What is trusted** (the rules OpenSSH's StrictModes applies to ``~/.ssh``): the cache directory must be owned by
+the current user and not writable by group or others; every directory above it must belong to the user or root and
+not be writable by group or others unless it has the sticky bit (``/tmp``); symbolic links on the way must belong
+to the user or root, and are followed. A library is loaded only if it is a
 regular file (not a link) owned by the user, not writable by group or others, whose SHA-256 matches the digest
 written beside it when it was built, and whose ELF dynamic symbol table defines the entry points the caller needs.
 A file that fails those checks (truncated, empty, foreign, without the entry points) is rebuilt, with a warning in
@@ -31,7 +32,7 @@ starting together compile once; the others wait, then load the result); the comp
 that is fsync'd, checked and renamed into place, then its digest is written the same way. An interrupted build
 (KeyboardInterrupt, a timeout) kills the compiler's whole process group and removes its temporary file. A process
 forked while another thread builds starts with fresh locks (record locks are not inherited) and builds or waits on
-its own.
+its own; :func:`os.fork` waits while a compiler is being started, so the child never holds the parent's pipes.
 
 No compiler, a failed build, or no trusted directory to build in raises :class:`NativeUnavailable` with the reason.
 """
@@ -319,13 +320,15 @@ def _sigint_deferred():
     received = []
     try:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+        installed = True
     except ValueError:  # not the main thread (of the main interpreter)
-        previous = None
+        installed = False
     try:
         yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if installed:
+            # None: a handler installed outside Python, which this module cannot reinstall; default to Python's.
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
             if received and callable(previous):
                 previous(signal.SIGINT, received[0])  # the default handler raises KeyboardInterrupt here
             elif received and previous == signal.SIG_DFL:
