@@ -3,7 +3,7 @@
 - :func:`using` runs a block of code on one CPU backend (``"auto"``, ``"native"`` or ``"numpy"``) on the calling
   thread; ``DEPLOY_CTC_CPU_BACKEND`` sets the process default.
 - :func:`cpu_backend` names the CPU backend NumPy arrays run on now.
-- :func:`release_workspace` frees the pure-NumPy backend's cached scratch memory of the calling thread.
+- :func:`release_workspace` frees the pure-NumPy backend's cached scratch memory (process-wide).
 - :func:`path_stats` records, for a block of code, which samples took the fast path and which were redone exactly
   (a :class:`PathStats` of one :class:`PathRecord` per CPU backend call).
 """

@@ -50,6 +50,10 @@ namespace {
 constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
 constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
+// An emission more than this many nats below its frame's largest is subnormal or 0 after exp: the forward and
+// backward chains would share that zero and pass the consistency check, so such a (finite) value sends the sample
+// to the exact path. -inf is a true zero and does not count.
+constexpr double kFlushLog = -700.0;
 // What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
 // exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
 constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
@@ -136,21 +140,21 @@ __attribute__((always_inline)) inline double log_1_to_3(double x) {
   return (high ? 0.6931471805599453 : 0.0) + 2.0 * z * p;
 }
 
-// Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as numpy_logspace).
-constexpr double kNeg = -1e30;
+// Log-space zero: only a true -inf (every finite log-probability, -1e30 included, is a probability).
+constexpr double kNeg = -std::numeric_limits<double>::infinity();
 
-// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for values >= kNeg: the largest term is exp(0) = 1, so
-// only the others need an exponential.
+// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for finite values or -inf: the largest term is
+// exp(0) = 1, so only the others need an exponential; all terms -inf give -inf (not -inf - -inf = NaN).
 __attribute__((always_inline)) inline double log_add2(double a, double b) {
   const double m = a > b ? a : b, low = a > b ? b : a;
-  return m + log_1_to_3(1.0 + exp_poly(low - m));
+  return m == kNeg ? kNeg : m + log_1_to_3(1.0 + exp_poly(low - m));
 }
 
 __attribute__((always_inline)) inline double log_add3(double a, double b, double c) {
   const double m = a > b ? (a > c ? a : c) : (b > c ? b : c);
   const double x = a == m ? b : a;                  // the two terms other than (one) maximum
   const double y = a == m ? c : (b == m ? c : b);
-  return m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
+  return m == kNeg ? kNeg : m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
 }
 
 // The exponent a of the power of two nearest x > 0 from above (x = f 2^a, 0.5 <= f < 1), for normal x.
@@ -244,7 +248,7 @@ struct Lane {
 
 // The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
 // gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
-// every class at -inf kills the lane.
+// every class at -inf, or a finite emission below kFlushLog (relative), kills the lane.
 template <typename scalar_t>
 void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -265,11 +269,21 @@ void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_
       w.alive = false;
       return;
     }
-#pragma omp simd
-    for (std::int64_t j = 0; j < w.count; ++j) u[j] = exp_poly(u[j] - m);
+    const double blank_log = static_cast<double>(row[blank_offset]) - m;
+    double lowest = blank_log > -kInf ? blank_log : 0.0;  // the smallest finite emission, relative to m
+#pragma omp simd reduction(min : lowest)
+    for (std::int64_t j = 0; j < w.count; ++j) {
+      const double d = u[j] - m;
+      lowest = d < lowest && d > -kInf ? d : lowest;
+      u[j] = exp_poly(d);
+    }
+    if (lowest < kFlushLog) {
+      w.alive = false;
+      return;
+    }
     double* y = w.emit_label + t * w.s_max;
     for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = exp_poly(static_cast<double>(row[blank_offset]) - m);
+    w.emit_blank[t] = exp_poly(blank_log);
     m_sum += m;
   }
   w.m_sum = m_sum, w.a_total = 0;
@@ -435,26 +449,27 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<scalar_t>* grad
 //   lq_e_t[i] = log(e^lb_e_{t+1}[i] + e^lb_o_{t+1}[i]),  lq_o_t[i] = log(e^lb_o_{t+1}[i] + e^lb_e_{t+1}[i+1] +
 //   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
 // Slower (one or two exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
-// alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
+// alignment has a finite log-probability, or NaN when the sample's used log-probs hold NaN or +inf (left to the
+// Python twin, which reproduces torch's results for them).
 template <typename scalar_t>
 double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset,
                         const GradientTarget<scalar_t>* grad) {
   const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
-  // Log emissions, -inf clamped to kNeg.
+  // Log emissions.
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   for (std::int64_t t = 0; t < T; ++t) {
     const scalar_t* row = lp + t * st;
     double* y = w.emit_label + t * w.s_max;
     double* u = w.unique_emit;
-    bool nan = false;
+    bool special = false;  // NaN or +inf
     for (std::int64_t j = 0; j < w.count; ++j) {
-      const double v = static_cast<double>(row[w.offset[j]]);
-      nan |= v != v;
-      u[j] = v > kNeg ? v : kNeg;
+      u[j] = static_cast<double>(row[w.offset[j]]);
+      special |= !(u[j] < kInf);
     }
     const double b = static_cast<double>(row[blank_offset]);
-    if (nan || b != b) return NAN;
+    if (special || !(b < kInf)) return NAN;
     for (std::int64_t i = 0; i < S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = b > kNeg ? b : kNeg;
+    w.emit_blank[t] = b;
   }
   // Forward.
   for (std::int64_t t = 0; t < T; ++t) {
@@ -480,7 +495,7 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
   const double* e_end = w.fwd_blank + (T - 1) * WB;
   const double* o_end = w.fwd_label + (T - 1) * W + 1;
   const double log_p = log_add2(e_end[S], S > 0 ? o_end[S - 1] : kNeg);
-  if (!(log_p > kNeg / 2)) return std::numeric_limits<double>::infinity();
+  if (log_p == kNeg) return kInf;
   // Backward, with posteriors and gradient rows.
   double* be_next = w.b_blank[0];
   double* be_now = w.b_blank[1];
@@ -532,6 +547,9 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
+  // A lane holds about (3 S + 5) T values: sizes a 64-bit byte count cannot hold (a broadcast log_probs can have
+  // any T) are refused like a failed allocation, before any product of them is formed in integers.
+  if (static_cast<double>(t_max) * (3.0 * static_cast<double>(s_max) + 16.0) * 8.0 > 0x1p60) return -1;
   const std::size_t lane_bytes = Lane().carve(nullptr, t_max, s_max);
   int lanes = static_cast<int>(kLaneBytes / lane_bytes);
   lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);

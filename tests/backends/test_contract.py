@@ -159,6 +159,47 @@ def test_large_C_allocates_no_float64_TNC_temporary(rng, pure_numpy):
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
 
 
+def _peak_bytes(fn):
+    fn()  # warm-up (lazy imports, caches)
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_float16_peaks_below_float32(rng, pure_numpy):
+    """float16 input is upcast a group of samples at a time: its peak (float16 gradient plus one group's float32
+    copy and gradient) stays below float32's (its float32 gradient), instead of a whole float32 copy on top; the
+    results match float32 on the same values to float16's rounding."""
+    T, N, C, S = 100, 48, 1000, 5  # a 19 MB float32 copy: above the size upcast whole
+    problem32, lp, targets, il, tl = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)
+    problem16 = validation.validate(lp.astype(np.float16), targets, il, tl, 0, "none")
+    problem32 = validation.validate(lp.astype(np.float16).astype(np.float32), targets, il, tl, 0, "none")
+    peak16 = _peak_bytes(lambda: pure_numpy.forward_backward(problem16, np.ones(N)))
+    peak32 = _peak_bytes(lambda: pure_numpy.forward_backward(problem32, np.ones(N)))
+    assert peak16 < peak32, f"float16 peak {peak16 / 2**20:.1f} MiB >= float32 peak {peak32 / 2**20:.1f} MiB"
+    nll16, grad16 = pure_numpy.forward_backward(problem16, np.ones(N))
+    nll32, grad32 = pure_numpy.forward_backward(problem32, np.ones(N))
+    assert grad16.dtype == np.float16
+    np.testing.assert_allclose(nll16, nll32, rtol=1e-12)
+    np.testing.assert_allclose(grad16, grad32, rtol=0, atol=2.0**-11)
+
+
+def test_broadcast_view_is_not_copied_per_sample(rng, pure_numpy):
+    """A (T, N, C) broadcast of one (T, 1, C) sample: only the gathered entries are read, never a (T, C) copy per
+    sample (the gradient, a fresh (T, N, C) array, is the only full-size allocation)."""
+    T, N, C = 300, 64, 2000
+    one = oracles.random_log_probs(rng, T, 1, C, np.float32)
+    lp = np.broadcast_to(one, (T, N, C))
+    tl = np.full(N, 4)
+    targets = oracles.random_targets(rng, tl, C)
+    problem = validation.validate(lp, targets, np.full(N, T), tl, 0, "none")
+    peak = _peak_bytes(lambda: pure_numpy.forward_backward(problem, None))  # the loss alone: no gradient
+    assert peak < T * C * 4, f"peak {peak / 2**20:.1f} MiB: a (T, C) block was copied"
+
+
 def test_large_mixed_batch(rng, pure_numpy):
     """A batch large enough to be split into chunks (and threads), mixing every kind of sample."""
     T, N, C, S = 300, 24, 40, 30
@@ -191,7 +232,7 @@ def test_large_batch_in_a_forked_child_after_the_parent_used_the_worker_pool():
     import torch
 
     import deploy_ctc
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     inputs = make_inputs(300, 16, 40, 40)  # large enough for the threaded pipeline
     parent_loss, parent_grad = deploy_ctc.ctc_loss_and_grad(*inputs)
@@ -203,3 +244,82 @@ def test_large_batch_in_a_forked_child_after_the_parent_used_the_worker_pool():
     expected = torch.nn.functional.ctc_loss(torch.from_numpy(inputs[0]).double(),
                                             *(torch.from_numpy(a) for a in inputs[1:]))
     assert np.isclose(float(parent_loss), float(expected), rtol=1e-6)
+
+
+# --- fuzz against torch float64: low-precision, peaky and huge-negative inputs ----------------------------------
+def _fuzz_case(rng, i):
+    """Case ``i``: small random shapes and lengths, float16/float32/float64 log-softmax rows of logits scaled up to
+    3000 (peaky: labels hundreds of nats below the frame's best), and in every other case finite masks
+    (-1e30, -3.4e38, -1e300) or -inf on 20% of the entries."""
+    T, C, N = int(rng.integers(1, 12)), int(rng.integers(2, 7)), int(rng.integers(1, 4))
+    tl = rng.integers(0, min(T, 4) + 1, N)
+    il = rng.integers(0, T + 1, N)
+    dtype = (np.float16, np.float32, np.float64)[i % 3]
+    lp = oracles.log_softmax(rng.normal(size=(T, N, C)) * rng.choice([1.0, 30.0, 300.0, 3000.0]))
+    if i % 2:
+        mask = rng.random(lp.shape) < 0.2
+        lp[mask] = rng.choice([-1e30, -np.inf] if dtype != np.float64 else [-1e30, -3.4e38, -1e300, -np.inf])
+    targets = rng.integers(1, C, (N, max(int(tl.max()), 1)))
+    with np.errstate(over="ignore"):  # -1e30 is -inf in float16
+        return lp.astype(dtype), targets, il, tl
+
+
+def test_fuzz_against_torch(pure_numpy):
+    """The loss in float64 (before the caller's rounding) must match torch on the same values: a float32 exp
+    flushing labels 104 nats below the frame's best, or a finite mask read as log zero, shows up here. Gradients
+    are compared where the loss is representable to float64 precision (below 1e15: with a 1e30 loss both torch's
+    and any other float64 gradient are cancellation noise); torch's NaN at -inf entries of a finite loss is its
+    own -inf - (-inf), where the derivative is 0."""
+    rng = np.random.default_rng(20240610)
+    for i in range(60):
+        lp, targets, il, tl = _fuzz_case(rng, i)
+        problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+        scale = np.ones(il.size)
+        nll, grad = pure_numpy.forward_backward(problem, scale)
+        ref_nll, ref_grad = expected(lp.astype(np.float64), targets, il, tl, 0, scale)
+        what = f"case {i}: {lp.dtype} T={lp.shape[0]} il={il} tl={tl}"
+        oracles.assert_close(nll, ref_nll, np.float64, f"{what} nll")
+        meaningful = np.isfinite(ref_nll) & (np.abs(ref_nll) < 1e15)  # (N,)
+        ref_grad = np.where(np.isneginf(lp) & np.isnan(ref_grad) & np.isfinite(ref_nll)[None, :, None], 0.0, ref_grad)
+        oracles.assert_close(grad[:, meaningful], ref_grad[:, meaningful], grad.dtype, f"{what} grad")
+        assert not np.isnan(grad[:, np.isfinite(ref_nll)]).any(), f"{what}: NaN in the gradient of a finite loss"
+
+
+@pytest.mark.parametrize("mask", [-1e30, -3.4e38, -1e300])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_finite_masks_are_probabilities(mask, zero_infinity, pure_numpy):
+    """A label masked with a finite value on every frame: torch's loss is finite (T frames cost about |mask|
+    each, at least one of them on the label), never zeroed by zero_infinity, and its gradient is finite."""
+    T, C = 3, 3
+    lp = np.full((T, 1, C), mask)
+    lp[:, 0, 0] = 0.0  # blank certain, label 1 masked
+    problem = validation.validate(lp, np.array([[1]]), [T], [1], 0, "none", zero_infinity)
+    nll, grad = pure_numpy.forward_backward(problem, np.ones(1))
+    ref_nll, _ = expected(lp, np.array([[1]]), [T], [1], 0, np.ones(1))
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-12)
+    assert np.isfinite(nll).all() and np.isfinite(grad).all()
+
+
+SPECIAL_CASES = {  # (frame, class) of the special value in sample 0 (T = 5, target [1, 2], input length 4)
+    "label on the path": (1, 1),
+    "blank on the path": (2, 0),
+    "class outside the target": (1, 3),
+    "frame past the input length": (4, 1),
+}
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@pytest.mark.parametrize("where", sorted(SPECIAL_CASES))
+def test_nan_and_inf_log_probs_match_torch(rng, value, where, pure_numpy):
+    """torch: NaN or +inf on the lattice of a used frame makes the loss NaN and the sample's rows NaN; on another
+    class only that gradient entry (exp(lp): inf or NaN); in a frame past the input length nothing."""
+    lp = oracles.random_log_probs(rng, 5, 2, 4)
+    targets, il, tl = np.array([[1, 2], [3, 1]]), np.array([4, 5]), np.array([2, 2])
+    lp[(SPECIAL_CASES[where][0], 0, SPECIAL_CASES[where][1])] = value
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    scale = np.ones(2)
+    nll, grad = pure_numpy.forward_backward(problem, scale)
+    ref_nll, ref_grad = expected(lp, targets, il, tl, 0, scale)
+    oracles.assert_close(nll, ref_nll, np.float64, f"{where} nll")
+    np.testing.assert_array_equal(np.isinf(grad), np.isinf(ref_grad))
+    oracles.assert_close(grad, ref_grad, np.float64, f"{where} grad")

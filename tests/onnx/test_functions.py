@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 from deploy_ctc.onnx.append import ctc_loss_model  # noqa: E402
 from tests.onnx.helpers import PORTABLE, Problem, grad_model, make_problem, session  # noqa: E402
-from tests.utils.oracles import assert_close, concatenate_targets, torch_reference  # noqa: E402
+from tests.utils.oracles import assert_close, concatenate_targets, non_finite_batch, torch_reference  # noqa: E402
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -79,6 +79,15 @@ def test_infeasible(rng, reduction, zero_infinity):
     _check(problem, reduction, zero_infinity)
 
 
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
+    """torch's rules for inf and NaN losses (tests/utils/oracles.py::non_finite_batch): zero_infinity zeroes the
+    rows of inf losses only; NaN losses keep NaN rows, every class included."""
+    lp, targets, il, tl = non_finite_batch(rng, with_nan=True, unused_class_nan=True)
+    _check(Problem(lp, targets, il, tl), reduction, zero_infinity, rng=rng)
+
+
 def test_concatenated_targets(rng):
     problem = make_problem(rng, T=20, N=4, C=6, S=5)
     problem.targets = concatenate_targets(problem.targets, problem.target_lengths)
@@ -134,13 +143,60 @@ def test_bad_attribute_fails_at_run_time_with_its_name(rng, op, name, value, mes
         session(model).run(None, feeds)
 
 
-@pytest.mark.parametrize("blank, bad_target", [(0, 9), (7, None)])
-def test_out_of_range_labels_fail_at_run_time(rng, blank, bad_target):
-    problem = make_problem(rng, T=6, N=2, C=4, S=2, target_lengths=[2, 2])
-    if bad_target is not None:
-        problem.targets[1, 1] = bad_target
-    with pytest.raises(Exception, match=r"targets and blank must lie in \[0, C\)"):
-        session(ctc_loss_model(blank=blank)).run(None, problem.feeds())
+def _padded():
+    """A valid padded batch: T = 6, N = 3, C = 5, S = 3."""
+    return Problem(np.log(np.full((6, 3, 5), 0.2, np.float32)), np.array([[1, 2, 3], [4, 4, 0], [2, 0, 0]]),
+                   np.array([6, 5, 4]), np.array([3, 2, 1]))
+
+
+def _concatenated():
+    problem = _padded()
+    problem.targets = np.array([1, 2, 3, 4, 4, 2])
+    return problem
+
+
+REJECTED = {  # every input deploy_ctc.ctc_loss rejects, and the rule the body's error must name
+    "target -1": (_padded, "targets", lambda p: p.targets.__setitem__((0, 1), -1), r"targets must lie in \[0, C\)"),
+    "target == C": (_padded, "targets", lambda p: p.targets.__setitem__((1, 0), 5), r"targets must lie in \[0, C\)"),
+    "target == blank": (_padded, "targets", lambda p: p.targets.__setitem__((2, 0), 0), "must not contain the blank"),
+    "concatenated target -1": (_concatenated, "targets", lambda p: p.targets.__setitem__(5, -1),
+                               r"targets must lie in \[0, C\)"),
+    "blank >= C": (_padded, None, lambda p: setattr(p, "blank", 5), r"blank must be in \[0, C\)"),
+    "input_length > T": (_padded, None, lambda p: p.input_lengths.__setitem__(1, 7), "input_lengths must not exceed T"),
+    "negative input_length": (_padded, None, lambda p: p.input_lengths.__setitem__(0, -1),
+                              "input_lengths must be non-negative"),
+    "negative target_length": (_padded, None, lambda p: p.target_lengths.__setitem__(2, -1),
+                               "target_lengths must be non-negative"),
+    "target_length > S": (_padded, None, lambda p: p.target_lengths.__setitem__(2, 4),
+                          "target_lengths must not exceed S"),
+    "concatenated sum too short": (_concatenated, "targets", lambda p: p.target_lengths.__setitem__(2, 0),
+                                   r"sum\(target_lengths\) must equal"),
+    "concatenated sum wraps": (_concatenated, "targets",
+                               lambda p: setattr(p, "target_lengths", np.array([2**63 - 1, 2**63 - 1, 8])),
+                               "target_lengths must not exceed S"),
+    "too few input_lengths": (_padded, "input_lengths", lambda p: setattr(p, "input_lengths", np.array([6, 5])),
+                              "input_lengths must have N entries"),
+}
+
+
+@pytest.mark.parametrize("op", ["CTCLoss", "CTCLossGrad"])
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_every_rejected_input_fails_at_run_time_naming_the_rule(case, op):
+    """What the API rejects, plain onnxruntime refuses too (never a number), its error naming the rule."""
+    make, shapeless, spoil, message = REJECTED[case]
+    problem = make()
+    spoil(problem)
+    with pytest.raises(ValueError):  # the API's verdict on the same input
+        import deploy_ctc
+
+        deploy_ctc.ctc_loss(*problem.args(), blank=problem.blank)
+    model = ctc_loss_model(blank=problem.blank) if op == "CTCLoss" else grad_model(blank=problem.blank)
+    for value in model.graph.input:
+        if value.name in (shapeless, "targets"):
+            value.type.tensor_type.ClearField("shape")
+    feeds = problem.feeds() if op == "CTCLoss" else {"d_loss": np.array(1, np.float32), **problem.feeds()}
+    with pytest.raises(Exception, match=message):
+        session(model).run(None, feeds)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -173,3 +229,17 @@ def test_later_onnx_opsets(rng, opset):
     got = session(ctc_loss_model(reduction="none", opset=opset)).run(None, problem.feeds())[0]
     want, _ = torch_reference(*problem.args(), reduction="none")
     assert_close(got, want, np.float32, f"loss at opset {opset}", PORTABLE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("dtype,mask", [(np.float32, -1e30), (np.float32, -3.4e38), (np.float64, -1e300)])
+def test_finite_masks_are_probabilities(rng, dtype, mask):
+    """Only -inf is log zero: masked labels (every frame of sample 0's label 1, a fifth of sample 1's entries) give
+    torch's finite losses, not +inf."""
+    problem = make_problem(rng, T=8, N=2, C=4, S=2, dtype=dtype, input_lengths=[8, 8], target_lengths=[1, 2])
+    problem.targets[0, 0] = 1
+    problem.log_probs[:, 0, 1] = mask
+    problem.log_probs[:, 1][rng.random((8, 4)) < 0.2] = mask
+    loss = session(ctc_loss_model(np.dtype(dtype).name, reduction="none")).run(None, problem.feeds())[0]
+    want, _ = torch_reference(*problem.args(), reduction="none")
+    assert np.isfinite(loss).all()
+    np.testing.assert_allclose(loss, want, rtol=1e-6)

@@ -6,6 +6,8 @@ None of these functions calls deploy_ctc: expected values come from
   gradient from torch's autograd (any input layout torch accepts: padded, concatenated, unbatched);
 * :func:`brute_force` -- enumeration of all ``C**T`` alignments of one sequence (tiny T only), using the
   definition of CTC directly (collapse repeats, then drop blanks), no dynamic programming;
+* :func:`brute_force_alignment` -- the best alignment (forced alignment) by the same enumeration, with the
+  documented tie rule applied to whole paths;
 * :func:`single_path` -- the analytic case T = minimal alignment length, where exactly one alignment exists:
   loss = -sum of the log-probs on that path, posterior = one-hot of the path;
 * :func:`finite_difference` -- central differences of any scalar function.
@@ -141,6 +143,25 @@ def aligned_log_probs(rng, targets, input_lengths, target_lengths, C, blank=0, b
         path = np.repeat(extended, durations)  # (frames,)
         logits[np.arange(int(frames)), n, path] += rng.uniform(*boost, int(frames))
     return log_softmax(logits)
+
+
+def non_finite_batch(rng, with_nan, unused_class_nan):
+    """A batch of every kind of non-finite loss beside finite ones (T = 8, C = 5, blank 0); without ``with_nan``
+    sample 2, without ``unused_class_nan`` sample 4, gets ordinary log-probs.
+
+    0: finite. 1: infeasible target (inf). 2: NaN at a target label (NaN loss). 3: all log-probs -inf (inf from
+    zero probability, not from the lengths). 4: NaN in a class no alignment uses (finite loss, NaN gradient
+    entries). 5: a label and no frames (inf, no rows).
+    """
+    lp = random_log_probs(rng, 8, 6, 5)
+    targets = np.array([[1, 2, 3], [1, 1, 1], [2, 3, 0], [4, 4, 0], [1, 2, 0], [3, 0, 0]])
+    il, tl = np.array([8, 4, 8, 8, 8, 0]), np.array([3, 3, 2, 2, 2, 1])
+    lp[:, 3, :] = -np.inf
+    if with_nan:
+        lp[3, 2, 2] = np.nan
+    if unused_class_nan:
+        lp[5, 4, 3] = np.nan
+    return lp, targets, il, tl
 
 
 def minimal_input_length(target) -> int:
@@ -304,6 +325,48 @@ def brute_force_batch(log_probs, targets, input_lengths, target_lengths, blank=0
         length = int(input_lengths[n])
         nll[n], posterior[:length, n] = brute_force(lp[:length, n], targets[n][: int(target_lengths[n])], blank)
     return nll, posterior
+
+
+def _lattice_states(path, blank):
+    """The extended-label position (0 .. 2S, blanks even) an alignment occupies at each frame."""
+    states, count = [], 0
+    for t, label in enumerate(path):
+        if label != blank and (t == 0 or label != path[t - 1]):
+            count += 1
+        states.append(2 * count - 1 if label != blank else 2 * count)
+    return states
+
+
+def brute_force_alignment(log_probs, target, blank=0):
+    """The best alignment of one sequence by enumerating all C**T label sequences (tiny T only).
+
+    Each alignment that collapses to ``target`` is scored by summing its log-probs in float64 from the first frame
+    to the last (NaN and +inf count as -inf). Among the maximal ones, the winner has the largest lattice positions
+    read from the last frame backwards, where ending on the last label beats ending on the trailing blank: the
+    documented tie rule of deploy_ctc.align, stated on whole paths instead of backpointers.
+
+    Returns:
+        ``(path (T,) int64, score)``, or ``(None, -inf)`` when no alignment has a finite score.
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    lp = np.where(lp < np.inf, lp, -np.inf)
+    T, C = lp.shape
+    paths, groups = _all_paths(T, C, blank)
+    idx = groups.get(tuple(int(c) for c in target))
+    if idx is None:
+        return None, -np.inf
+    best, best_key, best_score = None, None, -np.inf
+    for path in paths[idx].tolist():
+        score = 0.0
+        for t, label in enumerate(path):
+            score += float(lp[t, label])
+        if score == -np.inf:
+            continue
+        states = _lattice_states(path, blank)
+        key = (score, *[-s for s in states[-1:]], *states[-2::-1])
+        if best_key is None or key > best_key:
+            best, best_key, best_score = path, key, score
+    return (None, -np.inf) if best is None else (np.array(best, dtype=np.int64), best_score)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share:
 which samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
-samples with an infinite loss, and the worker threads (one pool per process, used by every CPU path).
+samples with an infinite loss, float16 input computed in float32 a group of samples at a time, and the worker threads
+(one pool per process, used by every CPU path).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +24,8 @@ def start(problem, grad_scale):
     ``nll`` ``(N,)`` float64: ``+inf`` for infeasible targets (fewer frames than labels plus the blanks between
     equal neighbours), 0 for an empty target on zero frames, NaN where the recursions will fill it in. ``grad``
     ``(T, N, C)`` zeros in ``log_probs``' dtype, or None without ``grad_scale``. ``run`` ``(N,)`` bool: the samples
-    the recursions handle (feasible, at least one frame).
+    the recursions handle (feasible, at least one frame; and infeasible ones whose used frames hold NaN or ``+inf``
+    in a lattice class, whose loss is NaN in torch's recursion rather than ``+inf``).
     """
     pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only the first one large enough for threads
     lp, targets = problem.log_probs, problem.targets  # (T, N, C), (N, S)
@@ -30,6 +33,10 @@ def start(problem, grad_scale):
     inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
     repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
     feasible = il >= tl + repeats  # (N,)
+    for n in np.flatnonzero(~feasible & (il > 0)):
+        classes = np.append(targets[n, : tl[n]], problem.blank)  # (tl + 1,)
+        if not (lp[: il[n], n][:, classes] < np.inf).all():  # NaN or +inf on the lattice
+            feasible[n] = True
     nll = np.where(feasible, np.nan, np.inf)  # (N,)
     nll[(il == 0) & (tl == 0)] = 0.0
     grad = None if grad_scale is None else np.zeros(lp.shape, dtype=lp.dtype)
@@ -47,6 +54,37 @@ def finish(problem, nll, grad):
     return nll, grad
 
 
+# float16 input: batches whose float32 copy stays below _HALF_WHOLE_BYTES are upcast whole; larger ones in groups of
+# samples of at most _HALF_GROUP_BYTES (and at most an eighth of the batch), so the float32 copy and its gradient
+# stay a fraction of the float16 input and gradient instead of twice their size each.
+_HALF_WHOLE_BYTES = 16 << 20
+_HALF_GROUP_BYTES = 32 << 20
+
+
+def in_float32_groups(problem, grad_scale, convention, forward_backward):
+    """``forward_backward`` (a backend's) on float16 ``problem.log_probs`` ``(T, N, C)``: each group of samples is
+    upcast to float32 (exactly), computed, and its gradient rounded once into the float16 ``(T, N, C)`` result.
+
+    Returns:
+        ``(nll (N,) float64, grad (T, N, C) float16 or None)``, the Backend protocol's results.
+    """
+    lp = problem.log_probs  # (T, N, C) float16
+    T, N, C = lp.shape
+    per_sample = T * C * 4  # bytes of one sample's float32 copy
+    group = N if per_sample * N <= _HALF_WHOLE_BYTES else max(1, min(_HALF_GROUP_BYTES // per_sample, -(-N // 8)))
+    nll = np.empty(N)
+    grad = None if grad_scale is None else np.empty(lp.shape, dtype=np.float16)
+    for n0 in range(0, N, group):
+        part = slice(n0, min(N, n0 + group))
+        sub = dataclasses.replace(problem, log_probs=lp[:, part].astype(np.float32), targets=problem.targets[part],
+                                  input_lengths=problem.input_lengths[part],
+                                  target_lengths=problem.target_lengths[part])
+        nll[part], sub_grad = forward_backward(sub, None if grad_scale is None else grad_scale[part], convention)
+        if grad is not None:
+            grad[:, part] = sub_grad
+    return nll, grad
+
+
 def redo_exact(problem, samples, nll, grad, grad_scale, convention):
     """Recompute ``samples`` with the exact log-space recursions and write them into ``nll`` / ``grad``."""
     sub = CTCProblem(xp=np, log_probs=problem.log_probs[:, samples], targets=problem.targets[samples],
@@ -58,6 +96,20 @@ def redo_exact(problem, samples, nll, grad, grad_scale, convention):
     nll[samples] = sub_nll
     if grad is not None:
         grad[:, samples] = sub_grad
+
+
+def deal(samples, cost, workers):
+    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
+    currently lightest part); each part stays in decreasing cost, so the engine's lanes get similar lengths."""
+    if workers <= 1 or samples.size <= 1:
+        return [np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)]
+    loads = np.zeros(workers)
+    parts = [[] for _ in range(workers)]
+    for i in np.argsort(-cost, kind="stable"):
+        lightest = int(np.argmin(loads))
+        parts[lightest].append(samples[i])
+        loads[lightest] += cost[i]
+    return [np.array(part, dtype=np.int64) for part in parts if part]
 
 
 THREADS_ENV = "DEPLOY_CTC_NUM_THREADS"

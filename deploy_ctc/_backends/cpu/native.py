@@ -39,6 +39,8 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         MemoryError: the engine's scratch memory could not be allocated.
     """
     lib = native_build.library()
+    if problem.log_probs.dtype == np.float16:
+        return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:
@@ -68,7 +70,7 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
 
     cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
-    parts = _deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
 
     def call(part):
         status = entry(address(lp), N, C, st, sn, sc, address(targets), targets.shape[1], address(il), address(tl),
@@ -85,16 +87,3 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
             done.result()
     return len(parts)
 
-
-def _deal(samples, cost, workers):
-    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
-    currently lightest part); each part stays in decreasing cost, so the engine's lanes get similar lengths."""
-    if workers <= 1 or samples.size <= 1:
-        return [np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)]
-    loads = np.zeros(workers)
-    parts = [[] for _ in range(workers)]
-    for i in np.argsort(-cost, kind="stable"):
-        lightest = int(np.argmin(loads))
-        parts[lightest].append(samples[i])
-        loads[lightest] += cost[i]
-    return [np.array(part, dtype=np.int64) for part in parts if part]

@@ -1,5 +1,5 @@
-"""The native CPU engine ``kernels/ctc_cpu.cpp``: built on first use by :mod:`deploy_ctc._backends.native_cache`
-and loaded with ctypes.
+"""The native CPU engine ``kernels/ctc_cpu.cpp`` (and its forced alignment, ``kernels/ctc_align_cpu.cpp``): built
+on first use by :mod:`deploy_ctc._backends.native_cache` and loaded with ctypes.
 
 Like the CUDA kernels, the C++ source ships inside the wheel and is compiled at run time, for the machine it runs on
 (``-march=native``, with fallbacks for compilers that refuse it), into the verified per-user cache (see
@@ -17,10 +17,13 @@ import threading
 
 from ..native_cache import NativeUnavailable, build_library
 
-__all__ = ["ENTRY_POINTS", "FLAGS", "NativeUnavailable", "SOURCE", "describe", "library"]
+__all__ = ["ALIGN_ENTRY_POINTS", "ALIGN_SOURCE", "ENTRY_POINTS", "FLAGS", "NativeUnavailable", "SOURCE", "describe",
+           "library"]
 
 #: The translation unit of the CPU engine, in the kernels folder.
 SOURCE = "ctc_cpu.cpp"
+#: The forced alignment's translation unit, built into the same library.
+ALIGN_SOURCE = "ctc_align_cpu.cpp"
 
 #: Compile flags; -fopenmp-simd honours the source's ``omp simd`` reductions without linking OpenMP.
 FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd")
@@ -32,6 +35,11 @@ _SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 5  # lp; N, C and lp's elem
               + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
               + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad, grad_scale, plain
               + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
+#: Forced-alignment entry points, one per input type.
+ALIGN_ENTRY_POINTS = {"float32": "deploy_ctc_align_float", "float64": "deploy_ctc_align_double"}
+_ALIGN_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 4  # lp; N and lp's element strides st, sn, sc
+                    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets ..
+                    + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p])  # samples, count, outputs
 
 _lock = threading.Lock()
 _library = None
@@ -48,7 +56,8 @@ def library():
     with _lock:
         if _library is None and _failure is None:
             try:
-                _library = _load(build_library("ctc_cpu", [SOURCE], symbols=ENTRY_POINTS.values(),
+                _library = _load(build_library("ctc_cpu", [SOURCE, ALIGN_SOURCE],
+                                               symbols=[*ENTRY_POINTS.values(), *ALIGN_ENTRY_POINTS.values()],
                                                compile_flags=FLAGS, description="the native CPU engine"))
             except NativeUnavailable as error:
                 _failure = error
@@ -68,11 +77,12 @@ def describe():
 def _load(path):
     try:
         lib = ctypes.CDLL(str(path))
-        entries = [getattr(lib, entry) for entry in ENTRY_POINTS.values()]
+        entries = [(getattr(lib, entry), _SIGNATURE) for entry in ENTRY_POINTS.values()]
+        entries += [(getattr(lib, entry), _ALIGN_SIGNATURE) for entry in ALIGN_ENTRY_POINTS.values()]
     except (OSError, AttributeError) as error:
         raise NativeUnavailable(f"could not load {path}: {error}") from None
-    for function in entries:
-        function.argtypes, function.restype = _SIGNATURE, ctypes.c_int
+    for function, signature in entries:
+        function.argtypes, function.restype = signature, ctypes.c_int
     return lib
 
 

@@ -1,4 +1,5 @@
-"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker threads and their count)."""
+"""deploy_ctc._backends.cpu.common: what both CPU backends share (here: the worker threads, their count and how work
+is dealt among them)."""
 
 import numpy as np
 import pytest
@@ -32,7 +33,7 @@ def test_default_thread_count_is_the_usable_cpus(monkeypatch, fresh_pool_size):
 
 
 def test_one_thread_gives_the_same_results(monkeypatch, fresh_pool_size):
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     inputs = make_inputs(200, 24, 30, 40)  # large enough to be split across threads
     threaded = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
@@ -54,7 +55,7 @@ def test_bad_thread_count_fails_the_first_call_however_small(monkeypatch, fresh_
 def logspace_problem():
     """A batch whose (T, N, C) gradient spans several of the log-space backend's row blocks."""
     from deploy_ctc import validation
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     lp, targets, il, tl = make_inputs(200, 24, 300, 20)
     return validation.validate(lp, targets, il, tl, 0, "none", False)
@@ -96,7 +97,7 @@ def test_one_thread_runs_the_log_space_backend_inline(monkeypatch, fresh_pool_si
 REENTRY = """
 import numpy as np, deploy_ctc
 from deploy_ctc._backends.cpu import common
-from deploy_ctc.benchmark import make_inputs
+from benchmarks.common import make_inputs
 inputs = make_inputs(200, 24, 30, 40)
 direct = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
 tasks = [common.pool().submit(deploy_ctc.ctc_loss_and_grad, *inputs, reduction="none")
@@ -122,3 +123,14 @@ def test_calls_from_inside_the_worker_threads_do_not_deadlock(backend):
            "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", REENTRY], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_work_is_dealt_into_balanced_parts():
+    samples = np.arange(10, dtype=np.int64) * 3
+    cost = np.array([100, 1, 1, 1, 50, 50, 1, 1, 1, 1])
+    parts = common.deal(samples, cost, 2)
+    assert sorted(np.concatenate(parts).tolist()) == samples.tolist()
+    loads = [cost[np.isin(samples, part)].sum() for part in parts]
+    assert max(loads) - min(loads) <= 2
+    assert [p.dtype for p in parts] == [np.int64, np.int64]
+    assert len(common.deal(samples, cost, 1)) == 1
