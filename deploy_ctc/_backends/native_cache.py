@@ -45,7 +45,6 @@ import hashlib
 import logging
 import os
 import platform
-import pwd
 import shutil
 import signal
 import stat
@@ -61,8 +60,9 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # not a POSIX system
-    fcntl = None  # type: ignore[assignment]
+    import pwd
+except ImportError:  # not a POSIX system: build_library says so
+    fcntl = pwd = None  # type: ignore[assignment]
 
 from .kernel_sources import kernel_sources_dir
 
@@ -388,7 +388,7 @@ def _configured_cache():
     if os.path.isabs(xdg):  # a relative one is invalid and ignored (XDG Base Directory specification)
         return Path(xdg) / "deploy_ctc", ""
     home = os.environ.get("HOME", "")
-    if not os.path.isabs(home):
+    if not os.path.isabs(home) and pwd is not None:
         try:
             home = pwd.getpwuid(os.getuid()).pw_dir
         except KeyError:
