@@ -331,21 +331,19 @@ class patch(contextlib.ContextDecorator):  # noqa: N801 -- used like a function:
     _lock = threading.Lock()
 
     def __init__(self):
-        self._saved: list[tuple[Any, str, Any]] = []
+        # One entry per open block of this instance (a decorated function may call itself).
+        self._saved: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> "patch":
         with self._lock:
-            self._saved = [(torch.nn.functional, "ctc_loss", torch.nn.functional.ctc_loss),
-                           (torch.nn.CTCLoss, "forward", torch.nn.CTCLoss.__dict__["forward"])]
+            self._saved.append((torch.nn.functional.ctc_loss, torch.nn.CTCLoss.__dict__["forward"]))
             torch.nn.functional.ctc_loss = _patched_functional
             torch.nn.CTCLoss.forward = _patched_forward
         return self
 
     def __exit__(self, *exc) -> bool:
         with self._lock:
-            for owner, name, original in reversed(self._saved):
-                setattr(owner, name, original)
-            self._saved = []
+            torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward = self._saved.pop()
         return False
 
 

@@ -503,6 +503,13 @@ def test_patch_restores_after_an_exception_and_decorates(rng, dctorch):
         assert all(computed_by_deploy_ctc(loss) for loss in train_step())
         assert (torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward) == originals
 
+    @dctorch.patch()
+    def recursive(depth):  # the same decorator instance entered twice at once
+        return losses() if depth == 0 else recursive(depth - 1)
+
+    assert all(computed_by_deploy_ctc(loss) for loss in recursive(2))
+    assert (torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward) == originals
+
 
 def tiny_wav2vec2_for_ctc(transformers):
     """A randomly initialised Wav2Vec2ForCTC small enough for a unit test (49 frames per 400 samples)."""
