@@ -110,10 +110,11 @@ def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, bl
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets must be an (N, L) tensor, got {shape}")
     N, T, _ = log_probs.shape
-    if input_lengths is None:
-        input_lengths = torch.full((N,), T, dtype=torch.int64, device=targets.device)
-    if target_lengths is None:
-        target_lengths = torch.full((N,), targets.shape[1], dtype=torch.int64, device=targets.device)
+    _check_device("targets", targets, log_probs.device)
+    input_lengths = (torch.full((N,), T, dtype=torch.int64) if input_lengths is None
+                     else _integer_tensor(input_lengths, "input_lengths", log_probs.device))
+    target_lengths = (torch.full((N,), targets.shape[1], dtype=torch.int64) if target_lengths is None
+                      else _integer_tensor(target_lengths, "target_lengths", log_probs.device))
     compute = log_probs.detach()
     if compute.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16
         compute = compute.float()

@@ -29,8 +29,8 @@ class CTCProblem:
 
     Attributes:
         xp: the array module of ``log_probs`` (``numpy`` or ``cupy``).
-        log_probs: ``(T, N, C)`` float32 or float64 (float16 input already upcast to float32); may be a strided view
-            of the caller's array, never a modified one.
+        log_probs: ``(T, N, C)`` float16, float32 or float64 on NumPy, float32 or float64 on CuPy (float16 input
+            upcast); may be a strided view of the caller's array, never a modified one.
         targets: ``(N, S)`` int64, C-contiguous, ``S = max(target_lengths)``; entries at ``s >= target_lengths[n]``
             are 0, every other entry is in ``[0, C)`` and differs from ``blank``.
         input_lengths: ``(N,)`` int64 NumPy array on the host, each in ``[0, T]``.
@@ -106,14 +106,15 @@ def array_module(log_probs):
 
 
 def _float_log_probs(log_probs, xp):
-    """Return ``(log_probs as float32/float64, caller's dtype)``; float16 is upcast (torch refuses half), and
+    """Return ``(log_probs for the backends, caller's dtype)``: float16 stays float16 on NumPy (the CPU backends upcast
+    it a group of samples at a time) and is upcast to float32 on CuPy (the kernels take float and double);
     non-native byte order is converted (the results come back in native order)."""
     dtype = log_probs.dtype
     if not dtype.isnative:  # big-endian data from a file, say: the backends compute in native byte order
         dtype = dtype.newbyteorder("=")
         log_probs = log_probs.astype(dtype)
     if dtype == np.float16:
-        return log_probs.astype(np.float32), dtype
+        return (log_probs if xp is np else log_probs.astype(np.float32)), dtype
     if dtype in (np.float32, np.float64):
         return log_probs, dtype
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
