@@ -7,7 +7,7 @@ Public API (torch's argument names, order and defaults):
 - :class:`CTCLoss` — a callable mirroring ``nn.CTCLoss``.
 - :mod:`deploy_ctc.backends` — choose the CPU backend (:func:`~deploy_ctc.backends.using`), free scratch memory.
 - :mod:`deploy_ctc.torch` — an autograd Function / ``nn.Module`` running these backends on torch tensors.
-- :mod:`deploy_ctc.onnx` — the ``deploy_ctc::CTCLoss`` ONNX op, its ONNX Runtime extension and torch export.
+- :mod:`deploy_ctc.onnx` — the ``deploy_ctc::CTCLoss`` ONNX op, its native ONNX Runtime custom-op library and torch export.
 """
 
 from . import backends

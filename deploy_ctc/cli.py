@@ -18,9 +18,10 @@ import numpy as np
 import deploy_ctc
 from deploy_ctc._backends import cpu as cpu_backends
 from deploy_ctc._backends.cpu import native_build
+from deploy_ctc.onnx import native_library
 
 OPTIONAL = [("torch", "test"), ("cupy", "cuda"), ("onnx", "onnx"), ("onnxruntime", "onnx"),
-            ("onnxruntime_extensions", "onnx"), ("onnxscript", "onnx")]
+            ("onnxscript", "onnx")]
 
 
 def _version(module_name):
@@ -88,6 +89,7 @@ def check(argv=None):
     print(f"  NumPy arrays run on: {cpu_backends.name()} (set {cpu_backends.ENV}=auto|native|numpy)")
     print(f"  cupy    {'GPU ' + _gpu_status() if _version('cupy') else 'not installed'}")
     print(f"  onnx    {'available' if _version('onnxruntime') and _version('onnx') else 'not installed'}")
+    print(f"  onnxruntime ops: {native_library.describe()}; without it, the models' portable function bodies")
     cases = [_single_path_case()]
     if _version("torch"):
         for backend in ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",):

@@ -6,7 +6,7 @@ On built-in synthetic data (no downloads) the demo
    :class:`AcousticModelWithLoss`, whose forward ends in ``F.ctc_loss``;
 2. exports it with :func:`deploy_ctc.onnx.export` (dynamic batch, frames and target length);
 3. evaluates the loss with plain onnxruntime (the portable function body) and with the deploy_ctc
-   extension, prints parity against torch eager and median timings, and writes the .onnx file.
+   native library, prints parity against torch eager and median timings, and writes the .onnx file.
 
 This module also holds the model and batch generator the examples and the training helper share
 (``export_examples/acoustic_model.py`` re-exports them), so the installed command needs no checkout.
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         eager_ms = _median_ms(lambda: module(*tensors), args.repeats)
     sessions = {
         "onnxruntime (portable body)": ort.InferenceSession(args.output, providers=["CPUExecutionProvider"]),
-        "onnxruntime + deploy_ctc extension": ort.InferenceSession(
+        "onnxruntime + deploy_ctc library": ort.InferenceSession(
             args.output, dco.session_options(), providers=["CPUExecutionProvider"]),
     }
     ok = True

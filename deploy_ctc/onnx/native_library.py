@@ -1,0 +1,178 @@
+"""deploy_ctc's native ONNX Runtime custom-op library: ``kernels/ort_ops.cpp`` built on first use.
+
+The library serves ``deploy_ctc::CTCLoss`` and ``deploy_ctc::CTCLossGrad`` (float32 / float64 log-probs, int32 /
+int64 targets and lengths) on ONNX Runtime's CPU execution provider by calling the native CPU engine
+(``kernels/ctc_cpu.cpp``) on the session's own buffers: no copy, no Python in the loop, results bit-identical to
+:func:`deploy_ctc.ctc_loss` / :func:`deploy_ctc.ctc_loss_and_grad`. It exports one symbol, ``RegisterCustomOps``,
+links no libonnxruntime and uses ONNX Runtime's C API version 17, so the same file loads in every onnxruntime from
+1.17 on (onnxruntime-training 1.19.2 included) and in any host: Python, C/C++ (``RegisterCustomOpsLibrary_V2``),
+Triton's onnxruntime backend.
+
+**Build.** Like the CPU engine, on first use in a process, with the system's C++ compiler, into deploy_ctc's cache
+(see :mod:`deploy_ctc._backends.cpu.native_build`), for this machine's CPU (``-march=native``); later processes load
+the cached file. The build needs ONNX Runtime's C API header ``onnxruntime_c_api.h``, which no onnxruntime wheel
+ships: it is looked for in ``$DEPLOY_CTC_ORT_INCLUDE``, then ``/usr/include/onnxruntime`` (Debian / Ubuntu:
+``apt-get install libonnxruntime-dev``; on Debian 12, ``.ci/ort_headers.sh`` unpacks Debian 13's package into a
+private folder). A copy for other machines (generic code, no ``-march=native``)::
+
+    python -m deploy_ctc.onnx.native_library --portable --output libdeploy_ctc_ort.so
+
+Where the library cannot be built (no headers, no compiler), :func:`library_path` raises
+:class:`NativeUnavailable` saying what is missing; :func:`deploy_ctc.onnx.session_options` then leaves the
+SessionOptions alone and sessions run the models' portable function bodies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from deploy_ctc._backends.cpu import native_build
+from deploy_ctc._backends.cpu.native_build import NativeUnavailable
+from deploy_ctc._backends.kernel_sources import kernel_sources_dir
+
+__all__ = ["INCLUDE_ENV", "NativeUnavailable", "build_command", "describe", "include_dir", "library_path"]
+
+#: Environment variable naming the folder that holds ``onnxruntime_c_api.h``.
+INCLUDE_ENV = "DEPLOY_CTC_ORT_INCLUDE"
+#: Where Debian's and Ubuntu's ``libonnxruntime-dev`` install the headers.
+SYSTEM_INCLUDE = Path("/usr/include/onnxruntime")
+HEADER = "onnxruntime_c_api.h"
+
+SOURCE = "ort_ops.cpp"
+#: Files of the kernels folder the build reads besides SOURCE: the engine it includes, the export list.
+DEPENDS = ("ctc_cpu.cpp", "ort_ops.map")
+SYMBOL = "RegisterCustomOps"
+#: Compile flags: the engine's, with every symbol hidden but RegisterCustomOps (also enforced by the version script,
+#: so the bundled engine and C++ runtime symbols cannot clash with the host's or with the ctypes-loaded engine).
+FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fvisibility=hidden", "-fvisibility-inlines-hidden")
+#: Portable code for shipping: generic x86-64 / aarch64, no -march=native.
+PORTABLE_TARGET = ()
+
+_lock = threading.Lock()
+_path: str | None = None
+_failure: NativeUnavailable | None = None
+
+
+def include_dir() -> Path:
+    """The folder holding ONNX Runtime's ``onnxruntime_c_api.h``: ``$DEPLOY_CTC_ORT_INCLUDE``, else the system's.
+
+    Raises:
+        NativeUnavailable: neither holds the header (the message says how to get it).
+    """
+    configured = os.environ.get(INCLUDE_ENV, "").strip()
+    candidates = ([Path(configured)] if configured else []) + [SYSTEM_INCLUDE]
+    for candidate in candidates:
+        if (candidate / HEADER).is_file():
+            return candidate.resolve()
+    tried = " or ".join(str(candidate) for candidate in candidates)
+    hint = (f"{INCLUDE_ENV} names a folder without {HEADER}" if configured else
+            f"set {INCLUDE_ENV} to the folder holding it, or install Debian/Ubuntu's libonnxruntime-dev")
+    raise NativeUnavailable(f"ONNX Runtime's C API header {HEADER} was not found in {tried} ({hint}; no "
+                            f"onnxruntime wheel ships it; on Debian 12, .ci/ort_headers.sh fetches Debian 13's "
+                            f"package into a private folder)")
+
+
+def build_command(output, target=("-march=native", "-mprefer-vector-width=256")) -> list[str]:
+    """The compiler command building the library at ``output`` for ``target`` (``()``: portable code).
+
+    Raises:
+        NativeUnavailable: no compiler, no headers, an incomplete installation.
+    """
+    try:
+        kernels = kernel_sources_dir()
+    except FileNotFoundError as error:
+        raise NativeUnavailable(str(error)) from None
+    return [native_build.find_compiler(), *FLAGS, *target, f"-I{include_dir()}", f"-I{kernels}", "-fPIC", "-shared",
+            str(kernels / SOURCE), "-o", str(output), f"-Wl,--version-script={kernels / 'ort_ops.map'}",
+            "-Wl,-z,defs"]
+
+
+def library_path() -> str:
+    """Path of the custom-op library (register it with ``SessionOptions.register_custom_ops_library``), built on
+    first use; thread-safe (concurrent first calls build once).
+
+    Raises:
+        NativeUnavailable: no ONNX Runtime headers, no C++ compiler, or a failed build; the message says which and
+            how to provide it. The failure is remembered for the process.
+    """
+    global _path, _failure
+    with _lock:
+        if _path is None and _failure is None:
+            try:
+                _path = str(_build())
+            except NativeUnavailable as error:
+                _failure = error
+        if _failure is not None:
+            raise _failure
+        return _path
+
+
+def describe() -> str:
+    """One line for ``deploy-ctc check``: the library's path, or why there is none."""
+    try:
+        return f"native library {library_path()}"
+    except NativeUnavailable as error:
+        return f"native library unavailable ({error})"
+
+
+def _build() -> Path:
+    """Build into the cache under a name digesting every input, via a temporary name and an atomic rename."""
+    kernels = kernel_sources_dir()
+    digest = hashlib.sha256()
+    compiler = native_build.find_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    for path in [kernels / SOURCE, *(kernels / name for name in DEPENDS), include_dir() / HEADER]:
+        digest.update(path.read_bytes())
+    for part in (compiler, version, native_build._cpu_identity(), " ".join(FLAGS)):
+        digest.update(part.encode() + b"\0")
+    errors = []
+    for target in native_build.TARGET_FLAGS:
+        key = digest.copy()
+        key.update(" ".join(target).encode())
+        path = native_build.cache_dir() / f"deploy_ctc_ort-{key.hexdigest()[:20]}.so"
+        if path.is_file():
+            return path
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".so.partial")
+            os.close(handle)
+        except OSError as error:
+            raise NativeUnavailable(f"cannot write the library into {path.parent}: {error}") from None
+        command = build_command(partial, target)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode == 0:
+            os.replace(partial, path)
+            return path
+        os.unlink(partial)
+        errors.append(f"{' '.join(command)}: {result.stderr.strip()[-2000:]}")
+    raise NativeUnavailable("the build failed:\n" + "\n".join(errors))
+
+
+def main(argv=None) -> int:
+    """``python -m deploy_ctc.onnx.native_library``: print the library's path, or build a copy to ship."""
+    parser = argparse.ArgumentParser(prog="python -m deploy_ctc.onnx.native_library", description=main.__doc__)
+    parser.add_argument("--portable", action="store_true", help="generic code (no -march=native), for shipping")
+    parser.add_argument("--output", type=Path, help="build a fresh copy at this path instead of using the cache")
+    args = parser.parse_args(argv)
+    try:
+        if args.output is None and not args.portable:
+            print(library_path())
+            return 0
+        output = args.output or Path("libdeploy_ctc_ort.so")
+        command = build_command(output.resolve(), PORTABLE_TARGET if args.portable else native_build.TARGET_FLAGS[0])
+    except NativeUnavailable as error:
+        print(f"deploy_ctc: {error}", file=sys.stderr)
+        return 1
+    print(" ".join(command))
+    return subprocess.run(command).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
