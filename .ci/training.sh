@@ -16,12 +16,12 @@ python="${PYTHON:-python3.11}"
 echo "== training venv: $venv ($("$python" --version))"
 "$python" -m venv --clear "$venv"
 # The train extra pins onnxruntime-training-cpu; `import onnxruntime.training` also needs torch (the CPU
-# wheel: plain `torch` pulls a CUDA build); the extension kernels need onnxruntime-extensions (0.15.2 loads in
-# ORT 1.19.2); tests/conftest.py needs hypothesis. No other extra: one that brought the onnxruntime package
-# would overwrite the training build's `onnxruntime` module.
+# wheel: plain `torch` pulls a CUDA build); tests/conftest.py needs hypothesis. No other extra: one that brought
+# the onnxruntime package would overwrite the training build's `onnxruntime` module. The native custom-op
+# library builds from $DEPLOY_CTC_ORT_INCLUDE (.ci/run exports it; see .ci/ort_headers.sh).
 pip_log="$(mktemp)"
 if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[train]" \
-    "onnxruntime-training-cpu==1.19.2" "torch==2.13.0" "onnxruntime-extensions==0.15.2" pytest hypothesis \
+    "onnxruntime-training-cpu==1.19.2" "torch==2.13.0" pytest hypothesis \
     >"$pip_log" 2>&1; then
     cat "$pip_log"
     exit 1
@@ -36,14 +36,14 @@ import onnxruntime.training  # noqa: F401 -- fails here, not in the tests, if to
 
 if onnxruntime.__version__ != "1.19.2":
     sys.exit(f"the onnxruntime module is {onnxruntime.__version__}, not the 1.19.2 training build")
-names = ["onnxruntime-training-cpu", "onnx", "onnxruntime-extensions", "torch", "numpy"]
+names = ["onnxruntime-training-cpu", "onnx", "torch", "numpy"]
 print("  " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 
 echo "== tests/training"
 "$venv/bin/python" -m pytest tests/training -q -p no:cacheprovider
 
-echo "== export_examples/finetune_ort.py (extension kernels)"
+echo "== export_examples/finetune_ort.py (native custom-op library)"
 "$venv/bin/python" export_examples/finetune_ort.py
 echo "== export_examples/finetune_ort.py --portable (ONNX function bodies, no extension)"
 "$venv/bin/python" export_examples/finetune_ort.py --portable
