@@ -1,9 +1,10 @@
 // CTC loss and gradient on the CPU: the native engine of deploy_ctc's CPU backend (deploy_ctc/_backends/cpu/native.py).
 //
 // Compiled at run time with the system's C++ compiler into a cached shared library and called through ctypes
-// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several calls on
-// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/_backends/cpu/pure_numpy.py): scaled
-// probability-space recursions in float64 whatever the input type, one sample at a time.
+// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several
+// calls on threads (ctypes releases the GIL). The algorithm is the NumPy backend's
+// (deploy_ctc/_backends/cpu/pure_numpy.py): scaled probability-space recursions in float64 whatever the input type, one
+// sample at a time.
 //
 // The extended labels l' = (blank, l_0, blank, l_1, ..., l_{S-1}, blank) are held as two planes, so every loop is
 // contiguous and vectorizes: the blank plane e[i] = position 2i (i <= S) and the label plane o[i] = position 2i + 1
@@ -21,8 +22,9 @@
 //   log p(l|x) = log Z_t + (A_t + Cq_t) ln 2 + sum_t m_t      for every t,
 // A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
 // its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
-// all -inf frames or NaN break it, and the sample is reported not ok and recomputed by the exact log-space path
-// (deploy_ctc/_backends/cpu/logspace.py). The loss is torch's forward end, at t = T - 1.
+// all -inf frames or NaN break it, and the sample is recomputed by the exact log-space path (log_space_sample,
+// twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
+// t = T - 1.
 //
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
@@ -48,6 +50,13 @@ namespace {
 constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
 constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
+// An emission more than this many nats below its frame's largest is subnormal or 0 after exp: the forward and
+// backward chains would share that zero and pass the consistency check, so such a (finite) value sends the sample
+// to the exact path. -inf is a true zero and does not count.
+constexpr double kFlushLog = -700.0;
+// What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
+// exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
+constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bit_cast(From from) {
@@ -131,21 +140,21 @@ __attribute__((always_inline)) inline double log_1_to_3(double x) {
   return (high ? 0.6931471805599453 : 0.0) + 2.0 * z * p;
 }
 
-// Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as numpy_logspace).
-constexpr double kNeg = -1e30;
+// Log-space zero: only a true -inf (every finite log-probability, -1e30 included, is a probability).
+constexpr double kNeg = -std::numeric_limits<double>::infinity();
 
-// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for values >= kNeg: the largest term is exp(0) = 1, so
-// only the others need an exponential.
+// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for finite values or -inf: the largest term is
+// exp(0) = 1, so only the others need an exponential; all terms -inf give -inf (not -inf - -inf = NaN).
 __attribute__((always_inline)) inline double log_add2(double a, double b) {
   const double m = a > b ? a : b, low = a > b ? b : a;
-  return m + log_1_to_3(1.0 + exp_poly(low - m));
+  return m == kNeg ? kNeg : m + log_1_to_3(1.0 + exp_poly(low - m));
 }
 
 __attribute__((always_inline)) inline double log_add3(double a, double b, double c) {
   const double m = a > b ? (a > c ? a : c) : (b > c ? b : c);
   const double x = a == m ? b : a;                  // the two terms other than (one) maximum
   const double y = a == m ? c : (b == m ? c : b);
-  return m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
+  return m == kNeg ? kNeg : m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
 }
 
 // The exponent a of the power of two nearest x > 0 from above (x = f 2^a, 0.5 <= f < 1), for normal x.
@@ -239,7 +248,7 @@ struct Lane {
 
 // The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
 // gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
-// every class at -inf kills the lane.
+// every class at -inf, or a finite emission below kFlushLog (relative), kills the lane.
 template <typename scalar_t>
 void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -260,11 +269,21 @@ void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_
       w.alive = false;
       return;
     }
-#pragma omp simd
-    for (std::int64_t j = 0; j < w.count; ++j) u[j] = exp_poly(u[j] - m);
+    const double blank_log = static_cast<double>(row[blank_offset]) - m;
+    double lowest = blank_log > -kInf ? blank_log : 0.0;  // the smallest finite emission, relative to m
+#pragma omp simd reduction(min : lowest)
+    for (std::int64_t j = 0; j < w.count; ++j) {
+      const double d = u[j] - m;
+      lowest = d < lowest && d > -kInf ? d : lowest;
+      u[j] = exp_poly(d);
+    }
+    if (lowest < kFlushLog) {
+      w.alive = false;
+      return;
+    }
     double* y = w.emit_label + t * w.s_max;
     for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = exp_poly(static_cast<double>(row[blank_offset]) - m);
+    w.emit_blank[t] = exp_poly(blank_log);
     m_sum += m;
   }
   w.m_sum = m_sum, w.a_total = 0;
@@ -430,26 +449,27 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<scalar_t>* grad
 //   lq_e_t[i] = log(e^lb_e_{t+1}[i] + e^lb_o_{t+1}[i]),  lq_o_t[i] = log(e^lb_o_{t+1}[i] + e^lb_e_{t+1}[i+1] +
 //   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
 // Slower (one or two exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
-// alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
+// alignment has a finite log-probability, or NaN when the sample's used log-probs hold NaN or +inf (left to the
+// Python twin, which reproduces torch's results for them).
 template <typename scalar_t>
 double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset,
                         const GradientTarget<scalar_t>* grad) {
   const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
-  // Log emissions, -inf clamped to kNeg.
+  // Log emissions.
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   for (std::int64_t t = 0; t < T; ++t) {
     const scalar_t* row = lp + t * st;
     double* y = w.emit_label + t * w.s_max;
     double* u = w.unique_emit;
-    bool nan = false;
+    bool special = false;  // NaN or +inf
     for (std::int64_t j = 0; j < w.count; ++j) {
-      const double v = static_cast<double>(row[w.offset[j]]);
-      nan |= v != v;
-      u[j] = v > kNeg ? v : kNeg;
+      u[j] = static_cast<double>(row[w.offset[j]]);
+      special |= !(u[j] < kInf);
     }
     const double b = static_cast<double>(row[blank_offset]);
-    if (nan || b != b) return NAN;
+    if (special || !(b < kInf)) return NAN;
     for (std::int64_t i = 0; i < S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = b > kNeg ? b : kNeg;
+    w.emit_blank[t] = b;
   }
   // Forward.
   for (std::int64_t t = 0; t < T; ++t) {
@@ -475,7 +495,7 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
   const double* e_end = w.fwd_blank + (T - 1) * WB;
   const double* o_end = w.fwd_label + (T - 1) * W + 1;
   const double log_p = log_add2(e_end[S], S > 0 ? o_end[S - 1] : kNeg);
-  if (!(log_p > kNeg / 2)) return std::numeric_limits<double>::infinity();
+  if (log_p == kNeg) return kInf;
   // Backward, with posteriors and gradient rows.
   double* be_next = w.b_blank[0];
   double* be_now = w.b_blank[1];
@@ -567,7 +587,7 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
           ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
           : log_space_sample(w, lp + w.n * sn, st, blank * sc, grad == nullptr ? nullptr : &targets_of[j]);
       nll[w.n] = value;
-      ok[w.n] = std::isnan(value) ? 0 : 1;
+      ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
   }
   std::free(memory);
@@ -576,8 +596,8 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0, or -1
-// when the scratch memory could not be allocated.
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return
+// 0, or -1 when the scratch memory could not be allocated.
 #define DEPLOY_CTC_ENTRY(NAME, TYPE)                                                                               \
   extern "C" int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn,            \
                       std::int64_t sc, const std::int64_t* targets, std::int64_t S, const std::int64_t* il,         \
