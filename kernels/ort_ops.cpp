@@ -25,6 +25,11 @@
 // - Kernels hold only their attributes, fixed at creation: ONNX Runtime calls Compute concurrently on one kernel.
 // - Inputs are read in place (zero-copy); every element of every output is written.
 // - Samples are spread over ONNX Runtime's intra-op threads (KernelContext_ParallelFor) by estimated cost.
+//
+// One difference from the Python API, outside the domain of log-probabilities: a feasible sample whose used frames
+// hold NaN or +inf in its target's classes or the blank gets a NaN loss and NaN gradient rows here (an infeasible
+// one +inf, as any infeasible sample), where the Python API follows torch's arithmetic through them
+// (deploy_ctc/_backends/cpu/logspace.py); for NaN the two agree.
 
 #include <onnxruntime_c_api.h>
 
@@ -157,17 +162,14 @@ std::vector<std::int64_t> integers(const Tensor& tensor, const char* name) {
   return values;
 }
 
-// validation.py's _lengths: (N,) lengths, or a single length for unbatched log_probs.
+// validation.py's _lengths: N lengths in any shape (as torch), a single one for unbatched log_probs.
 std::vector<std::int64_t> lengths(const Tensor& tensor, const char* name, std::int64_t n, bool batched) {
   std::vector<std::int64_t> values = integers(tensor, name);
-  if (batched) {
-    if (tensor.shape.size() != 1 || tensor.shape[0] != n)
-      invalid(std::string(name) + " must have N=" + std::to_string(n) + " entries (one per batch item), got shape " +
-              shape_text(tensor.shape));
-  } else if (values.size() != 1 || tensor.shape.size() > 1) {
-    invalid(std::string(name) + " must be a single length for unbatched (T, C) log_probs, got shape " +
-            shape_text(tensor.shape));
-  }
+  if (static_cast<std::int64_t>(values.size()) != n)
+    invalid(std::string(name) + " must have " +
+            (batched ? "N=" + std::to_string(n) + " entries (one per batch item)"
+                     : std::string("a single length for unbatched (T, C) log_probs")) +
+            ", got shape " + shape_text(tensor.shape));
   return values;
 }
 
@@ -225,6 +227,10 @@ Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in
       invalid("input_lengths[" + std::to_string(n) + "] = " + std::to_string(il[n]) + " exceeds T=" +
               std::to_string(p.T) + " (log_probs.shape[0])");
   if (concatenated) {
+    for (std::int64_t n = 0; n < N; ++n)
+      if (tl[n] > width)
+        invalid("target_lengths[" + std::to_string(n) + "] = " + std::to_string(tl[n]) +
+                " exceeds the length of the 1-D (concatenated) targets, " + std::to_string(width));
     // Summed exactly: N lengths below 2^63 each stay below 2^127.
     unsigned __int128 sum = 0;
     for (std::int64_t n = 0; n < N; ++n) sum += static_cast<std::uint64_t>(tl[n]);
@@ -298,7 +304,7 @@ std::int64_t cpu_count() {
   return count;
 }
 
-// native.py's _deal: samples into up to `workers` parts of similar total cost, largest first, each to the
+// common.py's deal: samples into up to `workers` parts of similar total cost, largest first, each to the
 // currently lightest part; each part keeps decreasing cost, so the engine's lanes get similar lengths.
 std::vector<std::vector<std::int64_t>> deal(const std::vector<std::int64_t>& samples,
                                             const std::vector<std::int64_t>& cost, std::int64_t workers) {
@@ -386,7 +392,7 @@ std::vector<double> forward_backward(const Kernel& k, OrtKernelContext* context,
     for (int s : status)
       if (s != 0) throw std::bad_alloc();
     for (std::int64_t n : samples)
-      if (!ok[n]) nll[n] = NAN;  // NaN log-probs: NaN loss and gradient rows, as the Python API
+      if (!ok[n]) nll[n] = NAN;  // left by the engine (NaN or +inf log-probs): NaN loss and gradient rows
   }
   if (grad != nullptr) {  // rows of samples with a non-finite loss: NaN, or 0 for +inf under zero_infinity
     for (std::int64_t n = 0; n < N; ++n) {

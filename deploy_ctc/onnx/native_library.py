@@ -8,9 +8,9 @@ links no libonnxruntime and uses ONNX Runtime's C API version 17, so the same fi
 1.17 on (onnxruntime-training 1.19.2 included) and in any host: Python, C/C++ (``RegisterCustomOpsLibrary_V2``),
 Triton's onnxruntime backend.
 
-**Build.** Like the CPU engine, on first use in a process, with the system's C++ compiler, into deploy_ctc's cache
-(see :mod:`deploy_ctc._backends.cpu.native_build`), for this machine's CPU (``-march=native``); later processes load
-the cached file. The build needs ONNX Runtime's C API header ``onnxruntime_c_api.h``, which no onnxruntime wheel
+**Build.** Like the CPU engine, on first use in a process, with the system's C++ compiler, into deploy_ctc's verified
+per-user cache (:mod:`deploy_ctc._backends.native_cache`), for this machine's CPU (``-march=native``); later processes
+load the cached file. The build compiles the engine too: about 10 s of CPU. The build needs ONNX Runtime's C API header ``onnxruntime_c_api.h``, which no onnxruntime wheel
 ships: it is looked for in ``$DEPLOY_CTC_ORT_INCLUDE``, then ``/usr/include/onnxruntime`` (Debian / Ubuntu:
 ``apt-get install libonnxruntime-dev``; on Debian 12, ``.ci/ort_headers.sh`` unpacks Debian 13's package into a
 private folder). A copy for other machines (generic code, no ``-march=native``)::
@@ -25,17 +25,15 @@ SessionOptions alone and sessions run the models' portable function bodies.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
-from deploy_ctc._backends.cpu import native_build
-from deploy_ctc._backends.cpu.native_build import NativeUnavailable
 from deploy_ctc._backends.kernel_sources import kernel_sources_dir
+from deploy_ctc._backends.native_cache import NATIVE_TARGETS, SHARED_FLAGS, NativeUnavailable, build_library, \
+    find_compiler
 
 __all__ = ["INCLUDE_ENV", "NativeUnavailable", "build_command", "describe", "include_dir", "library_path"]
 
@@ -48,10 +46,14 @@ HEADER = "onnxruntime_c_api.h"
 SOURCE = "ort_ops.cpp"
 #: Files of the kernels folder the build reads besides SOURCE: the engine it includes, the export list.
 DEPENDS = ("ctc_cpu.cpp", "ort_ops.map")
+VERSION_SCRIPT = "ort_ops.map"
 SYMBOL = "RegisterCustomOps"
 #: Compile flags: the engine's, with every symbol hidden but RegisterCustomOps (also enforced by the version script,
 #: so the bundled engine and C++ runtime symbols cannot clash with the host's or with the ctypes-loaded engine).
 FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fvisibility=hidden", "-fvisibility-inlines-hidden")
+#: Link flags: export RegisterCustomOps only, and leave no symbol undefined but the C/C++ runtime's (no
+#: libonnxruntime: the host hands over its API table).
+LINK_FLAGS = ("-Wl,--version-script={kernels}/" + VERSION_SCRIPT, "-Wl,-z,defs")
 #: Portable code for shipping: generic x86-64 / aarch64, no -march=native.
 PORTABLE_TARGET = ()
 
@@ -79,19 +81,16 @@ def include_dir() -> Path:
                             f"package into a private folder)")
 
 
-def build_command(output, target=("-march=native", "-mprefer-vector-width=256")) -> list[str]:
-    """The compiler command building the library at ``output`` for ``target`` (``()``: portable code).
+def build_command(output, target=NATIVE_TARGETS[0]) -> list[str]:
+    """The compiler command building the library at ``output`` for ``target`` (``()``: portable code), as the cache
+    builds it.
 
     Raises:
         NativeUnavailable: no compiler, no headers, an incomplete installation.
     """
-    try:
-        kernels = kernel_sources_dir()
-    except FileNotFoundError as error:
-        raise NativeUnavailable(str(error)) from None
-    return [native_build.find_compiler(), *FLAGS, *target, f"-I{include_dir()}", f"-I{kernels}", "-fPIC", "-shared",
-            str(kernels / SOURCE), "-o", str(output), f"-Wl,--version-script={kernels / 'ort_ops.map'}",
-            "-Wl,-z,defs"]
+    kernels = _kernels()
+    return [find_compiler(), *FLAGS, *target, f"-I{kernels}", f"-I{include_dir()}", *SHARED_FLAGS,
+            str(kernels / SOURCE), "-o", str(output), *(flag.format(kernels=kernels) for flag in LINK_FLAGS)]
 
 
 def library_path() -> str:
@@ -122,37 +121,19 @@ def describe() -> str:
         return f"native library unavailable ({error})"
 
 
+def _kernels() -> Path:
+    try:
+        return kernel_sources_dir()
+    except FileNotFoundError as error:
+        raise NativeUnavailable(str(error)) from None
+
+
 def _build() -> Path:
-    """Build into the cache under a name digesting every input, via a temporary name and an atomic rename."""
-    kernels = kernel_sources_dir()
-    digest = hashlib.sha256()
-    compiler = native_build.find_compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    for path in [kernels / SOURCE, *(kernels / name for name in DEPENDS), include_dir() / HEADER]:
-        digest.update(path.read_bytes())
-    for part in (compiler, version, native_build._cpu_identity(), " ".join(FLAGS)):
-        digest.update(part.encode() + b"\0")
-    errors = []
-    for target in native_build.TARGET_FLAGS:
-        key = digest.copy()
-        key.update(" ".join(target).encode())
-        path = native_build.cache_dir() / f"deploy_ctc_ort-{key.hexdigest()[:20]}.so"
-        if path.is_file():
-            return path
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".so.partial")
-            os.close(handle)
-        except OSError as error:
-            raise NativeUnavailable(f"cannot write the library into {path.parent}: {error}") from None
-        command = build_command(partial, target)
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        if result.returncode == 0:
-            os.replace(partial, path)
-            return path
-        os.unlink(partial)
-        errors.append(f"{' '.join(command)}: {result.stderr.strip()[-2000:]}")
-    raise NativeUnavailable("the build failed:\n" + "\n".join(errors))
+    kernels, include = _kernels(), include_dir()
+    return build_library("deploy_ctc_ort", [SOURCE], symbols=[SYMBOL], compile_flags=FLAGS,
+                         link_flags=[flag.format(kernels=kernels) for flag in LINK_FLAGS], include_dirs=[include],
+                         depends=[*(kernels / name for name in DEPENDS), include / HEADER],
+                         description="the native ONNX Runtime library")
 
 
 def main(argv=None) -> int:
@@ -166,7 +147,7 @@ def main(argv=None) -> int:
             print(library_path())
             return 0
         output = args.output or Path("libdeploy_ctc_ort.so")
-        command = build_command(output.resolve(), PORTABLE_TARGET if args.portable else native_build.TARGET_FLAGS[0])
+        command = build_command(output.resolve(), PORTABLE_TARGET if args.portable else NATIVE_TARGETS[0])
     except NativeUnavailable as error:
         print(f"deploy_ctc: {error}", file=sys.stderr)
         return 1
