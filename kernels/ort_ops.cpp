@@ -448,8 +448,12 @@ void compute(const Kernel& k, OrtKernelContext* context) {
     if (reduction == Reduction::kMean)
       scale[n] /= static_cast<double>(N) * static_cast<double>(std::max<std::int64_t>(p.target_lengths[n], 1));
   }
+  // Rows t < input_lengths[n] are written whole by the engine or, for a non-finite loss, by forward_backward; the
+  // rest are zeros. The output is uninitialised arena memory, and zeroing only the padding saves a pass over it.
   scalar_t* grad = output<scalar_t>(api, context, p.shape);
-  std::fill_n(grad, p.T * N * p.C, scalar_t(0));  // rows t >= input_lengths[n] stay 0; the engine writes the rest
+  for (std::int64_t t = 0; t < p.T; ++t)
+    for (std::int64_t n = 0; n < N; ++n)
+      if (t >= p.input_lengths[n]) std::fill_n(grad + (t * N + n) * p.C, p.C, scalar_t(0));
   forward_backward<scalar_t>(k, context, p, log_probs, grad, scale.data());
 }
 
