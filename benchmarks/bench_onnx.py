@@ -12,7 +12,11 @@ whatever runs next in the interleaved rounds). Inputs: :func:`benchmarks.common.
 target lengths. Medians over ``--repeats`` rounds after one warm-up; shapes whose warm-up exceeds 1 s per path are
 timed once. Results go to benchmarks/results/bench_onnx.json.
 
-    python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH]
+With ``--cpp-host PROGRAM`` (``export_examples/cpp/ctc_host.cpp`` built as its README says), each shape's CTCLoss
+model also runs in that C++ host, right after the Python rounds, and its median is compared with the Python
+session's (target <= 1.1).
+
+    python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH] [--cpp-host PROGRAM]
 """
 
 from __future__ import annotations
@@ -51,7 +55,27 @@ def _grad_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
 
 
-def bench_shape(shape, repeats: int) -> dict:
+def cpp_host_ms(program, model, feeds: dict, repeats: int) -> float:
+    """Median ms per run of ``model`` in the C++ host ``program`` (its ``--repeat`` timing)."""
+    import subprocess
+    import tempfile
+
+    import deploy_ctc.onnx as dco
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder)
+        (path / "model.onnx").write_bytes(model.SerializeToString())
+        arguments = []
+        for name, value in feeds.items():
+            np.save(path / f"{name}.npy", value)
+            arguments.append(f"{name}={path / name}.npy")
+        result = subprocess.run([str(program), str(path / "model.onnx"), dco.library_path(), *arguments,
+                                 "--repeat", str(max(repeats, 7)), "--no-spinning"], capture_output=True, text=True,
+                                check=True)
+    return float(result.stdout.split("median_ms")[1])
+
+
+def bench_shape(shape, repeats: int, cpp_host=None) -> dict:
     import onnxruntime as ort
     import torch
 
@@ -95,6 +119,9 @@ def bench_shape(shape, repeats: int) -> dict:
     result["native_over_direct"] = result["native_ms"] / result["direct_ms"]
     result["native_grad_over_direct"] = result["native_grad_ms"] / result["direct_grad_ms"]
     result["portable_over_torch"] = result["portable_ms"] / result["torch_forward_ms"]
+    if cpp_host is not None:
+        result["cpp_host_ms"] = cpp_host_ms(cpp_host, dco.ctc_loss_model(embed_functions=False), feeds, repeats)
+        result["cpp_host_over_python"] = result["cpp_host_ms"] / result["native_ms"]
     return result
 
 
@@ -102,6 +129,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpp-host", type=Path, default=None, help="the built export_examples/cpp/ctc_host")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_onnx.json"))
     args = parser.parse_args(argv)
 
@@ -117,11 +145,13 @@ def main(argv=None) -> int:
           f"{'nat/dir':>8s} {'portable':>9s} {'torch':>9s} {'port/torch':>10s}   (median ms)")
     results = []
     for shape in SHAPES[args.shapes]:
-        r = bench_shape(shape, args.repeats)
+        r = bench_shape(shape, args.repeats, args.cpp_host)
         results.append(r)
         print(f"{str(tuple(shape)):>24s} {r['direct_ms']:9.2f} {r['native_ms']:9.2f} {r['native_over_direct']:8.2f} "
               f"{r['direct_grad_ms']:9.2f} {r['native_grad_ms']:9.2f} {r['native_grad_over_direct']:8.2f} "
-              f"{r['portable_ms']:9.2f} {r['torch_forward_ms']:9.2f} {r['portable_over_torch']:10.2f}")
+              f"{r['portable_ms']:9.2f} {r['torch_forward_ms']:9.2f} {r['portable_over_torch']:10.2f}"
+              + (f"   C++ host {r['cpp_host_ms']:.2f} ms, {r['cpp_host_over_python']:.2f}x the Python session"
+                 if "cpp_host_ms" in r else ""))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"machine": machine, "results": results}, f, indent=2)

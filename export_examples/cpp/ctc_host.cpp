@@ -1,12 +1,13 @@
 // A C++ ONNX Runtime host: runs an ONNX model whose loss is deploy_ctc::CTCLoss (e.g. from deploy_ctc.onnx.export)
 // with deploy_ctc's native custom-op library, no Python involved, and prints every output.
 //
-//   ctc_host MODEL.onnx LIBRARY.so NAME=FILE.npy ... [--repeat K]
+//   ctc_host MODEL.onnx LIBRARY.so NAME=FILE.npy ... [--repeat K] [--no-spinning]
 //
 // Each NAME=FILE.npy feeds graph input NAME from a NumPy .npy file (little-endian float32 / float64 / int32 /
 // int64, C order; np.save writes them). Each output is printed as "NAME dtype shape: v0 v1 ..." with enough digits
 // to round-trip (9 for float32, 17 for float64); with --repeat K the run is repeated K times and the median
-// milliseconds per run printed last ("median_ms X").
+// milliseconds per run printed last ("median_ms X"); --no-spinning sets session.intra_op.allow_spinning=0 (as the
+// benchmark's Python sessions).
 //
 // Build: export_examples/cpp/README.md (headers from Debian's libonnxruntime-dev or $DEPLOY_CTC_ORT_INCLUDE; linked
 // to any libonnxruntime at least as new as the headers, e.g. the one inside the onnxruntime wheel).
@@ -101,14 +102,20 @@ void print_output(const std::string& name, const Ort::Value& value) {
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s MODEL.onnx LIBRARY.so NAME=FILE.npy ... [--repeat K]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL.onnx LIBRARY.so NAME=FILE.npy ... [--repeat K] [--no-spinning]\n",
+                 argv[0]);
     return 2;
   }
   try {
     std::vector<Array> arrays;
     int repeat = 0;
+    bool spinning = true;
     for (int i = 3; i < argc; ++i) {
       const std::string arg = argv[i];
+      if (arg == "--no-spinning") {
+        spinning = false;
+        continue;
+      }
       if (arg == "--repeat" && i + 1 < argc) {
         repeat = std::stoi(argv[++i]);
         continue;
@@ -120,6 +127,7 @@ int main(int argc, char** argv) {
 
     Ort::Env env(ORT_LOGGING_LEVEL_WARNING, "ctc_host");
     Ort::SessionOptions options;
+    if (!spinning) options.AddConfigEntry("session.intra_op.allow_spinning", "0");
     options.RegisterCustomOpsLibrary(argv[2]);  // deploy_ctc's library: serves deploy_ctc::CTCLoss / CTCLossGrad
     Ort::Session session(env, argv[1], options);
 
