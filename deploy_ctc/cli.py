@@ -5,6 +5,8 @@
 - ``deploy-ctc bench``: the CPU benchmark against torch (``benchmarks/bench_cpu.py``, from a source checkout).
 - ``deploy-ctc demo``: export an acoustic model with its CTC loss to ONNX and evaluate it in ONNX Runtime
   (:mod:`deploy_ctc.demo`).
+- ``deploy-ctc ort-library``: the native ONNX Runtime custom-op library's path, or with ``--portable --output PATH``
+  a copy for other machines (:mod:`deploy_ctc.onnx.native_library`).
 """
 
 from __future__ import annotations
@@ -132,10 +134,11 @@ def bench(argv=None):
 def main(argv=None):
     """Entry point of the ``deploy-ctc`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": check, "bench": bench, "demo": "deploy_ctc.demo"}
+    commands = {"check": check, "bench": bench, "demo": "deploy_ctc.demo",
+                "ort-library": "deploy_ctc.onnx.native_library"}
     if not argv or argv[0] not in commands:
         asked = argv[:1] in (["-h"], ["--help"])
-        print("usage: deploy-ctc {check,bench,demo} [options]\n\n" + __doc__.split("\n\n", 1)[1].strip(),
+        print("usage: deploy-ctc {check,bench,demo,ort-library} [options]\n\n" + __doc__.split("\n\n", 1)[1].strip(),
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     command, rest = commands[argv[0]], argv[1:]

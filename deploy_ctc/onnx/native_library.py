@@ -15,7 +15,7 @@ ships: it is looked for in ``$DEPLOY_CTC_ORT_INCLUDE``, then ``/usr/include/onnx
 ``apt-get install libonnxruntime-dev``; on Debian 12, ``.ci/ort_headers.sh`` unpacks Debian 13's package into a
 private folder). A copy for other machines (generic code, no ``-march=native``)::
 
-    python -m deploy_ctc.onnx.native_library --portable --output libdeploy_ctc_ort.so
+    deploy-ctc ort-library --portable --output libdeploy_ctc_ort.so
 
 Where the library cannot be built (no headers, no compiler), :func:`library_path` raises
 :class:`NativeUnavailable` saying what is missing; :func:`deploy_ctc.onnx.session_options` then leaves the
@@ -137,8 +137,8 @@ def _build() -> Path:
 
 
 def main(argv=None) -> int:
-    """``python -m deploy_ctc.onnx.native_library``: print the library's path, or build a copy to ship."""
-    parser = argparse.ArgumentParser(prog="python -m deploy_ctc.onnx.native_library", description=main.__doc__)
+    """``deploy-ctc ort-library``: print the library's path (building it if needed), or build a copy to ship."""
+    parser = argparse.ArgumentParser(prog="deploy-ctc ort-library", description=main.__doc__)
     parser.add_argument("--portable", action="store_true", help="generic code (no -march=native), for shipping")
     parser.add_argument("--output", type=Path, help="build a fresh copy at this path instead of using the cache")
     args = parser.parse_args(argv)
@@ -146,8 +146,9 @@ def main(argv=None) -> int:
         if args.output is None and not args.portable:
             print(library_path())
             return 0
-        output = args.output or Path("libdeploy_ctc_ort.so")
-        command = build_command(output.resolve(), PORTABLE_TARGET if args.portable else NATIVE_TARGETS[0])
+        output = (args.output or Path("libdeploy_ctc_ort.so")).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        command = build_command(output, PORTABLE_TARGET if args.portable else NATIVE_TARGETS[0])
     except NativeUnavailable as error:
         print(f"deploy_ctc: {error}", file=sys.stderr)
         return 1
