@@ -46,5 +46,5 @@ echo "== tests/training, and the README's blocks that need onnxruntime-training"
 
 echo "== export_examples/finetune_ort.py (native custom-op library)"
 "$venv/bin/python" export_examples/finetune_ort.py
-echo "== export_examples/finetune_ort.py --portable (ONNX function bodies, no extension)"
+echo "== export_examples/finetune_ort.py --portable (ONNX function bodies, no custom-op library)"
 "$venv/bin/python" export_examples/finetune_ort.py --portable

@@ -122,7 +122,7 @@ def _float_log_probs(log_probs, xp):
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _integer_array(value, name: str, xp):
+def integer_array(value, name: str, xp):
     """Convert an int / sequence / integer array to an integer array of ``xp`` without copying device data.
 
     Raises:
@@ -148,8 +148,12 @@ def _integer_array(value, name: str, xp):
         if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{name} = {value} is outside the int64 range")
         arr = np.asarray(value, dtype=np.int64)
-    elif isinstance(value, np.ndarray) or type(value).__module__.startswith("cupy"):
+    elif isinstance(value, np.ndarray):
         arr = value
+    elif type(value).__module__.startswith("cupy"):
+        # NumPy log_probs with device targets/lengths: NumPy cannot read device memory.
+        raise TypeError(f"{name} is a CuPy (device) array but log_probs is a NumPy array; pass {name} as a NumPy "
+                        "array, a sequence or an int")
     else:
         raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
@@ -166,7 +170,7 @@ def _integer_array(value, name: str, xp):
 def _lengths(value, name: str, n: int, batched: bool, xp):
     """``(N,)`` int64 array of ``xp`` from any accepted lengths form: as torch, any integer array (0-d included)
     or sequence holding exactly N values (one, when unbatched)."""
-    arr = _integer_array(value, name, xp)
+    arr = integer_array(value, name, xp)
     if arr.size != n:
         expected = f"N={n} entries (one per batch item)" if batched else "a single length for unbatched (T, C) log_probs"
         raise ValueError(f"{name} must have {expected}, got shape {tuple(arr.shape)}")
@@ -211,7 +215,7 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     il = _lengths(input_lengths, "input_lengths", N, batched, xp)  # (N,)
     tl = _lengths(target_lengths, "target_lengths", N, batched, xp)  # (N,)
 
-    targets = _integer_array(targets, "targets", xp)
+    targets = integer_array(targets, "targets", xp)
     targets = xp.asarray(targets)
     if targets.ndim == 0:
         raise ValueError("targets must be 1-D or 2-D, got a scalar")

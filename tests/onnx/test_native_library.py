@@ -24,7 +24,7 @@ import deploy_ctc  # noqa: E402
 import deploy_ctc.onnx as dco  # noqa: E402
 from deploy_ctc.onnx import native_library  # noqa: E402
 from tests.onnx.helpers import make_problem, native_library_or_skip  # noqa: E402
-from tests.utils.oracles import assert_close, concatenate_targets, torch_reference  # noqa: E402
+from tests.utils.oracles import assert_close, concatenate_targets, non_finite_batch, torch_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ELEM = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
@@ -370,3 +370,18 @@ def test_every_gradient_element_is_written_when_the_arena_is_reused(rng):
     _, want = deploy_ctc.ctc_loss_and_grad(*p.args())
     np.testing.assert_array_equal(grads[1], want)
     assert (grads[1][5:, 1] == 0).all() and (grads[1][:, 2] == 0).all()
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
+    """torch's rules for inf and NaN losses (tests/utils/oracles.py::non_finite_batch) through the library."""
+    lp, targets, il, tl = non_finite_batch(rng, with_nan=True, unused_class_nan=True)
+    attrs = dict(reduction=reduction, zero_infinity=int(zero_infinity))
+    feeds = feeds_of(lp, targets, il, tl)
+    loss = run("CTCLoss", feeds, **attrs)
+    d_loss = rng.uniform(0.5, 2.0, loss.shape)
+    grad = run("CTCLossGrad", {"d_loss": d_loss, **feeds}, **attrs)
+    want_loss, want_grad = torch_reference(lp, targets, il, tl, grad_output=d_loss, **attrs)
+    assert_close(loss, want_loss, np.float64, "loss")
+    assert_close(grad, want_grad, np.float64, "grad")
