@@ -10,10 +10,11 @@ Triton's onnxruntime backend.
 
 **Build.** Like the CPU engine, on first use in a process, with the system's C++ compiler, into deploy_ctc's verified
 per-user cache (:mod:`deploy_ctc._backends.native_cache`), for this machine's CPU (``-march=native``); later processes
-load the cached file. The build compiles the engine too: about 10 s of CPU. The build needs ONNX Runtime's C API header ``onnxruntime_c_api.h``, which no onnxruntime wheel
-ships: it is looked for in ``$DEPLOY_CTC_ORT_INCLUDE``, then ``/usr/include/onnxruntime`` (Debian / Ubuntu:
-``apt-get install libonnxruntime-dev``; on Debian 12, ``.ci/ort_headers.sh`` unpacks Debian 13's package into a
-private folder). A copy for other machines (generic code, no ``-march=native``)::
+load the cached file. The build compiles the engine too: about 10 s of CPU. It needs ONNX Runtime's C API header
+``onnxruntime_c_api.h``, which no onnxruntime wheel ships: it is looked for in ``$DEPLOY_CTC_ORT_INCLUDE``, then
+``/usr/include/onnxruntime`` (Debian / Ubuntu: ``apt-get install libonnxruntime-dev``; on Debian 12,
+``.ci/ort_headers.sh`` unpacks Debian 13's package into a private folder). A copy for other machines (generic
+code, no ``-march=native``)::
 
     deploy-ctc ort-library --portable --output libdeploy_ctc_ort.so
 
