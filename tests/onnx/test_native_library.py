@@ -43,7 +43,9 @@ def node_model(op: str, feeds: dict, **attrs) -> onnx.ModelProto:
     out_elem = ELEM[np.asarray(feeds["log_probs"]).dtype]
     node = helper.make_node(op, list(feeds), ["out"], domain="deploy_ctc", **attrs)
     graph = helper.make_graph([node], op, inputs, [helper.make_tensor_value_info("out", out_elem, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
+    model.ir_version = 10  # what onnxruntime-training 1.19.2, the oldest runtime tested, loads
+    return model
 
 
 def run(op: str, feeds: dict, **attrs):
@@ -268,7 +270,9 @@ def test_missing_headers_fall_back_to_the_portable_body(monkeypatch, tmp_path, r
     with pytest.warns(RuntimeWarning, match="portable function bodies"):
         so = dco.session_options()
     p = make_problem(rng, T=10, N=2, C=4, S=3)
-    session = ort.InferenceSession(dco.ctc_loss_model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+    model = dco.ctc_loss_model()
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     assert np.isfinite(session.run(None, p.feeds())[0])
 
 
@@ -289,7 +293,9 @@ def test_concurrent_first_use_from_threads():
         from tests.onnx.helpers import make_problem
 
         p = make_problem(np.random.default_rng(0), T=30, N=4, C=6, S=5)
-        model = dco.ctc_loss_model(embed_functions=False, reduction="none").SerializeToString()
+        model = dco.ctc_loss_model(embed_functions=False, reduction="none")
+        model.ir_version = 10
+        model = model.SerializeToString()
         barrier, results, errors = threading.Barrier(6), [], []
 
         def work():
@@ -323,12 +329,14 @@ def test_ctrl_c_during_runs_does_not_abort():
         from tests.onnx.helpers import grad_model, make_problem
 
         p = make_problem(np.random.default_rng(0), T=300, N=16, C=200, S=40)
-        session = ort.InferenceSession(grad_model().SerializeToString(), dco.session_options(),
+        model = grad_model()
+        model.ir_version = 10
+        session = ort.InferenceSession(model.SerializeToString(), dco.session_options(),
                                        providers=["CPUExecutionProvider"])
         feeds = {"d_loss": np.array(1.0, np.float32), **p.feeds()}
         session.run(None, feeds)
-        print("running", flush=True)
         try:
+            print("running", flush=True)
             while True:
                 session.run(None, feeds)
         except KeyboardInterrupt:
