@@ -4,8 +4,8 @@
 # onnxruntime-training-cpu 1.19.2 (the package's last release) provides the `onnxruntime` module itself, so
 # it cannot share a venv with the onnxruntime package the rest of the suite uses. This script builds that
 # venv from nothing but the machine image (Python 3.11 and the package registries), installs the project
-# into it, runs tests/training, the README's code blocks and the fine-tuning example. Called by .ci/run as
-# `bash .ci/training.sh`.
+# into it, runs tests/training, the README's code blocks, the native ONNX Runtime library's tests (1.19.2 is the
+# oldest onnxruntime the library supports) and the fine-tuning example. Called by .ci/run as `bash .ci/training.sh`.
 #
 # Environment: TRAIN_VENV (default .venv-train, recreated each run), PYTHON (default python3.11).
 set -euo pipefail
@@ -42,7 +42,8 @@ print("  " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 
 echo "== tests/training, and the README's blocks that need onnxruntime-training"
-"$venv/bin/python" -m pytest tests/training tests/test_readme.py -q -p no:cacheprovider
+"$venv/bin/python" -m pytest tests/training tests/test_readme.py tests/onnx/test_native_library.py -q \
+    -p no:cacheprovider
 
 echo "== export_examples/finetune_ort.py (native custom-op library)"
 "$venv/bin/python" export_examples/finetune_ort.py
