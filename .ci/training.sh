@@ -41,7 +41,7 @@ names = ["onnxruntime-training-cpu", "onnx", "torch", "numpy"]
 print("  " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 
-echo "== tests/training, and the README's blocks that need onnxruntime-training"
+echo "== tests/training, the README's blocks that need onnxruntime-training, the native library in ORT 1.19.2"
 "$venv/bin/python" -m pytest tests/training tests/test_readme.py tests/onnx/test_native_library.py -q \
     -p no:cacheprovider
 
