@@ -39,6 +39,8 @@ def test_defaults_and_dtypes_as_torchaudio(rng):
     np.testing.assert_array_equal(scores.numpy(), picked)
     half, _ = dt.forced_align(lp.bfloat16(), targets)
     assert half.shape == (1, 8)
+    listed, _ = dt.forced_align(lp, targets, [8], (3,))  # lengths as sequences, as the loss takes them
+    np.testing.assert_array_equal(listed.numpy(), alignment.numpy())
 
 
 def test_same_alignment_as_the_numpy_front_end(rng):

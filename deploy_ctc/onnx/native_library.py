@@ -25,7 +25,6 @@ SessionOptions alone and sessions run the models' portable function bodies.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -137,25 +136,18 @@ def _build() -> Path:
                          description="the native ONNX Runtime library")
 
 
-def main(argv=None) -> int:
-    """``deploy-ctc ort-library``: print the library's path (building it if needed), or build a copy to ship."""
-    parser = argparse.ArgumentParser(prog="deploy-ctc ort-library", description=main.__doc__)
-    parser.add_argument("--portable", action="store_true", help="generic code (no -march=native), for shipping")
-    parser.add_argument("--output", type=Path, help="build a fresh copy at this path instead of using the cache")
-    args = parser.parse_args(argv)
+def run_command(portable: bool = False, output: Path | None = None) -> int:
+    """``deploy-ctc ort-library``: print the library's path (building it if needed), or build a copy at ``output``
+    (default ``libdeploy_ctc_ort.so``) when ``output`` or ``portable`` is given; returns the exit code."""
     try:
-        if args.output is None and not args.portable:
+        if output is None and not portable:
             print(library_path())
             return 0
-        output = (args.output or Path("libdeploy_ctc_ort.so")).resolve()
+        output = Path(output or "libdeploy_ctc_ort.so").resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
-        command = build_command(output, PORTABLE_TARGET if args.portable else NATIVE_TARGETS[0])
+        command = build_command(output, PORTABLE_TARGET if portable else NATIVE_TARGETS[0])
     except NativeUnavailable as error:
         print(f"deploy_ctc: {error}", file=sys.stderr)
         return 1
     print(" ".join(command))
     return subprocess.run(command).returncode
-
-
-if __name__ == "__main__":
-    sys.exit(main())

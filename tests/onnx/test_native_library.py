@@ -181,6 +181,8 @@ INVALID = {
     "targets rows": lambda f: {**f, "targets": f["targets"][:2]},
     "concatenated sum": lambda f: {**f, "targets": np.ones(8, np.int64)},
     "concatenated value": lambda f: {**f, "targets": np.r_[np.ones(8, np.int64), 6]},
+    "concatenated lengths whose int64 sum wraps": lambda f: {
+        **f, "targets": np.array([1, 2, 3, 4]), "target_lengths": np.array([2**63 - 1, 2**63 - 1, 6])},
     "4-D log_probs": lambda f: {**f, "log_probs": f["log_probs"][None]},
     "1-D log_probs": lambda f: {**f, "log_probs": f["log_probs"][:, 0, 0].copy()},
     "empty log_probs": lambda f: {**f, "log_probs": f["log_probs"][:0]},
