@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
+#: The ``reduction`` values, in the order of torch's ``at::Reduction`` enum (the ONNX bodies and the exporter rely on
+#: the index).
 REDUCTIONS = ("none", "mean", "sum")
+#: The gradient conventions of :func:`deploy_ctc.ctc_loss_and_grad`: ``"torch"`` (``exp(log_probs) - posterior``,
+#: what autograd through ``F.ctc_loss`` gives) and ``"plain"`` (``-posterior``).
+CONVENTIONS = ("torch", "plain")
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ class CTCProblem:
 
     Attributes:
         xp: the array module of ``log_probs`` (``numpy`` or ``cupy``).
-        log_probs: ``(T, N, C)`` float32 or float64 (float16 input already upcast to float32); may be a strided view
-            of the caller's array, never a modified one.
+        log_probs: ``(T, N, C)`` float16, float32 or float64 on NumPy, float32 or float64 on CuPy (float16 input
+            upcast); may be a strided view of the caller's array, never a modified one.
         targets: ``(N, S)`` int64, C-contiguous, ``S = max(target_lengths)``; entries at ``s >= target_lengths[n]``
             are 0, every other entry is in ``[0, C)`` and differs from ``blank``.
         input_lengths: ``(N,)`` int64 NumPy array on the host, each in ``[0, T]``.
@@ -57,6 +62,22 @@ class CTCProblem:
         return tuple(self.log_probs.shape)
 
 
+def _one_of(values) -> str:
+    """``'a', 'b', 'c'``: the accepted values as a message lists them."""
+    return ", ".join(repr(value) for value in values)
+
+
+def check_convention(convention) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {_one_of(CONVENTIONS)}, got {convention!r}")
+    return convention
+
+
 def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     """Validate the three options of ``nn.CTCLoss`` (and the ONNX op's attributes).
 
@@ -75,7 +96,7 @@ def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     if not isinstance(reduction, str):
         raise TypeError(f"reduction must be a string, one of {REDUCTIONS}, got {reduction!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        raise ValueError(f"reduction must be one of {_one_of(REDUCTIONS)}, got {reduction!r}")
     if isinstance(zero_infinity, (bool, np.bool_)):
         zero_infinity = bool(zero_infinity)
     elif isinstance(zero_infinity, numbers.Integral):
@@ -106,14 +127,15 @@ def array_module(log_probs):
 
 
 def _float_log_probs(log_probs, xp):
-    """Return ``(log_probs as float32/float64, caller's dtype)``; float16 is upcast (torch refuses half), and
+    """Return ``(log_probs for the backends, caller's dtype)``: float16 stays float16 on NumPy (the CPU backends upcast
+    it a group of samples at a time) and is upcast to float32 on CuPy (the kernels take float and double);
     non-native byte order is converted (the results come back in native order)."""
     dtype = log_probs.dtype
     if not dtype.isnative:  # big-endian data from a file, say: the backends compute in native byte order
         dtype = dtype.newbyteorder("=")
         log_probs = log_probs.astype(dtype)
     if dtype == np.float16:
-        return log_probs.astype(np.float32), dtype
+        return (log_probs if xp is np else log_probs.astype(np.float32)), dtype
     if dtype in (np.float32, np.float64):
         return log_probs, dtype
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")

@@ -9,7 +9,7 @@ and with the deploy_ctc extension and compared with torch eager.  See deploy_ctc
 
 import sys
 
-from deploy_ctc.demo import main
+from deploy_ctc.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -45,15 +45,14 @@
 #include <type_traits>
 #include <utility>
 
+#include "ctc_constants.h"
+
 namespace {
 
-constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
-constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
+using dctc::kConsistencyTol;             // relative; float64 rounding of Z_t stays near L * 1e-16
+constexpr double kTiny = dctc::kTinyMass;  // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
-// An emission more than this many nats below its frame's largest is subnormal or 0 after exp: the forward and
-// backward chains would share that zero and pass the consistency check, so such a (finite) value sends the sample
-// to the exact path. -inf is a true zero and does not count.
-constexpr double kFlushLog = -700.0;
+using dctc::kFlushLog;  // an emission this far below its frame's largest sends the sample to the exact path
 // What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
 // exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
 constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
@@ -547,6 +546,9 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
+  // A lane holds about (3 S + 5) T values: sizes a 64-bit byte count cannot hold (a broadcast log_probs can have
+  // any T) are refused like a failed allocation, before any product of them is formed in integers.
+  if (static_cast<double>(t_max) * (3.0 * static_cast<double>(s_max) + 16.0) * 8.0 > 0x1p60) return -1;
   const std::size_t lane_bytes = Lane().carve(nullptr, t_max, s_max);
   int lanes = static_cast<int>(kLaneBytes / lane_bytes);
   lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);

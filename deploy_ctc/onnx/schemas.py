@@ -39,7 +39,6 @@ OPSET_VERSION = 1
 ATTRIBUTE_DEFAULTS = {"blank": 0, "reduction": "mean", "zero_infinity": 0}
 # CTCAlign's attributes.
 ALIGN_ATTRIBUTE_DEFAULTS = {"blank": 0}
-REDUCTIONS = ("none", "mean", "sum")
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(double)"]
 _INT_TYPES = ["tensor(int32)", "tensor(int64)"]

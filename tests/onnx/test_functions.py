@@ -229,3 +229,35 @@ def test_later_onnx_opsets(rng, opset):
     got = session(ctc_loss_model(reduction="none", opset=opset)).run(None, problem.feeds())[0]
     want, _ = torch_reference(*problem.args(), reduction="none")
     assert_close(got, want, np.float32, f"loss at opset {opset}", PORTABLE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("dtype,mask", [(np.float32, -1e30), (np.float32, -3.4e38), (np.float64, -1e300)])
+def test_finite_masks_are_probabilities(rng, dtype, mask):
+    """Only -inf is log zero: masked labels (every frame of sample 0's label 1, a fifth of sample 1's entries) give
+    torch's finite losses, not +inf."""
+    problem = make_problem(rng, T=8, N=2, C=4, S=2, dtype=dtype, input_lengths=[8, 8], target_lengths=[1, 2])
+    problem.targets[0, 0] = 1
+    problem.log_probs[:, 0, 1] = mask
+    problem.log_probs[:, 1][rng.random((8, 4)) < 0.2] = mask
+    loss = session(ctc_loss_model(np.dtype(dtype).name, reduction="none")).run(None, problem.feeds())[0]
+    want, _ = torch_reference(*problem.args(), reduction="none")
+    assert np.isfinite(loss).all()
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def test_nan_and_inf_log_probs_match_torch(rng):
+    """NaN or +inf on a used frame's lattice (label, blank): NaN loss and NaN rows; another class: only that
+    gradient entry; a frame past the input length: nothing -- as torch, in plain onnxruntime."""
+    loss_session = session(ctc_loss_model("float64", reduction="none"))
+    grad_session = session(grad_model("float64", reduction="none"))
+    for value in (np.inf, np.nan):
+        for frame, label in ((1, 1), (2, 0), (1, 3), (4, 1)):
+            problem = Problem(make_problem(rng, T=5, N=2, C=4, S=2, dtype=np.float64).log_probs,
+                              np.array([[1, 2], [3, 1]]), np.array([4, 5]), np.array([2, 2]))
+            problem.log_probs[frame, 0, label] = value
+            loss = loss_session.run(None, problem.feeds())[0]
+            grad = grad_session.run(None, {"d_loss": np.ones(2), **problem.feeds()})[0]
+            want_loss, want_grad = torch_reference(*problem.args(), reduction="none")
+            what = f"{value} at frame {frame}, class {label}"
+            assert_close(loss, want_loss, np.float64, f"{what}: loss", PORTABLE[np.dtype(np.float64)])
+            assert_close(grad, want_grad, np.float64, f"{what}: grad", PORTABLE[np.dtype(np.float64)])

@@ -82,9 +82,8 @@ def stub_compiler(folder, delay=1):
     """A compiler that builds, slowly, a stub exporting the engine's entry points (whatever it is asked to compile)
     and counts its builds in ``folder/builds.log``: for the tests of processes, where the engine never runs."""
     stub = folder / "stub.cpp"
-    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n'
-                            for entries in (native_build.ENTRY_POINTS, native_build.ALIGN_ENTRY_POINTS)
-                            for name in entries.values()))
+    names = [*native_build.ENTRY_POINTS.values(), *native_build.ALIGN_ENTRY_POINTS.values()]
+    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n' for name in names))
     compiler = folder / "slow-c++"
     compiler.write_text(textwrap.dedent(f"""\
         #!/bin/sh
