@@ -331,21 +331,25 @@ class patch(contextlib.ContextDecorator):  # noqa: N801 -- used like a function:
 
     _lock = threading.Lock()
 
-    def __init__(self):
+    def __init__(self) -> None:
         # One entry per open block of this instance (a decorated function may call itself).
         self._saved: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> "patch":
         with self._lock:
             self._saved.append((torch.nn.functional.ctc_loss, torch.nn.CTCLoss.__dict__["forward"]))
-            torch.nn.functional.ctc_loss = _patched_functional
-            torch.nn.CTCLoss.forward = _patched_forward
+            _swap(_patched_functional, _patched_forward)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         with self._lock:
-            torch.nn.functional.ctc_loss, torch.nn.CTCLoss.forward = self._saved.pop()
-        return False
+            _swap(*self._saved.pop())
+
+
+def _swap(functional: Any, forward: Any) -> None:
+    """Install ``functional`` as ``torch.nn.functional.ctc_loss`` and ``forward`` as ``torch.nn.CTCLoss.forward``."""
+    setattr(torch.nn.functional, "ctc_loss", functional)  # noqa: B010 -- assigning over a typed module attribute
+    setattr(torch.nn.CTCLoss, "forward", forward)  # noqa: B010
 
 
 @functools.wraps(torch.nn.functional.ctc_loss)

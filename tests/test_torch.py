@@ -655,3 +655,18 @@ def test_device_errors(dctorch):
         with pytest.raises(ValueError, match=rf"{name} must be on the CPU or on log_probs's device \(cpu\), got "
                                              r"device meta"):
             dctorch.ctc_loss(*args)
+
+
+def test_critical_target_length_with_0d_lengths(rng, dctorch):
+    """torch's own test_CTCLoss_critical_target_len: batched N = 1, T = S (one alignment), lengths as 0-d tensors."""
+    S = C = 256
+    x = torch.tensor(oracles.random_log_probs(rng, S, 1, C), requires_grad=True)
+    target = torch.from_numpy(rng.permutation(np.arange(1, C))[None, :S - 1].copy())  # no repeats: feasible
+    il, tl = torch.tensor(S - 1), torch.tensor(S - 1)
+    loss = dctorch.ctc_loss(x[: S - 1], target, il, tl, reduction="none")
+    loss.sum().backward()
+    ref_loss, ref_grad = oracles.torch_reference(x.detach().numpy()[: S - 1], target.numpy(), il.numpy(), tl.numpy(),
+                                                 reduction="none")
+    assert np.isfinite(ref_loss).all()
+    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+    oracles.assert_close(x.grad.numpy()[: S - 1], ref_grad, np.float64, "grad")

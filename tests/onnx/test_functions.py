@@ -1,4 +1,4 @@
-"""The portable function bodies, run by plain onnxruntime (no extension), against torch float64 autograd."""
+"""The portable function bodies, run by plain onnxruntime (no custom-op library), against torch float64 autograd."""
 
 import numpy as np
 import pytest
