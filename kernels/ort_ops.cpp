@@ -1,18 +1,21 @@
-// deploy_ctc::CTCLoss and deploy_ctc::CTCLossGrad as an ONNX Runtime custom-op library (CPU execution provider).
+// deploy_ctc::CTCLoss, CTCLossGrad and CTCAlign as an ONNX Runtime custom-op library (CPU execution provider).
 //
 // Built at run time like the engine (deploy_ctc/onnx/native_library.py) and loaded by any ONNX Runtime host:
 // Python's SessionOptions.register_custom_ops_library, the C API's RegisterCustomOpsLibrary(_V2), Triton's
-// onnxruntime backend (model_operations { op_library_filename }). The math is the engine's (ctc_cpu.cpp, included
-// below: one source of truth); this file adds what the Python API does around it (deploy_ctc/validation.py,
-// deploy_ctc/api.py, deploy_ctc/_backends/cpu/{common,native}.py): the argument checks with the same messages, the
-// targets' padded / concatenated / unbatched forms, infeasible samples, zero_infinity and the reduction, so a
-// session computes bit for bit what deploy_ctc.ctc_loss / ctc_loss_and_grad compute.
+// onnxruntime backend (model_operations { op_library_filename }). The math is the engine's (ctc_cpu.cpp and
+// ctc_align_cpu.cpp, included below: one source of truth); this file adds what the Python API does around it
+// (deploy_ctc/validation.py, deploy_ctc/api.py, deploy_ctc/_backends/cpu/{common,native}.py): the argument checks
+// with the same messages, the targets' padded / concatenated / unbatched forms, infeasible samples, zero_infinity
+// and the reduction, so a session computes bit for bit what deploy_ctc.ctc_loss / ctc_loss_and_grad /
+// forced_align compute.
 //
 // Ops (schemas: deploy_ctc/onnx/schemas.py), one registration per float type; the integer inputs are untyped, so
 // each registration serves every int32 / int64 mix:
 //   CTCLoss(log_probs, targets, input_lengths, target_lengths) -> loss                 () or (N,) for "none"
 //   CTCLossGrad(d_loss, log_probs, targets, input_lengths, target_lengths) -> d_log_probs   (T, N, C), torch's
 //       d_loss-weighted exp(log_probs) - posterior
+//   CTCAlign(log_probs, targets, input_lengths, target_lengths) -> alignment (T, N) int64, scores (T, N): the
+//       forced alignment of deploy_ctc.forced_align (attribute blank only)
 // Attributes blank (int, 0), reduction (string, "mean"), zero_infinity (int, 0): missing ones take these schema
 // defaults; a bad value fails at session creation with the Python API's message.
 //
@@ -46,6 +49,7 @@
 #include <sched.h>
 
 #include "ctc_cpu.cpp"
+#include "ctc_align_cpu.cpp"
 
 namespace deploy_ctc_ort {
 
@@ -139,9 +143,10 @@ Tensor input(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
 }
 
 template <typename scalar_t>
-scalar_t* output(const OrtApi* api, OrtKernelContext* context, const std::vector<std::int64_t>& shape) {
+scalar_t* output(const OrtApi* api, OrtKernelContext* context, const std::vector<std::int64_t>& shape,
+                 std::size_t index = 0) {
   OrtValue* value = nullptr;
-  check(api->KernelContext_GetOutput(context, 0, shape.data(), shape.size(), &value));
+  check(api->KernelContext_GetOutput(context, index, shape.data(), shape.size(), &value));
   void* data = nullptr;
   check(api->GetTensorMutableData(value, &data));
   return static_cast<scalar_t*>(data);
@@ -448,12 +453,8 @@ void compute(const Kernel& k, OrtKernelContext* context) {
     if (reduction == Reduction::kMean)
       scale[n] /= static_cast<double>(N) * static_cast<double>(std::max<std::int64_t>(p.target_lengths[n], 1));
   }
-  // Rows t < input_lengths[n] are written whole by the engine or, for a non-finite loss, by forward_backward; the
-  // rest are zeros. The output is uninitialised arena memory, and zeroing only the padding saves a pass over it.
   scalar_t* grad = output<scalar_t>(api, context, p.shape);
-  for (std::int64_t t = 0; t < p.T; ++t)
-    for (std::int64_t n = 0; n < N; ++n)
-      if (t >= p.input_lengths[n]) std::fill_n(grad + (t * N + n) * p.C, p.C, scalar_t(0));
+  std::fill_n(grad, p.T * N * p.C, scalar_t(0));  // rows t >= input_lengths[n] stay 0; the engine writes the rest
   forward_backward<scalar_t>(k, context, p, log_probs, grad, scale.data());
 }
 
@@ -519,6 +520,110 @@ OrtStatus* guarded(const OrtApi* api, const char* op, Body&& body) noexcept {
   }
 }
 
+// CTCAlign: the forced alignment of deploy_ctc.align (kernels/ctc_align_cpu.cpp) on a validated batch, samples
+// dealt over ONNX Runtime's intra-op threads as the loss's. alignment (T, N) int64 and scores (T, N) in the float
+// type (the unbatched (T, C) form gives (T,)): blank and 0 beyond each input length, all blank with -inf scores for
+// an infeasible sample.
+struct AlignKernel {
+  const OrtApi* api;
+  std::int64_t blank;
+};
+
+template <typename scalar_t>
+struct AlignRun {
+  const Problem* p;
+  std::int64_t blank;
+  const scalar_t* lp;
+  std::int64_t* alignment;
+  scalar_t* scores;
+  const std::vector<std::vector<std::int64_t>>* parts;
+  std::vector<int>* status;
+
+  static void call(void* self, std::size_t i) {
+    const AlignRun& r = *static_cast<const AlignRun*>(self);
+    const Problem& p = *r.p;
+    const std::vector<std::int64_t>& part = (*r.parts)[i];
+    (*r.status)[i] = align_samples<scalar_t>(r.lp, p.N, p.N * p.C, p.C, 1, p.targets.data(), p.S,
+                                             p.input_lengths.data(), p.target_lengths.data(), r.blank, part.data(),
+                                             static_cast<std::int64_t>(part.size()), r.alignment, r.scores);
+  }
+};
+
+template <typename scalar_t>
+void compute_align(const AlignKernel& k, OrtKernelContext* context) {
+  const OrtApi* api = k.api;
+  const Tensor lp = input(api, context, 0);
+  const Problem p = validate(lp, input(api, context, 1), input(api, context, 2), input(api, context, 3),
+                             Attributes{k.blank, Reduction::kMean, false});
+  const std::vector<std::int64_t> shape(p.shape.begin(), p.shape.end() - 1);  // (T, N) or (T,)
+  std::int64_t* alignment = output<std::int64_t>(api, context, shape, 0);
+  scalar_t* scores = output<scalar_t>(api, context, shape, 1);
+  std::fill_n(alignment, p.T * p.N, k.blank);
+  std::fill_n(scores, p.T * p.N, scalar_t(0));
+  std::vector<std::int64_t> samples, cost;
+  std::int64_t total_cost = 0;
+  for (std::int64_t n = 0; n < p.N; ++n) {
+    if (p.input_lengths[n] == 0) continue;
+    samples.push_back(n);
+    cost.push_back(p.input_lengths[n] * (2 * p.target_lengths[n] + 1));
+    total_cost += cost.back();
+  }
+  if (samples.empty()) return;
+  const auto parts = deal(samples, cost, total_cost >= kParallelMinCells ? cpu_count() : 1);
+  std::vector<int> status(parts.size(), 0);
+  AlignRun<scalar_t> run{&p, k.blank, static_cast<const scalar_t*>(lp.data), alignment, scores, &parts, &status};
+  if (parts.size() == 1) {
+    AlignRun<scalar_t>::call(&run, 0);
+  } else {
+    check(api->KernelContext_ParallelFor(context, &AlignRun<scalar_t>::call, parts.size(), 0, &run));
+  }
+  for (int s : status)
+    if (s != 0) throw std::bad_alloc();
+}
+
+// The CTCAlign registration for one float type.
+struct AlignOp : OrtCustomOp {
+  ONNXTensorElementDataType float_type;
+
+  explicit AlignOp(ONNXTensorElementDataType type) : OrtCustomOp{}, float_type(type) {
+    version = kApiVersion;
+    GetName = [](const OrtCustomOp*) { return "CTCAlign"; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 4; };
+    GetInputType = [](const OrtCustomOp* op, std::size_t index) {
+      return index == 0 ? static_cast<const AlignOp*>(op)->float_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 2; };
+    GetOutputType = [](const OrtCustomOp* op, std::size_t index) {
+      return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : static_cast<const AlignOp*>(op)->float_type;
+    };
+    GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                        void** kernel) -> OrtStatus* {
+      return guarded(api, "CTCAlign", [&] { *kernel = new AlignKernel{api, int_attribute(api, info, "blank", 0)}; });
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* context) -> OrtStatus* {
+      const AlignKernel& k = *static_cast<const AlignKernel*>(kernel);
+      return guarded(k.api, "CTCAlign", [&] {
+        if (input(k.api, context, 0).type == ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE) compute_align<double>(k, context);
+        else compute_align<float>(k, context);
+      });
+    };
+    KernelDestroy = [](void* kernel) { delete static_cast<AlignKernel*>(kernel); };
+  }
+};
+
+const AlignOp kAlignOps[] = {AlignOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                             AlignOp(ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE)};
+
 // One op registration: its name, whether it is the gradient, and its float type.
 struct Op : OrtCustomOp {
   const char* op_name;
@@ -583,6 +688,8 @@ const Registry& registry(const OrtApi* api) {
     Registry r;
     OrtStatus* status = api->CreateCustomOpDomain(kDomain, &r.domain);
     for (const Op& op : kOps)
+      if (status == nullptr) status = api->CustomOpDomain_Add(r.domain, &op);
+    for (const AlignOp& op : kAlignOps)
       if (status == nullptr) status = api->CustomOpDomain_Add(r.domain, &op);
     if (status != nullptr) {
       r.error = api->GetErrorMessage(status);

@@ -1,4 +1,4 @@
-"""deploy_ctc for ONNX: the deploy_ctc::CTCLoss / CTCLossGrad ops and everything to run and export them.
+"""deploy_ctc for ONNX: the deploy_ctc::CTCLoss / CTCLossGrad / CTCAlign ops and everything to run and export them.
 
 - :func:`register_schemas` -- OpSchemas so onnx.checker / shape inference validate models using the ops.
 - :func:`session_options` -- onnxruntime SessionOptions running the ops with deploy_ctc's native library.

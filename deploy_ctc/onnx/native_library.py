@@ -1,9 +1,10 @@
 """deploy_ctc's native ONNX Runtime custom-op library: ``kernels/ort_ops.cpp`` built on first use.
 
-The library serves ``deploy_ctc::CTCLoss`` and ``deploy_ctc::CTCLossGrad`` (float32 / float64 log-probs, int32 /
-int64 targets and lengths) on ONNX Runtime's CPU execution provider by calling the native CPU engine
-(``kernels/ctc_cpu.cpp``) on the session's own buffers: no copy, no Python in the loop, results bit-identical to
-:func:`deploy_ctc.ctc_loss` / :func:`deploy_ctc.ctc_loss_and_grad`. It exports one symbol, ``RegisterCustomOps``,
+The library serves ``deploy_ctc::CTCLoss``, ``deploy_ctc::CTCLossGrad`` and ``deploy_ctc::CTCAlign`` (float32 /
+float64 log-probs, int32 / int64 targets and lengths) on ONNX Runtime's CPU execution provider by calling the native
+CPU engine (``kernels/ctc_cpu.cpp``, ``kernels/ctc_align_cpu.cpp``) on the session's own buffers: no copy, no Python
+in the loop, results bit-identical to :func:`deploy_ctc.ctc_loss` / :func:`deploy_ctc.ctc_loss_and_grad` /
+:func:`deploy_ctc.forced_align`. It exports one symbol, ``RegisterCustomOps``,
 links no libonnxruntime and uses ONNX Runtime's C API version 17, so the same file loads in every onnxruntime from
 1.17 on (onnxruntime-training 1.19.2 included) and in any host: Python, C/C++ (``RegisterCustomOpsLibrary_V2``),
 Triton's onnxruntime backend.
@@ -45,7 +46,7 @@ HEADER = "onnxruntime_c_api.h"
 
 SOURCE = "ort_ops.cpp"
 #: Files of the kernels folder the build reads besides SOURCE: the engine it includes, the export list.
-DEPENDS = ("ctc_cpu.cpp", "ort_ops.map")
+DEPENDS = ("ctc_cpu.cpp", "ctc_align_cpu.cpp", "ort_ops.map")
 VERSION_SCRIPT = "ort_ops.map"
 SYMBOL = "RegisterCustomOps"
 #: Compile flags: the engine's, with every symbol hidden but RegisterCustomOps (also enforced by the version script,

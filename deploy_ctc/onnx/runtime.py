@@ -1,4 +1,4 @@
-"""onnxruntime SessionOptions that run deploy_ctc::CTCLoss / CTCLossGrad with deploy_ctc's native library.
+"""onnxruntime SessionOptions that run deploy_ctc::CTCLoss / CTCLossGrad / CTCAlign with deploy_ctc's native library.
 
 Two ways a session computes the ops:
 
@@ -28,7 +28,8 @@ _warned = False
 
 
 def session_options(so=None):
-    """onnxruntime SessionOptions whose sessions run deploy_ctc::CTCLoss / CTCLossGrad with the native library.
+    """onnxruntime SessionOptions whose sessions run deploy_ctc's ops (CTCLoss, CTCLossGrad, CTCAlign) with the
+    native library.
 
     Thread-safe; the first call in a process may build the library (seconds, once per machine).
 

@@ -396,3 +396,50 @@ def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
                                            zero_infinity=zero_infinity)
     assert_close(loss, want_loss, np.float64, "loss")
     assert_close(grad, want_grad, np.float64, "grad")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CTCAlign
+# ----------------------------------------------------------------------------------------------------------
+def align(feeds: dict, **attrs):
+    """The library's (alignment, scores) for ``feeds``."""
+    helper = onnx.helper
+    inputs = [helper.make_tensor_value_info(name, ELEM[np.asarray(value).dtype], None) for name, value in feeds.items()]
+    outputs = [helper.make_tensor_value_info("alignment", onnx.TensorProto.INT64, None),
+               helper.make_tensor_value_info("scores", ELEM[np.asarray(feeds["log_probs"]).dtype], None)]
+    node = helper.make_node("CTCAlign", list(feeds), ["alignment", "scores"], domain="deploy_ctc", **attrs)
+    model = helper.make_model(helper.make_graph([node], "CTCAlign", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), dco.session_options(),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["padded", "concatenated", "unbatched"])
+def test_align_bit_identical_to_the_python_api(rng, dtype, layout):
+    T, N, C = 30, 40, 6  # large enough for the intra-op threads
+    lp = (-rng.choice([0.5, 1.0, 2.0], size=(T, N, C))).astype(dtype)  # exact ties
+    lp[3, 1, 1] = np.nan
+    targets = rng.choice([0, 1, 3, 4, 5], size=(N, 7))
+    il, tl = rng.integers(0, T + 1, size=N), rng.integers(0, 8, size=N)
+    if layout == "concatenated":
+        targets = concatenate_targets(targets, tl)
+    elif layout == "unbatched":
+        lp, targets, il, tl = lp[:, 0].copy(), targets[0, : tl[0]], il[:1].reshape(()), tl[:1].reshape(())
+    feeds = feeds_of(lp, targets, il, tl, (np.int32, np.int64, np.int32))
+    alignment, scores = align(feeds, blank=2)
+    expected = deploy_ctc.forced_align(lp, targets, il, tl, blank=2)
+    assert alignment.dtype == np.int64 and scores.dtype == dtype and alignment.shape == expected[0].shape
+    np.testing.assert_array_equal(alignment, expected[0])
+    np.testing.assert_array_equal(scores, expected[1])
+
+
+@pytest.mark.parametrize("case", ["target equals blank", "input length above T", "concatenated sum", "float targets"])
+def test_align_invalid_input_raises_the_api_message(case):
+    feeds = INVALID[case](_valid())
+    with pytest.raises((ValueError, TypeError)) as direct:
+        deploy_ctc.forced_align(*feeds.values())
+    with pytest.raises(Exception) as raised:
+        align(feeds)
+    assert f"deploy_ctc::CTCAlign: {direct.value}" in str(raised.value)
