@@ -82,7 +82,7 @@ def ctc_loss_and_grad(log_probs: Array, targets: IntArrayLike, input_lengths: In
     """
     check_convention(convention)
     problem = validate(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
-    scale = _grad_scale(problem, grad_output)
+    scale = grad_scale(problem, grad_output)
     nll, grad = backend_for(problem).forward_backward(problem, scale, convention)
     if not problem.batched:
         grad = grad[:, 0, :]  # (T, C)
@@ -130,7 +130,7 @@ def _reduce(problem, nll):
     return xp.asarray(loss).astype(problem.out_dtype)
 
 
-def _grad_scale(problem, grad_output):
+def grad_scale(problem, grad_output):
     """Per-sample gradient weights ``(N,)`` float64: ``grad_output`` times the reduction's factor."""
     xp = problem.xp
     N = problem.log_probs.shape[1]

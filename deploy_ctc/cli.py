@@ -6,6 +6,8 @@
 - ``deploy-ctc demo``: export an acoustic model with its CTC loss to ONNX and evaluate it in ONNX Runtime
   (:mod:`deploy_ctc.demo`).
 - ``deploy-ctc bench``: the CPU benchmark against torch (``benchmarks/bench_cpu.py``, from a source checkout).
+- ``deploy-ctc ort-library``: the native ONNX Runtime custom-op library's path (built if needed), or with
+  ``--portable --output PATH`` a copy for other machines (:mod:`deploy_ctc.onnx.native_library`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import deploy_ctc
 from deploy_ctc._backends import cpu as cpu_backends
 from deploy_ctc._backends import native_cache
 from deploy_ctc._backends.cpu import common, native_build
+from deploy_ctc.onnx import native_library
 
 #: Optional modules and the extra that installs each.
 OPTIONAL = [("torch", "test"), ("cupy", "cuda"), ("onnx", "onnx"), ("onnxruntime", "onnx"),
-            ("onnxruntime_extensions", "onnx"), ("onnxscript", "onnx")]
+            ("onnxscript", "onnx")]
 #: What ``deploy-ctc demo`` imports.
-DEMO_NEEDS = ("torch", "onnx", "onnxruntime", "onnxruntime_extensions", "onnxscript")
+DEMO_NEEDS = ("torch", "onnx", "onnxruntime", "onnxscript")
 
 
 def _import_failure(module_name: str) -> str | None:
@@ -126,6 +129,7 @@ def check(args: argparse.Namespace) -> int:
     print(f"  NumPy arrays run on: {cpu_backends.name()} (set {cpu_backends.ENV}=auto|native|numpy)")
     print(f"  cuda    {_gpu_status()}")
     print(f"  onnx    {'available' if _version('onnxruntime') and _version('onnx') else 'not installed'}")
+    print(f"  onnxruntime ops: {native_library.describe()}; without it, the models' portable function bodies")
     print(f"worker threads: {_threads()}")
     print(f"build cache: {_cache()}")
     cases = [_single_path_case()]
@@ -179,21 +183,27 @@ def bench(args: argparse.Namespace) -> int:
     return module.main(args.bench_options, prog="deploy-ctc bench")
 
 
+def ort_library(args: argparse.Namespace) -> int:
+    """``deploy-ctc ort-library``: the library's path, or a copy built at ``--output``; returns the exit code."""
+    return native_library.run_command(portable=args.portable, output=args.output)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with the "unknown command" message naming the command and the known ones."""
 
     def error(self, message):
         if "invalid choice" in message and "argument COMMAND" in message:
             command = message.split("invalid choice: ", 1)[1].split(" ", 1)[0]
-            message = f"unknown command {command}; the commands are check, demo, bench (see deploy-ctc --help)"
+            message = (f"unknown command {command}; the commands are check, demo, bench, ort-library "
+                       "(see deploy-ctc --help)")
         super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deploy-ctc`` argument parser: one subcommand per task, plain-text help."""
     parser = _Parser(prog="deploy-ctc", description="CTC loss with the behaviour of torch.nn.CTCLoss for NumPy, "
-                     "CuPy (CUDA), torch and ONNX Runtime: check the installation, run the ONNX demo, or run the "
-                     "CPU benchmark.")
+                     "CuPy (CUDA), torch and ONNX Runtime: check the installation, run the ONNX demo, run the "
+                     "CPU benchmark, or locate / build the native ONNX Runtime library.")
     parser.add_argument("--version", action="version", version=f"deploy_ctc {deploy_ctc.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
 
@@ -209,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="export an acoustic model with its CTC loss to ONNX and run it in ONNX Runtime",
         description="Build a small acoustic model (conv front-end and BiLSTM over 80-dim features, 30 classes) whose "
                     "forward ends in the CTC loss, export it with the loss to ONNX, evaluate the loss in plain "
-                    "onnxruntime and with the deploy_ctc extension, and print parity with torch and timings. "
+                    "onnxruntime and with deploy_ctc's native library, and print parity with torch and timings. "
                     "Synthetic data, no downloads. Needs torch and deploy_ctc[onnx].")
     demo_parser.add_argument("--output", type=Path, default=None,
                              help="where to write the ONNX model (default: a temporary file, deleted at the end)")
@@ -226,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", add_help=False, help="the CPU benchmark against torch (from a source checkout)",
         description="Run benchmarks/bench_cpu.py of a source checkout; its options follow (deploy-ctc bench --help).")
     bench_parser.set_defaults(run=bench)  # its options are the benchmark's, passed on unparsed
+
+    library_parser = commands.add_parser(
+        "ort-library", help="the native ONNX Runtime custom-op library: its path, or a portable copy to ship",
+        description="Print the path of deploy_ctc's native ONNX Runtime custom-op library (building it on first "
+                    "use; it needs ONNX Runtime's C headers: $DEPLOY_CTC_ORT_INCLUDE or /usr/include/onnxruntime), "
+                    "or build a copy at --output, with --portable for other machines (no -march=native).")
+    library_parser.add_argument("--portable", action="store_true",
+                                help="generic code for shipping (Triton, devices), no -march=native")
+    library_parser.add_argument("--output", type=Path, default=None,
+                                help="build a fresh copy at this path instead of using the cache")
+    library_parser.set_defaults(run=ort_library)
     return parser
 
 
@@ -250,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     return args.run(args)
+
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ On built-in synthetic data (no downloads) the demo
    :class:`AcousticModelWithLoss`, whose forward ends in ``F.ctc_loss``;
 2. exports it with :func:`deploy_ctc.onnx.export` (dynamic batch, frames and target length);
 3. evaluates the loss with plain onnxruntime (the portable function body) and with the deploy_ctc
-   extension, and prints parity against torch eager and median timings.
+   native library, and prints parity against torch eager and median timings.
 
 The model goes to a temporary file (deleted at the end) unless ``output`` names one. ``deploy-ctc demo``
 (:mod:`deploy_ctc.cli`) parses the options and calls :func:`run`.
@@ -200,7 +200,7 @@ def _run(path: Path, keep: bool, batch_size: int, frames: int, exporter: str, re
         eager_ms = _median_ms(lambda: module(*tensors), repeats)
     sessions = {
         "onnxruntime (portable body)": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
-        "onnxruntime + deploy_ctc extension": ort.InferenceSession(
+        "onnxruntime + deploy_ctc library": ort.InferenceSession(
             str(path), dco.session_options(), providers=["CPUExecutionProvider"]),
     }
     ok = True

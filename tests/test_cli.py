@@ -178,3 +178,45 @@ def test_bench_outside_a_checkout_says_how_to_run_it(capsys, monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 2
     assert "python benchmarks/bench_cpu.py" in capsys.readouterr().err
+
+
+def test_check_says_whether_the_onnxruntime_library_is_available(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deploy_ctc.onnx import native_library
+
+    monkeypatch.setattr(native_library, "_failure", None)
+    monkeypatch.setattr(native_library, "_path", None)
+    monkeypatch.setenv(native_library.INCLUDE_ENV, str(tmp_path))  # no headers there
+    monkeypatch.setattr(native_library, "SYSTEM_INCLUDE", tmp_path / "none")
+    _, out = run_main(["check"], capsys)
+    assert f"native library unavailable (ONNX Runtime's C API header onnxruntime_c_api.h was not found in {tmp_path}" \
+        in out and native_library.INCLUDE_ENV in out
+
+
+def test_ort_library_prints_the_library_path(capsys):
+    pytest.importorskip("onnxruntime")
+    from deploy_ctc.onnx import native_library
+
+    try:
+        path = native_library.library_path()
+    except native_library.NativeUnavailable as error:
+        pytest.skip(f"the native ONNX Runtime library is unavailable here: {error}")
+    code, out = run_main(["ort-library"], capsys)
+    assert code == 0 and out.strip() == path
+
+
+def test_ort_library_portable_build_command(monkeypatch, capsys, tmp_path):
+    """The portable copy is built without -march=native, with the export list and no undefined symbols."""
+    from deploy_ctc.onnx import native_library
+
+    commands = []
+    monkeypatch.setattr(native_library, "include_dir", lambda: tmp_path)
+    monkeypatch.setattr(native_library.subprocess, "run", lambda command: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    code, _ = run_main(["ort-library", "--portable", "--output", str(tmp_path / "lib" / "x.so")], capsys)
+    assert code == 0 and len(commands) == 1
+    command = commands[0]
+    assert not any(flag.startswith("-march") for flag in command)
+    assert "-fvisibility=hidden" in command and "-Wl,-z,defs" in command and f"-I{tmp_path}" in command
+    assert any(flag.startswith("-Wl,--version-script=") and flag.endswith("ort_ops.map") for flag in command)
+    assert (tmp_path / "lib").is_dir()

@@ -61,7 +61,7 @@ def append_ctc_loss(model: onnx.ModelProto, log_probs_name: str, *, targets_name
         log_probs_name: name of the (T, N, C) value in ``model.graph``.
         blank, reduction, zero_infinity: as torch.nn.CTCLoss.
         embed_functions: attach the portable function body (plain onnxruntime runs it); False leaves the
-            op to the extension (:func:`deploy_ctc.onnx.session_options`).
+            op to the native library (:func:`deploy_ctc.onnx.session_options`).
         keep_outputs: keep the model's outputs next to ``loss`` (False: ``loss`` only).
     Returns:
         The new onnx.ModelProto.

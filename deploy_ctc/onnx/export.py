@@ -193,7 +193,7 @@ def export(model: torch.nn.Module, args: tuple, f: str | os.PathLike | BinaryIO 
         f: path or binary file object to write the model to; None writes nothing.
         dynamo: which torch exporter (True: torch.export-based, torch's default; False: TorchScript).
         embed_functions: attach the portable function bodies so plain onnxruntime runs the loss;
-            False leaves it to the extension (:func:`deploy_ctc.onnx.session_options`).
+            False leaves it to the native library (:func:`deploy_ctc.onnx.session_options`).
         **kwargs: passed to torch.onnx.export (``input_names``, ``output_names``, ``dynamic_axes`` or
             ``dynamic_shapes``, ``opset_version`` -- default 18, the bodies' minimum, ...).
     Returns:

@@ -1,7 +1,7 @@
 """Portable bodies: model-local ONNX functions computing CTCLoss / CTCLossGrad / CTCAlign with standard ops only.
 
 A node ``deploy_ctc::CTCLoss`` whose model carries these FunctionProtos runs in any runtime that inlines
-model-local functions (plain onnxruntime on CPU or CUDA, onnx.reference) with no extension installed.
+model-local functions (plain onnxruntime on CPU or CUDA, onnx.reference) with no custom-op library.
 The bodies are type-generic (float or double, int32 or int64 indices) and read the node's attributes
 through ``ref_attr_name``.  They use ONNX opset >= 18 ops (axes as inputs) plus ``ai.onnx.ml``
 LabelEncoder, the standard op that turns the ``reduction`` string into a number for opsets < 19,
