@@ -48,6 +48,13 @@ namespace {
 constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
 constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
+// The loss-only pass (see forward_only_step): mantissas are renormalised once one leaves [2^-100, 2^100]; an emission
+// below e^-kEmitFloor (2^-600) relative to its frame's largest, or a factor between neighbouring exponents above
+// 2^kMaxGap, sends the sample to the exact log-space path. These bounds keep every product a normal float64.
+constexpr double kRange = 0x1p100;
+constexpr double kEmitFloor = 415.0;
+constexpr double kMaxGap = 900.0;
+constexpr std::int64_t kEmitBlock = 32;  // frames whose emissions the loss-only pass computes ahead
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bit_cast(From from) {
@@ -180,6 +187,18 @@ struct Lane {
   std::int32_t* members;  // (S_max,)      label positions grouped by slot: slot j owns members[first[j] .. first[j+1])
   std::int32_t* first;    // (S_max + 1,)
 
+  // Loss-only pass (forward_only_step): per-position mantissas and exponents, alpha_t = x 2^E, and the factors
+  // between neighbouring exponents; emit_label / emit_blank then hold kEmitBlock frames.
+  double* x_blank[2];     // (S_max + 1,)  x of the blank plane, frames t - 1 and t (by cur)
+  double* x_label[2];     // (width,)      x of the label plane at +1 (a zero at -1 and S)
+  double* exp_blank;      // (S_max + 1,)  E of the blank plane (integers held as doubles)
+  double* exp_label;      // (S_max,)      E of the label plane
+  double* f_eo;           // (S_max + 1,)  2^(E_label[i-1] - E_blank[i]), 0 for i = 0
+  double* f_oe;           // (S_max,)      2^(E_blank[i] - E_label[i])
+  double* f_oo;           // (S_max,)      k_i 2^(E_label[i-1] - E_label[i])
+  std::uint8_t* emit_zero;  // (kEmitBlock,) 1 where the frame has an emission of exactly 0 (a -inf log-prob)
+  int cur = 0;
+
   std::int64_t n = 0, T = 0, S = 0, count = 0;  // sample, frames T_n, target length S_n, distinct labels
   bool alive = false;                           // false once the sample failed (it then takes the exact path)
   double m_sum = 0.0;                           // sum_t m_t
@@ -215,6 +234,35 @@ struct Lane {
     return (used + 63) / 64 * 64;
   }
 
+  // The loss-only layout: two rows per plane, exponents, factors and kEmitBlock frames of emissions (no T x S table).
+  std::size_t carve_forward(char* memory, std::int64_t s_max_) {
+    s_max = s_max_, width = s_max_ + 2;
+    std::size_t used = 0;
+    auto take = [&](auto*& pointer, std::int64_t count) {
+      using T = std::remove_reference_t<decltype(*pointer)>;
+      pointer = memory == nullptr ? nullptr : reinterpret_cast<T*>(memory + used);
+      used += sizeof(T) * static_cast<std::size_t>(count);
+    };
+    take(x_blank[0], s_max + 1), take(x_blank[1], s_max + 1);
+    take(x_label[0], width), take(x_label[1], width);
+    take(exp_blank, s_max + 1);
+    take(exp_label, s_max);
+    take(f_eo, s_max + 1);
+    take(f_oe, s_max);
+    take(f_oo, s_max);
+    take(emit_label, kEmitBlock * s_max);
+    take(emit_blank, kEmitBlock);
+    take(skip, s_max + 1);
+    take(unique_emit, s_max);
+    take(offset, s_max);
+    take(classes, s_max);
+    take(slot, s_max);
+    take(members, s_max);
+    take(first, s_max + 1);
+    take(emit_zero, kEmitBlock);
+    return (used + 63) / 64 * 64;
+  }
+
   // Take sample n: its skip flags, class slots (slot_of: class -> slot, all -1 before and after) and row offsets.
   void start(std::int64_t n_, std::int64_t T_, const std::int64_t* target, std::int64_t S_, std::int64_t sc,
              std::int32_t* slot_of) {
@@ -237,34 +285,57 @@ struct Lane {
   }
 };
 
+// One frame's emissions, with m the frame's largest log-prob among the sample's classes: y[i] = exp(lp[t, l_i] - m)
+// for the target's positions (one exponential per distinct class, in unique_emit by slot) and *yb for the blank;
+// returns m, or -inf when every class is -inf (nothing is then written). `ahead`'s lines of the same classes are
+// prefetched. Bit 0 of the returned *check: an emission of exactly 0 (a -inf log-prob); bit 1: one that is NaN, or
+// below e^-kEmitFloor with a finite log-prob.
+template <typename scalar_t>
+inline double frame_emissions(Lane& w, const scalar_t* row, const scalar_t* ahead, std::int64_t blank_offset,
+                              double* y, double* yb, int* check) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  double* u = w.unique_emit;
+  for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
+    __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
+    u[j] = static_cast<double>(row[w.offset[j]]);
+  }
+  const double b = static_cast<double>(row[blank_offset]);
+  double m = b == b ? b : -kInf;  // NaN: poisons its own emission below
+#pragma omp simd reduction(max : m)
+  for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
+  if (!(m > -kInf)) return m;
+  int zero = 0, bad = 0;
+#pragma omp simd reduction(| : zero, bad)
+  for (std::int64_t j = 0; j < w.count; ++j) {
+    const double d = u[j] - m;
+    zero |= d == -kInf;
+    bad |= !(d >= -kEmitFloor) && d != -kInf;
+    u[j] = exp_poly(d);
+  }
+  const double d = b - m;
+  zero |= d == -kInf;
+  bad |= !(d >= -kEmitFloor) && d != -kInf;
+  for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
+  *yb = exp_poly(d);
+  *check = zero | (bad << 1);
+  return m;
+}
+
 // The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
 // gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
 // every class at -inf kills the lane.
 template <typename scalar_t>
 void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
   double m_sum = 0.0;
   for (std::int64_t t = 0; t < w.T; ++t) {
-    const scalar_t* row = lp + t * st;
     const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
-    double* u = w.unique_emit;
-    for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
-      __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
-      u[j] = static_cast<double>(row[w.offset[j]]);
-    }
-    double m = static_cast<double>(row[blank_offset]);
-    m = m == m ? m : -kInf;  // NaN: caught by the check
-#pragma omp simd reduction(max : m)
-    for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
-    if (!(m > -kInf)) {
+    int check = 0;
+    const double m = frame_emissions(w, lp + t * st, ahead, blank_offset, w.emit_label + t * w.s_max,
+                                     w.emit_blank + t, &check);
+    if (!(m > -std::numeric_limits<double>::infinity())) {
       w.alive = false;
       return;
     }
-#pragma omp simd
-    for (std::int64_t j = 0; j < w.count; ++j) u[j] = exp_poly(u[j] - m);
-    double* y = w.emit_label + t * w.s_max;
-    for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = exp_poly(static_cast<double>(row[blank_offset]) - m);
     m_sum += m;
   }
   w.m_sum = m_sum, w.a_total = 0;
@@ -423,6 +494,43 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<scalar_t>* grad
   if (grad != nullptr) gradient_row(w, ge, go, z, *grad, t);
 }
 
+// Log emissions of one frame for the log-space path: y[i] = lp[t, l_i] and *yb = lp[t, blank], -inf clamped to kNeg;
+// false when one of them is NaN.
+template <typename scalar_t>
+bool log_emission_row(Lane& w, const scalar_t* row, std::int64_t blank_offset, double* y, double* yb) {
+  double* u = w.unique_emit;
+  bool nan = false;
+  for (std::int64_t j = 0; j < w.count; ++j) {
+    const double v = static_cast<double>(row[w.offset[j]]);
+    nan |= v != v;
+    u[j] = v > kNeg ? v : kNeg;
+  }
+  const double b = static_cast<double>(row[blank_offset]);
+  if (nan || b != b) return false;
+  for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
+  *yb = b > kNeg ? b : kNeg;
+  return true;
+}
+
+// One frame of the log-space forward recursion (below), from the previous frame's rows pe, po (nullptr at t = 0)
+// into e, o (o with a kNeg at -1 and S).
+inline void log_forward_row(const Lane& w, const double* pe, const double* po, double* e, double* o, double yb,
+                            const double* y) {
+  const std::int64_t S = w.S;
+  o[-1] = o[S] = kNeg;
+  if (pe == nullptr) {
+    for (std::int64_t i = 0; i <= S; ++i) e[i] = kNeg;
+    for (std::int64_t i = 0; i < S; ++i) o[i] = kNeg;
+    e[0] = yb;
+    if (S > 0) o[0] = y[0];
+    return;
+  }
+#pragma omp simd
+  for (std::int64_t i = 0; i <= S; ++i) e[i] = yb + log_add2(pe[i], po[i - 1]);
+#pragma omp simd
+  for (std::int64_t i = 0; i < S; ++i) o[i] = y[i] + log_add3(po[i], pe[i], w.skip[i] > 0.0 ? po[i - 1] : kNeg);
+}
+
 // The exact log-space path, for samples whose scaled recursions failed the check: alpha and beta' (beta without
 // the emission at t) as logs, with log y_t(c) = lp[t, c] itself, over the same planes and tables:
 //   la_e_t[i] = ly(blank) + log(e^la_e_{t-1}[i] + e^la_o_{t-1}[i-1])
@@ -435,42 +543,13 @@ template <typename scalar_t>
 double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset,
                         const GradientTarget<scalar_t>* grad) {
   const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
-  // Log emissions, -inf clamped to kNeg.
+  for (std::int64_t t = 0; t < T; ++t)
+    if (!log_emission_row(w, lp + t * st, blank_offset, w.emit_label + t * w.s_max, w.emit_blank + t)) return NAN;
   for (std::int64_t t = 0; t < T; ++t) {
-    const scalar_t* row = lp + t * st;
-    double* y = w.emit_label + t * w.s_max;
-    double* u = w.unique_emit;
-    bool nan = false;
-    for (std::int64_t j = 0; j < w.count; ++j) {
-      const double v = static_cast<double>(row[w.offset[j]]);
-      nan |= v != v;
-      u[j] = v > kNeg ? v : kNeg;
-    }
-    const double b = static_cast<double>(row[blank_offset]);
-    if (nan || b != b) return NAN;
-    for (std::int64_t i = 0; i < S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = b > kNeg ? b : kNeg;
-  }
-  // Forward.
-  for (std::int64_t t = 0; t < T; ++t) {
-    const double yb = w.emit_blank[t];
-    const double* y = w.emit_label + t * w.s_max;
     double* e = w.fwd_blank + t * WB;
     double* o = w.fwd_label + t * W + 1;
-    o[-1] = o[S] = kNeg;
-    if (t == 0) {
-      for (std::int64_t i = 0; i <= S; ++i) e[i] = kNeg;
-      for (std::int64_t i = 0; i < S; ++i) o[i] = kNeg;
-      e[0] = yb;
-      if (S > 0) o[0] = y[0];
-      continue;
-    }
-    const double* pe = e - WB;
-    const double* po = o - W;
-#pragma omp simd
-    for (std::int64_t i = 0; i <= S; ++i) e[i] = yb + log_add2(pe[i], po[i - 1]);
-#pragma omp simd
-    for (std::int64_t i = 0; i < S; ++i) o[i] = y[i] + log_add3(po[i], pe[i], w.skip[i] > 0.0 ? po[i - 1] : kNeg);
+    log_forward_row(w, t == 0 ? nullptr : e - WB, t == 0 ? nullptr : o - W, e, o, w.emit_blank[t],
+                    w.emit_label + t * w.s_max);
   }
   const double* e_end = w.fwd_blank + (T - 1) * WB;
   const double* o_end = w.fwd_label + (T - 1) * W + 1;
@@ -511,16 +590,248 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
   return -log_p;
 }
 
+// ----------------------------------------------------------------------------------------------------------------
+// Loss only: the forward recursion alone, exact by construction.
+//
+// Each cell holds alpha_t(s) = x_t(s) 2^E(s) m-scaled (y_t = exp(lp - m_t) as above): a float64 mantissa per cell
+// and an integer exponent per *position*, shared by all frames until the next renormalisation. With the factors
+// f = 2^(E(feeder) - E(cell)) between neighbouring exponents the recursion keeps its form and its cost:
+//   e_t[i] = y_t(blank) (e_{t-1}[i] + f_eo[i] o_{t-1}[i-1])
+//   o_t[i] = y_t(l_i)   (o_{t-1}[i] + f_oe[i] e_{t-1}[i] + f_oo[i] o_{t-1}[i-1])      (f_oo includes k_i)
+// Once a nonzero mantissa leaves [2^-100, 2^100] (or a -inf log-prob zeroed a cell), the row is renormalised: each
+// nonzero x = f 2^k becomes f in [1/2, 1) with E += k, a zero cell takes the smallest exponent of its live feeders,
+// and the factors are recomputed. The lattice's dynamic range across positions is then unbounded (a long sequence's
+// forward mass runs far ahead of the alignments that can still finish, 1e-380 and less behind the frame's largest
+// value), and no value ever leaves the normal range:
+//   * between renormalisations every nonzero x lies in [2^-100, 2^100] and every emission in [2^-600, 1] or is 0
+//     (a smaller emission with a finite log-prob sends the sample to the exact path), factors lie below 2^900 (a
+//     larger one also does), so each sum is at most 3 * 2^1000 and each nonzero cell's new value at least
+//     2^-700: products are normal, rounded relatively (u = 2^-53);
+//   * a factor below 2^-1022 is taken as 0: it only occurs into a nonzero cell (a zero cell's factors from live
+//     feeders are at least 1), where the dropped term, at most 2^-1022 * 2^100, meets the cell's own term of at
+//     least 2^-100 (a nonzero cell stays nonzero until a zero emission, which renormalises): a relative error of
+//     2^-822; a product that lands in the subnormals is an absolute error of 2^-1075 against a sum of at least
+//     2^-100.
+// Every operand and operation is nonnegative, so the relative errors do not cancel or amplify: each cell, and the
+// loss, is within about 5 T u of the exact value (relative), whatever the input. The log-space path takes the rare
+// samples with emissions below e^-415 relative to the frame's largest, factors above 2^900 (neighbouring
+// positions 2^900 apart in mass) or a frame whose classes are all -inf; NaN goes back to Python.
+
+// Frame t = 0 of the loss-only pass, from the emissions of block row `row`.
+inline void forward_only_first(Lane& w, std::int64_t row) {
+  double* e = w.x_blank[w.cur];
+  double* o = w.x_label[w.cur] + 1;
+  for (std::int64_t i = 0; i <= w.S; ++i) e[i] = 0.0, w.exp_blank[i] = 0.0;
+  for (std::int64_t i = 0; i < w.S; ++i) o[i] = 0.0, w.exp_label[i] = 0.0;
+  e[0] = w.emit_blank[row];
+  if (w.S > 0) o[0] = w.emit_label[row * w.s_max];
+}
+
+// Frame t >= 1 of the loss-only pass, from the emissions of block row `row`. Returns whether a nonzero mantissa
+// left [1 / kRange, kRange].
+inline bool forward_only_step(Lane& w, std::int64_t row) {
+  const std::int64_t S = w.S;
+  const double yb = w.emit_blank[row];
+  const double* y = w.emit_label + row * w.s_max;
+  const double* pe = w.x_blank[w.cur];
+  const double* po = w.x_label[w.cur] + 1;
+  double* e = w.x_blank[1 - w.cur];
+  double* o = w.x_label[1 - w.cur] + 1;
+  const double *f_eo = w.f_eo, *f_oe = w.f_oe, *f_oo = w.f_oo;
+  double low = kRange, high = 0.0;  // smallest nonzero and largest x of the frame
+#pragma omp simd reduction(min : low) reduction(max : high)
+  for (std::int64_t i = 0; i <= S; ++i) {
+    const double x = yb * (pe[i] + f_eo[i] * po[i - 1]);
+    e[i] = x;
+    high = x > high ? x : high;
+    low = x > 0.0 && x < low ? x : low;
+  }
+#pragma omp simd reduction(min : low) reduction(max : high)
+  for (std::int64_t i = 0; i < S; ++i) {
+    const double x = y[i] * (po[i] + f_oe[i] * pe[i] + f_oo[i] * po[i - 1]);
+    o[i] = x;
+    high = x > high ? x : high;
+    low = x > 0.0 && x < low ? x : low;
+  }
+  w.cur = 1 - w.cur;
+  return low < 1.0 / kRange || high > kRange;
+}
+
+// 2^d for the integer d (a difference of exponents), 0 below 2^-1022 or for a dead feeder (d = -inf or NaN); false
+// when d > kMaxGap.
+inline bool exponent_factor(double d, double* factor) {
+  if (d > kMaxGap) return false;
+  *factor = d >= -1022.0 ? inverse_power_of_two(static_cast<std::int64_t>(-d)) : 0.0;
+  return true;
+}
+
+// Renormalises the current row and recomputes the factors (see above); false when a factor exceeds 2^kMaxGap.
+// A zero cell takes the smallest exponent among its live feeders, so whatever mass arrives there later enters with
+// factors in [1, 2^kMaxGap] and nothing is dropped; a zero cell without live feeders is dead (E = -inf): it stays
+// zero for good (e[0] after a zero blank emission, and what only it feeds).
+inline bool renormalise(Lane& w) {
+  constexpr double kDead = -std::numeric_limits<double>::infinity();
+  const std::int64_t S = w.S;
+  double* e = w.x_blank[w.cur];
+  double* o = w.x_label[w.cur] + 1;
+  double *eb = w.exp_blank, *el = w.exp_label;
+  auto normalise = [](double& x, double& exponent) {
+    const int k = exponent_of(x);
+    x *= inverse_power_of_two(k);
+    exponent += k;
+  };
+  auto smallest_live = [](double a, double b) { return a == kDead ? b : (b == kDead || a < b ? a : b); };
+  for (std::int64_t i = 0; i <= S; ++i) {  // positions in lattice order: a zero cell's feeders come first
+    if (e[i] > 0.0) {
+      normalise(e[i], eb[i]);
+    } else {
+      eb[i] = i > 0 ? el[i - 1] : kDead;
+    }
+    if (i == S) break;
+    if (o[i] > 0.0) {
+      normalise(o[i], el[i]);
+    } else {
+      el[i] = smallest_live(eb[i], i > 0 && w.skip[i] > 0.0 ? el[i - 1] : kDead);
+    }
+  }
+  bool fine = true;
+  w.f_eo[0] = 0.0;
+  for (std::int64_t i = 1; i <= S; ++i) fine &= exponent_factor(el[i - 1] - eb[i], &w.f_eo[i]);
+  for (std::int64_t i = 0; i < S; ++i) {
+    fine &= exponent_factor(eb[i] - el[i], &w.f_oe[i]);
+    w.f_oo[i] = 0.0;
+    if (i > 0 && w.skip[i] > 0.0) fine &= exponent_factor(el[i - 1] - el[i], &w.f_oo[i]);
+  }
+  return fine;
+}
+
+// Emissions of frames [t0, t1) into the block rows; false when the sample must take the exact path.
+template <typename scalar_t>
+bool emission_block(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset, std::int64_t t0,
+                    std::int64_t t1) {
+  for (std::int64_t t = t0; t < t1; ++t) {
+    const std::int64_t row = t - t0;
+    const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
+    int check = 0;
+    const double m = frame_emissions(w, lp + t * st, ahead, blank_offset, w.emit_label + row * w.s_max,
+                                     w.emit_blank + row, &check);
+    if (!(m > -std::numeric_limits<double>::infinity()) || (check & 2)) return false;
+    w.emit_zero[row] = static_cast<std::uint8_t>(check & 1);
+    w.m_sum += m;
+  }
+  return true;
+}
+
+// -log p of the loss-only pass at its last frame: log p = log(x_e 2^E_e + x_o 2^E_o) + sum_t m_t.
+inline double forward_only_nll(const Lane& w) {
+  constexpr double kLn2 = 0.693147180559945309;
+  const double* e = w.x_blank[w.cur];
+  const double* o = w.x_label[w.cur] + 1;
+  const std::int64_t S = w.S;
+  const double a = e[S], b = S > 0 ? o[S - 1] : 0.0;
+  if (!(a > 0.0) && !(b > 0.0)) return std::numeric_limits<double>::infinity();
+  const double la = a > 0.0 ? std::log(a) + w.exp_blank[S] * kLn2 : -std::numeric_limits<double>::infinity();
+  const double lb = b > 0.0 ? std::log(b) + w.exp_label[S - 1] * kLn2 : -std::numeric_limits<double>::infinity();
+  const double top = la > lb ? la : lb, low = la > lb ? lb : la;
+  return -(top + std::log1p(std::exp(low - top)) + w.m_sum);
+}
+
+// The exact log-space forward recursion alone (for the samples the loss-only pass leaves): -log p, +inf when no
+// alignment has a finite log-probability, NaN when the sample's log-probs hold NaN (left to the Python twin).
+template <typename scalar_t>
+double log_space_nll(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
+  const std::int64_t S = w.S;
+  int cur = 0;
+  for (std::int64_t t = 0; t < w.T; ++t) {
+    if (!log_emission_row(w, lp + t * st, blank_offset, w.emit_label, w.emit_blank)) return NAN;
+    log_forward_row(w, t == 0 ? nullptr : w.x_blank[cur], t == 0 ? nullptr : w.x_label[cur] + 1,
+                    w.x_blank[1 - cur], w.x_label[1 - cur] + 1, w.emit_blank[0], w.emit_label);
+    cur = 1 - cur;
+  }
+  const double log_p = log_add2(w.x_blank[cur][S], S > 0 ? w.x_label[cur][S] : kNeg);  // o[S - 1] at +1
+  if (!(log_p > kNeg / 2)) return std::numeric_limits<double>::infinity();
+  return -log_p;
+}
+
+// What ok[n] reports: the result came from the fast pass, from the engine's exact log-space path, or is left to
+// the Python twin (NaN log-probs).
+constexpr std::uint8_t kLeftToPython = 0, kFastPath = 1, kExactPath = 2;
+
 // Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
 // within kLaneBytes.
 constexpr int kMaxLanes = 4;
 constexpr std::size_t kLaneBytes = std::size_t(1) << 20;
+
+// Losses of the listed samples, forward recursion only (the loss-only pass above; the exact log-space forward for
+// the samples it leaves). Lanes of up to kMaxLanes samples advance in lockstep.
+template <typename scalar_t>
+int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
+             const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
+             const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples,
+             std::int64_t n_samples, double* nll, std::uint8_t* ok) {
+  std::int64_t s_max = 1;
+  for (std::int64_t i = 0; i < n_samples; ++i) {
+    const std::int64_t n = samples[i];
+    s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
+  }
+  const std::size_t lane_bytes = Lane().carve_forward(nullptr, s_max);
+  int lanes = static_cast<int>(kLaneBytes / lane_bytes);
+  lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);
+  char* memory = static_cast<char*>(std::malloc(lanes * lane_bytes + sizeof(std::int32_t) * C));
+  if (memory == nullptr) return -1;
+  Lane group[kMaxLanes];
+  for (int j = 0; j < lanes; ++j) group[j].carve_forward(memory + j * lane_bytes, s_max);
+  std::int32_t* slot_of = reinterpret_cast<std::int32_t*>(memory + lanes * lane_bytes);
+  for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
+
+  for (std::int64_t first = 0; first < n_samples; first += lanes) {
+    const int used = static_cast<int>(n_samples - first < lanes ? n_samples - first : lanes);
+    std::int64_t frames = 0;
+    for (int j = 0; j < used; ++j) {
+      Lane& w = group[j];
+      const std::int64_t n = samples[first + j];
+      w.start(n, input_lengths[n], targets + n * S_max, target_lengths[n], sc, slot_of);
+      w.m_sum = 0.0, w.cur = 0;
+      for (double* r : {w.x_label[0], w.x_label[1]}) r[0] = r[w.S + 1] = 0.0;  // o[-1] and o[S]
+      frames = w.T > frames ? w.T : frames;
+    }
+    for (std::int64_t t = 0; t < frames; ++t) {
+      const std::int64_t row = t % kEmitBlock;
+      for (int j = 0; j < used; ++j) {
+        Lane& w = group[j];
+        if (!w.alive || t >= w.T) continue;
+        if (row == 0) {
+          const std::int64_t end = t + kEmitBlock < w.T ? t + kEmitBlock : w.T;
+          w.alive = emission_block(w, lp + w.n * sn, st, blank * sc, t, end);
+          if (!w.alive) continue;
+        }
+        bool renormalise_now = true;
+        if (t == 0) {
+          forward_only_first(w, row);
+        } else {
+          renormalise_now = forward_only_step(w, row) || w.emit_zero[row];
+        }
+        if (renormalise_now) w.alive = renormalise(w);
+      }
+    }
+    for (int j = 0; j < used; ++j) {
+      Lane& w = group[j];
+      const double value = w.alive ? forward_only_nll(w) : log_space_nll(w, lp + w.n * sn, st, blank * sc);
+      nll[w.n] = value;
+      ok[w.n] = std::isnan(value) ? kLeftToPython : (w.alive ? kFastPath : kExactPath);
+    }
+  }
+  std::free(memory);
+  return 0;
+}
 
 template <typename scalar_t>
 int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
         const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
         const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples, std::int64_t n_samples,
         scalar_t* grad, const double* grad_scale, int plain, double* nll, std::uint8_t* ok) {
+  if (grad == nullptr) return run_loss(lp, C, st, sn, sc, targets, S_max, input_lengths, target_lengths, blank, samples,
+                                       n_samples, nll, ok);
   std::int64_t t_max = 1, s_max = 1;
   for (std::int64_t i = 0; i < n_samples; ++i) {
     const std::int64_t n = samples[i];
@@ -567,7 +878,7 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
           ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
           : log_space_sample(w, lp + w.n * sn, st, blank * sc, grad == nullptr ? nullptr : &targets_of[j]);
       nll[w.n] = value;
-      ok[w.n] = std::isnan(value) ? 0 : 1;
+      ok[w.n] = std::isnan(value) ? kLeftToPython : (w.alive ? kFastPath : kExactPath);
     }
   }
   std::free(memory);
@@ -576,8 +887,12 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0, or -1
-// when the scratch memory could not be allocated.
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0,
+// or -1 when the scratch memory could not be allocated. ok[n] of each listed sample: 1 (fast pass), 2 (the engine's
+// exact log-space path) or 0 (NaN log-probs: left to the caller).
+//   deploy_ctc_cpu_{float,double}: losses, and with grad != nullptr the gradient (forward and backward passes);
+//       grad == nullptr is the loss-only pass.
+//   deploy_ctc_cpu_nll_{float,double}: losses only (the forward pass alone).
 #define DEPLOY_CTC_ENTRY(NAME, TYPE)                                                                               \
   extern "C" int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn,            \
                       std::int64_t sc, const std::int64_t* targets, std::int64_t S, const std::int64_t* il,         \
@@ -586,6 +901,15 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
     return run<TYPE>(lp, N, C, st, sn, sc, targets, S, il, tl, blank, samples, count, grad, grad_scale, plain, nll, \
                      ok);                                                                                          \
   }
+#define DEPLOY_CTC_NLL_ENTRY(NAME, TYPE)                                                                           \
+  extern "C" int NAME(const TYPE* lp, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,           \
+                      const std::int64_t* targets, std::int64_t S, const std::int64_t* il, const std::int64_t* tl,  \
+                      std::int64_t blank, const std::int64_t* samples, std::int64_t count, double* nll,             \
+                      std::uint8_t* ok) {                                                                          \
+    return run_loss<TYPE>(lp, C, st, sn, sc, targets, S, il, tl, blank, samples, count, nll, ok);                 \
+  }
 
 DEPLOY_CTC_ENTRY(deploy_ctc_cpu_float, float)
 DEPLOY_CTC_ENTRY(deploy_ctc_cpu_double, double)
+DEPLOY_CTC_NLL_ENTRY(deploy_ctc_cpu_nll_float, float)
+DEPLOY_CTC_NLL_ENTRY(deploy_ctc_cpu_nll_double, double)

@@ -14,6 +14,8 @@ releases the GIL); small batches run on the calling thread.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import common, native_build
@@ -25,7 +27,8 @@ _PARALLEL_MIN_CELLS = 200_000
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
     """Per-sample negative log-likelihoods ``(N,)`` and, with ``grad_scale``, the scaled ``(T, N, C)`` gradient:
-    the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend` protocol).
+    the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the
+    :class:`deploy_ctc._backends.Backend` protocol). Without ``grad_scale`` only the forward recursion runs.
 
     Raises:
         deploy_ctc._backends.cpu.native_build.NativeUnavailable: the engine cannot be built here.
@@ -35,8 +38,9 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:
-        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,)
+        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,) PATHS code of each sample
         _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
+        path_counts.add(ok[samples])
         redo = samples[ok[samples] == 0]
         if redo.size:
             with np.errstate(all="ignore"):
@@ -44,8 +48,38 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     return common.finish(problem, nll, grad)
 
 
+#: What the engine reports for each sample (its ``ok`` code): the fast pass, its own exact log-space path, or left
+#: to the Python log-space twin (NaN log-probs).
+PATHS = ("python_redo", "fast", "exact")
+
+
+class PathCounts:
+    """How many samples took each of :data:`PATHS` since the last :meth:`reset` (all threads together)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = np.zeros(len(PATHS), dtype=np.int64)
+
+    def add(self, codes):
+        counts = np.bincount(codes, minlength=len(PATHS))
+        with self._lock:
+            self._counts += counts
+
+    def reset(self):
+        with self._lock:
+            self._counts[:] = 0
+
+    def as_dict(self):
+        with self._lock:
+            return dict(zip(PATHS, self._counts.tolist()))
+
+
+path_counts = PathCounts()
+
+
 def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
-    """Call the engine on ``samples``, split across the worker threads when the work is large enough."""
+    """Call the engine on ``samples`` (the loss-only entry point without ``grad``), split across the worker threads
+    when the work is large enough."""
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     if any(stride % lp.itemsize for stride in lp.strides):
@@ -55,17 +89,22 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     il, tl = (np.ascontiguousarray(a, dtype=np.int64) for a in (problem.input_lengths, problem.target_lengths))
     targets = np.ascontiguousarray(problem.targets, dtype=np.int64)  # (N, S)
     grad_scale = None if grad_scale is None else np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
-    entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
     address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
 
     cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
     parts = _deal(samples, cost, common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    shared = (address(targets), targets.shape[1], address(il), address(tl), problem.blank)
+    if grad is None:
+        entry = getattr(lib, native_build.NLL_ENTRY_POINTS[lp.dtype.name])
+        head = (address(lp), C, st, sn, sc) + shared
+        tail = (address(nll), address(ok))
+    else:
+        entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
+        head = (address(lp), N, C, st, sn, sc) + shared
+        tail = (address(grad), address(grad_scale), int(convention == "plain"), address(nll), address(ok))
 
     def call(part):
-        status = entry(address(lp), N, C, st, sn, sc, address(targets), targets.shape[1], address(il), address(tl),
-                       problem.blank, address(part), part.size, address(grad), address(grad_scale),
-                       int(convention == "plain"), address(nll), address(ok))
-        if status != 0:
+        if entry(*head, part.ctypes.data, part.size, *tail) != 0:
             raise MemoryError(f"deploy_ctc's native engine could not allocate its scratch memory for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 
@@ -77,14 +116,12 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
 
 
 def _deal(samples, cost, workers):
-    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
-    currently lightest part); each part stays in decreasing cost, so the engine's lanes get similar lengths."""
+    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost: in decreasing cost, dealt
+    back and forth across the parts (0, 1, ..., w-1, w-1, ..., 0, 0, 1, ...), so each part stays in decreasing cost
+    (the engine's lanes get similar lengths) and the parts' totals differ by at most about the largest cost."""
+    order = samples[np.argsort(-cost, kind="stable")].astype(np.int64, copy=False)  # (R,)
     if workers <= 1 or samples.size <= 1:
-        return [np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)]
-    loads = np.zeros(workers)
-    parts = [[] for _ in range(workers)]
-    for i in np.argsort(-cost, kind="stable"):
-        lightest = int(np.argmin(loads))
-        parts[lightest].append(samples[i])
-        loads[lightest] += cost[i]
-    return [np.array(part, dtype=np.int64) for part in parts if part]
+        return [np.ascontiguousarray(order)]
+    rank = np.arange(order.size) % (2 * workers)
+    part = np.where(rank < workers, rank, 2 * workers - 1 - rank)  # (R,) the back-and-forth deal
+    return [np.ascontiguousarray(order[part == p]) for p in range(workers) if (part == p).any()]

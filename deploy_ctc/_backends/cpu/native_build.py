@@ -39,13 +39,19 @@ FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fPIC", "-shared")
 #: 512-bit vectors on an AMD EPYC), then for this CPU, then generic code.
 TARGET_FLAGS = (("-march=native", "-mprefer-vector-width=256"), ("-march=native",), ())
 
-#: Exported entry points, one per input type.
+#: Exported entry points, one per input type: losses and gradients (forward and backward passes) ...
 ENTRY_POINTS = {"float32": "deploy_ctc_cpu_float", "float64": "deploy_ctc_cpu_double"}
+#: ... and losses alone (the forward pass).
+NLL_ENTRY_POINTS = {"float32": "deploy_ctc_cpu_nll_float", "float64": "deploy_ctc_cpu_nll_double"}
 _SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 5  # lp; N, C and lp's element strides st, sn, sc
               + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets .. blank
               + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
               + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad, grad_scale, plain
               + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
+_NLL_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 4  # lp; C and lp's element strides st, sn, sc
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets ..
+                  + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
+                  + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
 _COMPILE_TIMEOUT_S = 300
 
 
@@ -170,9 +176,10 @@ def _load(path: Path):
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         raise NativeUnavailable(f"could not load {path}: {error}") from None
-    for entry in ENTRY_POINTS.values():
-        function = getattr(lib, entry)
-        function.argtypes, function.restype = _SIGNATURE, ctypes.c_int
+    for entries, signature in ((ENTRY_POINTS, _SIGNATURE), (NLL_ENTRY_POINTS, _NLL_SIGNATURE)):
+        for entry in entries.values():
+            function = getattr(lib, entry)
+            function.argtypes, function.restype = signature, ctypes.c_int
     return lib
 
 
