@@ -48,12 +48,15 @@ namespace {
 constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
 constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
-// The loss-only pass (see forward_only_step): mantissas are renormalised once one leaves [2^-100, 2^100]; an emission
-// below e^-kEmitFloor (2^-600) relative to its frame's largest, or a factor between neighbouring exponents above
-// 2^kMaxGap, sends the sample to the exact log-space path. These bounds keep every product a normal float64.
-constexpr double kRange = 0x1p100;
+// The loss-only pass (see forward_only_step): mantissas are renormalised once one falls below kLowMantissa or rises
+// above 2^(1018 - the largest factor's exponent) (at most 2^662); factors between neighbouring exponents stay at most
+// 2^kMaxGap, by raising a cell's stored exponent up to kMaxExcess bits; an emission below e^-kEmitFloor (2^-600)
+// relative to its frame's largest, or a larger raise, sends the sample to the exact log-space path. These bounds
+// keep every product that matters a normal float64.
+constexpr double kLowMantissa = 0x1p-300;
 constexpr double kEmitFloor = 415.0;
 constexpr double kMaxGap = 900.0;
+constexpr double kMaxExcess = 900.0;
 constexpr std::int64_t kEmitBlock = 32;  // frames whose emissions the loss-only pass computes ahead
 
 template <typename To, typename From>
@@ -198,6 +201,7 @@ struct Lane {
   double* f_oo;           // (S_max,)      k_i 2^(E_label[i-1] - E_label[i])
   std::uint8_t* emit_zero;  // (kEmitBlock,) 1 where the frame has an emission of exactly 0 (a -inf log-prob)
   int cur = 0;
+  double high_mantissa = 1.0;  // mantissas above it may overflow a factor's product: renormalise
 
   std::int64_t n = 0, T = 0, S = 0, count = 0;  // sample, frames T_n, target length S_n, distinct labels
   bool alive = false;                           // false once the sample failed (it then takes the exact path)
@@ -593,29 +597,32 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
 // ----------------------------------------------------------------------------------------------------------------
 // Loss only: the forward recursion alone, exact by construction.
 //
-// Each cell holds alpha_t(s) = x_t(s) 2^E(s) m-scaled (y_t = exp(lp - m_t) as above): a float64 mantissa per cell
+// Each cell holds alpha_t(s) = x_t(s) 2^E(s) (m-scaled: y_t = exp(lp - m_t) as above): a float64 mantissa per cell
 // and an integer exponent per *position*, shared by all frames until the next renormalisation. With the factors
-// f = 2^(E(feeder) - E(cell)) between neighbouring exponents the recursion keeps its form and its cost:
+// f = 2^(E(feeder) - E(cell)) between neighbouring exponents the recursion keeps its form and nearly its cost:
 //   e_t[i] = y_t(blank) (e_{t-1}[i] + f_eo[i] o_{t-1}[i-1])
 //   o_t[i] = y_t(l_i)   (o_{t-1}[i] + f_oe[i] e_{t-1}[i] + f_oo[i] o_{t-1}[i-1])      (f_oo includes k_i)
-// Once a nonzero mantissa leaves [2^-100, 2^100] (or a -inf log-prob zeroed a cell), the row is renormalised: each
-// nonzero x = f 2^k becomes f in [1/2, 1) with E += k, a zero cell takes the smallest exponent of its live feeders,
-// and the factors are recomputed. The lattice's dynamic range across positions is then unbounded (a long sequence's
-// forward mass runs far ahead of the alignments that can still finish, 1e-380 and less behind the frame's largest
-// value), and no value ever leaves the normal range:
-//   * between renormalisations every nonzero x lies in [2^-100, 2^100] and every emission in [2^-600, 1] or is 0
-//     (a smaller emission with a finite log-prob sends the sample to the exact path), factors lie below 2^900 (a
-//     larger one also does), so each sum is at most 3 * 2^1000 and each nonzero cell's new value at least
-//     2^-700: products are normal, rounded relatively (u = 2^-53);
-//   * a factor below 2^-1022 is taken as 0: it only occurs into a nonzero cell (a zero cell's factors from live
-//     feeders are at least 1), where the dropped term, at most 2^-1022 * 2^100, meets the cell's own term of at
-//     least 2^-100 (a nonzero cell stays nonzero until a zero emission, which renormalises): a relative error of
-//     2^-822; a product that lands in the subnormals is an absolute error of 2^-1075 against a sum of at least
-//     2^-100.
-// Every operand and operation is nonnegative, so the relative errors do not cancel or amplify: each cell, and the
+// The lattice's dynamic range across positions is then unbounded: a long sequence's forward mass runs far ahead of
+// the alignments that can still finish (1e-380 and less behind the frame's largest value at T = 10^4), which a
+// per-frame scale flushes to zero. Once a nonzero mantissa leaves [2^-100, 2^100] (or a -inf log-prob zeroed a
+// cell) the row is renormalised, in lattice order: a nonzero x = f 2^k gives the cell's true exponent E + k and
+// the mantissa f in [1/2, 1); a zero cell's true exponent is the smallest among its live feeders' (no live
+// feeder: dead, E = -inf, zero for good); the stored exponent is the true one raised to at least each feeder's
+// stored exponent - 900 (the mantissa scaled down to match, exactly: it stays normal while the raise is at most
+// kMaxExcess = 900 bits, else the sample takes the exact path); then the factors. So, until the next
+// renormalisation:
+//   * every factor is at most 2^900 and every nonzero mantissa at most 2^100, so each sum is below 2^1002;
+//   * every emission lies in [2^-600, 1] or is 0 (a smaller one with a finite log-prob sends the sample to the
+//     exact path); a nonzero cell's sum contains its own term of at least 2^-100, a raised cell's the term of its
+//     largest feeder (2^900 x, so the cell leaves the range and renormalises after the frame), a zero cell's the
+//     term of its smallest live feeder with a factor of at least 1: every nonzero result is at least 2^-701, and
+//     every product and sum that matters is normal, rounded relatively (u = 2^-53);
+//   * what does not matter: a factor below 2^-1022 is taken as 0, and a product may land in the subnormals, only
+//     beside a term at least 2^800 times larger in the same sum (a relative error below 2^-700).
+// Every operand and operation is nonnegative, so relative errors neither cancel nor amplify: each cell, and the
 // loss, is within about 5 T u of the exact value (relative), whatever the input. The log-space path takes the rare
-// samples with emissions below e^-415 relative to the frame's largest, factors above 2^900 (neighbouring
-// positions 2^900 apart in mass) or a frame whose classes are all -inf; NaN goes back to Python.
+// samples with an emission below e^-415 relative to its frame's largest, a raise beyond kMaxExcess (a cell 2^1800
+// below its feeder) or a frame whose classes are all -inf; NaN goes back to Python.
 
 // Frame t = 0 of the loss-only pass, from the emissions of block row `row`.
 inline void forward_only_first(Lane& w, std::int64_t row) {
@@ -628,7 +635,7 @@ inline void forward_only_first(Lane& w, std::int64_t row) {
 }
 
 // Frame t >= 1 of the loss-only pass, from the emissions of block row `row`. Returns whether a nonzero mantissa
-// left [1 / kRange, kRange].
+// left [kLowMantissa, high_mantissa].
 inline bool forward_only_step(Lane& w, std::int64_t row) {
   const std::int64_t S = w.S;
   const double yb = w.emit_blank[row];
@@ -638,7 +645,7 @@ inline bool forward_only_step(Lane& w, std::int64_t row) {
   double* e = w.x_blank[1 - w.cur];
   double* o = w.x_label[1 - w.cur] + 1;
   const double *f_eo = w.f_eo, *f_oe = w.f_oe, *f_oo = w.f_oo;
-  double low = kRange, high = 0.0;  // smallest nonzero and largest x of the frame
+  double low = 1.0, high = 0.0;  // smallest nonzero and largest x of the frame
 #pragma omp simd reduction(min : low) reduction(max : high)
   for (std::int64_t i = 0; i <= S; ++i) {
     const double x = yb * (pe[i] + f_eo[i] * po[i - 1]);
@@ -654,54 +661,70 @@ inline bool forward_only_step(Lane& w, std::int64_t row) {
     low = x > 0.0 && x < low ? x : low;
   }
   w.cur = 1 - w.cur;
-  return low < 1.0 / kRange || high > kRange;
+  return low < kLowMantissa || high > w.high_mantissa;
 }
 
-// 2^d for the integer d (a difference of exponents), 0 below 2^-1022 or for a dead feeder (d = -inf or NaN); false
-// when d > kMaxGap.
-inline bool exponent_factor(double d, double* factor) {
-  if (d > kMaxGap) return false;
-  *factor = d >= -1022.0 ? inverse_power_of_two(static_cast<std::int64_t>(-d)) : 0.0;
-  return true;
+// 2^d for the integer d (a difference of exponents, at most kMaxGap), 0 below 2^-1022 or for a dead feeder (d = -inf
+// or NaN).
+inline double exponent_factor(double d) {
+  return d >= -1022.0 ? inverse_power_of_two(static_cast<std::int64_t>(-d)) : 0.0;
 }
 
-// Renormalises the current row and recomputes the factors (see above); false when a factor exceeds 2^kMaxGap.
-// A zero cell takes the smallest exponent among its live feeders, so whatever mass arrives there later enters with
-// factors in [1, 2^kMaxGap] and nothing is dropped; a zero cell without live feeders is dead (E = -inf): it stays
-// zero for good (e[0] after a zero blank emission, and what only it feeds).
+// Renormalises the current row and recomputes the factors (see above); false when a cell would need more than
+// kMaxExcess bits of headroom.
 inline bool renormalise(Lane& w) {
   constexpr double kDead = -std::numeric_limits<double>::infinity();
   const std::int64_t S = w.S;
   double* e = w.x_blank[w.cur];
   double* o = w.x_label[w.cur] + 1;
   double *eb = w.exp_blank, *el = w.exp_label;
-  auto normalise = [](double& x, double& exponent) {
-    const int k = exponent_of(x);
-    x *= inverse_power_of_two(k);
-    exponent += k;
+  bool fine = true;
+  // A cell's true exponent: its own once normalised, else the smallest among its live feeders' true exponents. Its
+  // stored exponent: at least each feeder's stored exponent - kMaxGap; a mantissa below its stored exponent is
+  // scaled down (exactly: at most kMaxExcess bits, so it stays normal).
+  auto settle = [&fine](double& x, double& stored, double true_if_zero, double floor) {
+    double exponent = true_if_zero;
+    if (x > 0.0) {
+      const int k = exponent_of(x);
+      x *= inverse_power_of_two(k);
+      exponent = stored + k;
+    }
+    stored = exponent > floor ? exponent : floor;
+    if (x > 0.0 && stored > exponent) {
+      fine &= stored - exponent <= kMaxExcess;
+      x *= inverse_power_of_two(static_cast<std::int64_t>(stored - exponent));
+    }
+    return exponent;
   };
   auto smallest_live = [](double a, double b) { return a == kDead ? b : (b == kDead || a < b ? a : b); };
-  for (std::int64_t i = 0; i <= S; ++i) {  // positions in lattice order: a zero cell's feeders come first
-    if (e[i] > 0.0) {
-      normalise(e[i], eb[i]);
-    } else {
-      eb[i] = i > 0 ? el[i - 1] : kDead;
-    }
+  double true_o = kDead, stored_o = kDead;  // o[i - 1]
+  for (std::int64_t i = 0; i <= S && fine; ++i) {  // lattice order: a cell's feeders come first
+    const double true_e = settle(e[i], eb[i], true_o, stored_o - kMaxGap);
     if (i == S) break;
-    if (o[i] > 0.0) {
-      normalise(o[i], el[i]);
-    } else {
-      el[i] = smallest_live(eb[i], i > 0 && w.skip[i] > 0.0 ? el[i - 1] : kDead);
-    }
+    const bool skip = i > 0 && w.skip[i] > 0.0;
+    const double floor = skip && stored_o > eb[i] ? stored_o - kMaxGap : eb[i] - kMaxGap;
+    true_o = settle(o[i], el[i], smallest_live(true_e, skip ? true_o : kDead), floor);
+    stored_o = el[i];
   }
-  bool fine = true;
+  // The factors, and the mantissa bound that keeps every product f x below 2^1018 and a dropped term (a factor below
+  // 2^-1022) below 2^-60 of its cell's own (at least kLowMantissa): 2^(1018 - largest exponent), at most 2^662.
+  double gap = 0.0;
   w.f_eo[0] = 0.0;
-  for (std::int64_t i = 1; i <= S; ++i) fine &= exponent_factor(el[i - 1] - eb[i], &w.f_eo[i]);
-  for (std::int64_t i = 0; i < S; ++i) {
-    fine &= exponent_factor(eb[i] - el[i], &w.f_oe[i]);
-    w.f_oo[i] = 0.0;
-    if (i > 0 && w.skip[i] > 0.0) fine &= exponent_factor(el[i - 1] - el[i], &w.f_oo[i]);
+#pragma omp simd reduction(max : gap)
+  for (std::int64_t i = 1; i <= S; ++i) {
+    const double d = el[i - 1] - eb[i];
+    w.f_eo[i] = exponent_factor(d);
+    gap = d > gap ? d : gap;
   }
+#pragma omp simd reduction(max : gap)
+  for (std::int64_t i = 0; i < S; ++i) {
+    const double d = eb[i] - el[i], d2 = i > 0 && w.skip[i] > 0.0 ? el[i - 1] - el[i] : -1e300;
+    w.f_oe[i] = exponent_factor(d);
+    w.f_oo[i] = exponent_factor(d2);
+    gap = d > gap ? d : gap;
+    gap = d2 > gap ? d2 : gap;
+  }
+  w.high_mantissa = inverse_power_of_two(-static_cast<std::int64_t>(1018.0 - (gap > 356.0 ? gap : 356.0)));
   return fine;
 }
 
