@@ -4,7 +4,8 @@
 # onnxruntime-training-cpu 1.19.2 (the package's last release) provides the `onnxruntime` module itself, so
 # it cannot share a venv with the onnxruntime package the rest of the suite uses. This script builds that
 # venv from nothing but the machine image (Python 3.11 and the package registries), installs the project
-# into it, runs tests/training and the fine-tuning example. Called by .ci/run as `bash .ci/training.sh`.
+# into it, runs tests/training, the README's code blocks and the fine-tuning example. Called by .ci/run as
+# `bash .ci/training.sh`.
 #
 # Environment: TRAIN_VENV (default .venv-train, recreated each run), PYTHON (default python3.11).
 set -euo pipefail
@@ -40,8 +41,8 @@ names = ["onnxruntime-training-cpu", "onnx", "onnxruntime-extensions", "torch", 
 print("  " + ", ".join(f"{name} {md.version(name)}" for name in names))
 PY
 
-echo "== tests/training"
-"$venv/bin/python" -m pytest tests/training -q -p no:cacheprovider
+echo "== tests/training, and the README's blocks that need onnxruntime-training"
+"$venv/bin/python" -m pytest tests/training tests/test_readme.py -q -p no:cacheprovider
 
 echo "== export_examples/finetune_ort.py (extension kernels)"
 "$venv/bin/python" export_examples/finetune_ort.py

@@ -1,4 +1,4 @@
-"""ONNX Runtime overheads of deploy_ctc::CTCLoss on the Core benchmark shapes (forward, float32, CPU).
+"""ONNX Runtime overheads of deploy_ctc::CTCLoss on the CPU benchmark's shapes (forward, float32, CPU).
 
 Two ratios, each measured in the same run on the same inputs:
 
@@ -7,8 +7,9 @@ Two ratios, each measured in the same run on the same inputs:
 * portable body: the same model with its model-local function, in plain onnxruntime, over torch CPU's
   ``F.ctc_loss`` forward -- target <= 3.
 
-Medians over ``--repeats`` rounds after one warm-up, the four paths alternating within each round so
-they share the (shared, noisy) machine's load; shapes whose warm-up exceeds 1 s per path are timed once.
+Inputs: :func:`benchmarks.common.make_inputs` with varied input and target lengths. Medians over ``--repeats``
+rounds after one warm-up, the four paths alternating within each round so they share the (shared, noisy)
+machine's load; shapes whose warm-up exceeds 1 s per path are timed once.
 Results go to benchmarks/results/bench_onnx.json.
 
     python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH]
@@ -20,29 +21,20 @@ import argparse
 import json
 import os
 import platform
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from deploy_ctc.benchmark import interleaved_medians
+if __package__ in (None, ""):  # run as a script: make the checkout's root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import interleaved_medians, make_inputs  # noqa: E402
 
-SHAPES = {  # (T, N, C, S), as the Core benchmark
+SHAPES = {  # (T, N, C, S), as the CPU benchmark
     "small": [(50, 16, 20, 30), (500, 32, 30, 100)],
     "all": [(50, 16, 20, 30), (500, 32, 30, 100), (400, 16, 1000, 80), (1500, 8, 5000, 300)],
 }
 SLOW_S = 1.0
-
-
-def _problem(T, N, C, S, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((T, N, C), dtype=np.float32)
-    log_probs = x - np.log(np.exp(x).sum(-1, keepdims=True))  # (T, N, C) float32
-    target_lengths = rng.integers(S // 3, S + 1, N)
-    target_lengths[0] = S
-    targets = rng.integers(1, C, (N, S))
-    input_lengths = rng.integers(min(T, max(T * 3 // 4, S + S // 4)), T + 1, N)  # room for repeats
-    input_lengths[0] = T
-    return {"log_probs": log_probs, "targets": targets, "input_lengths": input_lengths,
-            "target_lengths": target_lengths}
 
 
 def bench_shape(shape, repeats: int) -> dict:
@@ -52,7 +44,8 @@ def bench_shape(shape, repeats: int) -> dict:
     import deploy_ctc
     import deploy_ctc.onnx as dco
 
-    feeds = _problem(*shape)
+    names = ("log_probs", "targets", "input_lengths", "target_lengths")
+    feeds = dict(zip(names, make_inputs(*shape, lengths="varied")))
     opts = ort.SessionOptions()
     extension = ort.InferenceSession(dco.ctc_loss_model(embed_functions=False).SerializeToString(),
                                      dco.session_options(), providers=["CPUExecutionProvider"])

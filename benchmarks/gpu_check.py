@@ -1,14 +1,15 @@
 """The one GPU check of the CUDA backend: GPU tests, then forward+backward timings against torch on CUDA.
 
-UNVERIFIED: written without a GPU (the session that wrote it had none); the first GPU session runs it.
+Not yet run on a GPU.
 
 Run from the repository root on a machine with a CUDA GPU, CuPy and torch (CUDA build):
 
     python benchmarks/gpu_check.py [--reps 20] [--skip-tests]
 
-1. runs ``tests/backends/cuda/test_cupy_kernels.py`` and ``tests/backends/cuda/test_kernels_compile.py`` (their GPU tests run there);
-2. for (T, N, C, S) in SHAPES, float32, full input lengths, target lengths in [S/2, S]: medians over ``reps``
-   CUDA-event timings (after warm-up) of loss + gradient for deploy_ctc (``ctc_loss_and_grad`` on CuPy arrays,
+1. runs ``tests/backends/cuda/test_cupy_kernels.py`` and ``tests/backends/cuda/test_kernels_compile.py`` (their GPU
+   tests run there);
+2. for (T, N, C, S) in SHAPES, on :func:`benchmarks.common.make_inputs` (float32, full input lengths, target
+   lengths in [S/2, S]): interleaved medians over ``reps`` CUDA-event timings (after warm-up) of loss + gradient for deploy_ctc (``ctc_loss_and_grad`` on CuPy arrays,
    validation included), torch native CUDA (int64 padded targets) and cuDNN (int32 concatenated CPU targets,
    used by torch only when S <= 256, blank 0 and all input lengths equal T); prints the ratios;
 3. for the large-C shape, the achieved bandwidth of reading log_probs once and writing the gradient once,
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,27 +31,28 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.common import interleaved_medians, make_inputs  # noqa: E402
 
 SHAPES = [(50, 16, 20, 30), (500, 32, 30, 100), (400, 16, 1000, 80), (1500, 8, 5000, 300), (1000, 64, 32, 200)]
 LARGE_C = (1500, 8, 5000, 300)
 CUDNN_MAX_TARGET = 256
 
 
-def median_ms(fn, reps, warmup=3):
-    """Median wall time of fn() on the GPU in milliseconds, by CUDA events around each call."""
+def cuda_event_ms(run):
+    """Milliseconds ``run()`` takes on the GPU, by CUDA events around the call."""
     import cupy
 
-    for _ in range(warmup):
-        fn()
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return statistics.median(times)
+    start.record()
+    run()
+    stop.record()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop)
+
+
+def median_ms(runners, reps):
+    """``{name: median ms}`` of each callable in ``runners``, interleaved, by CUDA events after 3 warm-ups."""
+    return interleaved_medians(runners, reps, timer=cuda_event_ms, warmup=3)
 
 
 def copy_bandwidth(reps):
@@ -60,22 +61,18 @@ def copy_bandwidth(reps):
 
     src = cupy.ones(1 << 28, dtype=np.float32)  # 1 GiB
     dst = cupy.empty_like(src)
-    return 2 * src.nbytes / (median_ms(lambda: cupy.copyto(dst, src), reps) * 1e-3)
+    return 2 * src.nbytes / (median_ms({"copy": lambda: cupy.copyto(dst, src)}, reps)["copy"] * 1e-3)
 
 
-def time_shape(shape, reps, rng):
+def time_shape(shape, reps):
     import cupy
     import torch
 
     import deploy_ctc
 
     T, N, C, S = shape
-    x = rng.standard_normal((T, N, C)).astype(np.float32)
-    tl = rng.integers(S // 2, S + 1, size=N)
-    tl[0] = S
-    targets = rng.integers(1, C, size=(N, S))
-    il = np.full(N, T)
-    lp_cp = cupy.asarray(x - np.log(np.exp(x).sum(axis=2, keepdims=True)))  # (T, N, C) log-softmax
+    log_probs, targets, il, tl = make_inputs(T, N, C, S)
+    lp_cp = cupy.asarray(log_probs)  # (T, N, C) log-softmax
     tg_cp = cupy.asarray(targets)
 
     def ours():
@@ -92,11 +89,11 @@ def time_shape(shape, reps, rng):
         lp_t.grad = None
         torch.nn.functional.ctc_loss(lp_t, tg, ilens, tlens).backward()
 
-    result = {"shape": shape, "deploy_ctc_ms": median_ms(ours, reps),
-              "torch_native_ms": median_ms(lambda: torch_step(tg_native, il_t, tl_t), reps)}
+    runners = {"deploy_ctc_ms": ours, "torch_native_ms": lambda: torch_step(tg_native, il_t, tl_t)}
     if S <= CUDNN_MAX_TARGET:
-        with torch.backends.cudnn.flags(enabled=True, deterministic=False):
-            result["torch_cudnn_ms"] = median_ms(lambda: torch_step(tg_cudnn, il_tuple, tl_tuple), reps)
+        runners["torch_cudnn_ms"] = lambda: torch_step(tg_cudnn, il_tuple, tl_tuple)
+    with torch.backends.cudnn.flags(enabled=True, deterministic=False):
+        result = {"shape": shape, **median_ms(runners, reps)}
     first, second = ours()[1], ours()[1]
     result["bitwise_deterministic"] = bool(cupy.array_equal(first, second))
     # Loss agreement with torch native, as a sanity check of the timed computation.
@@ -118,19 +115,20 @@ def main():
               "torch": torch.__version__, "python": platform.python_version(), "dtype": "float32"}
     if not args.skip_tests:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/backends/cuda/test_cupy_kernels.py",
-                                "tests/backends/cuda/test_kernels_compile.py"], cwd=ROOT, capture_output=True, text=True)
+                                "tests/backends/cuda/test_kernels_compile.py"],
+                               cwd=ROOT, capture_output=True, text=True)
         print(tests.stdout[-3000:])
         report["tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}
 
-    rng = np.random.default_rng(0)
-    report["results"] = [time_shape(shape, args.reps, rng) for shape in SHAPES]
+    report["results"] = [time_shape(shape, args.reps) for shape in SHAPES]
     for r in report["results"]:
         r["speedup_vs_native"] = r["torch_native_ms"] / r["deploy_ctc_ms"]
         if "torch_cudnn_ms" in r:
             r["speedup_vs_cudnn"] = r["torch_cudnn_ms"] / r["deploy_ctc_ms"]
         print(f"(T,N,C,S)={r['shape']}: deploy_ctc {r['deploy_ctc_ms']:.3f} ms, torch native "
               f"{r['torch_native_ms']:.3f} ms ({r['speedup_vs_native']:.2f}x)"
-              + (f", cuDNN {r['torch_cudnn_ms']:.3f} ms ({r['speedup_vs_cudnn']:.2f}x)" if "torch_cudnn_ms" in r else "")
+              + (f", cuDNN {r['torch_cudnn_ms']:.3f} ms ({r['speedup_vs_cudnn']:.2f}x)"
+                 if "torch_cudnn_ms" in r else "")
               + f", deterministic={r['bitwise_deterministic']}")
     report["geomean_speedup_vs_native"] = float(np.exp(np.mean([np.log(r["speedup_vs_native"])
                                                                 for r in report["results"]])))

@@ -2,7 +2,7 @@
 
 - ``deploy-ctc check``: versions, available backends and extras, and a parity self-test against torch float64 (when
   torch is installed) plus an analytic single-path case (always); prints PASS/FAIL, exits 0/1.
-- ``deploy-ctc bench``: the CPU benchmark against torch (:mod:`deploy_ctc.benchmark`).
+- ``deploy-ctc bench``: the CPU benchmark against torch (``benchmarks/bench_cpu.py``, from a source checkout).
 - ``deploy-ctc demo``: export an acoustic model with its CTC loss to ONNX and evaluate it in ONNX Runtime
   (:mod:`deploy_ctc.demo`).
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -81,7 +82,8 @@ def check(argv=None):
     for module_name, extra in OPTIONAL:
         version = _version(module_name)
         print(f"  {module_name:<24} {version or f'not installed (pip install deploy_ctc[{extra}])'}")
-    print(f"  {'onnxruntime.training':<24} {_version('onnxruntime.training') or 'not installed (separate venv: [train])'}")
+    training = _version("onnxruntime.training") or "not installed (separate venv: [train])"
+    print(f"  {'onnxruntime.training':<24} {training}")
     print("backends:")
     print(f"  native  {native_build.describe()}")
     print("  numpy   available")
@@ -101,10 +103,34 @@ def check(argv=None):
     return 0 if passed else 1
 
 
+def _checkout_benchmark():
+    """``benchmarks.bench_cpu`` of the source checkout deploy_ctc runs from (or the working directory is), else None.
+
+    The benchmarks ship with the source, not the wheel.
+    """
+    for root in (Path(deploy_ctc.__file__).resolve().parents[1], Path.cwd()):
+        if (root / "benchmarks" / "bench_cpu.py").is_file() and (root / "kernels" / "ctc_cpu.cpp").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("benchmarks.bench_cpu")
+    return None
+
+
+def bench(argv=None):
+    """``deploy-ctc bench``: the CPU benchmark of a source checkout; returns the exit code."""
+    module = _checkout_benchmark()
+    if module is None:
+        print("deploy-ctc bench runs benchmarks/bench_cpu.py, which ships with the source, not the wheel: in a "
+              "clone of deploy_ctc, run `python benchmarks/bench_cpu.py` (needs torch: pip install '.[test]')",
+              file=sys.stderr)
+        return 2
+    return module.main(argv, prog="deploy-ctc bench")
+
+
 def main(argv=None):
     """Entry point of the ``deploy-ctc`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": check, "bench": "deploy_ctc.benchmark", "demo": "deploy_ctc.demo"}
+    commands = {"check": check, "bench": bench, "demo": "deploy_ctc.demo"}
     if not argv or argv[0] not in commands:
         asked = argv[:1] in (["-h"], ["--help"])
         print("usage: deploy-ctc {check,bench,demo} [options]\n\n" + __doc__.split("\n\n", 1)[1].strip(),

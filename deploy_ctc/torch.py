@@ -7,6 +7,8 @@ upstream gradient in ``backward``, so ``loss.backward()`` gives the same gradien
 
 Beyond torch: target values are validated (torch reads out of bounds), float16 and bfloat16 ``log_probs`` are
 accepted (computed in float32), and the CUDA gradient is deterministic.
+
+:func:`forced_align` is ``torchaudio.functional.forced_align`` (batch-first, any batch size) on the same backends.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without torch
     raise ImportError("deploy_ctc.torch needs PyTorch: pip install torch (CPU wheels suffice)") from error
 
-from . import api
+from . import align, api
 from .validation import check_options
 
-__all__ = ["CTCLoss", "ctc_loss"]
+__all__ = ["CTCLoss", "ctc_loss", "forced_align"]
 
 
 def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
@@ -44,6 +46,50 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     if not isinstance(log_probs, torch.Tensor):
         raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
     return _CTCLossFunction.apply(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+
+
+def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, blank=0):
+    """``torchaudio.functional.forced_align`` (torchaudio 2.11) computed by deploy_ctc, for any batch size.
+
+    Args:
+        log_probs: ``(N, T, C)`` batch-first tensor of log-probabilities, float16/bfloat16/float32/float64, on the
+            CPU or a CUDA device.
+        targets: ``(N, L)`` padded integer tensor (int32 or int64), values in ``[0, C)`` other than ``blank``.
+        input_lengths: ``(N,)`` frames per sample, default ``T`` for all.
+        target_lengths: ``(N,)`` target lengths, default ``L`` for all.
+        blank: index of the blank class.
+
+    Returns:
+        ``(alignments, scores)``, both ``(N, T)`` on ``log_probs``' device: the label of the best path at each
+        frame (dtype of ``targets``) and its log-probability (dtype of ``log_probs``). Frames
+        ``t >= input_lengths[n]`` are ``blank`` with score 0; an infeasible sample (torchaudio raises) is all
+        ``blank`` with ``-inf`` scores. Ties follow :mod:`deploy_ctc.align`, which is torchaudio's rule except
+        where torchaudio keeps a strictly worse predecessor.
+
+    Raises:
+        TypeError, ValueError: invalid arguments (see :func:`deploy_ctc.forced_align`).
+    """
+    if not isinstance(log_probs, torch.Tensor):
+        raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
+    if log_probs.dim() != 3:
+        raise ValueError(f"log_probs must be (N, T, C) (batch first), got shape {tuple(log_probs.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(f"targets must be an (N, L) tensor, got {shape}")
+    N, T, _ = log_probs.shape
+    if input_lengths is None:
+        input_lengths = torch.full((N,), T, dtype=torch.int64, device=targets.device)
+    if target_lengths is None:
+        target_lengths = torch.full((N,), targets.shape[1], dtype=torch.int64, device=targets.device)
+    compute = log_probs.detach()
+    if compute.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16
+        compute = compute.float()
+    with _device_context(log_probs):
+        alignment, scores = align.forced_align(_array(compute.transpose(0, 1)), _array(targets),
+                                               _array(input_lengths), _array(target_lengths), blank)  # (T, N)
+        alignment = _tensor(alignment).T.to(targets.dtype).contiguous()
+        scores = _tensor(scores).T.to(log_probs.dtype).contiguous()
+    return alignment, scores
 
 
 class CTCLoss(torch.nn.Module):

@@ -119,36 +119,57 @@ def _float_log_probs(log_probs, xp):
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
 def _integer_array(value, name: str, xp):
-    """Convert an int / sequence / integer array to an integer array of ``xp`` without copying device data."""
+    """Convert an int / sequence / integer array to an integer array of ``xp`` without copying device data.
+
+    Raises:
+        TypeError: not integers (bools and floats included, as torch).
+        ValueError: a value outside the int64 range (reported as given, not wrapped around).
+    """
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be integers, got {value!r}")
     if xp is not np and isinstance(value, xp.ndarray):
         arr = value
     elif isinstance(value, (list, tuple)):
         arr = np.asarray(value)
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-            raise TypeError(f"{name} must be integers, got {value!r}")
-        arr = arr.astype(np.int64)
+        if not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            # NumPy turns ints beyond 64 bits into objects, and a mix of uint64- and int64-only values into floats.
+            for i, item in enumerate(np.asarray(value, dtype=object).reshape(-1)):
+                if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Integral):
+                    raise TypeError(f"{name} must be integers, got {value!r}")
+                if not -_INT64_MAX - 1 <= int(item) <= _INT64_MAX:
+                    raise ValueError(f"{name}[{i}] = {int(item)} is outside the int64 range")
+            arr = np.asarray(value, dtype=np.int64)
     elif isinstance(value, numbers.Integral):
-        arr = np.asarray(operator.index(value), dtype=np.int64)
+        value = operator.index(value)
+        if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+            raise ValueError(f"{name} = {value} is outside the int64 range")
+        arr = np.asarray(value, dtype=np.int64)
     elif isinstance(value, np.ndarray) or type(value).__module__.startswith("cupy"):
         arr = value
     else:
         raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {arr.dtype}")
+    if arr.dtype == np.uint64 and arr.size:
+        too_big = _to_host(arr > _INT64_MAX, xp)  # uint64 above int64: casting would wrap it to a negative value
+        if too_big.any():
+            i = _first_index(too_big)
+            where = f"[{', '.join(map(str, i))}]" if i else ""
+            raise ValueError(f"{name}{where} = {int(_to_host(arr[i], xp))} is outside the int64 range")
     return arr
 
 
 def _lengths(value, name: str, n: int, batched: bool, xp):
-    """``(N,)`` int64 array of ``xp`` from any accepted lengths form."""
+    """``(N,)`` int64 array of ``xp`` from any accepted lengths form: as torch, any integer array (0-d included)
+    or sequence holding exactly N values (one, when unbatched)."""
     arr = _integer_array(value, name, xp)
-    if batched:
-        if arr.ndim != 1 or arr.shape[0] != n:
-            raise ValueError(f"{name} must have N={n} entries (one per batch item), got shape {tuple(arr.shape)}")
-    elif arr.size != 1 or arr.ndim > 1:
-        raise ValueError(f"{name} must be a single length for unbatched (T, C) log_probs, got shape {tuple(arr.shape)}")
+    if arr.size != n:
+        expected = f"N={n} entries (one per batch item)" if batched else "a single length for unbatched (T, C) log_probs"
+        raise ValueError(f"{name} must have {expected}, got shape {tuple(arr.shape)}")
     return xp.asarray(arr.reshape(n), dtype=np.int64)
 
 
@@ -163,11 +184,12 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
 
     Accepted forms (those of ``torch.nn.CTCLoss``): ``log_probs`` ``(T, N, C)`` or unbatched ``(T, C)``; ``targets``
     padded ``(N, S)``, concatenated 1-D of length ``sum(target_lengths)``, or ``(S,)`` unbatched; lengths as an int,
-    a tuple/list of ints or an integer array (0-d or size 1 for unbatched). Inputs are never modified.
+    a tuple/list of ints or an integer array of any integer dtype holding N values (0-d included when N = 1, as
+    torch), values within int64. Inputs are never modified.
 
     Raises:
         TypeError: non-float ``log_probs``; non-integer targets or lengths; non-array ``log_probs``.
-        ValueError: wrong ranks or lengths counts, empty ``log_probs``, ``blank`` outside ``[0, C)``, negative
+        ValueError: wrong ranks or lengths counts, empty ``log_probs``, a length outside the int64 range, ``blank`` outside ``[0, C)``, negative
             lengths, ``input_lengths[n] > T``, ``target_lengths[n] > S``, concatenated length mismatch, a target value
             outside ``[0, C)`` or equal to ``blank`` within its target's length; bad ``reduction``.
     """
@@ -225,8 +247,15 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         i = int(np.argmax(il_host > T))
         raise ValueError(f"input_lengths[{i}] = {il_host[i]} exceeds T={T} (log_probs.shape[0])")
     if concatenated:
-        if int(tl_host.sum()) != width:
-            raise ValueError(f"sum(target_lengths) = {int(tl_host.sum())} must equal the length of the 1-D "
+        # Each length is checked before the sum (then at most N * width, but summed in Python ints: an int64 sum
+        # can wrap around to the right total).
+        if (tl_host > width).any():
+            i = int(np.argmax(tl_host > width))
+            raise ValueError(f"target_lengths[{i}] = {tl_host[i]} exceeds the length of the 1-D (concatenated) "
+                             f"targets, {width}")
+        total = sum(tl_host.tolist())
+        if total != width:
+            raise ValueError(f"sum(target_lengths) = {total} must equal the length of the 1-D "
                              f"(concatenated) targets, {width}")
     elif (tl_host > width).any():
         i = int(np.argmax(tl_host > width))

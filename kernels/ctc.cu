@@ -22,9 +22,9 @@
 // beta is alpha run on the reversed frames and reversed l' (s -> 2L-s keeps parity and the skip rule), so one
 // kernel computes both: blocks [0, N) run the forward direction, blocks [N, 2N) the backward one.
 //
-// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py): ctc_lattice (alpha, beta, nll, and in spare blocks the dense
-// part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no
-// atomics; every sum runs in an order fixed by the shapes.
+// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py): ctc_lattice (alpha, beta, nll, and in spare blocks the
+// dense part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no atomics;
+// every sum runs in an order fixed by the shapes.
 #include "ctc.cuh"
 
 using dctc::Math;
@@ -140,7 +140,8 @@ __global__ void ctc_lattice(const scalar_t* lp, long long lp_st, long long lp_sn
         __syncthreads();
     }
     if (forward && threadIdx.x == 0) {
-        scalar_t log_likelihood = L == 0 ? scalar_t(0) : neg_inf;    // input length 0: only the empty target has an alignment
+        // Input length 0: only the empty target has an alignment.
+        scalar_t log_likelihood = L == 0 ? scalar_t(0) : neg_inf;
         if (frames > 0) {
             const scalar_t* last = table + (frames - 1) * row;
             log_likelihood = last[width - 1];
@@ -173,8 +174,11 @@ __global__ void ctc_label_links(const long long* targets, int S, const long long
 // grad[t, n, c] = w_n * (exp(lp) - posterior) (plain: -w_n * posterior) of one class, from the log of the
 // summed alpha + beta of the class's lattice positions. A class without reachable positions has posterior 0.
 template <typename scalar_t>
-__device__ __forceinline__ scalar_t class_grad(scalar_t lp, scalar_t log_alpha_beta, scalar_t nll, scalar_t w, int plain) {
-    const scalar_t posterior = log_alpha_beta == Math<scalar_t>::neg_inf() ? scalar_t(0) : Math<scalar_t>::exp(log_alpha_beta + nll - lp);
+__device__ __forceinline__ scalar_t class_grad(scalar_t lp, scalar_t log_alpha_beta, scalar_t nll, scalar_t w,
+                                               int plain) {
+    const scalar_t posterior = log_alpha_beta == Math<scalar_t>::neg_inf()
+                                   ? scalar_t(0)
+                                   : Math<scalar_t>::exp(log_alpha_beta + nll - lp);
     return plain ? -w * posterior : w * (Math<scalar_t>::exp(lp) - posterior);
 }
 
@@ -219,5 +223,73 @@ __global__ void ctc_grad(const scalar_t* lp, long long lp_st, long long lp_sn, l
         for (int s = 2 * threadIdx.x; s <= 2 * L; s += 2 * blockDim.x) acc = log_add(acc, a[s] + b[s]);
         acc = dctc::block_log_add(acc, scratch);
         if (threadIdx.x == 0) g[blank] = class_grad(lp_row[blank * lp_sc], acc, loss, w, plain);
+    }
+}
+
+// Forced alignment (the Viterbi of deploy_ctc.align): one block per sample n = blockIdx.x, threads striding over
+// its 2L+1 positions, one barrier per frame:
+//   delta[0, s] = y_0(l'_s) for s < 2, else -inf
+//   delta[t, s] = y_t(l'_s) + max(delta[t-1, s], delta[t-1, s-1], delta[t-1, s-2] if skip(s))
+// in double whatever scalar_t (so ties are decided on the values every deploy_ctc backend computes), y = lp with
+// NaN and +inf read as -inf. The first maximal move wins (stay, then one back, then the skip) and is stored in
+// moves[(n * T_max + t) * (2S + 1) + s] (0, 1 or 2; one byte per cell, memory sized to the batch). Thread 0 then
+// picks the end (the last label unless the trailing blank is strictly larger) and walks the moves back, writing
+// alignment[t * N + n] and scores[t * N + n] = lp[t, n, label] for t < input_lengths[n] (the launch code fills
+// later frames with blank and 0); an infeasible sample (best end -inf) gets scores -inf and keeps blank.
+// The two delta rows live in dynamic shared memory when rows_in_shared, else in rows[n * 2 * (2S + 1) ...].
+template <typename scalar_t>
+__global__ void ctc_align(const scalar_t* lp, long long lp_st, long long lp_sn, long long lp_sc,
+                          const long long* targets, int S, const long long* input_lengths,
+                          const long long* target_lengths, int N, int T_max, int blank, int rows_in_shared,
+                          double* rows, unsigned char* moves, long long* alignment, scalar_t* scores) {
+    const int n = blockIdx.x;
+    const long long frames = input_lengths[n];
+    if (frames == 0) return;
+    const int L = static_cast<int>(target_lengths[n]);
+    const int width = 2 * L + 1;
+    const long long row = 2LL * S + 1;
+    const long long* target = targets + static_cast<long long>(n) * S;
+    const scalar_t* lp_n = lp + n * lp_sn;
+    double* prev = rows_in_shared ? reinterpret_cast<double*>(dctc_smem) : rows + static_cast<long long>(n) * 2 * row;
+    double* next = prev + row;
+    unsigned char* move_n = moves + static_cast<long long>(n) * T_max * row;
+    const double neg_inf = Math<double>::neg_inf(), pos_inf = Math<double>::pos_inf();
+    for (long long t = 0; t < frames; ++t) {
+        const scalar_t* lp_row = lp_n + t * lp_st;
+        for (int s = threadIdx.x; s < width; s += blockDim.x) {
+            double y = static_cast<double>(lp_row[extended_label(target, s, blank) * lp_sc]);
+            y = y < pos_inf ? y : neg_inf;
+            double value;
+            if (t == 0) {
+                value = s < 2 ? y : neg_inf;
+            } else {
+                const double stay = prev[s];
+                const double one = s >= 1 ? prev[s - 1] : neg_inf;
+                const bool skip = (s & 1) && s >= 3 && target[s >> 1] != target[(s >> 1) - 1];
+                const double two = skip ? prev[s - 2] : neg_inf;
+                const bool step = one > stay;
+                const double best = step ? one : stay;
+                const bool jump = two > best;
+                move_n[t * row + s] = jump ? 2 : (step ? 1 : 0);
+                value = y + (jump ? two : best);
+            }
+            next[s] = value;
+        }
+        __syncthreads();  // next complete before it becomes prev; prev fully read before it is overwritten
+        double* swap = prev;
+        prev = next;
+        next = swap;
+    }
+    if (threadIdx.x != 0) return;
+    int s = (L > 0 && prev[2 * L - 1] >= prev[2 * L]) ? 2 * L - 1 : 2 * L;
+    if (!(prev[s] > neg_inf)) {
+        for (long long t = 0; t < frames; ++t) scores[t * N + n] = Math<scalar_t>::neg_inf();
+        return;
+    }
+    for (long long t = frames - 1; t >= 0; --t) {
+        const int label = extended_label(target, s, blank);
+        alignment[t * N + n] = label;
+        scores[t * N + n] = lp_n[t * lp_st + label * lp_sc];
+        if (t > 0) s -= move_n[t * row + s];
     }
 }

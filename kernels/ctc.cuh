@@ -25,7 +25,9 @@ template <> struct Math<float> {
 };
 
 template <> struct Math<double> {
-    __device__ __forceinline__ static double neg_inf() { return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull)); }
+    __device__ __forceinline__ static double neg_inf() {
+        return __longlong_as_double(static_cast<long long>(0xfff0000000000000ull));
+    }
     __device__ __forceinline__ static double pos_inf() { return __longlong_as_double(0x7ff0000000000000ll); }
     __device__ __forceinline__ static double nan() { return __longlong_as_double(0x7fffffffffffffffll); }
     __device__ __forceinline__ static double exp(double x) { return ::exp(x); }

@@ -1,9 +1,10 @@
 // CTC loss and gradient on the CPU: the native engine of deploy_ctc's CPU backend (deploy_ctc/_backends/cpu/native.py).
 //
 // Compiled at run time with the system's C++ compiler into a cached shared library and called through ctypes
-// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several calls on
-// threads (ctypes releases the GIL). The algorithm is the NumPy backend's (deploy_ctc/_backends/cpu/pure_numpy.py): scaled
-// probability-space recursions in float64 whatever the input type, one sample at a time.
+// (deploy_ctc/_backends/cpu/native_build.py); each call handles a list of samples, and the Python side runs several
+// calls on threads (ctypes releases the GIL). The algorithm is the NumPy backend's
+// (deploy_ctc/_backends/cpu/pure_numpy.py): scaled probability-space recursions in float64 whatever the input type, one
+// sample at a time.
 //
 // The extended labels l' = (blank, l_0, blank, l_1, ..., l_{S-1}, blank) are held as two planes, so every loop is
 // contiguous and vectorizes: the blank plane e[i] = position 2i (i <= S) and the label plane o[i] = position 2i + 1
@@ -21,8 +22,9 @@
 //   log p(l|x) = log Z_t + (A_t + Cq_t) ln 2 + sum_t m_t      for every t,
 // A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
 // its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
-// all -inf frames or NaN break it, and the sample is reported not ok and recomputed by the exact log-space path
-// (deploy_ctc/_backends/cpu/logspace.py). The loss is torch's forward end, at t = T - 1.
+// all -inf frames or NaN break it, and the sample is recomputed by the exact log-space path (log_space_sample,
+// twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
+// t = T - 1.
 //
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
@@ -48,6 +50,13 @@ namespace {
 constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
 constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
+// An emission more than this many nats below its frame's largest is subnormal or 0 after exp: the forward and
+// backward chains would share that zero and pass the consistency check, so such a (finite) value sends the sample
+// to the exact path. -inf is a true zero and does not count.
+constexpr double kFlushLog = -700.0;
+// What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
+// exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
+constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
 // The loss-only pass (see forward_only_step): mantissas are renormalised once one falls below kLowMantissa or rises
 // above 2^(1018 - the largest factor's exponent) (at most 2^662); factors between neighbouring exponents stay at most
 // 2^kMaxGap, by raising a cell's stored exponent up to kMaxExcess bits; an emission below e^-kEmitFloor (2^-600)
@@ -141,21 +150,21 @@ __attribute__((always_inline)) inline double log_1_to_3(double x) {
   return (high ? 0.6931471805599453 : 0.0) + 2.0 * z * p;
 }
 
-// Log-space "zero": finite, so NEG - NEG is 0 rather than NaN and exp(NEG - m) is exactly 0 (as numpy_logspace).
-constexpr double kNeg = -1e30;
+// Log-space zero: only a true -inf (every finite log-probability, -1e30 included, is a probability).
+constexpr double kNeg = -std::numeric_limits<double>::infinity();
 
-// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for values >= kNeg: the largest term is exp(0) = 1, so
-// only the others need an exponential.
+// log(exp(a) + exp(b)) and log(exp(a) + exp(b) + exp(c)) for finite values or -inf: the largest term is
+// exp(0) = 1, so only the others need an exponential; all terms -inf give -inf (not -inf - -inf = NaN).
 __attribute__((always_inline)) inline double log_add2(double a, double b) {
   const double m = a > b ? a : b, low = a > b ? b : a;
-  return m + log_1_to_3(1.0 + exp_poly(low - m));
+  return m == kNeg ? kNeg : m + log_1_to_3(1.0 + exp_poly(low - m));
 }
 
 __attribute__((always_inline)) inline double log_add3(double a, double b, double c) {
   const double m = a > b ? (a > c ? a : c) : (b > c ? b : c);
   const double x = a == m ? b : a;                  // the two terms other than (one) maximum
   const double y = a == m ? c : (b == m ? c : b);
-  return m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
+  return m == kNeg ? kNeg : m + log_1_to_3(1.0 + exp_poly(x - m) + exp_poly(y - m));
 }
 
 // The exponent a of the power of two nearest x > 0 from above (x = f 2^a, 0.5 <= f < 1), for normal x.
@@ -199,7 +208,7 @@ struct Lane {
   double* f_eo;           // (S_max + 1,)  2^(E_label[i-1] - E_blank[i]), 0 for i = 0
   double* f_oe;           // (S_max,)      2^(E_blank[i] - E_label[i])
   double* f_oo;           // (S_max,)      k_i 2^(E_label[i-1] - E_label[i])
-  std::uint8_t* emit_zero;  // (kEmitBlock,) 1 where the frame has an emission of exactly 0 (a -inf log-prob)
+  bool* emit_zero;        // (kEmitBlock,) whether the frame has an emission of exactly 0 (a -inf log-prob)
   int cur = 0;
   double high_mantissa = 1.0;  // mantissas above it may overflow a factor's product: renormalise
 
@@ -289,14 +298,20 @@ struct Lane {
   }
 };
 
+// What frame_emissions saw: the smallest finite emission log(y) (relative to m, 0 if none), whether an emission is
+// exactly 0 (a -inf log-prob), and whether one is NaN (a NaN log-prob, or +inf: then m = +inf).
+struct FrameCheck {
+  double lowest = 0.0;
+  bool zero = false, special = false;
+};
+
 // One frame's emissions, with m the frame's largest log-prob among the sample's classes: y[i] = exp(lp[t, l_i] - m)
 // for the target's positions (one exponential per distinct class, in unique_emit by slot) and *yb for the blank;
-// returns m, or -inf when every class is -inf (nothing is then written). `ahead`'s lines of the same classes are
-// prefetched. Bit 0 of the returned *check: an emission of exactly 0 (a -inf log-prob); bit 1: one that is NaN, or
-// below e^-kEmitFloor with a finite log-prob.
+// returns m, or -inf when every class is -inf (nothing else is then written). `ahead`'s lines of the same classes
+// are prefetched.
 template <typename scalar_t>
 inline double frame_emissions(Lane& w, const scalar_t* row, const scalar_t* ahead, std::int64_t blank_offset,
-                              double* y, double* yb, int* check) {
+                              double* y, double* yb, FrameCheck* check) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   double* u = w.unique_emit;
   for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
@@ -308,35 +323,35 @@ inline double frame_emissions(Lane& w, const scalar_t* row, const scalar_t* ahea
 #pragma omp simd reduction(max : m)
   for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
   if (!(m > -kInf)) return m;
-  int zero = 0, bad = 0;
-#pragma omp simd reduction(| : zero, bad)
+  const double blank_log = b - m;
+  double lowest = blank_log > -kInf ? blank_log : 0.0;
+  int zero = blank_log == -kInf, special = blank_log != blank_log;
+#pragma omp simd reduction(min : lowest) reduction(| : zero, special)
   for (std::int64_t j = 0; j < w.count; ++j) {
     const double d = u[j] - m;
+    lowest = d < lowest && d > -kInf ? d : lowest;
     zero |= d == -kInf;
-    bad |= !(d >= -kEmitFloor) && d != -kInf;
+    special |= d != d;
     u[j] = exp_poly(d);
   }
-  const double d = b - m;
-  zero |= d == -kInf;
-  bad |= !(d >= -kEmitFloor) && d != -kInf;
   for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-  *yb = exp_poly(d);
-  *check = zero | (bad << 1);
+  *yb = exp_poly(blank_log);
+  check->lowest = lowest, check->zero = zero != 0, check->special = special != 0;
   return m;
 }
 
 // The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
 // gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
-// every class at -inf kills the lane.
+// every class at -inf, or a finite emission below kFlushLog (relative), kills the lane.
 template <typename scalar_t>
 void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
   double m_sum = 0.0;
   for (std::int64_t t = 0; t < w.T; ++t) {
     const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
-    int check = 0;
+    FrameCheck check;
     const double m = frame_emissions(w, lp + t * st, ahead, blank_offset, w.emit_label + t * w.s_max,
                                      w.emit_blank + t, &check);
-    if (!(m > -std::numeric_limits<double>::infinity())) {
+    if (!(m > -std::numeric_limits<double>::infinity()) || check.lowest < kFlushLog) {
       w.alive = false;
       return;
     }
@@ -498,21 +513,21 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<scalar_t>* grad
   if (grad != nullptr) gradient_row(w, ge, go, z, *grad, t);
 }
 
-// Log emissions of one frame for the log-space path: y[i] = lp[t, l_i] and *yb = lp[t, blank], -inf clamped to kNeg;
-// false when one of them is NaN.
+// Log emissions of one frame for the log-space path: y[i] = lp[t, l_i] and *yb = lp[t, blank]; false when one of
+// them is NaN or +inf (left to the Python twin, which reproduces torch's results for them).
 template <typename scalar_t>
 bool log_emission_row(Lane& w, const scalar_t* row, std::int64_t blank_offset, double* y, double* yb) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   double* u = w.unique_emit;
-  bool nan = false;
+  bool special = false;
   for (std::int64_t j = 0; j < w.count; ++j) {
-    const double v = static_cast<double>(row[w.offset[j]]);
-    nan |= v != v;
-    u[j] = v > kNeg ? v : kNeg;
+    u[j] = static_cast<double>(row[w.offset[j]]);
+    special |= !(u[j] < kInf);
   }
   const double b = static_cast<double>(row[blank_offset]);
-  if (nan || b != b) return false;
+  if (special || !(b < kInf)) return false;
   for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-  *yb = b > kNeg ? b : kNeg;
+  *yb = b;
   return true;
 }
 
@@ -542,7 +557,8 @@ inline void log_forward_row(const Lane& w, const double* pe, const double* po, d
 //   lq_e_t[i] = log(e^lb_e_{t+1}[i] + e^lb_o_{t+1}[i]),  lq_o_t[i] = log(e^lb_o_{t+1}[i] + e^lb_e_{t+1}[i+1] +
 //   k_{i+1} e^lb_o_{t+1}[i+1]),  lb = ly + lq;  the posterior is exp(la + lq - log p).
 // Slower (one or two exponentials and a logarithm per cell) but free of underflow. Returns -log p, +inf when no
-// alignment has a finite log-probability, or NaN when the sample's log-probs hold NaN (left to the Python twin).
+// alignment has a finite log-probability, or NaN when the sample's used log-probs hold NaN or +inf (left to the
+// Python twin, which reproduces torch's results for them).
 template <typename scalar_t>
 double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset,
                         const GradientTarget<scalar_t>* grad) {
@@ -558,7 +574,7 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
   const double* e_end = w.fwd_blank + (T - 1) * WB;
   const double* o_end = w.fwd_label + (T - 1) * W + 1;
   const double log_p = log_add2(e_end[S], S > 0 ? o_end[S - 1] : kNeg);
-  if (!(log_p > kNeg / 2)) return std::numeric_limits<double>::infinity();
+  if (log_p == kNeg) return std::numeric_limits<double>::infinity();
   // Backward, with posteriors and gradient rows.
   double* be_next = w.b_blank[0];
   double* be_now = w.b_blank[1];
@@ -735,11 +751,11 @@ bool emission_block(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t b
   for (std::int64_t t = t0; t < t1; ++t) {
     const std::int64_t row = t - t0;
     const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
-    int check = 0;
+    FrameCheck check;
     const double m = frame_emissions(w, lp + t * st, ahead, blank_offset, w.emit_label + row * w.s_max,
                                      w.emit_blank + row, &check);
-    if (!(m > -std::numeric_limits<double>::infinity()) || (check & 2)) return false;
-    w.emit_zero[row] = static_cast<std::uint8_t>(check & 1);
+    if (!(m > -std::numeric_limits<double>::infinity()) || check.special || check.lowest < -kEmitFloor) return false;
+    w.emit_zero[row] = check.zero;
     w.m_sum += m;
   }
   return true;
@@ -760,7 +776,8 @@ inline double forward_only_nll(const Lane& w) {
 }
 
 // The exact log-space forward recursion alone (for the samples the loss-only pass leaves): -log p, +inf when no
-// alignment has a finite log-probability, NaN when the sample's log-probs hold NaN (left to the Python twin).
+// alignment has a finite log-probability, NaN when the sample's used log-probs hold NaN or +inf (left to the Python
+// twin).
 template <typename scalar_t>
 double log_space_nll(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
   const std::int64_t S = w.S;
@@ -772,13 +789,9 @@ double log_space_nll(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t 
     cur = 1 - cur;
   }
   const double log_p = log_add2(w.x_blank[cur][S], S > 0 ? w.x_label[cur][S] : kNeg);  // o[S - 1] at +1
-  if (!(log_p > kNeg / 2)) return std::numeric_limits<double>::infinity();
+  if (log_p == kNeg) return std::numeric_limits<double>::infinity();
   return -log_p;
 }
-
-// What ok[n] reports: the result came from the fast pass, from the engine's exact log-space path, or is left to
-// the Python twin (NaN log-probs).
-constexpr std::uint8_t kLeftToPython = 0, kFastPath = 1, kExactPath = 2;
 
 // Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
 // within kLaneBytes.
@@ -841,7 +854,7 @@ int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t s
       Lane& w = group[j];
       const double value = w.alive ? forward_only_nll(w) : log_space_nll(w, lp + w.n * sn, st, blank * sc);
       nll[w.n] = value;
-      ok[w.n] = std::isnan(value) ? kLeftToPython : (w.alive ? kFastPath : kExactPath);
+      ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
   }
   std::free(memory);
@@ -901,7 +914,7 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
           ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
           : log_space_sample(w, lp + w.n * sn, st, blank * sc, grad == nullptr ? nullptr : &targets_of[j]);
       nll[w.n] = value;
-      ok[w.n] = std::isnan(value) ? kLeftToPython : (w.alive ? kFastPath : kExactPath);
+      ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
   }
   std::free(memory);

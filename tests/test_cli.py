@@ -72,3 +72,23 @@ def test_check_without_torch_still_passes(capsys, monkeypatch):
     code, out = run_main(["check"], capsys)
     assert code == 0 and "PASS" in out
     assert "deploy_ctc[test]" in out  # says how to get the parity test
+
+
+def test_bench_runs_the_checkout_benchmark(capsys):
+    """From a source checkout, ``bench`` is benchmarks/bench_cpu.py under the command's name."""
+    from deploy_ctc import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--repeats", "0"])
+    err = capsys.readouterr().err
+    assert "deploy-ctc bench" in err and "--repeats must be at least 1" in err
+
+
+def test_bench_outside_a_checkout_says_how_to_run_it(capsys, monkeypatch, tmp_path):
+    import deploy_ctc
+    from deploy_ctc import cli
+
+    monkeypatch.setattr(deploy_ctc, "__file__", str(tmp_path / "site-packages" / "deploy_ctc" / "__init__.py"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench"]) == 2
+    assert "python benchmarks/bench_cpu.py" in capsys.readouterr().err

@@ -1,25 +1,186 @@
-"""The README's NumPy usage example runs as written and gives torch's numbers."""
+"""The README as a user guide that cannot rot: every ``python`` block runs as written, on its own; the install and
+test commands are the ones CI runs; the benchmark tables are the recorded results.
 
-import pathlib
+Rules for README code blocks (``python`` blocks run here; ``bash`` and plain blocks are not run):
+
+- each block is self-contained (imports and data included) and runs in a fresh namespace, in a temporary working
+  directory;
+- a block needing an optional package or a GPU says so on the line just above its fence, e.g.
+  ``<!-- readme-test: requires=torch,onnx -->``; the names are those of :data:`REQUIREMENTS`. Without them
+  installed the block is skipped with the reason; a block importing an optional package it does not declare fails
+  :func:`test_blocks_declare_what_they_import`. ``onnxruntime.training`` blocks run in the training venv
+  (``.ci/training.sh`` runs this file there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+RESULTS = REPO / "benchmarks" / "results"
+
+#: What a block may require, and how to get it.
+REQUIREMENTS = {
+    "torch": "pip install 'deploy_ctc[test]'",
+    "cupy": "pip install 'deploy_ctc[cuda]'",
+    "gpu": "a CUDA GPU",
+    "onnx": "pip install 'deploy_ctc[onnx]'",
+    "onnxruntime": "pip install 'deploy_ctc[onnx]' (onnxruntime >= 1.20, not the training build)",
+    "onnxruntime_extensions": "pip install 'deploy_ctc[onnx]'",
+    "onnxscript": "pip install 'deploy_ctc[onnx]'",
+    "onnxruntime.training": "the [train] extra's own venv (bash .ci/training.sh)",
+}
+#: Modules whose import implies a requirement: (import prefix, requirements it implies).
+IMPLIED = [("deploy_ctc.torch", {"torch"}), ("deploy_ctc.onnx", {"onnx", "onnxruntime"}),
+           ("deploy_ctc.training", {"onnxruntime.training"}), ("torch", {"torch"}), ("cupy", {"cupy"}),
+           ("onnxruntime_extensions", {"onnxruntime_extensions"}), ("onnxruntime", {"onnxruntime"}),
+           ("onnxscript", {"onnxscript"}), ("onnx", {"onnx"})]
+MARKER = re.compile(r"<!-- readme-test: requires=([\w.,]+) -->")
 
 
-def _python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+@dataclass
+class Block:
+    line: int  # of the opening fence, 1-based
+    heading: str
+    requires: tuple
+    code: str
+
+    @property
+    def id(self) -> str:
+        return f"L{self.line}-" + re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")
+
+
+def python_blocks() -> list:
+    """Every ```python block of the README with the heading above it and its declared requirements."""
+    lines = README.read_text().splitlines()
+    blocks, heading, i = [], "", 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if line.strip() == "```python":
+            marker = MARKER.fullmatch(lines[i - 1].strip()) if i else None
+            end = lines.index("```", i + 1)
+            requires = tuple(marker.group(1).split(",")) if marker else ()
+            blocks.append(Block(i + 1, heading, requires, "\n".join(lines[i + 1:end]) + "\n"))
+            i = end
+        i += 1
+    return blocks
+
+
+BLOCKS = python_blocks()
+
+
+def _missing(requirement: str) -> bool:
+    if requirement == "gpu":
+        try:
+            import cupy
+
+            return cupy.cuda.runtime.getDeviceCount() == 0
+        except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: no GPU
+            return True
+    try:
+        module = importlib.import_module(requirement)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return True
+    # onnxruntime-training 1.19.2 provides an `onnxruntime` module too, older than the [onnx] extra's (>= 1.20).
+    return requirement == "onnxruntime" and _version(module.__version__) < (1, 20)
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def test_the_readme_has_python_blocks():
+    assert len(BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_blocks_declare_what_they_import(block):
+    unknown = set(block.requires) - set(REQUIREMENTS)
+    assert not unknown, f"README.md:{block.line}: unknown requirement(s) {sorted(unknown)}; known: {list(REQUIREMENTS)}"
+    imported = re.findall(r"^\s*import\s+([\w.]+)", block.code, re.M)
+    for package, names in re.findall(r"^\s*from\s+([\w.]+)\s+import\s+([\w, ]+)", block.code, re.M):
+        imported += [package] + [f"{package}.{name.strip()}" for name in names.split(",")]
+    needed = set()
+    for module in imported:
+        for prefix, implied in IMPLIED:
+            if module == prefix or module.startswith(prefix + "."):
+                needed |= implied
+                break
+    undeclared = needed - set(block.requires)
+    assert not undeclared, (f"README.md:{block.line} imports what needs {sorted(undeclared)}: add "
+                            f"<!-- readme-test: requires={','.join(sorted(needed | set(block.requires)))} -->")
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[block.id for block in BLOCKS])
+def test_block_runs_on_its_own(block, tmp_path, monkeypatch):
+    for requirement in block.requires:
+        if _missing(requirement):
+            pytest.skip(f"README.md:{block.line} needs {requirement}: {REQUIREMENTS[requirement]}")
+    monkeypatch.chdir(tmp_path)  # blocks that write files write them here
+    exec(compile(block.code, f"README.md:{block.line}", "exec"), {"__name__": "__readme__"})  # noqa: S102
 
 
 def test_numpy_usage_example_matches_torch():
     torch = pytest.importorskip("torch")
     namespace = {}
-    exec(_python_blocks()[0], namespace)  # noqa: S102 - our own documentation
+    exec(BLOCKS[0].code, namespace)  # noqa: S102 - our own documentation
     # The last example: unbatched (T, C) input with 0-d lengths, reduction="mean".
     lp, targets = namespace["log_probs"], namespace["targets"]
     T, length = namespace["T"], int(namespace["target_length"])
     expected = torch.nn.functional.ctc_loss(torch.from_numpy(lp), torch.from_numpy(targets), torch.tensor(T),
                                             torch.tensor(length))
     assert np.isclose(float(namespace["loss"]), float(expected), rtol=1e-10)
+
+
+def _bash_blocks() -> list:
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    """.ci/run installs what the README's install command installs, runs its command and the test command."""
+    ci = (REPO / ".ci" / "run").read_text()
+    install = next(block for block in _bash_blocks() if "pip install" in block)
+    spec = re.search(r'pip install ("[^"]+")', install).group(1)
+    assert re.search(r"pip install .*" + re.escape(spec), ci), f".ci/run does not install {spec}"
+    command = install.strip().rsplit("&&", 1)[1].strip()
+    assert command in ci, f".ci/run does not run the README's {command!r}"
+    test_command = next(block for block in _bash_blocks() if "pytest" in block).strip()
+    assert test_command in ci.splitlines(), f".ci/run does not run the README's {test_command!r}"
+
+
+def _cpu_rows(report: dict) -> list:
+    return [f"| {tuple(r['shape'])} | {r['torch_ms']:.1f} | {r['deploy_ctc_ms']:.1f} | **{r['speedup']:.2f}x** | "
+            f"{r['numpy_backend_ms']:.1f} | {r['numpy_backend_speedup']:.2f}x | {r['torch_peak_mb']:.0f} | "
+            f"{r['deploy_ctc_peak_mb']:.0f} | {r['numpy_backend_peak_mb']:.0f} |" for r in report["rows"]]
+
+
+def _onnx_rows(report: dict) -> list:
+    return [f"| {tuple(r['shape_TNCS'])} | {r['direct_ms']:.2f} | {r['extension_ms']:.2f} | "
+            f"{r['extension_over_direct']:.2f} | {r['portable_ms']:.2f} | {r['torch_forward_ms']:.2f} | "
+            f"{r['portable_over_torch']:.2f} |" for r in report["results"]]
+
+
+def test_benchmark_tables_are_the_recorded_results():
+    """The README's measured figures are those of benchmarks/results/*.json, at the printed precision."""
+    text = README.read_text()
+    cpu = json.loads((RESULTS / "bench_cpu.json").read_text())
+    peaky = json.loads((RESULTS / "bench_cpu_peaky.json").read_text())
+    onnx = json.loads((RESULTS / "bench_onnx.json").read_text())
+    rows = _cpu_rows(cpu) + _cpu_rows(peaky) + _onnx_rows(onnx)
+    positions = [text.find(row) for row in rows]
+    assert -1 not in positions, f"not in README.md: {rows[positions.index(-1)]}"
+    assert positions == sorted(positions)
+    assert (f"Geometric-mean speed-up {cpu['geomean_speedup']:.2f}x, lowest {cpu['min_speedup']:.2f}x" in text)
+    assert (f"{cpu['numpy_backend_geomean_speedup']:.2f}x (lowest {cpu['numpy_backend_min_speedup']:.2f}x)" in text)
+    assert (f"Geometric mean {peaky['geomean_speedup']:.2f}x (lowest {peaky['min_speedup']:.2f}x) for deploy_ctc; "
+            f"{peaky['numpy_backend_geomean_speedup']:.2f}x for the pure-NumPy backend" in text)

@@ -173,10 +173,12 @@ def test_targets_batch_size(case):
         call(lp, targets[:2], il, tl)
 
 
-def test_lengths_rank(case):
+def test_lengths_count(case):
+    """torch counts the lengths (numel), whatever their rank: (N, 1) is accepted, N - 1 values are not."""
     lp, targets, il, tl = case
-    with raises(ValueError, "input_lengths"):
-        call(lp, targets, il[:, None], tl)
+    np.testing.assert_array_equal(call(lp, targets, il[:, None], tl), call(lp, targets, il, tl))
+    with raises(ValueError, "input_lengths", str(N)):
+        call(lp, targets, il[:-1], tl)
     with raises(ValueError, "target_lengths"):  # unbatched needs one length
         call(lp[:, 0], targets[0], 6, [4, 4])
 
@@ -278,3 +280,93 @@ def test_grad_output_of_wrong_shape(case, reduction, grad_output):
 def test_unknown_convention(case):
     with raises(ValueError, "convention", "'exact'"):
         deploy_ctc.ctc_loss_and_grad(*case, convention="exact")
+
+
+# --- length forms: exactly torch's ------------------------------------------------------------------------------
+def _torch_loss(lp, targets, il, tl):
+    torch = pytest.importorskip("torch", reason="torch (the test extra) is the oracle of accepted forms")
+    as_tensor = lambda v: torch.as_tensor(v) if isinstance(v, np.ndarray) else v  # noqa: E731
+    return torch.nn.functional.ctc_loss(torch.from_numpy(lp), torch.as_tensor(targets), as_tensor(il),
+                                        as_tensor(tl), reduction="sum").item()
+
+
+LENGTH_FORMS = {  # what torch accepts for N = 1 (its test_CTCLoss_critical_target_len passes torch.tensor(S))
+    "0-d int64": lambda v: np.array(v),
+    "0-d uint8": lambda v: np.array(v, dtype=np.uint8),
+    "1-element int32": lambda v: np.array([v], dtype=np.int32),
+    "(1, 1) int64": lambda v: np.array([[v]]),
+    "list": lambda v: [v],
+    "tuple": lambda v: (v,),
+}
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("form", sorted(LENGTH_FORMS))
+def test_single_sample_length_forms_match_torch(case, form, batched):
+    lp, targets = case[0][:, :1], case[1][:1]  # (T, 1, C), (1, 4)
+    if not batched:
+        lp, targets = lp[:, 0], targets[0]
+    il, tl = LENGTH_FORMS[form](6), LENGTH_FORMS[form](4)
+    np.testing.assert_allclose(call(lp, targets, il, tl, reduction="sum"), _torch_loss(lp, targets, il, tl),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("form,error", [("0-d", ValueError), ("1-element", ValueError), ("bool", TypeError),
+                                        ("float", TypeError)])
+def test_length_forms_torch_refuses(case, form, error):
+    lp, targets, il, tl = case  # N = 3
+    bad = {"0-d": np.array(6), "1-element": np.array([6]), "bool": np.ones(N, dtype=bool),
+           "float": il.astype(np.float64)}[form]
+    torch = pytest.importorskip("torch")
+    with pytest.raises((RuntimeError, TypeError, ValueError)):
+        _torch_loss(lp, targets, bad, tl)
+    with raises(error, "input_lengths"):
+        call(lp, targets, bad, tl)
+
+
+# --- lengths beyond int64 and sums that would wrap ------------------------------------------------------------
+@pytest.mark.parametrize("name", ["input_lengths", "target_lengths"])
+@pytest.mark.parametrize("form,value", [(form, value) for form in ("uint64 array", "list", "python int")
+                                        for value in (2**63, 2**64 - 1, 2**70) if form != "uint64 array" or value < 2**64])
+def test_lengths_beyond_int64_are_reported_as_given(case, name, form, value):
+    lp, targets, il, tl = case
+    lengths = {"input_lengths": il.tolist(), "target_lengths": tl.tolist()}
+    if form == "python int":
+        lp, targets, lengths = lp[:, 0], targets[0], {"input_lengths": 6, "target_lengths": 4}
+        lengths[name] = value
+    else:
+        lengths[name][0] = value
+        if form == "uint64 array":
+            lengths[name] = np.array(lengths[name], dtype=np.uint64)
+    with raises(ValueError, name, str(value)):
+        call(lp, targets, lengths["input_lengths"], lengths["target_lengths"])
+
+
+OVERFLOW_SCRIPT = """
+import numpy as np, deploy_ctc, deploy_ctc.torch, torch
+lp = np.log(np.full((8, 3, 5), 0.2))
+targets = np.array([1, 2, 3, 4])
+for target_lengths in ([2**63 - 1, 2**63 - 1, 6], [2**63 - 1, 6, 2**63 - 1]):  # int64 sums wrap to 4
+    for name, call in (("numpy", lambda: deploy_ctc.ctc_loss(lp, targets, [8, 8, 8], target_lengths)),
+                       ("torch", lambda: deploy_ctc.torch.ctc_loss(torch.from_numpy(lp), torch.from_numpy(targets),
+                                                                   (8, 8, 8), tuple(target_lengths)))):
+        try:
+            call()
+        except ValueError as error:
+            print(name, "ValueError", error)
+        else:
+            print(name, "accepted")
+"""
+
+
+def test_wrapping_sum_of_target_lengths_is_refused_without_crashing():
+    """An int64 sum of these lengths wraps to 4 (the targets' length); the engine would read far past them. Run in
+    a subprocess so that a segmentation fault fails the test instead of killing the run."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", OVERFLOW_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4 and all("ValueError" in line and "target_lengths" in line for line in lines), lines

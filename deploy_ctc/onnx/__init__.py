@@ -5,6 +5,7 @@
 - :func:`reference_ops` -- onnx.reference OpRun classes for ``ReferenceEvaluator(new_ops=...)``.
 - :func:`export` -- torch.onnx.export for modules that call ``F.ctc_loss`` / ``nn.CTCLoss``.
 - :func:`append_ctc_loss` -- add the loss to an already exported ONNX model.
+- :func:`append_forced_align` -- add the forced alignment (deploy_ctc::CTCAlign) to an ONNX model.
 
 Nodes carry a portable model-local function body (standard ONNX ops) by default, so plain
 onnxruntime runs them without any extension.  Every module imports onnx / onnxruntime / torch lazily;
@@ -12,7 +13,7 @@ using them needs ``pip install deploy_ctc[onnx]``.
 """
 
 from deploy_ctc.onnx import schemas
-from deploy_ctc.onnx.append import append_ctc_loss, ctc_loss_model
+from deploy_ctc.onnx.append import append_ctc_loss, append_forced_align, ctc_loss_model, forced_align_model
 from deploy_ctc.onnx.export import export
 from deploy_ctc.onnx.extension import custom_op_library_path, session_options
 from deploy_ctc.onnx.reference import reference_ops
@@ -21,9 +22,11 @@ from deploy_ctc.onnx.schemas import DOMAIN, register_schemas
 __all__ = [
     "DOMAIN",
     "append_ctc_loss",
+    "append_forced_align",
     "ctc_loss_model",
     "custom_op_library_path",
     "export",
+    "forced_align_model",
     "reference_ops",
     "register_schemas",
     "schemas",

@@ -1,4 +1,4 @@
-"""Portable bodies: model-local ONNX functions computing CTCLoss / CTCLossGrad with standard ops only.
+"""Portable bodies: model-local ONNX functions computing CTCLoss / CTCLossGrad / CTCAlign with standard ops only.
 
 A node ``deploy_ctc::CTCLoss`` whose model carries these FunctionProtos runs in any runtime that inlines
 model-local functions (plain onnxruntime on CPU or CUDA, onnx.reference) with no extension installed.
@@ -26,8 +26,11 @@ where ``skip_s`` means ``l'_s != blank`` and ``l'_s != l'_{s-2}``.  The state is
 ``nll = -lse(alpha(2 S_n), alpha(2 S_n - 1))``; the posterior is ``exp(alpha + beta' - ll)``
 scattered onto classes, and CTCLossGrad returns ``scale_n * (exp(log_probs) - posterior)``.
 
-The bodies cannot raise Python errors; a bad ``reduction`` / ``zero_infinity`` value or a label outside
-[0, C) makes onnxruntime fail in a node whose name states the rule (see :func:`_require`).  Like
+The bodies cannot raise Python errors; every input :func:`deploy_ctc.validation.validate` rejects (a bad
+``reduction`` / ``zero_infinity``, ``blank`` outside [0, C), a target label outside [0, C) or equal to blank
+within its length, a length that is negative, above T or S, or concatenated lengths that do not add up to the
+targets' length, a lengths count other than N) makes onnxruntime fail, before any table is sized or indexed by
+it, in a node whose name states the rule (see :func:`_require`).  Like
 torch, they accept unbatched input: log_probs (T, C), targets (S,), 0-d lengths.
 """
 
@@ -38,7 +41,7 @@ import itertools
 import numpy as np
 
 from deploy_ctc.onnx._deps import require_onnx
-from deploy_ctc.onnx.schemas import ATTRIBUTE_DEFAULTS, DOMAIN, REDUCTIONS
+from deploy_ctc.onnx.schemas import ALIGN_ATTRIBUTE_DEFAULTS, ATTRIBUTE_DEFAULTS, DOMAIN, REDUCTIONS
 
 MIN_OPSET = 18
 ML_OPSET = 3
@@ -116,9 +119,12 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     il = b.op("Reshape", b.op("Cast", input_lengths, to=7), b.const([-1]))  # (N,) int64
     tl = b.op("Reshape", b.op("Cast", target_lengths, to=7), b.const([-1]))  # (N,)
     tg = b.op("Cast", targets, to=7)  # (N, S) or (sum tl,)
-    n_vec = b.op("Shape", il)  # (1,) = [N]
-    n = b.op("Squeeze", n_vec, b.const([0]))  # ()
     zero, one, two = b.const(0), b.const(1), b.const(2)
+    # [0] computed from log_probs' values (x < x is False, even for NaN): never constant-folded, unlike
+    # anything derived from shapes or from lengths a model may hold as constants.
+    first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), b.const([0]), b.const([1])),
+                 keepdims=1)  # (1,)
+    guard = {"data_zero": b.op("Cast", b.op("Less", first, first), to=7)}  # (1,) int64
 
     # Padded (N, S_max) labels from either target layout: row n starts at n*S (padded) or at the
     # exclusive cumulative sum of target_lengths (concatenated); entries past tl[n] become blank.
@@ -126,10 +132,15 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     tg_shape = b.op("Shape", tg)
     is_padded = b.op("Equal", b.op("Size", tg_shape), two)  # ()
     row_width = b.op("Squeeze", b.op("Slice", tg_shape, b.const([-1]), b.const([_INT64_MAX])), b.const([0]))
+    # N, and everything sized by it or by the lengths, waits for the lengths' checks (0 once they pass).
+    checked = _check_lengths(b, guard, log_probs, t_len, il, tl, flat, tg_shape, row_width)  # ()
+    n_vec = b.op("Add", b.op("Shape", il), checked)  # (1,) = [N]
+    n = b.op("Squeeze", n_vec, b.const([0]))  # ()
+
     rows = b.op("Range", zero, n, one)  # (N,)
     start = b.op("Where", is_padded, b.op("Mul", rows, row_width),
                  b.op("Sub", b.op("CumSum", tl, zero), tl))  # (N,)
-    s_max = b.op("Max", b.op("ReduceMax", tl, keepdims=0), zero)  # ()
+    s_max = b.op("Add", b.op("Max", b.op("ReduceMax", tl, keepdims=0), zero), checked)  # ()
     s_idx = b.op("Range", zero, s_max, one)  # (S_max,)
     s_row = b.op("Unsqueeze", s_idx, b.const([0]))  # (1, S_max)
     pos = b.op("Add", b.op("Unsqueeze", start, b.const([1])), s_row)  # (N, S_max)
@@ -138,6 +149,7 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     tl_col = b.op("Unsqueeze", tl, b.const([1]))  # (N, 1)
     in_target = b.op("Less", s_row, tl_col)  # (N, S_max)
     labels = b.op("Where", in_target, b.op("Gather", flat, pos), blank)  # (N, S_max)
+    labels = b.op("Add", labels, _check_labels(b, guard, log_probs, blank, labels, in_target))  # + 0 once checked
 
     # Extended labels l' = (blank, l_1, blank, ..., l_S, blank): (N, L), L = 2 S_max + 1.
     blanks = b.op("Expand", blank, b.op("Shape", labels))  # (N, S_max)
@@ -175,15 +187,62 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     # Slice parameters of the Loop bodies, hoisted: a Constant inside a body runs every frame.
     slices = {k: b.const([v]) for k, v in (("0", 0), ("1", 1), ("2", 2), ("-1", -1), ("-2", -2),
                                            ("end", _INT64_MAX))}
-    # [0] computed from log_probs' values (x < x is False, even for NaN): never constant-folded, unlike
-    # anything derived from shapes or from lengths a model may hold as constants.
-    first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), slices["0"], slices["1"]),
-                 keepdims=1)  # (1,)
-    data_zero = b.op("Cast", b.op("Less", first, first), to=7)  # (1,) int64
+    data_zero = guard["data_zero"]
     return dict(lp=log_probs, blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
                 tl_col=tl_col, ext=ext, ext_shape=ext_shape, e_index=e_index, emit=emit, skip_bias=skip_bias,
                 neg_inf=neg_inf, zero_f=zero_f, neg2=neg2, valid=valid, s_states=s_states,
                 floor=b.like(_LSE_FLOOR, log_probs), slices=slices, data_zero=data_zero)
+
+
+def _all(b: _Builder, condition: str) -> str:
+    """bool (): every entry of the bool tensor ``condition`` holds (True when it is empty)."""
+    failures = b.op("ReduceSum", b.op("Cast", b.op("Not", condition), to=7), keepdims=0)  # over all axes
+    return b.op("Equal", failures, b.const(0))
+
+
+def _check_lengths(b: _Builder, guard: dict, log_probs: str, t_len: str, il: str, tl: str, flat: str,
+                   tg_shape: str, row_width: str) -> str:
+    """int64 0 once the lengths pass the rules :func:`deploy_ctc.validation.validate` applies; else onnxruntime
+    fails in a node named after the broken rule (before any table sized by N or the lengths is allocated)."""
+    n_lp = b.op("Squeeze", b.op("Slice", b.op("Shape", log_probs), b.const([1]), b.const([2])), b.const([0]))
+    batched = b.op("Equal", b.op("Size", b.op("Shape", log_probs)), b.const(3))  # log_probs was (T, N, C)
+    concatenated = b.op("And", batched, b.op("Equal", b.op("Size", tg_shape), b.const(1)))
+    total = b.op("Size", flat)
+    rules = [
+        (b.op("Equal", b.op("Size", il), n_lp), "deploy_ctc: input_lengths must have N entries (log_probs.shape[1])"),
+        (b.op("Equal", b.op("Size", tl), n_lp), "deploy_ctc: target_lengths must have N entries (log_probs.shape[1])"),
+        (_all(b, b.op("GreaterOrEqual", il, b.const(0))), "deploy_ctc: input_lengths must be non-negative"),
+        (_all(b, b.op("LessOrEqual", il, t_len)), "deploy_ctc: input_lengths must not exceed T (log_probs.shape[0])"),
+        (_all(b, b.op("GreaterOrEqual", tl, b.const(0))), "deploy_ctc: target_lengths must be non-negative"),
+        # Each length within the targets' width first, so the sum below cannot wrap around.
+        (_all(b, b.op("LessOrEqual", tl, row_width)),
+         "deploy_ctc: target_lengths must not exceed S (targets.shape[-1]; the length of 1-D targets)"),
+        (b.op("Or", b.op("Not", concatenated), b.op("Equal", b.op("ReduceSum", tl, keepdims=0), total)),
+         "deploy_ctc: sum(target_lengths) must equal the length of 1-D (concatenated) targets"),
+    ]
+    checked = b.const(0)
+    for ok, message in rules:
+        checked = _require(b, guard, ok, checked, message)
+    return checked
+
+
+def _check_labels(b: _Builder, guard: dict, log_probs: str, blank: str, labels: str, in_target: str) -> str:
+    """int64 0 once ``blank`` and the target labels within ``target_lengths`` pass validate's rules; else
+    onnxruntime fails in a node named after the rule (before any label indexes log_probs)."""
+    c = b.op("Squeeze", b.op("Slice", b.op("Shape", log_probs), b.const([-1]), b.const([_INT64_MAX])), b.const([0]))
+    outside = b.op("Or", b.op("Less", labels, b.const(0)), b.op("GreaterOrEqual", labels, c))  # (N, S_max)
+    rules = [
+        (b.op("And", b.op("GreaterOrEqual", blank, b.const(0)), b.op("Less", blank, c)),
+         "deploy_ctc: blank must be in [0, C) (C = log_probs.shape[-1])"),
+        (_all(b, b.op("Not", b.op("And", in_target, outside))),
+         "deploy_ctc: targets must lie in [0, C) (C = log_probs.shape[-1]) within target_lengths"),
+        (_all(b, b.op("Not", b.op("And", in_target, b.op("Equal", labels, blank)))),
+         "deploy_ctc: targets must not contain the blank label within target_lengths"),
+    ]
+    checked = b.const(0)
+    for ok, message in rules:
+        checked = _require(b, guard, ok, checked, message)
+    return checked
 
 
 def _loop(b: _Builder, lat: dict, init: str, step, reverse: bool, history: bool):
@@ -362,8 +421,83 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     return inputs, ["d_log_probs"]
 
 
+def _ctc_align_body(b: _Builder) -> tuple:
+    """Forced alignment (the Viterbi of deploy_ctc.align): a Loop over frames with max in place of log-sum-exp,
+    recording the move into each cell, then a Loop from the last frame back that follows the moves.
+
+    ``delta`` is float64 whatever the input type and the first maximal move wins (stay, step, skip), as on every
+    deploy_ctc backend; NaN and +inf log-probs count as -inf.
+    """
+    inputs = ["log_probs", "targets", "input_lengths", "target_lengths"]
+    lat = _lattice(b, *inputs)
+    c = lat["slices"]
+    double = b.onnx.TensorProto.DOUBLE
+    neg_inf = b.op("Cast", lat["neg_inf"], to=double)  # ()
+    neg2 = b.op("Cast", lat["neg2"], to=double)  # (N, 2)
+    skip_bias = b.op("Cast", lat["skip_bias"], to=double)  # (N, L)
+    two_tl = b.op("Mul", lat["tl_col"], b.const(2))  # (N, 1)
+    inside = b.op("Less", lat["s_states"], b.op("Add", two_tl, b.const(1)))  # (N, L) the sample's own positions
+    emit = b.op("Cast", lat["emit"], to=double)  # (T, N, L)
+    emit = b.op("Where", b.op("And", b.op("Less", emit, b.op("Cast", b.like(np.inf, lat["lp"]), to=double)),
+                              b.op("Unsqueeze", inside, b.const([0]))), emit, neg_inf)  # NaN, +inf: impossible
+    # delta_{-1} = (0, -inf, ...): the general step then starts paths on the first blank or the first label.
+    start = b.op("Where", b.op("Equal", lat["s_states"], b.const(0)), b.op("Cast", b.const(0.0, np.float64), to=double),
+                 neg_inf)  # (1, L)
+    delta0 = b.op("Expand", start, lat["ext_shape"])  # (N, L)
+
+    fwd = _Builder(b.onnx)
+    t, cond, delta = fwd.fresh("iter"), fwd.fresh("cond"), fwd.fresh("delta")
+    padded = fwd.op("Concat", neg2, delta, axis=1)  # (N, L + 2)
+    one = fwd.op("Slice", padded, c["1"], c["-1"], c["1"])  # from s - 1
+    two = fwd.op("Add", fwd.op("Slice", padded, c["0"], c["-2"], c["1"]), skip_bias)  # from s - 2
+    step = fwd.op("Greater", one, delta)
+    best = fwd.op("Where", step, one, delta)
+    jump = fwd.op("Greater", two, best)
+    best = fwd.op("Where", jump, two, best)
+    move = fwd.op("Where", jump, fwd.const(2, np.uint8), fwd.op("Cast", step, to=b.onnx.TensorProto.UINT8))  # (N, L)
+    new = fwd.op("Add", best, fwd.op("Gather", emit, t, axis=0))
+    new = fwd.op("Where", fwd.op("Gather", lat["valid"], t, axis=0), new, delta)  # frozen past the input
+    graph = fwd.graph("ctc_align_frame", [(t, b.onnx.TensorProto.INT64), (cond, b.onnx.TensorProto.BOOL), (delta, 0)],
+                      [fwd.op("Identity", cond), new, move])
+    final, moves = b.fresh("final"), b.fresh("moves")  # (N, L), (T, N, L)
+    b.nodes.append(b.onnx.helper.make_node("Loop", [lat["t_len"], b.const(True, np.bool_), delta0], [final, moves],
+                                           body=graph))
+
+    # The end: the last label unless the trailing blank is strictly better (S_n = 0: the blank).
+    end_label = b.op("Max", b.op("Sub", two_tl, b.const(1)), b.const(0))  # (N, 1)
+    on_label = b.op("And", b.op("Greater", lat["tl_col"], b.const(0)),
+                    b.op("GreaterOrEqual", b.op("GatherElements", final, end_label, axis=1),
+                         b.op("GatherElements", final, two_tl, axis=1)))  # (N, 1)
+    state0 = b.op("Where", on_label, end_label, two_tl)  # (N, 1)
+    feasible = b.op("Greater", b.op("GatherElements", final, state0, axis=1), neg_inf)  # (N, 1)
+
+    back = _Builder(b.onnx)
+    it, cond, state = back.fresh("iter"), back.fresh("cond"), back.fresh("state")
+    t = back.op("Sub", lat["t_last"], it)
+    active = back.op("And", back.op("Gather", lat["valid"], t, axis=0), feasible)  # (N, 1)
+    label = back.op("Where", active, back.op("GatherElements", lat["ext"], state, axis=1), lat["blank"])  # (N, 1)
+    move = back.op("Cast", back.op("GatherElements", back.op("Gather", moves, t, axis=0), state, axis=1), to=7)
+    new = back.op("Where", active, back.op("Sub", state, move), state)  # (N, 1)
+    graph = back.graph("ctc_align_back", [(it, b.onnx.TensorProto.INT64), (cond, b.onnx.TensorProto.BOOL), (state, 0)],
+                       [back.op("Identity", cond), new, label])
+    last, labels = b.fresh("last"), b.fresh("labels")  # (N, 1), (T, N, 1) from the last frame to the first
+    b.nodes.append(b.onnx.helper.make_node("Loop", [lat["t_len"], b.const(True, np.bool_), state0], [last, labels],
+                                           body=graph))
+    labels = b.op("Slice", labels, b.const([-1]), b.const([_INT64_MIN]), b.const([0]), b.const([-1]))  # frame order
+
+    picked = b.op("Squeeze", b.op("GatherElements", lat["lp"], labels, axis=2), b.const([2]))  # (T, N)
+    valid = b.op("Squeeze", lat["valid"], b.const([2]))  # (T, N)
+    scores = b.op("Where", valid, b.op("Where", b.op("Squeeze", feasible, b.const([1])), picked, lat["neg_inf"]),
+                  lat["zero_f"])  # (T, N)
+    out_shape = b.op("Slice", b.op("Shape", "log_probs"), c["0"], c["-1"])  # [T, N] or [T] unbatched
+    b.nodes.append(b.onnx.helper.make_node("Reshape", [b.op("Squeeze", labels, b.const([2])), out_shape],
+                                           ["alignment"]))
+    b.nodes.append(b.onnx.helper.make_node("Reshape", [scores, out_shape], ["scores"]))
+    return inputs, ["alignment", "scores"]
+
+
 def make_functions(opset: int = MIN_OPSET) -> list:
-    """[CTCLoss, CTCLossGrad] FunctionProtos (domain deploy_ctc) for a model importing ONNX ``opset``.
+    """[CTCLoss, CTCLossGrad, CTCAlign] FunctionProtos (domain deploy_ctc) for a model importing ONNX ``opset``.
 
     Raises:
         ValueError: ``opset`` < 18.
@@ -374,9 +508,11 @@ def make_functions(opset: int = MIN_OPSET) -> list:
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an int >= {MIN_OPSET} for the portable CTC bodies, got {opset!r}")
     imports = [onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid("ai.onnx.ml", ML_OPSET)]
-    defaults = [onnx.helper.make_attribute(k, v) for k, v in ATTRIBUTE_DEFAULTS.items()]
     functions = []
-    for name, build in (("CTCLoss", _ctc_loss_body), ("CTCLossGrad", _ctc_loss_grad_body)):
+    for name, build, attributes in (("CTCLoss", _ctc_loss_body, ATTRIBUTE_DEFAULTS),
+                                    ("CTCLossGrad", _ctc_loss_grad_body, ATTRIBUTE_DEFAULTS),
+                                    ("CTCAlign", _ctc_align_body, ALIGN_ATTRIBUTE_DEFAULTS)):
+        defaults = [onnx.helper.make_attribute(k, v) for k, v in attributes.items()]
         b = _Builder(onnx)
         inputs, outputs = build(b)
         functions.append(onnx.helper.make_function(DOMAIN, name, inputs, outputs, b.nodes, imports,

@@ -1,4 +1,4 @@
-"""onnx.reference implementations of deploy_ctc::CTCLoss / CTCLossGrad (the executable spec).
+"""onnx.reference implementations of deploy_ctc::CTCLoss / CTCLossGrad / CTCAlign (the executable spec).
 
 ``onnx.reference.ReferenceEvaluator(model, new_ops=deploy_ctc.onnx.reference_ops())`` runs models that use
 the ops; the classes call deploy_ctc's Python API, so errors are raised as the API raises them.
@@ -14,7 +14,7 @@ from deploy_ctc.onnx.schemas import DOMAIN, make_schemas
 
 
 def reference_ops() -> list:
-    """[CTCLoss, CTCLossGrad]: ``onnx.reference.op_run.OpRun`` subclasses for ``new_ops=``.
+    """[CTCLoss, CTCLossGrad, CTCAlign]: ``onnx.reference.op_run.OpRun`` subclasses for ``new_ops=``.
 
     Each class is named exactly as its op, has ``op_domain = "deploy_ctc"`` and carries its OpSchema so
     the evaluator fills in attribute defaults.
@@ -24,7 +24,7 @@ def reference_ops() -> list:
 
     import deploy_ctc
 
-    loss_schema, grad_schema = make_schemas()
+    loss_schema, grad_schema, align_schema = make_schemas()
 
     class CTCLoss(OpRun):
         op_domain = DOMAIN
@@ -49,4 +49,11 @@ def reference_ops() -> list:
                                                    zero_infinity=zero_infinity, grad_output=d_loss)
             return (np.asarray(grad, dtype=log_probs.dtype),)
 
-    return [CTCLoss, CTCLossGrad]
+    class CTCAlign(OpRun):
+        op_domain = DOMAIN
+        op_schema = align_schema
+
+        def _run(self, log_probs, targets, input_lengths, target_lengths, blank=None):
+            return deploy_ctc.forced_align(log_probs, targets, input_lengths, target_lengths, blank=blank)
+
+    return [CTCLoss, CTCLossGrad, CTCAlign]

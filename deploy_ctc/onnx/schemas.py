@@ -1,4 +1,4 @@
-"""ONNX operator schemas for ``deploy_ctc::CTCLoss`` and ``deploy_ctc::CTCLossGrad`` (opset 1).
+"""ONNX operator schemas for ``deploy_ctc::CTCLoss``, ``CTCLossGrad`` and ``CTCAlign`` (opset 1).
 
 ``CTCLoss(log_probs, targets, input_lengths, target_lengths) -> loss``
     log_probs       (T, N, C) float/double, log-probabilities (e.g. from LogSoftmax over C)
@@ -16,6 +16,13 @@
 Attributes (both ops): ``blank`` (int, 0), ``reduction`` (string, "mean"), ``zero_infinity`` (int, 0),
 with exactly torch.nn.CTCLoss's meaning.
 
+``CTCAlign(log_probs, targets, input_lengths, target_lengths) -> alignment, scores``
+    the inputs of CTCLoss (same layouts); attribute ``blank`` (int, 0) only
+    alignment       (T, N) int64 (unbatched (T,)): the label of the best path at each frame, blank for
+                    t >= input_lengths[n] and for infeasible samples
+    scores          (T, N), dtype of log_probs: log_probs at the chosen labels; 0 for t >= input_lengths[n],
+                    -inf for infeasible samples (ties and conventions: deploy_ctc.align)
+
 The schemas live in the ONNX Python registry of this process only: ``register_schemas()`` lets
 ``onnx.checker.check_model(full_check=True)`` and ``onnx.shape_inference`` validate models using the ops.
 ONNX Runtime never sees them; it runs either the node's model-local function body or the extension kernel.
@@ -30,6 +37,8 @@ OPSET_VERSION = 1
 
 # Attribute name -> default, in torch.nn.CTCLoss's order.
 ATTRIBUTE_DEFAULTS = {"blank": 0, "reduction": "mean", "zero_infinity": 0}
+# CTCAlign's attributes.
+ALIGN_ATTRIBUTE_DEFAULTS = {"blank": 0}
 REDUCTIONS = ("none", "mean", "sum")
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(double)"]
@@ -73,6 +82,27 @@ def _infer_ctc_loss_grad(ctx) -> None:
     ctx.set_output_type(0, ctx.get_input_type(1))
 
 
+def _infer_ctc_align(ctx) -> None:
+    """alignment int64 and scores in log_probs' type, both of log_probs' shape without its last axis."""
+    onnx = require_onnx()
+    from deploy_ctc.validation import check_options
+
+    blank = ctx.get_attribute("blank")
+    check_options(0 if blank is None else onnx.helper.get_attribute_value(blank), "mean", False)
+    lp_type = ctx.get_input_type(0)
+    elem_type = lp_type.tensor_type.elem_type
+    if lp_type.tensor_type.HasField("shape"):
+        dims = list(lp_type.tensor_type.shape.dim)[:-1]
+        for index, elem in enumerate((onnx.TensorProto.INT64, elem_type)):
+            out = onnx.helper.make_tensor_type_proto(elem, [None] * len(dims))
+            for axis, dim in enumerate(dims):
+                out.tensor_type.shape.dim[axis].CopyFrom(dim)
+            ctx.set_output_type(index, out)
+    else:
+        ctx.set_output_type(0, onnx.helper.make_tensor_type_proto(onnx.TensorProto.INT64, None))
+        ctx.set_output_type(1, onnx.helper.make_tensor_type_proto(elem_type, None))
+
+
 def _attributes(onnx) -> list:
     docs = {
         "blank": "index of the blank class in [0, C)",
@@ -105,7 +135,7 @@ def _type_constraints() -> list:
 
 
 def make_schemas() -> tuple:
-    """Build (not register) the CTCLoss and CTCLossGrad OpSchemas."""
+    """Build (not register) the CTCLoss, CTCLossGrad and CTCAlign OpSchemas."""
     onnx = require_onnx()
     param = onnx.defs.OpSchema.FormalParameter
     loss = onnx.defs.OpSchema(
@@ -126,7 +156,18 @@ def make_schemas() -> tuple:
         attributes=_attributes(onnx),
     )
     grad.set_type_and_shape_inference_function(_infer_ctc_loss_grad)
-    return loss, grad
+    align = onnx.defs.OpSchema(
+        "CTCAlign", DOMAIN, OPSET_VERSION,
+        "CTC forced alignment: the best path of each target (Viterbi) and the log-probability of each frame's label.",
+        inputs=_ctc_inputs(onnx),
+        outputs=[param("alignment", "A", "(T, N) int64 labels of the best path"),
+                 param("scores", "T", "(T, N) log-probabilities of those labels")],
+        type_constraints=_type_constraints() + [("A", ["tensor(int64)"], "alignment")],
+        attributes=[onnx.defs.OpSchema.Attribute("blank", onnx.helper.make_attribute("blank", 0),
+                                                 "index of the blank class in [0, C)")],
+    )
+    align.set_type_and_shape_inference_function(_infer_ctc_align)
+    return loss, grad, align
 
 
 def register_schemas() -> None:

@@ -1,4 +1,5 @@
-"""deploy_ctc._backends.cpu.pure_numpy.forward_backward on validated problems (the deploy_ctc._backends.Backend protocol).
+"""deploy_ctc._backends.cpu.pure_numpy.forward_backward on validated problems (the deploy_ctc._backends.Backend
+protocol).
 
 The backend returns per-sample nll (N,) in float64 (+inf when infeasible, never zeroed) and, when grad_scale is
 given, grad = grad_scale[n] * (exp(lp) - posterior) (or -posterior), 0 beyond input_lengths, NaN rows for an
@@ -190,7 +191,7 @@ def test_large_batch_in_a_forked_child_after_the_parent_used_the_worker_pool():
     import torch
 
     import deploy_ctc
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     inputs = make_inputs(300, 16, 40, 40)  # large enough for the threaded pipeline
     parent_loss, parent_grad = deploy_ctc.ctc_loss_and_grad(*inputs)
@@ -202,3 +203,82 @@ def test_large_batch_in_a_forked_child_after_the_parent_used_the_worker_pool():
     expected = torch.nn.functional.ctc_loss(torch.from_numpy(inputs[0]).double(),
                                             *(torch.from_numpy(a) for a in inputs[1:]))
     assert np.isclose(float(parent_loss), float(expected), rtol=1e-6)
+
+
+# --- fuzz against torch float64: low-precision, peaky and huge-negative inputs ----------------------------------
+def _fuzz_case(rng, i):
+    """Case ``i``: small random shapes and lengths, float16/float32/float64 log-softmax rows of logits scaled up to
+    3000 (peaky: labels hundreds of nats below the frame's best), and in every other case finite masks
+    (-1e30, -3.4e38, -1e300) or -inf on 20% of the entries."""
+    T, C, N = int(rng.integers(1, 12)), int(rng.integers(2, 7)), int(rng.integers(1, 4))
+    tl = rng.integers(0, min(T, 4) + 1, N)
+    il = rng.integers(0, T + 1, N)
+    dtype = (np.float16, np.float32, np.float64)[i % 3]
+    lp = oracles.log_softmax(rng.normal(size=(T, N, C)) * rng.choice([1.0, 30.0, 300.0, 3000.0]))
+    if i % 2:
+        mask = rng.random(lp.shape) < 0.2
+        lp[mask] = rng.choice([-1e30, -np.inf] if dtype != np.float64 else [-1e30, -3.4e38, -1e300, -np.inf])
+    targets = rng.integers(1, C, (N, max(int(tl.max()), 1)))
+    with np.errstate(over="ignore"):  # -1e30 is -inf in float16
+        return lp.astype(dtype), targets, il, tl
+
+
+def test_fuzz_against_torch(pure_numpy):
+    """The loss in float64 (before the caller's rounding) must match torch on the same values: a float32 exp
+    flushing labels 104 nats below the frame's best, or a finite mask read as log zero, shows up here. Gradients
+    are compared where the loss is representable to float64 precision (below 1e15: with a 1e30 loss both torch's
+    and any other float64 gradient are cancellation noise); torch's NaN at -inf entries of a finite loss is its
+    own -inf - (-inf), where the derivative is 0."""
+    rng = np.random.default_rng(20240610)
+    for i in range(60):
+        lp, targets, il, tl = _fuzz_case(rng, i)
+        problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+        scale = np.ones(il.size)
+        nll, grad = pure_numpy.forward_backward(problem, scale)
+        ref_nll, ref_grad = expected(lp.astype(np.float64), targets, il, tl, 0, scale)
+        what = f"case {i}: {lp.dtype} T={lp.shape[0]} il={il} tl={tl}"
+        oracles.assert_close(nll, ref_nll, np.float64, f"{what} nll")
+        meaningful = np.isfinite(ref_nll) & (np.abs(ref_nll) < 1e15)  # (N,)
+        ref_grad = np.where(np.isneginf(lp) & np.isnan(ref_grad) & np.isfinite(ref_nll)[None, :, None], 0.0, ref_grad)
+        oracles.assert_close(grad[:, meaningful], ref_grad[:, meaningful], grad.dtype, f"{what} grad")
+        assert not np.isnan(grad[:, np.isfinite(ref_nll)]).any(), f"{what}: NaN in the gradient of a finite loss"
+
+
+@pytest.mark.parametrize("mask", [-1e30, -3.4e38, -1e300])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_finite_masks_are_probabilities(mask, zero_infinity, pure_numpy):
+    """A label masked with a finite value on every frame: torch's loss is finite (T frames cost about |mask|
+    each, at least one of them on the label), never zeroed by zero_infinity, and its gradient is finite."""
+    T, C = 3, 3
+    lp = np.full((T, 1, C), mask)
+    lp[:, 0, 0] = 0.0  # blank certain, label 1 masked
+    problem = validation.validate(lp, np.array([[1]]), [T], [1], 0, "none", zero_infinity)
+    nll, grad = pure_numpy.forward_backward(problem, np.ones(1))
+    ref_nll, _ = expected(lp, np.array([[1]]), [T], [1], 0, np.ones(1))
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-12)
+    assert np.isfinite(nll).all() and np.isfinite(grad).all()
+
+
+SPECIAL_CASES = {  # (frame, class) of the special value in sample 0 (T = 5, target [1, 2], input length 4)
+    "label on the path": (1, 1),
+    "blank on the path": (2, 0),
+    "class outside the target": (1, 3),
+    "frame past the input length": (4, 1),
+}
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@pytest.mark.parametrize("where", sorted(SPECIAL_CASES))
+def test_nan_and_inf_log_probs_match_torch(rng, value, where, pure_numpy):
+    """torch: NaN or +inf on the lattice of a used frame makes the loss NaN and the sample's rows NaN; on another
+    class only that gradient entry (exp(lp): inf or NaN); in a frame past the input length nothing."""
+    lp = oracles.random_log_probs(rng, 5, 2, 4)
+    targets, il, tl = np.array([[1, 2], [3, 1]]), np.array([4, 5]), np.array([2, 2])
+    lp[(SPECIAL_CASES[where][0], 0, SPECIAL_CASES[where][1])] = value
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    scale = np.ones(2)
+    nll, grad = pure_numpy.forward_backward(problem, scale)
+    ref_nll, ref_grad = expected(lp, targets, il, tl, 0, scale)
+    oracles.assert_close(nll, ref_nll, np.float64, f"{where} nll")
+    np.testing.assert_array_equal(np.isinf(grad), np.isinf(ref_grad))
+    oracles.assert_close(grad, ref_grad, np.float64, f"{where} grad")

@@ -134,13 +134,60 @@ def test_bad_attribute_fails_at_run_time_with_its_name(rng, op, name, value, mes
         session(model).run(None, feeds)
 
 
-@pytest.mark.parametrize("blank, bad_target", [(0, 9), (7, None)])
-def test_out_of_range_labels_fail_at_run_time(rng, blank, bad_target):
-    problem = make_problem(rng, T=6, N=2, C=4, S=2, target_lengths=[2, 2])
-    if bad_target is not None:
-        problem.targets[1, 1] = bad_target
-    with pytest.raises(Exception, match=r"targets and blank must lie in \[0, C\)"):
-        session(ctc_loss_model(blank=blank)).run(None, problem.feeds())
+def _padded():
+    """A valid padded batch: T = 6, N = 3, C = 5, S = 3."""
+    return Problem(np.log(np.full((6, 3, 5), 0.2, np.float32)), np.array([[1, 2, 3], [4, 4, 0], [2, 0, 0]]),
+                   np.array([6, 5, 4]), np.array([3, 2, 1]))
+
+
+def _concatenated():
+    problem = _padded()
+    problem.targets = np.array([1, 2, 3, 4, 4, 2])
+    return problem
+
+
+REJECTED = {  # every input deploy_ctc.ctc_loss rejects, and the rule the body's error must name
+    "target -1": (_padded, "targets", lambda p: p.targets.__setitem__((0, 1), -1), r"targets must lie in \[0, C\)"),
+    "target == C": (_padded, "targets", lambda p: p.targets.__setitem__((1, 0), 5), r"targets must lie in \[0, C\)"),
+    "target == blank": (_padded, "targets", lambda p: p.targets.__setitem__((2, 0), 0), "must not contain the blank"),
+    "concatenated target -1": (_concatenated, "targets", lambda p: p.targets.__setitem__(5, -1),
+                               r"targets must lie in \[0, C\)"),
+    "blank >= C": (_padded, None, lambda p: setattr(p, "blank", 5), r"blank must be in \[0, C\)"),
+    "input_length > T": (_padded, None, lambda p: p.input_lengths.__setitem__(1, 7), "input_lengths must not exceed T"),
+    "negative input_length": (_padded, None, lambda p: p.input_lengths.__setitem__(0, -1),
+                              "input_lengths must be non-negative"),
+    "negative target_length": (_padded, None, lambda p: p.target_lengths.__setitem__(2, -1),
+                               "target_lengths must be non-negative"),
+    "target_length > S": (_padded, None, lambda p: p.target_lengths.__setitem__(2, 4),
+                          "target_lengths must not exceed S"),
+    "concatenated sum too short": (_concatenated, "targets", lambda p: p.target_lengths.__setitem__(2, 0),
+                                   r"sum\(target_lengths\) must equal"),
+    "concatenated sum wraps": (_concatenated, "targets",
+                               lambda p: setattr(p, "target_lengths", np.array([2**63 - 1, 2**63 - 1, 8])),
+                               "target_lengths must not exceed S"),
+    "too few input_lengths": (_padded, "input_lengths", lambda p: setattr(p, "input_lengths", np.array([6, 5])),
+                              "input_lengths must have N entries"),
+}
+
+
+@pytest.mark.parametrize("op", ["CTCLoss", "CTCLossGrad"])
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_every_rejected_input_fails_at_run_time_naming_the_rule(case, op):
+    """What the API rejects, plain onnxruntime refuses too (never a number), its error naming the rule."""
+    make, shapeless, spoil, message = REJECTED[case]
+    problem = make()
+    spoil(problem)
+    with pytest.raises(ValueError):  # the API's verdict on the same input
+        import deploy_ctc
+
+        deploy_ctc.ctc_loss(*problem.args(), blank=problem.blank)
+    model = ctc_loss_model(blank=problem.blank) if op == "CTCLoss" else grad_model(blank=problem.blank)
+    for value in model.graph.input:
+        if value.name in (shapeless, "targets"):
+            value.type.tensor_type.ClearField("shape")
+    feeds = problem.feeds() if op == "CTCLoss" else {"d_loss": np.array(1, np.float32), **problem.feeds()}
+    with pytest.raises(Exception, match=message):
+        session(model).run(None, feeds)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -6,6 +6,8 @@ None of these functions calls deploy_ctc: expected values come from
   gradient from torch's autograd (any input layout torch accepts: padded, concatenated, unbatched);
 * :func:`brute_force` -- enumeration of all ``C**T`` alignments of one sequence (tiny T only), using the
   definition of CTC directly (collapse repeats, then drop blanks), no dynamic programming;
+* :func:`brute_force_alignment` -- the best alignment (forced alignment) by the same enumeration, with the
+  documented tie rule applied to whole paths;
 * :func:`single_path` -- the analytic case T = minimal alignment length, where exactly one alignment exists:
   loss = -sum of the log-probs on that path, posterior = one-hot of the path;
 * :func:`finite_difference` -- central differences of any scalar function.
@@ -115,6 +117,32 @@ def random_targets(rng, target_lengths, C, blank=0, S=None, repeat_prob=0.0, pad
             else:
                 targets[n, s] = rng.choice(labels)
     return targets
+
+
+def aligned_log_probs(rng, targets, input_lengths, target_lengths, C, blank=0, boost=(5.0, 20.0)):
+    """Log-probs (T, N, C) of a model confident *in* its targets, as a trained one: ``log_softmax`` of random
+    logits raised by ``uniform(*boost)`` along one random alignment of each target (each label, and the blanks
+    between equal neighbours, get at least one frame; the other frames go to random positions of ``l'``).
+    Frames ``t >= input_lengths[n]`` keep their random logits."""
+    input_lengths = np.asarray(input_lengths).reshape(-1)
+    target_lengths = np.asarray(target_lengths).reshape(-1)
+    T = int(input_lengths.max(initial=0))
+    logits = rng.standard_normal((T, input_lengths.size, C))
+    for n, (frames, length) in enumerate(zip(input_lengths, target_lengths)):
+        target = [int(c) for c in targets[n, :length]]
+        extended = [blank]
+        for label in target:
+            extended += [label, blank]
+        required = np.zeros(len(extended), dtype=np.int64)  # (2S + 1,) frames each position must get
+        required[1::2] = 1
+        required[2:-1:2] = [int(a == b) for a, b in zip(target, target[1:])]
+        spare = int(frames) - int(required.sum())
+        if spare < 0:
+            raise ValueError(f"sample {n}: {frames} frames cannot align a target needing {required.sum()}")
+        durations = required + rng.multinomial(spare, np.full(len(extended), 1 / len(extended)))
+        path = np.repeat(extended, durations)  # (frames,)
+        logits[np.arange(int(frames)), n, path] += rng.uniform(*boost, int(frames))
+    return log_softmax(logits)
 
 
 def minimal_input_length(target) -> int:
@@ -278,6 +306,48 @@ def brute_force_batch(log_probs, targets, input_lengths, target_lengths, blank=0
         length = int(input_lengths[n])
         nll[n], posterior[:length, n] = brute_force(lp[:length, n], targets[n][: int(target_lengths[n])], blank)
     return nll, posterior
+
+
+def _lattice_states(path, blank):
+    """The extended-label position (0 .. 2S, blanks even) an alignment occupies at each frame."""
+    states, count = [], 0
+    for t, label in enumerate(path):
+        if label != blank and (t == 0 or label != path[t - 1]):
+            count += 1
+        states.append(2 * count - 1 if label != blank else 2 * count)
+    return states
+
+
+def brute_force_alignment(log_probs, target, blank=0):
+    """The best alignment of one sequence by enumerating all C**T label sequences (tiny T only).
+
+    Each alignment that collapses to ``target`` is scored by summing its log-probs in float64 from the first frame
+    to the last (NaN and +inf count as -inf). Among the maximal ones, the winner has the largest lattice positions
+    read from the last frame backwards, where ending on the last label beats ending on the trailing blank: the
+    documented tie rule of deploy_ctc.align, stated on whole paths instead of backpointers.
+
+    Returns:
+        ``(path (T,) int64, score)``, or ``(None, -inf)`` when no alignment has a finite score.
+    """
+    lp = np.asarray(log_probs, dtype=np.float64)
+    lp = np.where(lp < np.inf, lp, -np.inf)
+    T, C = lp.shape
+    paths, groups = _all_paths(T, C, blank)
+    idx = groups.get(tuple(int(c) for c in target))
+    if idx is None:
+        return None, -np.inf
+    best, best_key, best_score = None, None, -np.inf
+    for path in paths[idx].tolist():
+        score = 0.0
+        for t, label in enumerate(path):
+            score += float(lp[t, label])
+        if score == -np.inf:
+            continue
+        states = _lattice_states(path, blank)
+        key = (score, *[-s for s in states[-1:]], *states[-2::-1])
+        if best_key is None or key > best_key:
+            best, best_key, best_score = path, key, score
+    return (None, -np.inf) if best is None else (np.array(best, dtype=np.int64), best_score)
 
 
 # ----------------------------------------------------------------------------------------------------------

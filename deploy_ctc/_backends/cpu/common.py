@@ -1,11 +1,12 @@
-"""What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share: which
-samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
-samples with an infinite loss, and the worker threads.
+"""What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share:
+which samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
+samples with an infinite loss, and the worker threads (one pool per process, used by every CPU path).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -21,13 +22,19 @@ def start(problem, grad_scale):
     ``nll`` ``(N,)`` float64: ``+inf`` for infeasible targets (fewer frames than labels plus the blanks between
     equal neighbours), 0 for an empty target on zero frames, NaN where the recursions will fill it in. ``grad``
     ``(T, N, C)`` zeros in ``log_probs``' dtype, or None without ``grad_scale``. ``run`` ``(N,)`` bool: the samples
-    the recursions handle (feasible, at least one frame).
+    the recursions handle (feasible, at least one frame; and infeasible ones whose used frames hold NaN or ``+inf``
+    in a lattice class, whose loss is NaN in torch's recursion rather than ``+inf``).
     """
+    pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only the first one large enough for threads
     lp, targets = problem.log_probs, problem.targets  # (T, N, C), (N, S)
     il, tl = problem.input_lengths, problem.target_lengths  # (N,)
     inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
     repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
     feasible = il >= tl + repeats  # (N,)
+    for n in np.flatnonzero(~feasible & (il > 0)):
+        classes = np.append(targets[n, : tl[n]], problem.blank)  # (tl + 1,)
+        if not (lp[: il[n], n][:, classes] < np.inf).all():  # NaN or +inf on the lattice
+            feasible[n] = True
     nll = np.where(feasible, np.nan, np.inf)  # (N,)
     nll[(il == 0) & (tl == 0)] = 0.0
     grad = None if grad_scale is None else np.zeros(lp.shape, dtype=lp.dtype)
@@ -58,6 +65,19 @@ def redo_exact(problem, samples, nll, grad, grad_scale, convention):
         grad[:, samples] = sub_grad
 
 
+def deal(samples, cost, workers):
+    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost: in decreasing cost, dealt back
+    and forth across the parts (0, 1, ..., w-1, w-1, ..., 1, 0, 0, 1, ...), so each part stays in decreasing cost
+    (the engine's lanes get similar lengths) and, per round of 2w samples, every part gets a large and a small
+    one. Vectorized: hundreds of thousands of samples are dealt in milliseconds."""
+    order = np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)  # (R,)
+    if workers <= 1 or samples.size <= 1:
+        return [order]
+    rank = np.arange(order.size) % (2 * workers)
+    part = np.where(rank < workers, rank, 2 * workers - 1 - rank)  # (R,) the back-and-forth deal
+    return [order[part == p] for p in range(workers) if (part == p).any()]
+
+
 THREADS_ENV = "DEPLOY_CTC_NUM_THREADS"
 
 
@@ -82,7 +102,25 @@ def pool_size():
 @lru_cache(maxsize=1)
 def pool():
     """The backends' shared worker threads (NumPy loops and the native engine release the GIL)."""
-    return ThreadPoolExecutor(pool_size(), thread_name_prefix="deploy_ctc")
+    return ThreadPoolExecutor(pool_size(), thread_name_prefix="deploy_ctc", initializer=_mark_worker)
+
+
+def workers():
+    """How many of :func:`pool`'s threads a call may spread its work over: :func:`pool_size`, or 1 on one of those
+    threads. A call made from inside a task (a callback that runs deploy_ctc, say) then runs inline: were every
+    worker to wait on subtasks queued behind it, none would be left to run them.
+
+    Raises:
+        ValueError: ``DEPLOY_CTC_NUM_THREADS`` is not a positive integer.
+    """
+    return 1 if getattr(_worker, "marked", False) else pool_size()
+
+
+_worker = threading.local()
+
+
+def _mark_worker():
+    _worker.marked = True
 
 
 # A forked child (a DataLoader worker, say) inherits the pool object but not its threads: give it a new one.

@@ -21,22 +21,23 @@ position ``s`` at time ``t`` is ``gamma_t(s) = alpha_t(s) beta'_t(s) / p(l|x)``.
 and ``-sum gamma`` in the "plain" convention. Log space keeps long (T in the thousands) and peaky (log-probs down to
 -1e3) inputs exact where a scaled probability-space recursion would flush states to zero.
 
-"Log zero" is the finite ``NEG = -1e30`` rather than ``-inf``: ``exp(NEG - m)`` underflows to exactly 0 for any real
-``m`` and ``NEG - NEG`` is 0 rather than NaN, so the recursion needs no guards; log-probabilities of ``-inf`` are
-clamped to ``NEG`` and a log-likelihood below ``NEG / 2`` is reported as an infinite loss. NaN inside the input
-lengths propagates to a NaN loss, as in torch; frames at ``t >= input_lengths[n]`` never enter the results.
+Only a true ``-inf`` log-probability is "log zero": every finite value, however negative (a ``-1e30`` mask, say),
+is a probability, so such inputs give the finite losses torch gives. ``logsumexp`` takes its maximum as the shift,
+replaced by the most negative float when every term is ``-inf`` (so ``-inf - shift`` is ``-inf``, not NaN). NaN and
+``+inf`` propagate as in torch's own log-space recursion (``+inf`` meeting ``+inf`` in a sum, or reaching a position
+no alignment can occupy, is NaN); frames at ``t >= input_lengths[n]`` never enter the results.
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-NEG = -1e30
-_NEG_THRESHOLD = NEG / 2
+from . import common
+
+NEG = -np.inf
+# Shift of a log-sum-exp whose terms are all -inf: finite, so the terms minus the shift stay -inf instead of NaN.
+_LOWEST = np.finfo(np.float64).min
 # Rows of the (T, N, C) gradient handled by one task: a few MB, so exp/scale/scatter stay cache-resident.
 _GRAD_CHUNK_BYTES = 4 << 20
 
@@ -46,6 +47,11 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 
     Used for the samples whose scaled recursions fail the consistency check, and as a reference in the tests.
     """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # log(0) is -inf, the log-space zero
+        return _forward_backward(problem, grad_scale, convention)
+
+
+def _forward_backward(problem, grad_scale, convention):
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     il, tl = problem.input_lengths, problem.target_lengths  # (N,), (N,)
@@ -62,7 +68,6 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     ended = il > 0
     log_p = _final_log_likelihood(last, lattice)  # (N,)
     nll[ended] = -log_p[ended]
-    nll[nll > -_NEG_THRESHOLD] = np.inf
     if grad is None:
         return nll, None
 
@@ -73,7 +78,7 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     del alpha, beta
     _fill_gradient(grad, lp, posterior, lattice, il, np.asarray(grad_scale, dtype=np.float64), convention)
     for n in np.flatnonzero(~feasible & ended):
-        grad[: il[n], n, :] = 0.0 if problem.zero_infinity and not np.isnan(nll[n]) else np.nan
+        grad[: il[n], n, :] = 0.0 if problem.zero_infinity and nll[n] == np.inf else np.nan
     return nll, grad
 
 
@@ -83,8 +88,9 @@ class _Lattice:
     Attributes:
         ext: ``(N, L)`` int64 extended labels, ``L = 2S + 1``; positions ``s >= L_n`` hold ``blank`` (never reached).
         lengths: ``(N,)`` ``L_n = 2 target_lengths + 1``.
-        skip_alpha: ``(3, N, L)`` additive log-weights of the moves ``s-0, s-1, s-2 -> s``: 0 allowed, NEG not.
-        skip_beta: ``(3, N, L)`` the same for ``s <- s+0, s+1, s+2``.
+        blocked_alpha: ``(N, L)`` bool, True where the move ``s - 2 -> s`` is not allowed (``s - 1`` and ``s`` always
+            are); blocked_beta: ``(N, L)`` the same for ``s <- s + 2``. A blocked term is left out of the sum (not
+            added as ``-inf``, which would turn a ``+inf`` alpha into NaN where torch's recursion skips it).
     """
 
     def __init__(self, targets, target_lengths, blank):
@@ -97,11 +103,9 @@ class _Lattice:
         # s - 2 -> s is allowed into a label that differs from the label two positions back.
         allowed = np.zeros((N, L), dtype=bool)  # (N, L) indexed by the destination s
         allowed[:, 3::2] = targets[:, 1:] != targets[:, :-1]
-        self.skip_alpha = np.zeros((3, N, L))
-        self.skip_alpha[2][~allowed] = NEG
-        self.skip_beta = np.zeros((3, N, L))
-        self.skip_beta[2, :, : L - 2][~allowed[:, 2:]] = NEG
-        self.skip_beta[2, :, L - 2:] = NEG
+        self.blocked_alpha = ~allowed
+        self.blocked_beta = np.ones((N, L), dtype=bool)
+        self.blocked_beta[:, : L - 2] = ~allowed[:, 2:]
 
     def emissions(self, lp, il, t_max):
         """``(t_max, N, L)`` float64 ``log y_t(l'_s)``; frames past ``input_lengths[n]`` repeat its last frame.
@@ -112,8 +116,7 @@ class _Lattice:
         N = lp.shape[1]
         t_index = np.minimum(np.arange(t_max)[:, None], np.maximum(il - 1, 0)[None, :])  # (t_max, N)
         lpe = lp[t_index[:, :, None], np.arange(N)[None, :, None], self.ext[None, :, :]]  # (t_max, N, L)
-        lpe = lpe.astype(np.float64, copy=False)
-        return np.maximum(lpe, NEG, out=lpe)  # -inf -> NEG; NaN stays NaN
+        return lpe.astype(np.float64, copy=False)
 
     def groups(self, C):
         """:func:`class_groups` of the valid lattice positions, as ``(samples, positions, starts, columns)``."""
@@ -142,13 +145,15 @@ def class_groups(ext, valid, C):
     return cells, starts, columns
 
 
-def _lse3(shifted, skip, out, scratch, m):
-    """``out = log(sum_k exp(shifted[k] + skip[k]))`` over k = 0..2, with the max subtracted first.
+def _lse3(shifted, blocked, out, scratch, m):
+    """``out = log(sum_k exp(shifted[k]))`` over k = 0..2 (k = 2 left out where ``blocked``), max subtracted first.
 
     ``shifted`` ``(3, N, L)`` (a strided view); ``scratch`` ``(3, N, L)`` and ``m`` ``(N, L)`` are work buffers.
     """
-    np.add(shifted, skip, out=scratch)
+    np.copyto(scratch, shifted)
+    np.copyto(scratch[2], NEG, where=blocked)
     np.max(scratch, axis=0, out=m)
+    np.maximum(m, _LOWEST, out=m)  # all terms -inf: a finite shift keeps the result -inf
     np.subtract(scratch, m, out=scratch)
     np.exp(scratch, out=scratch)
     np.sum(scratch, axis=0, out=out)
@@ -178,7 +183,7 @@ def _alpha(lpe, lattice, il, store):
             # shifted[k, n, s] = log alpha_{t-1}(s - k)
             shifted = as_strided(prev[:, 2:], shape=(3, N, L), strides=(-col_stride, row_stride, col_stride))
             out = cur[:, 2:]
-            _lse3(shifted, lattice.skip_alpha, out, scratch, m)
+            _lse3(shifted, lattice.blocked_alpha, out, scratch, m)
             np.add(out, lpe[t], out=out)
         if t in ends_at:
             last[ends_at[t]] = cur[ends_at[t]]
@@ -197,7 +202,9 @@ def _final_log_likelihood(last, lattice):
     end = lattice.lengths + 1  # column of position L_n - 1
     a_last = last[n, end]  # (N,)
     a_prev = np.where(lattice.lengths > 1, last[n, end - 1], NEG)  # (N,)
-    return np.logaddexp(a_last, a_prev)
+    # torch's formula (not np.logaddexp, which makes inf + inf inf): +inf in both terms gives NaN, as in torch.
+    m = np.maximum(np.maximum(a_last, a_prev), _LOWEST)
+    return np.log(np.exp(a_last - m) + np.exp(a_prev - m)) + m
 
 
 def _beta(lpe, lattice, il):
@@ -221,7 +228,7 @@ def _beta(lpe, lattice, il):
     table[t_max - 1] = start
     for t in range(t_max - 2, -1, -1):
         np.add(table[t + 1], lpe[t + 1], out=nxt[:, :L])
-        _lse3(shifted, lattice.skip_beta, table[t], scratch, m)
+        _lse3(shifted, lattice.blocked_beta, table[t], scratch, m)
         if t in ends_at:
             table[t][ends_at[t]] = start[ends_at[t]]
     return table
@@ -245,9 +252,10 @@ def _posterior(alpha, beta, nll, il, feasible):
 def _fill_gradient(grad, lp, posterior, lattice, il, grad_scale, convention):
     """Write ``grad[t, n, c] = grad_scale[n] * (exp(lp) - sum_{s: l'_s = c} gamma_t(s))`` for ``t < il[n]``.
 
-    ``grad`` ``(T, N, C)`` arrives zeroed. Work is split into blocks of rows that threads run concurrently (NumPy
-    releases the GIL inside its loops); each block exponentiates, scales, and subtracts the class-aggregated
-    posterior, so the ``(T, N, C)`` array is touched once while cache-resident.
+    ``grad`` ``(T, N, C)`` arrives zeroed. Work is split into blocks of rows that the shared worker threads
+    (:func:`deploy_ctc._backends.cpu.common.pool`) run concurrently, NumPy releasing the GIL inside its loops; each
+    block exponentiates, scales, and subtracts the class-aggregated posterior, so the ``(T, N, C)`` array is touched
+    once while cache-resident.
     """
     T, N, C = grad.shape
     t_max = posterior.shape[0]
@@ -274,10 +282,8 @@ def _fill_gradient(grad, lp, posterior, lattice, il, grad_scale, convention):
             rows[:, columns] -= agg.astype(grad.dtype, copy=False)
 
     blocks = range(0, t_max, step)
-    workers = min(len(blocks), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(block, blocks))
+    if len(blocks) > 1 and common.workers() > 1:
+        list(common.pool().map(block, blocks))
     else:
         for t0 in blocks:
             block(t0)

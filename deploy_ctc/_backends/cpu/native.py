@@ -1,12 +1,12 @@
 r"""Native CPU backend: the NumPy backend's algorithm as compiled code (``kernels/ctc_cpu.cpp``).
 
-Same contract as :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend` protocol). Each sample
-runs its scaled probability-space forward and backward recursions in float64, vectorized over the lattice's blank
-and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x (2S + 1)``
-table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per sample in
-flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
-(confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with
-NaN log-probs come back here, for :mod:`deploy_ctc._backends.cpu.logspace`.
+Same contract as :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the :class:`deploy_ctc._backends.Backend`
+protocol). Each sample runs its scaled probability-space forward and backward recursions in float64, vectorized over the
+lattice's blank and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x
+(2S + 1)`` table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per
+sample in flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
+(confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with NaN
+log-probs come back here, for :mod:`deploy_ctc._backends.cpu.logspace`.
 
 Samples are dealt to the worker threads of :func:`deploy_ctc._backends.cpu.common.pool` by estimated cost (the engine
 releases the GIL); small batches run on the calling thread.
@@ -14,21 +14,26 @@ releases the GIL); small batches run on the calling thread.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from . import common, native_build
+from .. import paths
 
 # Below this much work (lattice cells plus gradient cells) a batch runs on the calling thread: handing it to a
 # worker costs more than it saves.
 _PARALLEL_MIN_CELLS = 200_000
 
+# What the engine writes to ``ok[n]`` for each sample it was given (kernels/ctc_cpu.cpp, ``run``): left for
+# :func:`deploy_ctc._backends.cpu.common.redo_exact` (NaN log-probs), done by the scaled recursions, or redone
+# exactly in log space by the engine itself.
+ENGINE_LEFT, ENGINE_FAST, ENGINE_EXACT = 0, 1, 2
+
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
     """Per-sample negative log-likelihoods ``(N,)`` and, with ``grad_scale``, the scaled ``(T, N, C)`` gradient:
     the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the
-    :class:`deploy_ctc._backends.Backend` protocol). Without ``grad_scale`` only the forward recursion runs.
+    :class:`deploy_ctc._backends.Backend` protocol). Without ``grad_scale`` only the forward recursion runs (the
+    engine's loss-only pass, exact by construction; see kernels/README.md).
 
     Raises:
         deploy_ctc._backends.cpu.native_build.NativeUnavailable: the engine cannot be built here.
@@ -38,48 +43,19 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:
-        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,) PATHS code of each sample
-        _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
-        path_counts.add(ok[samples])
-        redo = samples[ok[samples] == 0]
+        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,) the engine's ENGINE_* code of each sample
+        parts = _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
+        redo = samples[ok[samples] == ENGINE_LEFT]
         if redo.size:
             with np.errstate(all="ignore"):
                 common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+        paths.record("native", samples, samples[ok[samples] != ENGINE_FAST], parts)
     return common.finish(problem, nll, grad)
 
 
-#: What the engine reports for each sample (its ``ok`` code): the fast pass, its own exact log-space path, or left
-#: to the Python log-space twin (NaN log-probs).
-PATHS = ("python_redo", "fast", "exact")
-
-
-class PathCounts:
-    """How many samples took each of :data:`PATHS` since the last :meth:`reset` (all threads together)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._counts = np.zeros(len(PATHS), dtype=np.int64)
-
-    def add(self, codes):
-        counts = np.bincount(codes, minlength=len(PATHS))
-        with self._lock:
-            self._counts += counts
-
-    def reset(self):
-        with self._lock:
-            self._counts[:] = 0
-
-    def as_dict(self):
-        with self._lock:
-            return dict(zip(PATHS, self._counts.tolist()))
-
-
-path_counts = PathCounts()
-
-
 def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
-    """Call the engine on ``samples`` (the loss-only entry point without ``grad``), split across the worker threads
-    when the work is large enough."""
+    """Call the engine on ``samples`` (its loss-only entry point without ``grad``), split across the worker threads
+    when the work is large enough; returns how many parts it was split into."""
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     if any(stride % lp.itemsize for stride in lp.strides):
@@ -92,12 +68,11 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
 
     cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
-    parts = _deal(samples, cost, common.pool_size() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
     shared = (address(targets), targets.shape[1], address(il), address(tl), problem.blank)
-    if grad is None:
+    if grad is None:  # the loss-only entry point: the forward recursion alone
         entry = getattr(lib, native_build.NLL_ENTRY_POINTS[lp.dtype.name])
-        head = (address(lp), C, st, sn, sc) + shared
-        tail = (address(nll), address(ok))
+        head, tail = (address(lp), C, st, sn, sc) + shared, (address(nll), address(ok))
     else:
         entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
         head = (address(lp), N, C, st, sn, sc) + shared
@@ -113,15 +88,5 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     else:
         for done in [common.pool().submit(call, part) for part in parts]:
             done.result()
+    return len(parts)
 
-
-def _deal(samples, cost, workers):
-    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost: in decreasing cost, dealt
-    back and forth across the parts (0, 1, ..., w-1, w-1, ..., 0, 0, 1, ...), so each part stays in decreasing cost
-    (the engine's lanes get similar lengths) and the parts' totals differ by at most about the largest cost."""
-    order = samples[np.argsort(-cost, kind="stable")].astype(np.int64, copy=False)  # (R,)
-    if workers <= 1 or samples.size <= 1:
-        return [np.ascontiguousarray(order)]
-    rank = np.arange(order.size) % (2 * workers)
-    part = np.where(rank < workers, rank, 2 * workers - 1 - rank)  # (R,) the back-and-forth deal
-    return [np.ascontiguousarray(order[part == p]) for p in range(workers) if (part == p).any()]

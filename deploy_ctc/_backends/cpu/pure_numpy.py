@@ -21,11 +21,13 @@ frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the poste
     \gamma_t(s) = \frac{g_t(s)}{Z_t}, \qquad g_t(s) = q^{fwd}_t(s)\, \hat y_t(l'_s)\, q^{rev}_t(s), \qquad
     Z_t = \sum_s g_t(s),
 
-and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the
-accuracy check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky
-inputs; all-``-inf`` frames; NaN) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`. The
-gradient follows torch's convention (Graves eq. 16, the gradient through an upstream log_softmax):
-``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
+and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the accuracy
+check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky inputs;
+all-``-inf`` frames; NaN, ``+inf``) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`.
+An emission flushed to zero before the chains start would be the same zero in both directions and pass that identity,
+so a sample with a finite log-probability more than ``-_FLUSH_LOG`` nats below its frame's best (a ``-1e30`` mask, say)
+takes the exact path too. The gradient follows torch's convention (Graves eq. 16, the gradient through an upstream
+log_softmax): ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
 
 Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
 recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its
@@ -37,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import common, logspace, workspace
+from .. import paths
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
@@ -47,6 +50,10 @@ _CONSISTENCY_TOL = 1e-9
 # A frame whose posterior normaliser Z_t falls below exp(_LOG_Z_FLOOR) is too close to float64's subnormal range
 # (2e-308) for 1/Z_t and the cells carrying its mass to be trusted: such a sample takes the exact path.
 _LOG_Z_FLOOR = -650.0  # ~1e-282
+# An emission more than this many nats below its frame's largest (exp below ~1e-304) is subnormal or flushed to 0 in
+# float64; forward and backward chains would see the same zero, which the consistency check cannot notice, so a
+# sample with such a finite emission takes the exact path. (-inf is a true zero and does not count.)
+_FLUSH_LOG = -700.0
 # Bytes of per-chunk tables (emissions, chains, posterior) that one worker handles at a time.
 _CHUNK_TABLE_BYTES = 48 << 20
 # Below this many table cells a batch is done in one chunk on the calling thread; above, in at least
@@ -58,7 +65,8 @@ _MAX_PARTS = 4
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
-    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the :class:`deploy_ctc._backends.Backend` protocol).
+    """Per-sample negative log-likelihoods and, optionally, the scaled gradient (the
+    :class:`deploy_ctc._backends.Backend` protocol).
 
     Args:
         problem: a validated :class:`deploy_ctc.validation.CTCProblem` with NumPy arrays; log_probs ``(T, N, C)``.
@@ -70,11 +78,11 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         ``problem.log_probs.dtype`` (None without ``grad_scale``) with rows ``t >= input_lengths[n]`` exactly 0 and
         rows of infinite-loss samples NaN (0 when ``problem.zero_infinity``).
     """
-    with np.errstate(all="ignore"):  # under/overflow and NaN are detected by the consistency check instead
-        return _forward_backward(problem, grad_scale, convention)
+    with np.errstate(all="ignore"), workspace.borrowed() as scratch:  # under/overflow and NaN: the check's job
+        return _forward_backward(problem, grad_scale, convention, scratch)
 
 
-def _forward_backward(problem, grad_scale, convention):
+def _forward_backward(problem, grad_scale, convention, scratch):
     N, C = problem.log_probs.shape[1:]
     il, tl = problem.input_lengths, problem.target_lengths
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
@@ -82,7 +90,6 @@ def _forward_backward(problem, grad_scale, convention):
         return common.finish(problem, nll, grad)
 
     ok = np.ones(N, dtype=bool)
-    scratch = workspace.current()
     spans, parallel = _chunks(il, tl, C, grad is not None)
     # Chunks that run one after another share their scratch tables (one tag); pipelined ones need their own.
     chunks = [_Chunk(problem, span, index if parallel else 0, run, nll, ok, grad, grad_scale, convention, scratch)
@@ -100,7 +107,7 @@ def _forward_backward(problem, grad_scale, convention):
         # (few large calls that release the GIL), the latter split in frame ranges so both cores share them.
         # Running recursions concurrently would only contend for the GIL.
         pool = common.pool()
-        parts = min(_MAX_PARTS, common.pool_size())
+        parts = min(_MAX_PARTS, common.workers())
         prepared = [pool.submit(chunk.prepare) for chunk in chunks]
         pending = []
         for chunk, ready in zip(chunks, prepared):
@@ -115,6 +122,7 @@ def _forward_backward(problem, grad_scale, convention):
     redo = np.flatnonzero(run & ~ok)
     if redo.size:
         common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
+    paths.record("numpy", np.flatnonzero(run), redo, len(chunks) if parallel else 1)
     return common.finish(problem, nll, grad)
 
 
@@ -126,7 +134,7 @@ def _chunks(il, tl, C, with_grad):
     per_sample = t_max * (L + 2) * (8 + 2 * 8 + 8)  # emissions + chains (both directions) + posterior
     cells = t_max * N * (L + (C if with_grad else 0))
     count = -(-N * per_sample // _CHUNK_TABLE_BYTES)
-    parallel = cells >= _PARALLEL_MIN_CELLS and common.pool_size() > 1
+    parallel = cells >= _PARALLEL_MIN_CELLS and common.workers() > 1
     if parallel:
         count = max(count, _PIPELINE_CHUNKS)
     count = max(1, min(N, count))
@@ -136,9 +144,9 @@ def _chunks(il, tl, C, with_grad):
 
 class _Chunk:
     """The scaled recursions for a contiguous range of samples, in three stages run by the pipeline:
-    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and
-    gradient, by frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples in place; ``ok[n]`` becomes False where
-    the check fails (the exact path then redoes the sample, rows included).
+    :meth:`prepare` (emissions), :meth:`recurse` (both chains over time), :meth:`posterior` (posteriors and gradient, by
+    frame ranges), :meth:`check` (losses and the consistency check). Writes ``nll``, ``ok`` and ``grad`` of its samples
+    in place; ``ok[n]`` becomes False where the check fails (the exact path then redoes the sample, rows included).
     """
 
     def __init__(self, problem, span, index, run, nll, ok, grad, grad_scale, convention, scratch):
@@ -156,7 +164,7 @@ class _Chunk:
         with np.errstate(all="ignore"):  # per thread; under/overflow and NaN are judged by the check
             t_max = int(self.il.max())
             self.lattice = _ChainPair(self.targets[:, : int(self.tl.max())], self.tl, self.il, self.blank, t_max)
-            self.emit, self.log_max = self.lattice.emissions(self.lp, self.scratch, self.tag)
+            self.emit, self.log_max, self.flushed = self.lattice.emissions(self.lp, self.scratch, self.tag)
 
     def recurse(self):
         with np.errstate(all="ignore"):
@@ -204,7 +212,7 @@ class _Chunk:
             good = ((spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd)))
                     & (smallest_z > _LOG_Z_FLOOR))
         self.nll[self.run] = -log_p_fwd[self.run]
-        self.ok[self.run] = (good & np.isfinite(log_p_fwd))[self.run]
+        self.ok[self.run] = (good & np.isfinite(log_p_fwd) & ~self.flushed)[self.run]
 
 
 class _ChainPair:
@@ -242,41 +250,51 @@ class _ChainPair:
         self.starts = {int(step): k + late[t_max - il[late] == step] for step in np.unique(t_max - il[late])}
 
     def emissions(self, lp, scratch, tag):
-        """Scaled emissions ``y_hat`` ``(t_max, k, L + 2)`` float64 and their log-scales ``m`` ``(t_max, k)``.
+        """Scaled emissions ``y_hat`` ``(t_max, k, L + 2)`` float64, their log-scales ``m`` ``(t_max, k)``, and
+        ``flushed`` ``(k,)``: samples with a finite emission too small for float64 (see _FLUSH_LOG).
 
         ``y_hat_t(s) = exp(log y_t(l'_s) - m_t)`` at column ``s + 2``, with ``m_t`` the largest log-probability among
         the sample's labels at frame ``t``: the most probable label gets 1, so rescaling every few steps keeps the
-        chains far from underflow. The padding columns and invalid positions ``s >= L_n`` hold 0. Frames
-        ``t >= T_n`` are replaced by probability 1 before use: padding frames (possibly NaN) never reach the chains,
-        and the values computed there are never used.
+        chains far from underflow. Everything is computed in float64 whatever the input type (a float32 ``exp``
+        would flush labels 104 nats below the frame's best to 0). The padding columns and invalid positions
+        ``s >= L_n`` hold 0. Frames ``t >= T_n`` are replaced by probability 1 before use: padding frames (possibly
+        NaN) never reach the chains, and the values computed there are never used.
         """
         k, L, t_max = self.k, self.L, self.t_max
-        gathered = self._gather(lp, scratch, tag)  # (t_max, k, L) log y_t(l'_s), input dtype
+        gathered = self._gather(lp, scratch, tag)  # (t_max, k, L) log y_t(l'_s), float64
         for n in np.flatnonzero(self.il < t_max):
             gathered[self.il[n]:, n] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, k)
         np.subtract(gathered, log_max[:, :, None], out=gathered)
+        flushed = ((gathered < _FLUSH_LOG) & (gathered > -np.inf) & self.valid[None]).any(axis=(0, 2))  # (k,)
         emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
         np.exp(gathered, out=emit[:, :, 2:])
+        # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
+        # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
+        emit[:, ~np.isfinite(log_max).all(axis=0)] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
-        return emit, log_max.astype(np.float64)
+        return emit, log_max, flushed
 
     def _gather(self, lp, scratch, tag):
-        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous ``(t_max, k, L)`` array of lp's dtype (positions
-        ``s >= L_n`` read blank, a real entry of the row)."""
+        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous float64 ``(t_max, k, L)`` array (positions
+        ``s >= L_n`` read blank, a real entry of the row). Only the gathered entries are read or converted: a
+        strided or broadcast ``lp`` is never copied whole."""
         k, L, t_max = self.k, self.L, self.t_max
         C = lp.shape[2]
-        out = scratch.array("gathered" + tag, (t_max, k, L), lp.dtype)
+        out = scratch.array("gathered" + tag, (t_max, k, L))
         if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
             # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
             columns = (np.arange(k)[:, None] * C + self.ext).reshape(-1)  # (k * L,)
-            np.take(rows, columns, axis=1, out=out.reshape(t_max, k * L), mode="clip")
+            if lp.dtype == np.float64:
+                np.take(rows, columns, axis=1, out=out.reshape(t_max, k * L), mode="clip")
+            else:
+                out.reshape(t_max, k * L)[...] = np.take(rows, columns, axis=1, mode="clip")
             return out
         for n in range(k):
-            out[:, n] = np.take(lp[:t_max, n], self.ext[n], axis=1)
+            out[:, n] = lp[:t_max, n][:, self.ext[n]]  # (t_max, L): fancy indexing reads only these entries
         return out
 
     def initial(self):
@@ -334,6 +352,7 @@ def _recursion(emit, lattice, store, scratch, tag):
         if t % _RESCALE_EVERY == 0:
             c = norm[t]
             np.max(a_rows, axis=1, out=c)
+            c[c == 0.0] = 1.0  # a chain without mass stays 0 rather than 0 / 0 (NaN that would cross chains)
             np.divide(a_rows, c[:, None], out=a_rows)
         q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)
         fwd_next, rev_next = q_next[2:half], q_next[half:]

@@ -1,19 +1,28 @@
-"""Reusable scratch memory for the NumPy backend.
+"""Reusable scratch memory for the NumPy backend, bounded process-wide.
 
 Each call of the backend needs tables of ``T x 2N x (2S + 3)`` floats. Fresh NumPy arrays of that size come from
 ``mmap`` and are returned to the system when freed, so every call pays a page fault per 4 KiB touched -- measured
 at a third of the run time for the smaller benchmark shapes on a 2-core VM. A :class:`Workspace` keeps those
-buffers between calls, one workspace per calling thread (its pipeline's worker threads use the caller's
-workspace, under distinct names), up to ``limit_bytes`` each; larger requests get fresh, uncached memory. :func:`release` drops the cached buffers of the calling thread.
+buffers between calls, up to ``limit_bytes``; larger requests get fresh, uncached memory.
+
+A call borrows a workspace from one process-wide pool for its duration (:func:`borrowed`; its pipeline's worker
+threads use it under distinct names) and gives it back at the end. Idle workspaces in the pool hold at most
+``POOL_LIMIT_BYTES`` in all, whatever the number of threads that ever called: a workspace that would exceed it is
+freed when given back. Concurrent calls each hold their own workspace while they run. :func:`release` empties
+the pool.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 
 DEFAULT_LIMIT_BYTES = 256 << 20
+#: Bytes the idle workspaces of the pool may hold in all.
+POOL_LIMIT_BYTES = 256 << 20
 
 
 class Workspace:
@@ -30,7 +39,7 @@ class Workspace:
 
     def array(self, name, shape, dtype=np.float64):
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(int(d) for d in shape) * dtype.itemsize  # Python ints: no wrap-around
         with self._lock:
             buffer = self._buffers.get(name)
             if buffer is None or buffer.nbytes < nbytes:
@@ -40,22 +49,44 @@ class Workspace:
                 buffer = self._buffers[name] = np.empty(max(nbytes, 1), dtype=np.uint8)
         return buffer[:nbytes].view(dtype).reshape(shape)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached buffers."""
+        with self._lock:
+            return sum(b.nbytes for b in self._buffers.values())
+
     def release(self):
         with self._lock:
             self._buffers.clear()
 
 
-_local = threading.local()
+_idle: list[Workspace] = []  # the pool: workspaces no call holds, most recently returned last
+_idle_lock = threading.Lock()
 
 
-def current():
-    """The calling thread's workspace."""
-    workspace = getattr(_local, "workspace", None)
-    if workspace is None:
-        workspace = _local.workspace = Workspace()
-    return workspace
+@contextmanager
+def borrowed():
+    """A workspace for one call, taken from the pool (or new) and given back when the call ends."""
+    with _idle_lock:
+        workspace = _idle.pop() if _idle else Workspace()
+    try:
+        yield workspace
+    finally:
+        with _idle_lock:
+            if sum(w.nbytes for w in _idle) + workspace.nbytes <= POOL_LIMIT_BYTES:
+                _idle.append(workspace)
+            else:
+                workspace.release()  # dropped: the pool is full
+
+
+def cached_bytes() -> int:
+    """Bytes the idle workspaces of the pool hold."""
+    with _idle_lock:
+        return sum(w.nbytes for w in _idle)
 
 
 def release():
-    """Free the calling thread's cached scratch buffers (they are re-created on the next call)."""
-    current().release()
+    """Free the cached scratch buffers of every idle workspace (they are re-created on the next call)."""
+    with _idle_lock:
+        for workspace in _idle:
+            workspace.release()

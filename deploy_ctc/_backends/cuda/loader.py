@@ -24,7 +24,7 @@ SOURCE = "ctc.cu"
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 #: Kernels templated over the float type, and kernels without a template parameter.
-TEMPLATED_KERNELS = ("ctc_lattice", "ctc_grad")
+TEMPLATED_KERNELS = ("ctc_lattice", "ctc_grad", "ctc_align")
 PLAIN_KERNELS = ("ctc_label_links",)
 
 

@@ -1,5 +1,5 @@
-"""deploy_ctc._backends.cpu.native beyond the backend contract (which tests/backends/test_contract.py runs on it too): the
-engine's own exponential, its thread split, and layouts it must copy.
+"""deploy_ctc._backends.cpu.native beyond the backend contract (which tests/backends/test_contract.py runs on it too):
+the engine's own exponential and layouts it must copy.
 
 Oracles: NumPy's exp (correctly rounded to within an ulp) and torch float64 (tests/utils/oracles.py).
 """
@@ -39,17 +39,6 @@ def test_dense_gradient_term_is_exp_to_one_ulp_with_ieee_special_values(rng, dty
     assert ulps.max() <= 1.0, f"exp off by {ulps.max()} ulp"
     assert (got[expected == 0] == 0).all()
     assert np.isfinite(nll).all()  # NaN in a class no alignment uses does not reach the loss (as in torch)
-
-
-def test_work_is_dealt_into_balanced_parts():
-    samples = np.arange(10, dtype=np.int64) * 3
-    cost = np.array([100, 1, 1, 1, 50, 50, 1, 1, 1, 1])
-    parts = native._deal(samples, cost, 2)
-    assert sorted(np.concatenate(parts).tolist()) == samples.tolist()
-    loads = [cost[np.isin(samples, part)].sum() for part in parts]
-    assert max(loads) - min(loads) <= 2
-    assert [p.dtype for p in parts] == [np.int64, np.int64]
-    assert len(native._deal(samples, cost, 1)) == 1
 
 
 def test_strides_that_are_not_whole_elements(rng):

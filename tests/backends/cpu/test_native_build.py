@@ -1,25 +1,28 @@
-"""deploy_ctc._backends.cpu.native_build: building, caching and loading kernels/ctc_cpu.cpp with the system's C++ compiler.
+"""deploy_ctc._backends.cpu.native_build: the CPU engine kernels/ctc_cpu.cpp built, cached and loaded.
 
 Builds that must start from an empty cache run in child processes with their own DEPLOY_CTC_CACHE_DIR; the failure
-paths run in-process with the module's memoized state patched.
+paths run in-process with the module's memoized state patched. The cache's rules themselves are tested with a tiny
+library in tests/backends/test_native_cache.py.
 """
 
 import os
 import stat
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from deploy_ctc._backends import native_cache
 from deploy_ctc._backends.cpu import native_build
 
 REPO = Path(__file__).resolve().parents[3]
 
 def has_compiler():
     try:
-        return bool(native_build.find_compiler())
-    except native_build.NativeUnavailable:
+        return bool(native_cache.find_compiler())
+    except native_cache.NativeUnavailable:
         return False
 
 
@@ -42,7 +45,7 @@ def run_child(cache_dir, **env):
                             timeout=600)
     assert result.returncode == 0, result.stderr
     path, loss = result.stdout.split()
-    return Path(path), float(loss)
+    return Path(path), float(loss), result.stderr
 
 
 @pytest.fixture
@@ -52,21 +55,24 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(native_build, "_failure", None)
 
 
-def test_library_exports_both_entry_points():
+def test_library_exports_every_entry_point():
     lib = native_build.library()
-    for entry in native_build.ENTRY_POINTS.values():
+    for entry in [*native_build.ENTRY_POINTS.values(), *native_build.NLL_ENTRY_POINTS.values()]:
         assert getattr(lib, entry).restype is not None
     assert native_build.describe() == f"native engine {lib._name}" and lib._name.endswith(".so")
 
 
 def test_build_is_cached_and_reused_by_later_processes(tmp_path):
-    path, loss = run_child(tmp_path)
+    path, loss, _ = run_child(tmp_path)
     assert path.parent == tmp_path and path.is_file()
     built = path.stat().st_mtime_ns
-    again, loss_again = run_child(tmp_path)
+    again, loss_again, _ = run_child(tmp_path)
     assert again == path and path.stat().st_mtime_ns == built  # loaded, not rebuilt
     assert loss_again == loss
     assert not list(tmp_path.glob("*.partial"))
+    path.write_bytes(path.read_bytes()[:4096])  # truncated: loading it would die of SIGBUS
+    rebuilt, loss_rebuilt, errors = run_child(tmp_path)
+    assert rebuilt == path and loss_rebuilt == loss and f"rebuilding {path}" in errors
 
 
 def test_concurrent_first_builds_share_one_library(tmp_path):
@@ -80,17 +86,14 @@ def test_concurrent_first_builds_share_one_library(tmp_path):
     assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.partial"))
 
 
-def test_unwritable_cache_directory_builds_in_a_temporary_directory(tmp_path):
+def test_unwritable_cache_directory_builds_in_a_temporary_directory_removed_at_exit(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    path, _ = run_child(blocker / "cache")
-    assert path.is_file() and blocker not in path.parents
-
-
-def test_cache_dir_defaults_to_xdg_cache_home(monkeypatch, tmp_path):
-    monkeypatch.delenv("DEPLOY_CTC_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert native_build.cache_dir() == tmp_path / "deploy_ctc"
+    path, _, errors = run_child(blocker / "cache")
+    assert blocker not in path.parents and path.parent.name.startswith("deploy_ctc-")
+    assert f"not using the cache directory: {blocker / 'cache'} could not be created" in errors
+    assert errors.count("RuntimeWarning") == 1
+    assert not path.parent.exists()  # the private directory went with the process
 
 
 def test_missing_compiler_is_reported(fresh_state, monkeypatch):
@@ -109,7 +112,8 @@ def test_failed_build_reports_the_compiler_output(fresh_state, monkeypatch, tmp_
     monkeypatch.setenv("DEPLOY_CTC_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(native_build.NativeUnavailable, match="this compiler is broken"):
         native_build.library()
-    assert not list((tmp_path / "cache").glob("*"))  # nothing half-built left behind
+    left = [path.name for path in (tmp_path / "cache").iterdir()]
+    assert all(name.endswith(".lock") for name in left), left  # nothing half-built left behind
 
 
 def test_a_build_is_logged(tmp_path):
@@ -125,17 +129,67 @@ def test_a_build_is_logged(tmp_path):
 
 def test_a_compiler_rejecting_the_preferred_flags_builds_with_the_next_set_once(tmp_path):
     """Flags the compiler rejects fall back to the next set; later processes load that build without retrying."""
-    real = native_build.find_compiler()
+    real = native_cache.find_compiler()
     log = tmp_path / "calls.log"
     fake = tmp_path / "picky-c++"
     fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n"
                     "case \"$*\" in *-mprefer-vector-width*) echo 'unrecognized option' >&2; exit 1;; esac\n"
                     f"exec {real} \"$@\"\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    path, loss = run_child(tmp_path / "cache", CXX=str(fake))
+    path, loss, _ = run_child(tmp_path / "cache", CXX=str(fake))
     compiles = [line for line in log.read_text().splitlines() if "--version" not in line]
     assert len(compiles) == 2 and "-mprefer-vector-width=256" in compiles[0]
     assert "-march=native" in compiles[1] and "-mprefer-vector-width" not in compiles[1]
-    again, loss_again = run_child(tmp_path / "cache", CXX=str(fake))
+    again, loss_again, _ = run_child(tmp_path / "cache", CXX=str(fake))
     assert again == path and loss_again == loss
     assert [line for line in log.read_text().splitlines() if "--version" not in line] == compiles  # no new build
+
+
+# The engine's first use starts on a thread; the process forks while that build holds the engine's lock.
+FORK_DURING_BUILD = """
+import os, sys, threading, time
+from pathlib import Path
+from deploy_ctc._backends.cpu import native_build
+builder = threading.Thread(target=native_build.describe)
+builder.start()
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child:", native_build.describe(), flush=True)
+    finally:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+builder.join()
+print("parent:", native_build.describe(), "status", status)
+"""
+
+
+def test_a_process_forked_during_the_first_build_does_not_hang(tmp_path):
+    """A stand-in compiler builds a stub with the engine's entry points slowly (the real build is tested above)."""
+    stub = tmp_path / "stub.cpp"
+    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n'
+                            for name in [*native_build.ENTRY_POINTS.values(), *native_build.NLL_ENTRY_POINTS.values(),
+                                         *native_build.ALIGN_ENTRY_POINTS.values()]))
+    log = tmp_path / "builds.log"
+    compiler = tmp_path / "slow-c++"
+    compiler.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = --version ]; then echo stub 1.0; exit 0; fi
+        out=; previous=
+        for arg in "$@"; do [ "$previous" = -o ] && out=$arg; previous=$arg; done
+        echo build >> {log}
+        sleep 1
+        exec {native_cache.find_compiler()} -fPIC -shared {stub} -o "$out"
+        """))
+    compiler.chmod(0o755)
+    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(compiler),
+                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", FORK_DURING_BUILD, str(log)], capture_output=True, text=True,
+                            env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr
+    library = next((tmp_path / "cache").glob("ctc_cpu-*.so"))
+    assert f"child: native engine {library}" in result.stdout
+    assert f"parent: native engine {library} status 0" in result.stdout
+    assert len(log.read_text().splitlines()) == 1  # the child loaded the parent's build

@@ -7,6 +7,7 @@ import pytest
 
 import deploy_ctc
 from deploy_ctc._backends import cpu as cpu_backends
+from deploy_ctc._backends import native_cache
 from deploy_ctc._backends.cpu import native_build
 from deploy_ctc._backends.cpu import native
 from deploy_ctc._backends.cpu import pure_numpy
@@ -27,7 +28,7 @@ def small_batch():
 
 def has_compiler():
     try:
-        return bool(native_build.find_compiler())
+        return bool(native_cache.find_compiler())
     except native_build.NativeUnavailable:
         return False
 

@@ -1,9 +1,9 @@
 """The CUDA backend's kernels against torch float64, on the CPU harness in CI and on a GPU when there is one.
 
-Harness tests run the real ``kernels/ctc.cu`` through :func:`deploy_ctc._backends.cuda.cupy_kernels.run_kernels` (the launch
-code the GPU uses) with NumPy arrays, each under the forward, reverse and random thread orders, so a missing
-barrier changes the result. GPU tests run :func:`deploy_ctc._backends.cuda.cupy_kernels.forward_backward` on CuPy arrays.
-The oracle is ``torch.nn.functional.ctc_loss`` in float64 (tests/utils/oracles.py).
+Harness tests run the real ``kernels/ctc.cu`` through :func:`deploy_ctc._backends.cuda.cupy_kernels.run_kernels` (the
+launch code the GPU uses) with NumPy arrays, each under the forward, reverse and random thread orders, so a missing
+barrier changes the result. GPU tests run :func:`deploy_ctc._backends.cuda.cupy_kernels.forward_backward` on CuPy
+arrays. The oracle is ``torch.nn.functional.ctc_loss`` in float64 (tests/utils/oracles.py).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Case:
 
 CASES = [
     Case("mixed", C=6, target_lengths=(3, 0, 5, 2), input_lengths=(12, 7, 10, 9), slack=2),
-    Case("empty_and_zero_lengths", C=4, target_lengths=(0, 0, 2), input_lengths=(0, 5, 0)),  # nll 0, -log p(blanks), inf
+    # nll 0, -log p(blanks), inf
+    Case("empty_and_zero_lengths", C=4, target_lengths=(0, 0, 2), input_lengths=(0, 5, 0)),
     Case("repeats", C=3, target_lengths=(4, 3), input_lengths=(7, 9), repeat_prob=1.0),  # 7 = minimal length of aaaa
     Case("infeasible", C=5, target_lengths=(4, 2, 6), input_lengths=(3, 6, 6), repeat_prob=0.5),
     Case("blank_last", C=5, target_lengths=(2, 4), input_lengths=(8, 10), blank=4),
@@ -245,7 +246,8 @@ def test_harness_results_are_bitwise_identical_across_thread_orders(harness_libr
     results = []
     for order, seed in (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)):
         problem = validation.validate(lp, targets, il, tl, 0, "none", False)
-        results.append(cupy_kernels.run_kernels(problem, w, "torch", cuda_harness.Harness(harness_library, order, seed)))
+        harness = cuda_harness.Harness(harness_library, order, seed)
+        results.append(cupy_kernels.run_kernels(problem, w, "torch", harness))
     for nll, grad in results[1:]:
         np.testing.assert_array_equal(nll, results[0][0])
         np.testing.assert_array_equal(grad, results[0][1])

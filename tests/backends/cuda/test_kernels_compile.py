@@ -19,7 +19,10 @@ nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc",
 ARCHS = ("sm_80", "sm_90")
 #: Largest block the launch code uses for each kernel; registers * threads must fit the 64K register file.
 MAX_THREADS = {"ctc_lattice": cupy_kernels.LATTICE_MAX_THREADS, "ctc_label_links": cupy_kernels.LINKS_THREADS,
-               "ctc_grad": cupy_kernels.GRAD_MAX_THREADS}
+               "ctc_grad": cupy_kernels.GRAD_MAX_THREADS, "ctc_align": cupy_kernels.LATTICE_MAX_THREADS}
+#: Kernels that compute in double on purpose: the alignment's Viterbi adds in double on every backend, so that ties
+#: are decided on the same values everywhere.
+DOUBLE_BY_DESIGN = ("ctc_align",)
 REGISTER_FILE = 65536
 _FUNCTION = re.compile(r"Function properties for (\S+)\s*\n\S+\s+\.\s+(\d+) bytes stack frame, "
                        r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -72,12 +75,14 @@ def test_every_kernel_of_the_source_has_name_expressions():
 
 def test_float_kernels_do_no_double_arithmetic():
     """float instantiations must stay in float: a stray double literal or overload would halve their speed.
-    The one double value they touch is grad_scale, which is loaded and converted once per row."""
+    The one double value they touch is grad_scale, which is loaded and converted once per row. (Except
+    DOUBLE_BY_DESIGN.)"""
     try:
         program = nvrtc.createProgram(loader.source(), loader.SOURCE, [], [])
     except Exception as error:
         pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
-    floats = [name for name in loader.NAME_EXPRESSIONS if name.endswith("<float>")]
+    floats = [name for name in loader.NAME_EXPRESSIONS
+              if name.endswith("<float>") and name.split("<")[0] not in DOUBLE_BY_DESIGN]
     for name in floats:
         nvrtc.addNameExpression(program, name)
     nvrtc.compileProgram(program, [*loader.compile_options(), "--gpu-architecture=compute_90"])

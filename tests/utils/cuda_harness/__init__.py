@@ -1,12 +1,11 @@
 """CPU execution harness for the CUDA kernels of ``kernels/*.cu``.
 
-:func:`build` compiles the *unmodified* kernel translation unit as C++17 with ``cuda_shim.h`` (the CUDA
-built-ins, and a scheduler that runs each block's threads as cooperative fibers switching at
-``__syncthreads`` and warp shuffles) into a shared library, one C entry point per name expression of
-:data:`deploy_ctc._backends.cuda.loader.NAME_EXPRESSIONS`. :class:`Harness` loads it with ctypes and offers the same
-``launch(name, grid, block, args, shared_mem)`` as the GPU launcher, so ``deploy_ctc._backends.cuda.cupy_kernels.run_kernels``
-drives it unchanged with NumPy arrays. Each launch runs under a thread order: ``"forward"``, ``"reverse"`` or
-``"random"`` (reshuffled at every scheduling round, seeded).
+:func:`build` compiles the *unmodified* kernel translation unit as C++17 with ``cuda_shim.h`` (the CUDA built-ins, and a
+scheduler that runs each block's threads as cooperative fibers switching at ``__syncthreads`` and warp shuffles) into a
+shared library, one C entry point per name expression of :data:`deploy_ctc._backends.cuda.loader.NAME_EXPRESSIONS`.
+:class:`Harness` loads it with ctypes and offers the same ``launch(name, grid, block, args, shared_mem)`` as the GPU
+launcher, so ``deploy_ctc._backends.cuda.cupy_kernels.run_kernels`` drives it unchanged with NumPy arrays. Each launch
+runs under a thread order: ``"forward"``, ``"reverse"`` or ``"random"`` (reshuffled at every scheduling round, seeded).
 
 Arguments are checked against the kernel's parameter types (array dtype and scalar width), a mismatch that
 would silently corrupt a launch on the GPU. Set ``DCTC_HARNESS_ASAN=1`` to build with AddressSanitizer

@@ -205,7 +205,9 @@ template <> struct Code<long long> { static constexpr const char* value = "q"; }
 template <> struct Code<float> { static constexpr const char* value = "f"; };
 template <> struct Code<double> { static constexpr const char* value = "d"; };
 template <> struct Code<unsigned char> { static constexpr const char* value = "B"; };
-template <typename A> struct Code<A*> { static std::string text() { return std::string(Code<std::remove_const_t<A>>::value) + "*"; } };
+template <typename A> struct Code<A*> {
+    static std::string text() { return std::string(Code<std::remove_const_t<A>>::value) + "*"; }
+};
 
 template <typename A> std::string code() {
     if constexpr (std::is_pointer_v<A>) return Code<A>::text();
@@ -253,6 +255,7 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask, int width = 32) {
 template <typename V>
 V __shfl_down_sync(unsigned mask, V value, unsigned delta, int width = 32) {
     const int lane = dctc_harness::lane();
-    const int source = lane + static_cast<int>(delta) < ((lane / width) + 1) * width ? lane + static_cast<int>(delta) : lane;
+    const int shifted = lane + static_cast<int>(delta);
+    const int source = shifted < ((lane / width) + 1) * width ? shifted : lane;
     return dctc_harness::exchange(value, mask, source);
 }

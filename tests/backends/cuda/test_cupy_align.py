@@ -1,0 +1,65 @@
+"""The CUDA forced-alignment kernel (ctc_align in kernels/ctc.cu) on the CPU harness, under the three thread orders,
+against the NumPy reference (itself checked against brute force in tests/test_align.py) and brute force.
+
+Unverified on a GPU here: these run the unmodified kernel on the CPU; a GPU test runs it through CuPy when one is
+present.
+"""
+
+import numpy as np
+import pytest
+
+from deploy_ctc import validation
+from deploy_ctc._backends.cpu import align_numpy
+from deploy_ctc._backends.cuda import cupy_align
+from tests.utils import cuda_harness, oracles
+
+
+@pytest.fixture(scope="module")
+def harness_library(tmp_path_factory):
+    if cuda_harness.compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX) to build the CUDA kernel harness")
+    return cuda_harness.build(tmp_path_factory.mktemp("cuda_harness"), sanitize=cuda_harness.sanitize_requested())
+
+
+@pytest.fixture(params=tuple(cuda_harness.ORDERS))
+def harness(request, harness_library):
+    return cuda_harness.Harness(harness_library, order=request.param, seed=99)
+
+
+def _case(rng, T, N, C, S, blank, dtype, ties=False):
+    lp = (-rng.choice([0.5, 1.0, 2.0], size=(T, N, C)) if ties
+          else oracles.random_log_probs(rng, T, N, C, dtype=np.float64, scale=3.0)).astype(dtype)
+    tl = rng.integers(0, S + 1, size=N)
+    targets = oracles.random_targets(rng, tl, C, blank=blank, S=S, repeat_prob=0.4)
+    il = rng.integers(0, T + 1, size=N)
+    return lp, targets, il, tl
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_matches_the_numpy_reference(harness, rng, dtype, ties):
+    lp, targets, il, tl = _case(rng, T=14, N=6, C=5, S=5, blank=1, dtype=dtype, ties=ties)
+    lp[3, 0, 2] = np.nan
+    lp[5, 1, 3] = np.inf
+    problem = validation.validate(lp, targets, il, tl, blank=1)
+    got = cupy_align.run_align(problem, harness)
+    expected = align_numpy.forced_align(problem)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
+def test_kernel_matches_brute_force_and_uses_global_rows_for_long_targets(harness, rng):
+    # S = 1600: two delta rows of 3201 doubles exceed the shared-memory budget, so the global-row path runs.
+    T, C = 6, 3
+    lp = oracles.random_log_probs(rng, T, 2, C, scale=2.0)
+    targets = np.zeros((2, 1600), dtype=np.int64)
+    targets[0, :3] = [1, 2, 2]
+    targets[1, :1600] = 1 + np.arange(1600) % 2
+    tl = np.array([3, 1600])
+    problem = validation.validate(lp, targets, [T, T], tl)
+    alignment, scores = cupy_align.run_align(problem, harness)
+    path, best = oracles.brute_force_alignment(lp[:, 0], [1, 2, 2])
+    np.testing.assert_array_equal(alignment[:, 0], path)
+    assert sum(float(v) for v in scores[:, 0]) == best
+    np.testing.assert_array_equal(alignment[:, 1], 0)  # infeasible: 1600 labels in 6 frames
+    np.testing.assert_array_equal(scores[:, 1], -np.inf)
