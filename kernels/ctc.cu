@@ -185,7 +185,8 @@ __device__ __forceinline__ scalar_t class_grad(scalar_t lp, scalar_t log_alpha_b
 // Gradient kernel, after the lattice launch wrote the dense part: one block per (frame t, sample n) overwrites
 // the target's classes of grad[t, n, :]. One thread per first occurrence of a label walks its chain of positions
 // in order; the blank's even positions are reduced by the whole block in a fixed order (dctc::block_log_add).
-// Rows of an infinite nll become NaN (0 with zero_infinity); rows t >= input_lengths[n] keep their zeros.
+// Rows of an infinite nll become NaN (0 with zero_infinity), those of a NaN nll NaN; rows t >= input_lengths[n]
+// keep their zeros.
 // Grid: (T, min(N, 65535)); blockDim.x a multiple of 32.
 template <typename scalar_t>
 __global__ void ctc_grad(const scalar_t* lp, long long lp_st, long long lp_sn, long long lp_sc,
@@ -200,8 +201,8 @@ __global__ void ctc_grad(const scalar_t* lp, long long lp_st, long long lp_sn, l
         if (t >= input_lengths[n]) continue;
         scalar_t* g = grad + (t * N + n) * C;
         const scalar_t loss = nll[n];
-        if (loss == Math<scalar_t>::pos_inf()) {
-            const scalar_t fill = zero_infinity ? scalar_t(0) : Math<scalar_t>::nan();
+        if (loss == Math<scalar_t>::pos_inf() || loss != loss) {  // torch: a NaN loss has NaN rows, always
+            const scalar_t fill = zero_infinity && loss == loss ? scalar_t(0) : Math<scalar_t>::nan();
             for (int c = threadIdx.x; c < C; c += blockDim.x) g[c] = fill;
             continue;
         }

@@ -37,9 +37,11 @@ template <> struct Math<double> {
 };
 
 // log(exp(a) + exp(b)) without overflow or underflow: max + log1p(exp(min - max)).
-// Both -inf stays -inf (instead of -inf - -inf = NaN).
+// Both -inf stays -inf (instead of -inf - -inf = NaN). NaN in either stays NaN, as in torch: fmax and fmin
+// would drop it and turn a NaN log-prob into a finite loss.
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t log_add(scalar_t a, scalar_t b) {
+    if (a != a || b != b) return a + b;
     const scalar_t hi = Math<scalar_t>::max(a, b);
     if (hi == Math<scalar_t>::neg_inf()) return hi;
     return hi + Math<scalar_t>::log1p(Math<scalar_t>::exp(Math<scalar_t>::min(a, b) - hi));

@@ -128,6 +128,31 @@ def test_infeasible_targets(rng, reduction, zero_infinity):
     assert np.isfinite(grad[:, [0, 2]]).all()
 
 
+@pytest.mark.parametrize("convention", ["torch", "plain"])
+@pytest.mark.parametrize("with_nan", [True, False])
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_non_finite_losses_follow_torch(rng, backend, reduction, zero_infinity, with_nan, convention):
+    """torch's rules: an inf loss is 0 under zero_infinity and its rows 0, else its rows are NaN; a NaN loss stays
+    NaN and keeps NaN rows even under zero_infinity; a reduction over a NaN loss is NaN, over an inf one inf unless
+    zero_infinity; rows of finite samples stay finite (but for NaN entries of their own log-probs)."""
+    if backend == "native" and deploy_ctc.backends.cpu_backend() != "native":
+        pytest.skip("the native engine cannot be built here (no C++ compiler)")
+    # The oracle's plain gradient is torch's minus exp(lp): NaN at sample 4's NaN entry, where -posterior is 0.
+    lp, targets, il, tl = oracles.non_finite_batch(rng, with_nan, unused_class_nan=with_nan and convention == "torch")
+    grad_output = rng.uniform(0.5, 2.0, 6) if reduction == "none" else np.float64(1.7)
+    with deploy_ctc.backends.using(backend):
+        loss, grad = check_against_torch(lp, targets, il, tl, reduction=reduction, zero_infinity=zero_infinity,
+                                         grad_output=grad_output, convention=convention)
+    rows = np.arange(8)[:, None] < il[None, :]  # (T, N)
+    assert np.isnan(grad[:, 2][rows[:, 2]]).all() == with_nan  # NaN loss: NaN rows, zero_infinity or not
+    np.testing.assert_array_equal(np.isnan(grad[:, [1, 3]][rows[:, [1, 3]]]), not zero_infinity)
+    if zero_infinity:
+        np.testing.assert_array_equal(grad[:, [1, 3, 5]], 0.0)
+    assert np.isfinite(grad[:, 0]).all()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Input layouts and types
 # ------------------------------------------------------------------------------------------------------------

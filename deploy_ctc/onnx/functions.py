@@ -413,9 +413,13 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     scale = b.op("Mul", d_loss, b.op("Where", is_mean, mean_factor, b.like(1.0, d_loss)))  # (N,)
     scale = b.op("Unsqueeze", scale, b.const([0, 2]))  # (1, N, 1)
 
+    # Rows of an infinite loss: 0 under zero_infinity, else NaN; of a NaN loss: NaN always (torch's rules; the
+    # posterior alone would leave the classes outside the target finite).
     _, fill = _infinite_fill(b, lat, "log_probs")
-    infeasible = b.op("Unsqueeze", b.op("IsInf", ll), b.const([0, 2]))  # (1, N, 1)
-    inside = b.op("Where", infeasible, fill, b.op("Mul", scale, raw))  # (T, N, C)
+    is_nan = b.op("IsNaN", ll)  # (N,)
+    fill = b.op("Unsqueeze", b.op("Where", is_nan, b.like(np.nan, "log_probs"), fill), b.const([0, 2]))  # (1, N, 1)
+    non_finite = b.op("Unsqueeze", b.op("Or", b.op("IsInf", ll), is_nan), b.const([0, 2]))  # (1, N, 1)
+    inside = b.op("Where", non_finite, fill, b.op("Mul", scale, raw))  # (T, N, C)
     grad = b.op("Where", lat["valid"], inside, lat["zero_f"])  # (T, N, C)
     b.nodes.append(b.onnx.helper.make_node("Reshape", [grad, b.op("Shape", "log_probs")], ["d_log_probs"]))
     return inputs, ["d_log_probs"]

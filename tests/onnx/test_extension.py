@@ -13,7 +13,7 @@ import deploy_ctc  # noqa: E402
 import deploy_ctc.onnx as dco  # noqa: E402
 from deploy_ctc.onnx.append import ctc_loss_model  # noqa: E402
 from tests.onnx.helpers import grad_model, make_problem, session  # noqa: E402
-from tests.utils.oracles import assert_close, torch_reference  # noqa: E402
+from tests.utils.oracles import assert_close, non_finite_batch, torch_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("int_dtype", [np.int32, np.int64])
@@ -36,6 +36,21 @@ def test_loss_and_grad_match_torch(rng, dtype, int_dtype, reduction):
     assert loss.dtype == dtype and loss.shape == np.shape(want_loss)
     assert_close(loss, want_loss, dtype, "loss")
     assert_close(grad, want_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
+    """torch's rules for inf and NaN losses (tests/utils/oracles.py::non_finite_batch) through the kernels."""
+    lp, targets, il, tl = non_finite_batch(rng, with_nan=True, unused_class_nan=True)
+    attrs = dict(reduction=reduction, zero_infinity=zero_infinity)
+    feeds = {"log_probs": lp, "targets": targets, "input_lengths": il, "target_lengths": tl}
+    loss = session(ctc_loss_model("float64", embed_functions=False, **attrs), extension=True).run(None, feeds)[0]
+    d_loss = rng.uniform(0.5, 2.0, loss.shape)
+    grad = session(grad_model("float64", **attrs), extension=True).run(None, {"d_loss": d_loss, **feeds})[0]
+    want_loss, want_grad = torch_reference(lp, targets, il, tl, grad_output=d_loss, **attrs)
+    assert_close(loss, want_loss, np.float64, "loss")
+    assert_close(grad, want_grad, np.float64, "grad")
 
 
 def test_extension_kernel_is_used_over_the_body(rng, monkeypatch):

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 from deploy_ctc.onnx.append import ctc_loss_model  # noqa: E402
 from tests.onnx.helpers import PORTABLE, Problem, grad_model, make_problem, session  # noqa: E402
-from tests.utils.oracles import assert_close, concatenate_targets, torch_reference  # noqa: E402
+from tests.utils.oracles import assert_close, concatenate_targets, non_finite_batch, torch_reference  # noqa: E402
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -77,6 +77,15 @@ def test_infeasible(rng, reduction, zero_infinity):
     problem = make_problem(rng, T=6, N=3, C=5, S=4, input_lengths=[6, 2, 4], target_lengths=[4, 3, 4])
     problem.targets[2] = [1, 1, 2, 2]  # needs 6 frames, has 4
     _check(problem, reduction, zero_infinity)
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
+    """torch's rules for inf and NaN losses (tests/utils/oracles.py::non_finite_batch): zero_infinity zeroes the
+    rows of inf losses only; NaN losses keep NaN rows, every class included."""
+    lp, targets, il, tl = non_finite_batch(rng, with_nan=True, unused_class_nan=True)
+    _check(Problem(lp, targets, il, tl), reduction, zero_infinity, rng=rng)
 
 
 def test_concatenated_targets(rng):

@@ -145,6 +145,25 @@ def aligned_log_probs(rng, targets, input_lengths, target_lengths, C, blank=0, b
     return log_softmax(logits)
 
 
+def non_finite_batch(rng, with_nan, unused_class_nan):
+    """A batch of every kind of non-finite loss beside finite ones (T = 8, C = 5, blank 0); without ``with_nan``
+    sample 2, without ``unused_class_nan`` sample 4, gets ordinary log-probs.
+
+    0: finite. 1: infeasible target (inf). 2: NaN at a target label (NaN loss). 3: all log-probs -inf (inf from
+    zero probability, not from the lengths). 4: NaN in a class no alignment uses (finite loss, NaN gradient
+    entries). 5: a label and no frames (inf, no rows).
+    """
+    lp = random_log_probs(rng, 8, 6, 5)
+    targets = np.array([[1, 2, 3], [1, 1, 1], [2, 3, 0], [4, 4, 0], [1, 2, 0], [3, 0, 0]])
+    il, tl = np.array([8, 4, 8, 8, 8, 0]), np.array([3, 3, 2, 2, 2, 1])
+    lp[:, 3, :] = -np.inf
+    if with_nan:
+        lp[3, 2, 2] = np.nan
+    if unused_class_nan:
+        lp[5, 4, 3] = np.nan
+    return lp, targets, il, tl
+
+
 def minimal_input_length(target) -> int:
     """Shortest T that can emit ``target``: its length plus one blank between each pair of equal neighbours."""
     target = list(target)

@@ -136,6 +136,16 @@ def test_harness_matches_the_numpy_backend(case, harness_library, rng):
             oracles.assert_close(got[1], expected[1], np.float64, f"{what}: grad")
 
 
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_harness_non_finite_losses_follow_torch(harness, zero_infinity, rng):
+    """torch's rules for inf and NaN losses (tests/utils/oracles.py::non_finite_batch): zero_infinity zeroes the
+    rows of inf losses only, NaN losses keep NaN rows."""
+    lp, targets, il, tl = oracles.non_finite_batch(rng, with_nan=True, unused_class_nan=True)
+    w = rng.uniform(0.5, 2.0, il.size)
+    nll, grad = _run(harness, lp, targets, il, tl, 0, zero_infinity, w)
+    _check(nll, grad, _expected(lp, targets, il, tl, 0, w, zero_infinity, "torch"), np.float64, "non-finite", lp)
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.name)
 def test_harness_plain_convention(case, harness, rng):
     lp, targets, il, tl, w = _inputs(case, rng, np.float64)
