@@ -640,14 +640,20 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
 // samples with an emission below e^-415 relative to its frame's largest, a raise beyond kMaxExcess (a cell 2^1800
 // below its feeder) or a frame whose classes are all -inf; NaN goes back to Python.
 
-// Frame t = 0 of the loss-only pass, from the emissions of block row `row`.
-inline void forward_only_first(Lane& w, std::int64_t row) {
+// Frame t = 0 of the loss-only pass, from the emissions of block row `row`: e[0] = y(blank), o[0] = y(l_0), every
+// exponent 0 (so the factors are 1, and k_i for f_oo). Returns whether that already needs a renormalisation (an
+// emission below kLowMantissa).
+inline bool forward_only_first(Lane& w, std::int64_t row) {
   double* e = w.x_blank[w.cur];
   double* o = w.x_label[w.cur] + 1;
-  for (std::int64_t i = 0; i <= w.S; ++i) e[i] = 0.0, w.exp_blank[i] = 0.0;
-  for (std::int64_t i = 0; i < w.S; ++i) o[i] = 0.0, w.exp_label[i] = 0.0;
+  for (std::int64_t i = 0; i <= w.S; ++i) e[i] = 0.0, w.exp_blank[i] = 0.0, w.f_eo[i] = 1.0;
+  for (std::int64_t i = 0; i < w.S; ++i) o[i] = 0.0, w.exp_label[i] = 0.0, w.f_oe[i] = 1.0, w.f_oo[i] = w.skip[i];
+  w.f_eo[0] = 0.0;
+  w.high_mantissa = 0x1p662;
   e[0] = w.emit_blank[row];
   if (w.S > 0) o[0] = w.emit_label[row * w.s_max];
+  const bool low_e = e[0] > 0.0 && e[0] < kLowMantissa;
+  return low_e || (w.S > 0 && o[0] > 0.0 && o[0] < kLowMantissa);
 }
 
 // Frame t >= 1 of the loss-only pass, from the emissions of block row `row`. Returns whether a nonzero mantissa
@@ -841,12 +847,8 @@ int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t s
           w.alive = emission_block(w, lp + w.n * sn, st, blank * sc, t, end);
           if (!w.alive) continue;
         }
-        bool renormalise_now = true;
-        if (t == 0) {
-          forward_only_first(w, row);
-        } else {
-          renormalise_now = forward_only_step(w, row) || w.emit_zero[row];
-        }
+        const bool renormalise_now = t == 0 ? forward_only_first(w, row)
+                                            : forward_only_step(w, row) || w.emit_zero[row];
         if (renormalise_now) w.alive = renormalise(w);
       }
     }
