@@ -159,6 +159,47 @@ def test_large_C_allocates_no_float64_TNC_temporary(rng, pure_numpy):
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
 
 
+def _peak_bytes(fn):
+    fn()  # warm-up (lazy imports, caches)
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_float16_peaks_below_float32(rng, pure_numpy):
+    """float16 input is upcast a group of samples at a time: its peak (float16 gradient plus one group's float32
+    copy and gradient) stays below float32's (its float32 gradient), instead of a whole float32 copy on top; the
+    results match float32 on the same values to float16's rounding."""
+    T, N, C, S = 100, 48, 1000, 5  # a 19 MB float32 copy: above the size upcast whole
+    problem32, lp, targets, il, tl = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)
+    problem16 = validation.validate(lp.astype(np.float16), targets, il, tl, 0, "none")
+    problem32 = validation.validate(lp.astype(np.float16).astype(np.float32), targets, il, tl, 0, "none")
+    peak16 = _peak_bytes(lambda: pure_numpy.forward_backward(problem16, np.ones(N)))
+    peak32 = _peak_bytes(lambda: pure_numpy.forward_backward(problem32, np.ones(N)))
+    assert peak16 < peak32, f"float16 peak {peak16 / 2**20:.1f} MiB >= float32 peak {peak32 / 2**20:.1f} MiB"
+    nll16, grad16 = pure_numpy.forward_backward(problem16, np.ones(N))
+    nll32, grad32 = pure_numpy.forward_backward(problem32, np.ones(N))
+    assert grad16.dtype == np.float16
+    np.testing.assert_allclose(nll16, nll32, rtol=1e-12)
+    np.testing.assert_allclose(grad16, grad32, rtol=0, atol=2.0**-11)
+
+
+def test_broadcast_view_is_not_copied_per_sample(rng, pure_numpy):
+    """A (T, N, C) broadcast of one (T, 1, C) sample: only the gathered entries are read, never a (T, C) copy per
+    sample (the gradient, a fresh (T, N, C) array, is the only full-size allocation)."""
+    T, N, C = 300, 64, 2000
+    one = oracles.random_log_probs(rng, T, 1, C, np.float32)
+    lp = np.broadcast_to(one, (T, N, C))
+    tl = np.full(N, 4)
+    targets = oracles.random_targets(rng, tl, C)
+    problem = validation.validate(lp, targets, np.full(N, T), tl, 0, "none")
+    peak = _peak_bytes(lambda: pure_numpy.forward_backward(problem, None))  # the loss alone: no gradient
+    assert peak < T * C * 4, f"peak {peak / 2**20:.1f} MiB: a (T, C) block was copied"
+
+
 def test_large_mixed_batch(rng, pure_numpy):
     """A batch large enough to be split into chunks (and threads), mixing every kind of sample."""
     T, N, C, S = 300, 24, 40, 30

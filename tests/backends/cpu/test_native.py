@@ -217,3 +217,36 @@ def test_loss_only_agrees_with_the_loss_of_loss_and_grad(rng):
     nll, _ = native.forward_backward(problem)
     nll_both, _ = native.forward_backward(problem, np.ones(N))
     np.testing.assert_allclose(nll, nll_both, rtol=1e-12, atol=1e-12)
+
+
+HUGE_T_SCRIPT = """
+import numpy as np
+from deploy_ctc import validation
+from deploy_ctc._backends.cpu import native, native_build
+lp = np.broadcast_to(np.log(np.full((1, 1, 3), 1 / 3)), (2**58, 1, 3))  # T = 2**58 frames, 24 bytes of data
+problem = validation.validate(lp, np.array([[1, 2]]), [2**58], [2], 0, "none", False)
+nll, ok = np.full(1, np.nan), np.zeros(1, dtype=np.uint8)
+grad = np.zeros((1, 1, 3))  # never reached: the engine refuses the scratch size before anything else
+try:
+    native._run_engine(native_build.library(), problem, np.array([0]), nll, ok, grad, np.ones(1), "torch")
+except MemoryError as error:
+    print("MemoryError", error)
+"""
+
+
+def test_scratch_size_beyond_64_bits_is_a_memory_error_not_a_crash():
+    """A broadcast log_probs can claim any T; the gradient pass's scratch size (about 3 S T doubles) must not wrap
+    around to a small allocation (the loss-only pass has no T-sized scratch). In a subprocess, so that a crash
+    fails the test instead of the run."""
+    import subprocess
+    import sys
+
+    from deploy_ctc._backends.cpu import native_build
+
+    try:
+        native_build.library()
+    except native_build.NativeUnavailable as error:
+        pytest.skip(f"the native engine is not available here: {error}")
+    result = subprocess.run([sys.executable, "-c", HUGE_T_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.startswith("MemoryError"), result.stdout
