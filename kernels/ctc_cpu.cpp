@@ -26,6 +26,9 @@
 // twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
 // t = T - 1.
 //
+// The loss alone (run_loss, the deploy_ctc_cpu_nll_* entry points) runs the forward recursion only, with an exponent
+// per lattice position instead of per frame, which makes it exact by construction (see "Loss only" below).
+//
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
 //   targets[n * S_max + j]         int64, padded
