@@ -218,7 +218,9 @@ def format_table(report):
 
 def main(argv=None, prog="bench_cpu.py"):
     """Run the CPU benchmark, print the table, write JSON; returns the exit code."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "Time deploy_ctc's CPU backends against torch.nn.functional.ctc_loss (forward and backward, float32) and "
+        "measure their peak memory; print a Markdown table and optionally write JSON."))
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per implementation and shape")
     parser.add_argument("--output", type=Path, default=None,
                         help="JSON file for the results (default: print only)")

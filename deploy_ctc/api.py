@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ._backends import backend_for
-from .validation import check_options, validate
+from .validation import CONVENTIONS, check_convention, check_options, validate
 
-CONVENTIONS = ("torch", "plain")
+__all__ = ["CONVENTIONS", "CTCLoss", "ctc_loss", "ctc_loss_and_grad"]
 
 
 def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
@@ -76,10 +76,9 @@ def ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, blank=0
     Raises:
         TypeError, ValueError: invalid arguments, a ``grad_output`` of the wrong shape, an unknown ``convention``.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be 'torch' or 'plain', got {convention!r}")
+    check_convention(convention)
     problem = validate(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
-    scale = _grad_scale(problem, grad_output)
+    scale = grad_scale(problem, grad_output)
     nll, grad = backend_for(problem).forward_backward(problem, scale, convention)
     if not problem.batched:
         grad = grad[:, 0, :]  # (T, C)
@@ -125,7 +124,7 @@ def _reduce(problem, nll):
     return xp.asarray(loss).astype(problem.out_dtype)
 
 
-def _grad_scale(problem, grad_output):
+def grad_scale(problem, grad_output):
     """Per-sample gradient weights ``(N,)`` float64: ``grad_output`` times the reduction's factor."""
     xp = problem.xp
     N = problem.log_probs.shape[1]

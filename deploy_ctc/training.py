@@ -77,7 +77,7 @@ class CTCLossBlock(_onnxblock.Block):
 
     Adds the graph inputs ``targets`` (N, S) int64 and ``target_lengths`` (N,) int64, and ``input_lengths``
     (N,) int64 when the model does not compute them (each only if the graph lacks it), then one
-    ``deploy_ctc::CTCLoss`` node carrying every attribute explicitly (the extension kernels require them).
+    ``deploy_ctc::CTCLoss`` node carrying every attribute explicitly.
 
     Args:
         blank, reduction, zero_infinity: as ``torch.nn.CTCLoss``.
@@ -187,9 +187,9 @@ class TrainingArtifacts:
         eval_model: forward + CTCLoss.
         optimizer_model: one optimizer step over the trainable parameters.
         checkpoint: parameters (trainable and frozen) for ``CheckpointState.load_checkpoint``.
-        needs_extension: True when CTCLoss / CTCLossGrad run as onnxruntime-extensions Python kernels
-            (the device needs Python and ``deploy_ctc.onnx``); False when the models carry the portable
-            ONNX function bodies.
+        needs_library: True when CTCLoss / CTCLossGrad run in deploy_ctc's native custom-op library (the
+            device registers that library file: :func:`open_training`, or ``RegisterCustomOpsLibrary_V2``
+            from the C/C++ training API); False when the models carry the portable ONNX function bodies.
         log_probs: name of the model output holding the (T, N, C) log-probabilities.
         input_lengths: name of the model output holding the (N,) CTC input lengths, or None when they are
             the graph input ``input_lengths``.
@@ -199,7 +199,7 @@ class TrainingArtifacts:
     eval_model: pathlib.Path
     optimizer_model: pathlib.Path
     checkpoint: pathlib.Path
-    needs_extension: bool
+    needs_library: bool
     log_probs: str
     input_lengths: str | None = None
 
@@ -225,7 +225,7 @@ class TrainingArtifacts:
         log_probs, _, input_lengths, _ = losses[0].input
         graph_inputs = {value.name for value in eval_model.graph.input}
         has_bodies = any(function.domain == _schemas.DOMAIN for function in eval_model.functions)
-        return cls(**paths, needs_extension=not has_bodies, log_probs=log_probs,
+        return cls(**paths, needs_library=not has_bodies, log_probs=log_probs,
                    input_lengths=None if input_lengths in graph_inputs else input_lengths)
 
 
@@ -245,10 +245,10 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         log_probs: name of the log-probability output; defaults to the model's only output.
         input_lengths: name of a model output holding the (N,) int64 CTC input lengths (e.g. frame counts
             after subsampling); None adds a graph input ``input_lengths`` instead.
-        portable: False: CTCLoss / CTCLossGrad run as the onnxruntime-extensions Python kernels (generation
-            and the device need Python, deploy_ctc and onnxruntime-extensions). True: the models carry
-            the portable model-local function bodies (standard ONNX ops, ``deploy_ctc.onnx.functions``) and
-            run in onnxruntime-training alone, e.g. from its C/C++/C#/Java training API; needs opset >= 18.
+        portable: False: CTCLoss / CTCLossGrad run in deploy_ctc's native custom-op library
+            (:func:`deploy_ctc.onnx.library_path`; generation builds it, the device registers the file). True:
+            the models carry the portable model-local function bodies (standard ONNX ops,
+            ``deploy_ctc.onnx.functions``) and run in onnxruntime-training alone, slower; needs opset >= 18.
 
     Returns:
         :class:`TrainingArtifacts` naming the four written artifacts (models at IR version 10).
@@ -257,7 +257,8 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         TypeError / ValueError: bad options; unknown, non-float or doubly listed parameter names; a model
             opset above 21 (what onnxruntime-training 1.19.2 runs), or below 18 with ``portable``; no such /
             ambiguous log_probs output.
-        ImportError: onnxruntime-extensions is missing and ``portable`` is False.
+        deploy_ctc.onnx.native_library.NativeUnavailable: ``portable`` is False and the native library cannot
+            be built here (the message says why).
     """
     blank, reduction, zero_infinity = check_options(blank, reduction, zero_infinity)
     if optimizer not in OPTIMIZERS:
@@ -274,9 +275,7 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         _attach_function_bodies(model)
         library = None
     else:
-        from deploy_ctc.onnx.extension import custom_op_library_path
-
-        library = custom_op_library_path()  # ImportError naming the package when the extension is missing
+        library = _native_library()
     _register_gradient()
     directory = pathlib.Path(os.getcwd() if artifact_directory is None else artifact_directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -288,31 +287,35 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
             artifact_directory=directory, custom_op_library=library, loss_input_names=loss_inputs,
         )
     result = TrainingArtifacts(**{key: directory / name for key, name in _FILES.items()},
-                               needs_extension=not portable, log_probs=log_probs, input_lengths=input_lengths)
+                               needs_library=not portable, log_probs=log_probs, input_lengths=input_lengths)
     _finish_model(result.training_model, training_graph=True)
     _finish_model(result.eval_model)
     _finish_model(result.optimizer_model)
     return result
 
 
-def open_training(artifacts: TrainingArtifacts):
+def open_training(artifacts: TrainingArtifacts, library=None):
     """Load ``artifacts`` with ``onnxruntime.training.api``.
+
+    Args:
+        artifacts: what :func:`generate_artifacts` wrote (or :meth:`TrainingArtifacts.in_directory`).
+        library: path of deploy_ctc's native custom-op library for artifacts that need it (e.g. a copy built
+            for the device); None builds or finds it with :func:`deploy_ctc.onnx.library_path`.
 
     Returns:
         ``(state, module, optimizer)``: CheckpointState, Module (training and eval models) and Optimizer;
         the module starts in training mode.
 
     Raises:
-        ImportError: the artifacts need the extension kernels and onnxruntime-extensions is missing.
+        deploy_ctc.onnx.native_library.NativeUnavailable: the artifacts need the native library, none was
+            given and it cannot be built here.
     """
     import onnxruntime
     from onnxruntime.training import api
 
     options = onnxruntime.SessionOptions()
-    if artifacts.needs_extension:
-        from deploy_ctc.onnx import session_options
-
-        options = session_options(options)
+    if artifacts.needs_library:
+        options.register_custom_ops_library(os.fspath(library) if library is not None else _native_library())
     else:
         # onnxruntime 1.19.2's GatherSliceToSplitFusion (an extended-level transformer) names every node it
         # creates "/GatherSliceToSplitFusion/"; the inlined bodies hold several matches and the session
@@ -376,6 +379,17 @@ def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
                          "compute them from standard ops")
     graph.output.extend(inferred[name] for name in output_names)
     onnx.save(model, os.fspath(path))
+
+
+def _native_library() -> str:
+    """Path of deploy_ctc's native custom-op library; NativeUnavailable names the reason and the alternative."""
+    from deploy_ctc.onnx.native_library import NativeUnavailable, library_path
+
+    try:
+        return library_path()
+    except NativeUnavailable as error:
+        raise NativeUnavailable(f"{error}; generate_artifacts(..., portable=True) writes artifacts that need no "
+                                "library") from None
 
 
 def _load_model(model):

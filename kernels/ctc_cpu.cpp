@@ -48,15 +48,14 @@
 #include <type_traits>
 #include <utility>
 
+#include "ctc_constants.h"
+
 namespace {
 
-constexpr double kConsistencyTol = 1e-9;  // relative; float64 rounding of Z_t stays near L * 1e-16
-constexpr double kTiny = 0x1p-938;        // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
+using dctc::kConsistencyTol;             // relative; float64 rounding of Z_t stays near L * 1e-16
+constexpr double kTiny = dctc::kTinyMass;  // Z_t or a frame's mass below ~e^-650: too near the subnormals to trust
 constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the backward pass prefetches its table rows
-// An emission more than this many nats below its frame's largest is subnormal or 0 after exp: the forward and
-// backward chains would share that zero and pass the consistency check, so such a (finite) value sends the sample
-// to the exact path. -inf is a true zero and does not count.
-constexpr double kFlushLog = -700.0;
+using dctc::kFlushLog;  // an emission this far below its frame's largest sends the sample to the exact path
 // What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
 // exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
 constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;

@@ -7,7 +7,13 @@ from deploy_ctc.onnx.attributes import node_attributes
 from deploy_ctc.onnx.functions import attach_functions, ensure_opset_imports
 from deploy_ctc.onnx.schemas import DOMAIN
 
-_FLOAT_TYPES = {1: "float32", 11: "float64"}
+# The log-probability element types the op takes: TensorProto data type name -> NumPy dtype name.
+_FLOAT_TYPES = {"FLOAT": "float32", "DOUBLE": "float64"}
+
+
+def _float_types(onnx) -> dict:
+    """``{TensorProto data type number: NumPy dtype name}`` of :data:`_FLOAT_TYPES`."""
+    return {onnx.TensorProto.DataType.Value(name): dtype for name, dtype in _FLOAT_TYPES.items()}
 
 
 def _value_type(model, name: str):
@@ -49,7 +55,7 @@ def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets"
         log_probs_name: name of the (T, N, C) value in ``model.graph``.
         blank, reduction, zero_infinity: as torch.nn.CTCLoss.
         embed_functions: attach the portable function body (plain onnxruntime runs it); False leaves the
-            op to the extension (:func:`deploy_ctc.onnx.session_options`).
+            op to the native library (:func:`deploy_ctc.onnx.session_options`).
         keep_outputs: keep the model's outputs next to ``loss`` (False: ``loss`` only).
     Returns:
         The new onnx.ModelProto.
@@ -126,7 +132,7 @@ def _copy_with_inputs(model, log_probs_name, targets_name, input_lengths_name, t
     if lp_type is None:
         raise ValueError(f"log_probs_name {log_probs_name!r} is not a value of the model's graph")
     elem_type = lp_type.tensor_type.elem_type
-    if elem_type not in _FLOAT_TYPES:
+    if elem_type not in _float_types(onnx):
         raise ValueError(f"log_probs_name {log_probs_name!r} must be float32 or float64, got element type "
                          f"{onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else 'unknown'}")
     rank = len(lp_type.tensor_type.shape.dim) if lp_type.tensor_type.HasField("shape") else 3
@@ -160,7 +166,7 @@ def ctc_loss_model(dtype: str = "float32", *, blank: int = 0, reduction: str = "
     Handy to evaluate losses in onnxruntime (benchmarks, services); arguments as :func:`append_ctc_loss`.
     """
     onnx = require_onnx()
-    types = {v: k for k, v in _FLOAT_TYPES.items()}
+    types = {v: k for k, v in _float_types(onnx).items()}
     if dtype not in types:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     graph = onnx.helper.make_graph([], "ctc_loss", [onnx.helper.make_tensor_value_info(
@@ -174,7 +180,7 @@ def forced_align_model(dtype: str = "float32", *, blank: int = 0, embed_function
     """A model computing only the forced alignment: inputs log_probs (T, N, C), targets, input_lengths,
     target_lengths; outputs alignment and scores. Arguments as :func:`append_forced_align`."""
     onnx = require_onnx()
-    types = {v: k for k, v in _FLOAT_TYPES.items()}
+    types = {v: k for k, v in _float_types(onnx).items()}
     if dtype not in types:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     graph = onnx.helper.make_graph([], "ctc_align", [onnx.helper.make_tensor_value_info(

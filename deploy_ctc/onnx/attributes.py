@@ -20,6 +20,6 @@ def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
 
 
 def node_attributes(blank=0, reduction="mean", zero_infinity=False) -> dict:
-    """Checked attribute values as written on a node: every attribute explicit (the extension requires it)."""
+    """Checked attribute values as written on a node: every attribute explicit (a reader needs no schema defaults)."""
     blank, reduction, zero_infinity = check_node_attributes(blank, reduction, zero_infinity)
     return {"blank": blank, "reduction": reduction, "zero_infinity": int(zero_infinity)}

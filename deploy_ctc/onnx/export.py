@@ -23,16 +23,15 @@ import os
 from deploy_ctc.onnx._deps import require_onnx, require_torch
 from deploy_ctc.onnx.attributes import node_attributes
 from deploy_ctc.onnx.functions import MIN_OPSET, attach_functions, ensure_opset_imports
-from deploy_ctc.onnx.schemas import DOMAIN, register_schemas
-
-# aten::ctc_loss passes reduction as torch's at::Reduction enum.
-_REDUCTION_ENUM = {0: "none", 1: "mean", 2: "sum"}
+from deploy_ctc.onnx.schemas import DOMAIN, OPSET_VERSION, register_schemas
+from deploy_ctc.validation import REDUCTIONS
 
 
 def _attributes(blank, reduction, zero_infinity) -> dict:
     """Node attributes from aten::ctc_loss's scalar arguments (reduction as the enum or a string)."""
-    if not isinstance(reduction, str):
-        reduction = _REDUCTION_ENUM.get(int(reduction), reduction)
+    if not isinstance(reduction, str):  # torch's at::Reduction enum, whose order REDUCTIONS follows
+        code = int(reduction)
+        reduction = REDUCTIONS[code] if 0 <= code < len(REDUCTIONS) else reduction
     return node_attributes(int(blank), reduction, bool(zero_infinity))
 
 
@@ -146,7 +145,7 @@ def _translation_table() -> dict:
 
     import deploy_ctc.torch  # noqa: F401 -- registers deploy_ctc::ctc_loss
 
-    custom = onnxscript.values.Opset(DOMAIN, 1)
+    custom = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
     std = onnxscript.opset18
 
     def as_tensor(lengths):
@@ -188,7 +187,7 @@ def export(model, args, f=None, *, dynamo: bool = True, embed_functions: bool = 
         f: path or binary file object to write the model to; None writes nothing.
         dynamo: which torch exporter (True: torch.export-based, torch's default; False: TorchScript).
         embed_functions: attach the portable function bodies so plain onnxruntime runs the loss;
-            False leaves it to the extension (:func:`deploy_ctc.onnx.session_options`).
+            False leaves it to the native library (:func:`deploy_ctc.onnx.session_options`).
         **kwargs: passed to torch.onnx.export (``input_names``, ``output_names``, ``dynamic_axes`` or
             ``dynamic_shapes``, ``opset_version`` -- default 18, the bodies' minimum, ...).
     Returns:

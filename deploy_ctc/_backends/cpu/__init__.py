@@ -12,7 +12,7 @@ import os
 import threading
 import warnings
 
-from . import native_build
+from . import common, native_build
 
 ENV = "DEPLOY_CTC_CPU_BACKEND"
 CHOICES = ("auto", "native", "numpy")
@@ -25,7 +25,8 @@ def current():
     """The backend module for NumPy arrays (``forward_backward(problem, grad_scale, convention)``).
 
     Raises:
-        ValueError: ``DEPLOY_CTC_CPU_BACKEND`` holds something else than auto, native or numpy.
+        ValueError: ``DEPLOY_CTC_CPU_BACKEND`` holds something else than auto, native or numpy, or
+            ``DEPLOY_CTC_NUM_THREADS`` something else than a positive integer.
         RuntimeError: ``native`` was asked for and the engine cannot be built (the message says why).
     """
     return _select(warn=True)
@@ -38,6 +39,7 @@ def name():
 
 def _select(warn):
     global _warned
+    common.pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only one large enough for threads
     choice = getattr(_override, "choice", None) or _choice_from_environment()
     if choice != "numpy":
         try:

@@ -27,7 +27,6 @@ def start(problem, grad_scale):
     the recursions handle (feasible, at least one frame; and infeasible ones whose used frames hold NaN or ``+inf``
     in a lattice class, whose loss is NaN in torch's recursion rather than ``+inf``).
     """
-    pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only the first one large enough for threads
     lp, targets = problem.log_probs, problem.targets  # (T, N, C), (N, S)
     il, tl = problem.input_lengths, problem.target_lengths  # (N,)
     inside = np.arange(1, targets.shape[1])[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
