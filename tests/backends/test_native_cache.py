@@ -344,6 +344,21 @@ def test_a_cache_owned_by_another_user_is_refused(sources, cache, tmp_path, monk
     assert hostile not in path.parents and not marker.exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a link to another user needs root")
+def test_a_symlink_owned_by_another_user_is_refused_even_to_a_private_directory(sources, cache, tmp_path,
+                                                                                monkeypatch):
+    """Like a link another user planted in /tmp under the name DEPLOY_CTC_CACHE_DIR gives: they could re-point it."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(private)
+    os.lchown(link, 65534, 65534)
+    monkeypatch.setenv(native_cache.CACHE_ENV, str(link))
+    with pytest.warns(RuntimeWarning, match=f"{link} is a symbolic link owned by uid 65534"):
+        path = build(sources)
+    assert private not in path.parents
+
+
 # --- Planted or damaged files in a trusted cache: rebuilt, never loaded ------------------------------------------
 
 def test_a_planted_library_with_a_wrong_digest_is_rebuilt_not_loaded(sources, cache, tmp_path, caplog):
