@@ -3,7 +3,8 @@
 // Built at run time like the engine (deploy_ctc/onnx/native_library.py) and loaded by any ONNX Runtime host:
 // Python's SessionOptions.register_custom_ops_library, the C API's RegisterCustomOpsLibrary(_V2), Triton's
 // onnxruntime backend (model_operations { op_library_filename }). The math is the engine's (ctc_cpu.cpp and
-// ctc_align_cpu.cpp, included below: one source of truth); this file adds what the Python API does around it
+// ctc_align_cpu.cpp, linked in as their own translation units: one source of truth, the same machine code); this
+// file adds what the Python API does around it
 // (deploy_ctc/validation.py, deploy_ctc/api.py, deploy_ctc/_backends/cpu/{common,native}.py): the argument checks
 // with the same messages, the targets' padded / concatenated / unbatched forms, infeasible samples, zero_infinity
 // and the reduction, so a session computes bit for bit what deploy_ctc.ctc_loss / ctc_loss_and_grad /
@@ -38,6 +39,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -48,10 +50,45 @@
 
 #include <sched.h>
 
-#include "ctc_cpu.cpp"
-#include "ctc_align_cpu.cpp"
+#include <type_traits>
+
+// The engine's entry points (ctc_cpu.cpp, ctc_align_cpu.cpp), compiled as their own translation units into this
+// library exactly as into the engine's, so each computes bit for bit what the Python API's engine computes (one
+// translation unit including them would let the compiler inline and contract the same code differently). Hidden:
+// only RegisterCustomOps is exported.
+extern "C" {
+#define DEPLOY_CTC_ENGINE(NAME, TYPE)                                                                              \
+  int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,      \
+           const std::int64_t* targets, std::int64_t S, const std::int64_t* il, const std::int64_t* tl,             \
+           std::int64_t blank, const std::int64_t* samples, std::int64_t count, TYPE* grad, const double* grad_scale, \
+           int plain, double* nll, std::uint8_t* ok);
+#define DEPLOY_CTC_ALIGN(NAME, TYPE)                                                                               \
+  int NAME(const TYPE* lp, std::int64_t N, std::int64_t st, std::int64_t sn, std::int64_t sc,                      \
+           const std::int64_t* targets, std::int64_t S, const std::int64_t* il, const std::int64_t* tl,             \
+           std::int64_t blank, const std::int64_t* samples, std::int64_t count, std::int64_t* alignment, TYPE* scores);
+DEPLOY_CTC_ENGINE(deploy_ctc_cpu_float, float)
+DEPLOY_CTC_ENGINE(deploy_ctc_cpu_double, double)
+DEPLOY_CTC_ALIGN(deploy_ctc_align_float, float)
+DEPLOY_CTC_ALIGN(deploy_ctc_align_double, double)
+#undef DEPLOY_CTC_ENGINE
+#undef DEPLOY_CTC_ALIGN
+}
 
 namespace deploy_ctc_ort {
+
+// The engine's loss (grad == nullptr: its loss-only pass) and gradient for float or double log-probs.
+template <typename scalar_t, typename... Args>
+int run(const scalar_t* lp, Args... args) {
+  if constexpr (std::is_same_v<scalar_t, float>) return deploy_ctc_cpu_float(lp, args...);
+  else return deploy_ctc_cpu_double(lp, args...);
+}
+
+// The engine's forced alignment for float or double log-probs.
+template <typename scalar_t, typename... Args>
+int align_samples(const scalar_t* lp, Args... args) {
+  if constexpr (std::is_same_v<scalar_t, float>) return deploy_ctc_align_float(lp, args...);
+  else return deploy_ctc_align_double(lp, args...);
+}
 
 constexpr std::uint32_t kApiVersion = 17;
 constexpr const char* kDomain = "deploy_ctc";

@@ -45,8 +45,10 @@ SYSTEM_INCLUDE = Path("/usr/include/onnxruntime")
 HEADER = "onnxruntime_c_api.h"
 
 SOURCE = "ort_ops.cpp"
-#: Files of the kernels folder the build reads besides SOURCE: the engine it includes, the export list.
-DEPENDS = ("ctc_cpu.cpp", "ctc_align_cpu.cpp", "ort_ops.map")
+#: The engine's translation units, compiled beside SOURCE into the library as into the engine's own.
+ENGINE_SOURCES = ("ctc_cpu.cpp", "ctc_align_cpu.cpp")
+#: Other files of the kernels folder the build reads: the export list.
+DEPENDS = ("ort_ops.map",)
 VERSION_SCRIPT = "ort_ops.map"
 SYMBOL = "RegisterCustomOps"
 #: Compile flags: the engine's, with every symbol hidden but RegisterCustomOps (also enforced by the version script,
@@ -91,7 +93,8 @@ def build_command(output, target=NATIVE_TARGETS[0]) -> list[str]:
     """
     kernels = _kernels()
     return [find_compiler(), *FLAGS, *target, f"-I{kernels}", f"-I{include_dir()}", *SHARED_FLAGS,
-            str(kernels / SOURCE), "-o", str(output), *(flag.format(kernels=kernels) for flag in LINK_FLAGS)]
+            *(str(kernels / name) for name in (SOURCE, *ENGINE_SOURCES)), "-o", str(output),
+            *(flag.format(kernels=kernels) for flag in LINK_FLAGS)]
 
 
 def library_path() -> str:
@@ -132,7 +135,7 @@ def _kernels() -> Path:
 
 def _build() -> Path:
     kernels, include = _kernels(), include_dir()
-    return build_library("deploy_ctc_ort", [SOURCE], symbols=[SYMBOL], compile_flags=FLAGS,
+    return build_library("deploy_ctc_ort", [SOURCE, *ENGINE_SOURCES], symbols=[SYMBOL], compile_flags=FLAGS,
                          link_flags=[flag.format(kernels=kernels) for flag in LINK_FLAGS], include_dirs=[include],
                          depends=[*(kernels / name for name in DEPENDS), include / HEADER],
                          description="the native ONNX Runtime library")
