@@ -86,14 +86,19 @@ def test_module_matches_nn_ctcloss(rng, reduction, dctorch):
 
 
 def test_module_defaults_and_zero_infinity(rng, dctorch):
+    """Default options (blank 0, mean) and zero_infinity with an infeasible sample: loss and gradient as torch's."""
     lp, targets, il, tl = random_inputs(rng, 6, 3, 4, 4)
     il[1] = 2
     for kwargs in ({}, {"zero_infinity": True}):
-        ours = dctorch.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
-                                         torch.as_tensor(tl))
-        ref = torch.nn.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
-                                         torch.as_tensor(tl))
-        oracles.assert_close(ours.numpy(), ref.numpy(), np.float64, f"CTCLoss({kwargs})")
+        results = []
+        for module in (dctorch.CTCLoss(**kwargs), torch.nn.CTCLoss(**kwargs)):
+            x = torch.tensor(lp, requires_grad=True)
+            loss = module(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+            loss.backward()
+            results.append((loss.detach().numpy(), x.grad.numpy()))
+        (ours, our_grad), (ref, ref_grad) = results
+        oracles.assert_close(ours, ref, np.float64, f"CTCLoss({kwargs}) loss")
+        oracles.assert_close(our_grad, ref_grad, np.float64, f"CTCLoss({kwargs}) grad")
 
 
 def test_concatenated_and_tuple_lengths(rng, dctorch):
@@ -182,14 +187,20 @@ def test_half_precision_is_computed_in_float32(rng, dtype, dctorch):
 
 
 def test_expanded_zero_stride_input(rng, dctorch):
-    """A batch broadcast from one sequence (stride 0 on N) works like a materialized copy."""
-    lp = torch.tensor(oracles.random_log_probs(rng, 10, 1, 5))
-    expanded = lp.expand(10, 3, 5)  # (T, N, C) with stride 0 on N
+    """A batch broadcast from one sequence (stride 0 on N) works like a materialized copy, and its gradient flows
+    back summed over the batch into the one sequence."""
     targets, il, tl = torch.tensor([[1, 2], [3, 3], [4, 0]]), torch.tensor([10, 9, 4]), torch.tensor([2, 2, 1])
-    loss = dctorch.ctc_loss(expanded, targets, il, tl, reduction="none")
-    ref_loss, _ = oracles.torch_reference(expanded.detach().contiguous().numpy(), targets.numpy(), il.numpy(),
-                                          tl.numpy(), reduction="none")
-    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+    one = oracles.random_log_probs(rng, 10, 1, 5)  # (T, 1, C)
+    results = []
+    for fn in (dctorch.ctc_loss, torch.nn.functional.ctc_loss):
+        lp = torch.tensor(one, requires_grad=True)
+        expanded = lp.expand(10, 3, 5)  # (T, N, C) with stride 0 on N
+        loss = fn(expanded, targets, il, tl, reduction="none")
+        loss.backward(torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
+        results.append((loss.detach().numpy(), lp.grad.numpy()))
+    (loss, grad), (ref_loss, ref_grad) = results
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
 def test_non_tensor_log_probs_is_a_type_error(rng, dctorch):

@@ -159,8 +159,13 @@ def test_large_C_allocates_no_float64_TNC_temporary(rng, pure_numpy):
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
 
 
-def test_large_mixed_batch(rng, pure_numpy):
-    """A batch large enough to be split into chunks (and threads), mixing every kind of sample."""
+def test_large_mixed_batch(rng, pure_numpy, monkeypatch):
+    """A batch large enough to be split into chunks and handed to (three) worker threads, mixing every kind of
+    sample."""
+    from deploy_ctc._backends.cpu import common
+    from deploy_ctc.backends import path_stats
+
+    monkeypatch.setattr(common, "pool_size", lambda: 3)
     T, N, C, S = 300, 24, 40, 30
     lp = oracles.random_log_probs(rng, T, N, C)
     lp[:, 5:8] = oracles.random_log_probs(rng, T, 3, C, scale=300.0)  # peaky samples
@@ -175,7 +180,10 @@ def test_large_mixed_batch(rng, pure_numpy):
         lp[il[n]:, n] = np.nan  # padding never read
     problem = validation.validate(lp, targets, il, tl, 7, "none", False)
     scale = rng.uniform(0.5, 2.0, N)
-    nll, grad = pure_numpy.forward_backward(problem, scale)
+    with path_stats() as stats:
+        nll, grad = pure_numpy.forward_backward(problem, scale)
+    if not pure_numpy.__name__.endswith(".logspace"):  # the log-space twin has one path and no threads
+        assert [record.parts >= 2 for record in stats.records] == [True], stats.records
     ref_nll, ref_grad = expected(clean, targets, il, tl, 7, scale)
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
