@@ -1,7 +1,8 @@
 """The ``deploy-ctc`` command.
 
 - ``deploy-ctc check``: versions, available backends and extras, and a parity self-test against torch float64 (when
-  torch is installed) plus an analytic single-path case (always); prints PASS/FAIL, exits 0/1.
+  torch is installed) plus an analytic single-path case and a check that each CPU backend keeps ordinary inputs on
+  its fast path (always); prints PASS/FAIL, exits 0/1.
 - ``deploy-ctc bench``: the CPU benchmark against torch (``benchmarks/bench_cpu.py``, from a source checkout).
 - ``deploy-ctc demo``: export an acoustic model with its CTC loss to ONNX and evaluate it in ONNX Runtime
   (:mod:`deploy_ctc.demo`).
@@ -19,6 +20,7 @@ import numpy as np
 import deploy_ctc
 from deploy_ctc._backends import cpu as cpu_backends
 from deploy_ctc._backends.cpu import native_build
+from deploy_ctc.backends import path_stats
 
 OPTIONAL = [("torch", "test"), ("cupy", "cuda"), ("onnx", "onnx"), ("onnxruntime", "onnx"),
             ("onnxruntime_extensions", "onnx"), ("onnxscript", "onnx")]
@@ -75,6 +77,19 @@ def _torch_parity_cases(backend):
     return results
 
 
+def _fast_path_case(backend):
+    """A random batch (T = 200, 8 samples) on CPU ``backend`` must finish on the fast scaled recursions: an exact
+    redo of ordinary inputs means the fast path is broken (correct numbers, many times slower)."""
+    rng = np.random.default_rng(2)
+    T, N, C, S = 200, 8, 12, 40
+    logits = rng.standard_normal((T, N, C))
+    lp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    targets = rng.integers(1, C, (N, S))
+    with cpu_backends.using(backend), path_stats() as stats:
+        deploy_ctc.ctc_loss_and_grad(lp, targets, np.full(N, T), np.full(N, S))
+    return stats.exact == 0 and stats.fast == N, f"fast path, {backend} backend: {stats.fast} of {N} samples"
+
+
 def check(argv=None):
     """``deploy-ctc check``: environment report and self-test; returns the exit code."""
     argparse.ArgumentParser(prog="deploy-ctc check", description="versions, backends and a self-test").parse_args(argv)
@@ -90,9 +105,10 @@ def check(argv=None):
     print(f"  NumPy arrays run on: {cpu_backends.name()} (set {cpu_backends.ENV}=auto|native|numpy)")
     print(f"  cupy    {'GPU ' + _gpu_status() if _version('cupy') else 'not installed'}")
     print(f"  onnx    {'available' if _version('onnxruntime') and _version('onnx') else 'not installed'}")
-    cases = [_single_path_case()]
+    backends = ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",)
+    cases = [_single_path_case()] + [_fast_path_case(backend) for backend in backends]
     if _version("torch"):
-        for backend in ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",):
+        for backend in backends:
             cases += _torch_parity_cases(backend)
     else:
         print("torch not installed: parity against torch skipped (pip install deploy_ctc[test])")
