@@ -141,15 +141,6 @@ def test_matches_brute_force(rng, T, C, pure_numpy):
         oracles.assert_close(got_grad, oracles.grad_from_posterior(lp, post, nll, il, scale), np.float64, "grad")
 
 
-def large_vocabulary(backend, T, N, C, S):
-    """Peak-memory scenario (tests/utils/peak_memory.py): forward and backward of ``backend`` on a float32 batch."""
-    module = importlib.import_module(backend)
-    rng = np.random.default_rng(0)
-    problem, *_ = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)
-    small, *_ = make_problem(rng, 4, 2, 5, 2, full=True)
-    return (lambda: module.forward_backward(small, np.ones(2))), (lambda: module.forward_backward(problem, np.ones(N)))
-
-
 @pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux /proc to measure a process's peak memory")
 def test_large_C_allocates_no_float64_TNC_temporary(pure_numpy):
     """With large C, the float32 gradient is the only (T, N, C) array: no temporary of that size, not even a float32
@@ -157,9 +148,9 @@ def test_large_C_allocates_no_float64_TNC_temporary(pure_numpy):
     T, N, C, S = 40, 4, 20000, 10
     tnc32 = T * N * C * 4
     tables = T * N * (2 * S + 1) * 8
-    peak = peak_memory.peak_growth("tests.backends.test_contract:large_vocabulary", backend=pure_numpy.__name__,
+    peak = peak_memory.peak_growth("tests.utils.peak_memory:backend_call", backend=pure_numpy.__name__,
                                    T=T, N=N, C=C, S=S)
-    assert peak >= tnc32, f"peak {peak / 2**20:.1f} MiB below the gradient itself: the measurement is broken"
+    assert peak >= 0.9 * tnc32, f"peak {peak / 2**20:.1f} MiB below the gradient itself: the measurement is broken"
     # grad + half a float32 (T, N, C) temporary + DP tables + 2 MiB (the process: allocator and interpreter noise)
     budget = 1.5 * tnc32 + 8 * tables + (2 << 20)
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"

@@ -42,6 +42,28 @@ def peak_growth(scenario: str, **params) -> int:
     return int(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+def backend_call(backend, T, N, C, S):
+    """Scenario: forward and backward of backend module ``backend`` on a random full-length float32 batch."""
+    import importlib
+
+    import numpy as np
+
+    from deploy_ctc import validation
+    from tests.utils import oracles
+
+    module = importlib.import_module(backend)
+    rng = np.random.default_rng(0)
+
+    def problem(T, N, C, S, dtype):
+        lp = oracles.random_log_probs(rng, T, N, C, dtype)
+        tl = np.full(N, S)
+        targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+        return validation.validate(lp, targets, np.full(N, T), tl, 0, "none", False)
+
+    big, small = problem(T, N, C, S, np.float32), problem(4, 2, 5, 2, np.float32)
+    return (lambda: module.forward_backward(small, np.ones(2))), (lambda: module.forward_backward(big, np.ones(N)))
+
+
 def _measure(scenario, params):
     import gc
     import importlib
