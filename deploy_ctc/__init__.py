@@ -8,7 +8,8 @@ Public API (torch's argument names, order and defaults):
 - :func:`forced_align` — the best alignment of each target (Viterbi) and its per-frame log-probs;
   :func:`token_spans` — an alignment's labels as frame spans with mean scores.
 - :mod:`deploy_ctc.backends` — choose the CPU backend (:func:`~deploy_ctc.backends.using`), free scratch memory.
-- :mod:`deploy_ctc.torch` — an autograd Function / ``nn.Module`` running these backends on torch tensors.
+- :mod:`deploy_ctc.torch` — the torch operator ``deploy_ctc::ctc_loss`` and an ``nn.Module`` running these backends on
+  torch tensors (torch.compile, torch.export, autocast), and ``patch()`` for third-party models.
 - :mod:`deploy_ctc.onnx` — the ``deploy_ctc::CTCLoss`` ONNX op, its ONNX Runtime extension and torch export.
 """
 

@@ -19,8 +19,9 @@ Conventions, the same on every backend (NumPy, native engine, CUDA, ONNX, torch)
   on identical values everywhere.
 - **Ties** (deterministic): at each step back, the path stays in its state (``s``) rather than advancing from
   ``s - 1``, and advances from ``s - 1`` rather than skipping from ``s - 2``; at the last frame it ends on the last
-  label rather than on the trailing blank. Among equally good alignments this picks the one whose states, read
-  from the last frame backwards, are largest: each label starts as early as possible. This is
+  label rather than on the trailing blank. Among equally good alignments this picks, comparing from the last frame
+  backwards, the one ending on the last label, then the one in the later lattice position at each earlier frame:
+  each label starts as early as possible (tests/utils/oracles.py states it on whole paths). This is
   ``torchaudio.functional.forced_align``'s rule (torchaudio 2.11), except where the two advancing moves tie above
   staying, where torchaudio keeps the strictly worse stay.
 - **Impossible log-probs**: NaN and ``+inf`` entries count as ``-inf`` (that label cannot be emitted there).

@@ -1,17 +1,33 @@
 """deploy_ctc on torch tensors: a drop-in for ``torch.nn.functional.ctc_loss`` and ``torch.nn.CTCLoss``.
 
-Tensors cross to deploy_ctc's backends without copies through DLPack: CPU tensors become NumPy arrays (NumPy
-backend), CUDA tensors become CuPy arrays (CUDA kernels, run on torch's current stream of the tensor's device). The
-autograd Function computes the gradient together with the loss (one forward-backward pass) and scales it by the
-upstream gradient in ``backward``, so ``loss.backward()`` gives the same gradients as torch's own ``ctc_loss``.
+The loss is the ``torch.library`` custom op ``deploy_ctc::ctc_loss`` (``torch.ops.deploy_ctc.ctc_loss``), with a
+fake implementation (shapes only), a registered autograd formula and an autocast rule, so it works under
+``torch.compile`` (``fullgraph=True`` included), ``torch.export`` and :func:`deploy_ctc.onnx.export` like any
+torch operator. Tensors cross to deploy_ctc's backends without copies through DLPack: CPU tensors become NumPy
+arrays (the native engine, or the NumPy fallback), CUDA tensors become CuPy arrays (CUDA kernels, run on torch's
+current stream of the tensor's device).
+
+The op computes the gradient together with the loss (one forward-backward pass) when ``log_probs`` requires grad;
+``backward`` scales it by the upstream gradient, so ``loss.backward()`` gives torch's gradients. Differentiating
+that gradient again (double backward: gradient penalties, Hessian-vector products) raises a RuntimeError, as
+torch's own ``ctc_loss`` does.
 
 Beyond torch: target values are validated (torch reads out of bounds), float16 and bfloat16 ``log_probs`` are
-accepted (computed in float32), and the CUDA gradient is deterministic.
+accepted outside autocast (computed in float32, returned in the input dtype), and the CUDA gradient is
+deterministic. Under ``torch.autocast`` (CPU or CUDA) the loss is computed and returned in float32, as torch's
+autocast policy does for ``ctc_loss``.
 
-:func:`forced_align` is ``torchaudio.functional.forced_align`` (batch-first, any batch size) on the same backends.
+:func:`patch` makes third-party code that calls ``torch.nn.functional.ctc_loss`` / ``torch.nn.CTCLoss`` use
+deploy_ctc. :func:`forced_align` is ``torchaudio.functional.forced_align`` (batch-first, any batch size) on the same
+backends.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from typing import Any
 
 import numpy as np
 
@@ -21,31 +37,47 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
     raise ImportError("deploy_ctc.torch needs PyTorch: pip install torch (CPU wheels suffice)") from error
 
 from . import align, api
-from .validation import check_options
+from .validation import check_options, integer_array
 
-__all__ = ["CTCLoss", "ctc_loss", "forced_align"]
+__all__ = ["CTCLoss", "ctc_loss", "forced_align", "patch"]
+
+DOUBLE_BACKWARD_ERROR = (
+    "deploy_ctc::ctc_loss: the derivative of the CTC gradient (double backward) is not implemented; "
+    "torch's own ctc_loss does not implement it either")
 
 
-def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
+def ctc_loss(log_probs: torch.Tensor, targets: Any, input_lengths: Any, target_lengths: Any, blank: int = 0,
+             reduction: str = "mean", zero_infinity: bool = False) -> torch.Tensor:
     """``torch.nn.functional.ctc_loss`` computed by deploy_ctc; differentiable with respect to ``log_probs``.
 
     Args:
         log_probs: ``(T, N, C)`` or ``(T, C)`` tensor of log-probabilities, float32/float64 (float16/bfloat16
             computed in float32), on the CPU or a CUDA device.
-        targets: ``(N, S)`` padded, 1-D concatenated or ``(S,)`` unbatched integer tensor (or array/sequence).
-        input_lengths, target_lengths: tensors, tuples/lists or ints, as torch accepts.
+        targets: ``(N, S)`` padded, 1-D concatenated or ``(S,)`` unbatched integer tensor (or array/sequence), on
+            the CPU or ``log_probs``'s device.
+        input_lengths, target_lengths: tensors (CPU or ``log_probs``'s device), tuples/lists or ints, as torch
+            accepts.
         blank, reduction, zero_infinity: as ``torch.nn.CTCLoss``.
 
     Returns:
-        The loss as a tensor on ``log_probs``'s device and of its dtype.
+        The loss on ``log_probs``'s device, of its dtype (float32 under autocast for float16/bfloat16/float32
+        input, like torch): shape ``()`` for mean/sum, ``(N,)`` for none (``()`` unbatched).
 
     Raises:
-        TypeError, ValueError: invalid arguments (see :func:`deploy_ctc.ctc_loss`).
+        TypeError, ValueError: invalid arguments (the messages of :func:`deploy_ctc.ctc_loss`); a tensor on a
+        device other than the CPU or ``log_probs``'s.
     """
     blank, reduction, zero_infinity = check_options(blank, reduction, zero_infinity)
     if not isinstance(log_probs, torch.Tensor):
         raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
-    return _CTCLossFunction.apply(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+    _check_device("log_probs", log_probs, log_probs.device)
+    targets = _integer_tensor(targets, "targets", log_probs.device)
+    input_lengths = _integer_tensor(input_lengths, "input_lengths", log_probs.device)
+    target_lengths = _integer_tensor(target_lengths, "target_lengths", log_probs.device)
+    with_grad = torch.is_grad_enabled() and log_probs.requires_grad
+    loss, _ = _ctc_loss_op(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
+                           with_grad)
+    return loss
 
 
 def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, blank=0):
@@ -77,10 +109,11 @@ def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, bl
         shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise ValueError(f"targets must be an (N, L) tensor, got {shape}")
     N, T, _ = log_probs.shape
-    if input_lengths is None:
-        input_lengths = torch.full((N,), T, dtype=torch.int64, device=targets.device)
-    if target_lengths is None:
-        target_lengths = torch.full((N,), targets.shape[1], dtype=torch.int64, device=targets.device)
+    _check_device("targets", targets, log_probs.device)
+    input_lengths = (torch.full((N,), T, dtype=torch.int64) if input_lengths is None
+                     else _integer_tensor(input_lengths, "input_lengths", log_probs.device))
+    target_lengths = (torch.full((N,), targets.shape[1], dtype=torch.int64) if target_lengths is None
+                      else _integer_tensor(target_lengths, "target_lengths", log_probs.device))
     compute = log_probs.detach()
     if compute.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16
         compute = compute.float()
@@ -95,47 +128,49 @@ def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, bl
 class CTCLoss(torch.nn.Module):
     """``torch.nn.CTCLoss(blank=0, reduction='mean', zero_infinity=False)`` computed by deploy_ctc."""
 
-    def __init__(self, blank=0, reduction="mean", zero_infinity=False):
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False):
         super().__init__()
         self.blank, self.reduction, self.zero_infinity = check_options(blank, reduction, zero_infinity)
 
-    def forward(self, log_probs, targets, input_lengths, target_lengths):
+    def forward(self, log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+                target_lengths: torch.Tensor) -> torch.Tensor:
+        """:func:`ctc_loss` with the module's options (eager: every argument form it takes; TorchScript: tensors)."""
+        if torch.jit.is_scripting():
+            # The op itself: argument conversion and device checks are Python; the op validates the values.
+            with_grad = torch.is_grad_enabled() and log_probs.requires_grad
+            return torch.ops.deploy_ctc.ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank,
+                                                 self.reduction, self.zero_infinity, with_grad)[0]
         return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
                         self.zero_infinity)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"blank={self.blank}, reduction={self.reduction!r}, zero_infinity={self.zero_infinity}"
 
 
-class _CTCLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
-        compute = log_probs.detach()
-        if compute.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16
-            compute = compute.float()
-        with _device_context(log_probs):
-            args = (_array(compute), _array(targets), _array(input_lengths), _array(target_lengths), blank,
-                    reduction, zero_infinity)
-            if ctx.needs_input_grad[0]:
-                loss, grad = api.ctc_loss_and_grad(*args)
-                ctx.save_for_backward(_tensor(grad).to(log_probs.dtype))
-            else:
-                loss = api.ctc_loss(*args)
-        ctx.per_sample = reduction == "none" and log_probs.dim() == 3
-        return _tensor(loss).to(log_probs.dtype)
+# ---- argument conversion -----------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # grad holds d loss / d log_probs for a unit upstream gradient (reduction factors included).
-        weight = grad_output[None, :, None] if ctx.per_sample else grad_output
-        return grad * weight.to(grad.dtype), None, None, None, None, None, None
+def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    """Tensors must live on the CPU or on ``log_probs``'s device, and that device must be the CPU or CUDA."""
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"deploy_ctc.torch supports CPU and CUDA tensors, got log_probs on device {device}")
+    if tensor.device.type != "cpu" and tensor.device != device:
+        raise ValueError(f"{name} must be on the CPU or on log_probs's device ({device}), got device "
+                         f"{tensor.device}")
 
 
-def _array(value):
-    """Tensors become NumPy (CPU) or CuPy (CUDA) arrays without copying; anything else passes through."""
-    if not isinstance(value, torch.Tensor):
+def _integer_tensor(value: Any, name: str, device: torch.device) -> torch.Tensor:
+    """Targets or lengths as a tensor: tensors pass (device-checked); ints, sequences and arrays become int64
+    CPU tensors, with :func:`deploy_ctc.validation.integer_array`'s messages for anything else."""
+    if isinstance(value, torch.Tensor):
+        _check_device(name, value, device)
         return value
+    if torch.compiler.is_compiling():  # a traced constant: NumPy conversion is not traceable
+        return torch.as_tensor(value, dtype=torch.int64)
+    return torch.from_numpy(np.array(integer_array(value, name, np), dtype=np.int64))
+
+
+def _array(value: torch.Tensor):
+    """A tensor as a NumPy (CPU) or CuPy (CUDA) array, without copying."""
     value = value.detach()
     if value.device.type == "cuda":
         import cupy
@@ -146,27 +181,17 @@ def _array(value):
     return np.from_dlpack(value.resolve_conj().resolve_neg())
 
 
-def _tensor(array):
+def _tensor(array) -> torch.Tensor:
     """The inverse of :func:`_array` for backend results (NumPy or CuPy arrays, 0-d included)."""
     if isinstance(array, np.ndarray):
         return torch.from_numpy(array if array.flags.c_contiguous else array.copy())
     return torch.from_dlpack(array)
 
 
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _device_context(tensor):
+def _device_context(tensor: torch.Tensor):
     """For CUDA tensors: make CuPy use the tensor's device and torch's current stream on it."""
     if tensor.device.type != "cuda":
-        return _NullContext()
-    import contextlib
-
+        return contextlib.nullcontext()
     import cupy
 
     stream = torch.cuda.current_stream(tensor.device)
@@ -174,3 +199,126 @@ def _device_context(tensor):
     stack.enter_context(cupy.cuda.Device(tensor.device.index))
     stack.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, tensor.device.index))
     return stack
+
+
+# ---- the custom op -----------------------------------------------------------------------------------
+
+# Defined through torch.library.Library rather than torch.library.custom_op, whose kernels import torch._dynamo
+# (seconds) on the first call of every process.
+_LIBRARY = torch.library.Library("deploy_ctc", "DEF")
+_LIBRARY.define("ctc_loss(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+                "int blank, str reduction, bool zero_infinity, bool with_grad) -> (Tensor, Tensor)")
+
+
+def _ctc_loss_kernel(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
+                     target_lengths: torch.Tensor, blank: int, reduction: str, zero_infinity: bool,
+                     with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, grad)``: the loss of :func:`deploy_ctc.ctc_loss` in ``log_probs``'s dtype and, when
+    ``with_grad``, ``d loss / d log_probs`` for a unit upstream gradient (torch's convention, reduction factors
+    included; shape and dtype of ``log_probs``), else an empty ``(0,)`` tensor.
+
+    ``with_grad`` only decides when the gradient is computed: in this one pass, or by backward if it is needed.
+    """
+    compute = log_probs.detach()
+    if compute.dtype == torch.bfloat16:  # NumPy and CuPy have no bfloat16
+        compute = compute.float()
+    with _device_context(log_probs):
+        args = (_array(compute), _array(targets), _array(input_lengths), _array(target_lengths), blank, reduction,
+                zero_infinity)
+        if with_grad:
+            loss, grad = api.ctc_loss_and_grad(*args)
+            grad = _tensor(grad).to(log_probs.dtype)
+        else:
+            loss, grad = api.ctc_loss(*args), log_probs.new_empty((0,))
+    return _tensor(loss).to(log_probs.dtype), grad
+
+
+_ctc_loss_op = torch.ops.deploy_ctc.ctc_loss.default
+
+
+def _ctc_loss_fake(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, with_grad):
+    per_sample = reduction == "none" and log_probs.dim() == 3
+    loss = log_probs.new_empty((log_probs.shape[1],) if per_sample else ())
+    grad = log_probs.new_empty(log_probs.shape if with_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, with_grad = inputs
+    ctx.options = (blank, reduction, zero_infinity)
+    ctx.per_sample = reduction == "none" and log_probs.dim() == 3
+    ctx.with_grad = with_grad
+    ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, output[1] if with_grad else None)
+    # An absent gradient for the ``grad`` output stays None: it is how backward tells a first-order call from a
+    # call that differentiates the returned gradient again.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, grad_of_grad):
+    if ctx.with_grad and grad_of_grad is not None:
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+    if grad_loss is None:
+        return (None,) * 8
+    log_probs, targets, input_lengths, target_lengths, grad = ctx.saved_tensors
+    if grad is None:  # called with with_grad=False (a performance hint only): compute the gradient now
+        grad = _ctc_loss_op(log_probs, targets, input_lengths, target_lengths, *ctx.options, True)[1]
+    # grad holds d loss / d log_probs for a unit upstream gradient; the product keeps ``grad``'s graph, so
+    # differentiating it again comes back here (or to the recomputing call's node) with grad_of_grad set.
+    weight = grad_loss[None, :, None] if ctx.per_sample else grad_loss
+    return (grad * weight.to(grad.dtype),) + (None,) * 7
+
+
+for _dispatch_key in ("CPU", "CUDA"):
+    _LIBRARY.impl("ctc_loss", _ctc_loss_kernel, _dispatch_key)
+torch.library.register_fake("deploy_ctc::ctc_loss", _ctc_loss_fake, lib=_LIBRARY)
+torch.library.register_autograd("deploy_ctc::ctc_loss", _backward, setup_context=_setup_context, lib=_LIBRARY)
+# torch's autocast policy runs ctc_loss in float32 (float16/bfloat16/float32 inputs cast; float64 kept).
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("deploy_ctc::ctc_loss", _device_type, torch.float32, lib=_LIBRARY)
+
+
+# ---- patch(): deploy_ctc inside third-party code -----------------------------------------------------
+
+class patch(contextlib.ContextDecorator):  # noqa: N801 -- used like a function: ``with patch():``
+    """Make ``torch.nn.functional.ctc_loss`` and ``torch.nn.CTCLoss`` compute with deploy_ctc inside a block.
+
+    As a context manager (``with deploy_ctc.torch.patch(): model(**batch)``) or a decorator
+    (``@deploy_ctc.torch.patch()``). Inside, code that looks the functions up at call time
+    (``F.ctc_loss(...)``, ``nn.functional.ctc_loss(...)``, ``nn.CTCLoss(...)(...)``, existing ``nn.CTCLoss``
+    instances) runs :func:`ctc_loss`; on exit, normal or by an exception, torch's functions are restored.
+    Names bound before the block (``from torch.nn.functional import ctc_loss``) are not affected.
+
+    Patches nest (each exit restores what its entry found). The patch is process-global: other threads see
+    deploy_ctc while any block is open; open and close blocks from one thread, or around all threads' work.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> "patch":
+        with self._lock:
+            self._saved = [(torch.nn.functional, "ctc_loss", torch.nn.functional.ctc_loss),
+                           (torch.nn.CTCLoss, "forward", torch.nn.CTCLoss.__dict__["forward"])]
+            torch.nn.functional.ctc_loss = _patched_functional
+            torch.nn.CTCLoss.forward = _patched_forward
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        with self._lock:
+            for owner, name, original in reversed(self._saved):
+                setattr(owner, name, original)
+            self._saved = []
+        return False
+
+
+@functools.wraps(torch.nn.functional.ctc_loss)
+def _patched_functional(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
+                        zero_infinity=False):
+    return ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
+
+
+def _patched_forward(self, log_probs, targets, input_lengths, target_lengths):
+    return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
+                    self.zero_infinity)

@@ -29,8 +29,8 @@ class CTCProblem:
 
     Attributes:
         xp: the array module of ``log_probs`` (``numpy`` or ``cupy``).
-        log_probs: ``(T, N, C)`` float32 or float64 (float16 input already upcast to float32); may be a strided view
-            of the caller's array, never a modified one.
+        log_probs: ``(T, N, C)`` float16, float32 or float64 on NumPy, float32 or float64 on CuPy (float16 input
+            upcast); may be a strided view of the caller's array, never a modified one.
         targets: ``(N, S)`` int64, C-contiguous, ``S = max(target_lengths)``; entries at ``s >= target_lengths[n]``
             are 0, every other entry is in ``[0, C)`` and differs from ``blank``.
         input_lengths: ``(N,)`` int64 NumPy array on the host, each in ``[0, T]``.
@@ -106,14 +106,15 @@ def array_module(log_probs):
 
 
 def _float_log_probs(log_probs, xp):
-    """Return ``(log_probs as float32/float64, caller's dtype)``; float16 is upcast (torch refuses half), and
+    """Return ``(log_probs for the backends, caller's dtype)``: float16 stays float16 on NumPy (the CPU backends upcast
+    it a group of samples at a time) and is upcast to float32 on CuPy (the kernels take float and double);
     non-native byte order is converted (the results come back in native order)."""
     dtype = log_probs.dtype
     if not dtype.isnative:  # big-endian data from a file, say: the backends compute in native byte order
         dtype = dtype.newbyteorder("=")
         log_probs = log_probs.astype(dtype)
     if dtype == np.float16:
-        return log_probs.astype(np.float32), dtype
+        return (log_probs if xp is np else log_probs.astype(np.float32)), dtype
     if dtype in (np.float32, np.float64):
         return log_probs, dtype
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
@@ -122,7 +123,7 @@ def _float_log_probs(log_probs, xp):
 _INT64_MAX = np.iinfo(np.int64).max
 
 
-def _integer_array(value, name: str, xp):
+def integer_array(value, name: str, xp):
     """Convert an int / sequence / integer array to an integer array of ``xp`` without copying device data.
 
     Raises:
@@ -148,8 +149,12 @@ def _integer_array(value, name: str, xp):
         if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{name} = {value} is outside the int64 range")
         arr = np.asarray(value, dtype=np.int64)
-    elif isinstance(value, np.ndarray) or type(value).__module__.startswith("cupy"):
+    elif isinstance(value, np.ndarray):
         arr = value
+    elif type(value).__module__.startswith("cupy"):
+        # NumPy log_probs with device targets/lengths: NumPy cannot read device memory.
+        raise TypeError(f"{name} is a CuPy (device) array but log_probs is a NumPy array; pass {name} as a NumPy "
+                        "array, a sequence or an int")
     else:
         raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
@@ -166,7 +171,7 @@ def _integer_array(value, name: str, xp):
 def _lengths(value, name: str, n: int, batched: bool, xp):
     """``(N,)`` int64 array of ``xp`` from any accepted lengths form: as torch, any integer array (0-d included)
     or sequence holding exactly N values (one, when unbatched)."""
-    arr = _integer_array(value, name, xp)
+    arr = integer_array(value, name, xp)
     if arr.size != n:
         expected = f"N={n} entries (one per batch item)" if batched else "a single length for unbatched (T, C) log_probs"
         raise ValueError(f"{name} must have {expected}, got shape {tuple(arr.shape)}")
@@ -211,7 +216,7 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     il = _lengths(input_lengths, "input_lengths", N, batched, xp)  # (N,)
     tl = _lengths(target_lengths, "target_lengths", N, batched, xp)  # (N,)
 
-    targets = _integer_array(targets, "targets", xp)
+    targets = integer_array(targets, "targets", xp)
     targets = xp.asarray(targets)
     if targets.ndim == 0:
         raise ValueError("targets must be 1-D or 2-D, got a scalar")

@@ -29,7 +29,7 @@
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr std::int64_t kPrefetchFrames = 4;  // how far ahead the emissions' rows are prefetched
+constexpr std::int64_t kAlignPrefetchFrames = 4;  // how far ahead the emissions' rows are prefetched
 
 // One call's scratch, sized for its largest sample.
 struct AlignScratch {
@@ -56,7 +56,7 @@ void align_sample(const AlignScratch& w, const scalar_t* lp, std::int64_t st, st
   int now = 0;
   for (std::int64_t t = 0; t < T; ++t) {
     const scalar_t* row = lp + t * st;
-    const scalar_t* ahead = lp + (t + kPrefetchFrames < T ? t + kPrefetchFrames : t) * st;
+    const scalar_t* ahead = lp + (t + kAlignPrefetchFrames < T ? t + kAlignPrefetchFrames : t) * st;
     const double yb = emission(row, blank * sc);
     for (std::int64_t i = 0; i < S; ++i) {
       __builtin_prefetch(ahead + target[i] * sc);  // a wide row comes from memory, one line per label
@@ -124,7 +124,7 @@ void align_sample(const AlignScratch& w, const scalar_t* lp, std::int64_t st, st
 }
 
 template <typename scalar_t>
-int align(const scalar_t* lp, std::int64_t N, std::int64_t st, std::int64_t sn, std::int64_t sc,
+int align_samples(const scalar_t* lp, std::int64_t N, std::int64_t st, std::int64_t sn, std::int64_t sc,
           const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
           const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples, std::int64_t count,
           std::int64_t* alignment, scalar_t* scores) {
@@ -164,7 +164,7 @@ int align(const scalar_t* lp, std::int64_t N, std::int64_t st, std::int64_t sn, 
                       const std::int64_t* targets, std::int64_t S, const std::int64_t* il, const std::int64_t* tl, \
                       std::int64_t blank, const std::int64_t* samples, std::int64_t count, std::int64_t* alignment, \
                       TYPE* scores) {                                                                              \
-    return align<TYPE>(lp, N, st, sn, sc, targets, S, il, tl, blank, samples, count, alignment, scores);          \
+    return align_samples<TYPE>(lp, N, st, sn, sc, targets, S, il, tl, blank, samples, count, alignment, scores);  \
   }
 
 DEPLOY_CTC_ALIGN_ENTRY(deploy_ctc_align_float, float)

@@ -547,6 +547,9 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
     t_max = input_lengths[n] > t_max ? input_lengths[n] : t_max;
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
+  // A lane holds about (3 S + 5) T values: sizes a 64-bit byte count cannot hold (a broadcast log_probs can have
+  // any T) are refused like a failed allocation, before any product of them is formed in integers.
+  if (static_cast<double>(t_max) * (3.0 * static_cast<double>(s_max) + 16.0) * 8.0 > 0x1p60) return -1;
   const std::size_t lane_bytes = Lane().carve(nullptr, t_max, s_max);
   int lanes = static_cast<int>(kLaneBytes / lane_bytes);
   lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);

@@ -190,6 +190,27 @@ def test_alignment_collapses_to_the_target_and_its_scores_are_the_log_probs(T, S
         np.testing.assert_array_equal(scores[:, 0], lp[np.arange(T), 0, alignment[:, 0]])
 
 
+@given(T=st.integers(1, 6), S=st.integers(0, 3), C=st.integers(2, 4), blank=st.integers(0, 3),
+       dyadic=st.booleans(), seed=st.integers(0, 2**16))
+def test_best_path_and_score_equal_brute_force(T, S, C, blank, dyadic, seed):
+    rng = np.random.default_rng(seed)
+    blank = blank % C
+    lp = -rng.choice([0.5, 1.0, 2.0], size=(T, C)) if dyadic else log_softmax(rng.normal(size=(T, C)) * 2)
+    target = rng.choice([c for c in range(C) if c != blank], size=S)
+    for choice in ("numpy", "auto"):  # auto: the native engine where it builds
+        with backends.using(choice):
+            alignment, scores = forced_align(lp, target, T, S, blank=blank)
+        path, best = brute_force_alignment(lp, target, blank)
+        if path is None:
+            np.testing.assert_array_equal(scores, -np.inf)
+        else:
+            np.testing.assert_array_equal(alignment, path)
+            total = 0.0
+            for value in scores:
+                total += float(value)
+            assert total == best
+
+
 def test_cpu_backends_agree_on_a_larger_batch(rng):
     lp = log_softmax(rng.normal(size=(120, 9, 17)) * 4).astype(np.float32)
     tl = rng.integers(0, 40, size=9)

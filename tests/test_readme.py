@@ -181,3 +181,20 @@ def test_benchmark_tables_are_the_recorded_results():
     assert (f"{cpu['numpy_backend_geomean_speedup']:.2f}x (lowest {cpu['numpy_backend_min_speedup']:.2f}x)" in text)
     assert (f"Geometric mean {peaky['geomean_speedup']:.2f}x (lowest {peaky['min_speedup']:.2f}x) for deploy_ctc; "
             f"{peaky['numpy_backend_geomean_speedup']:.2f}x for the pure-NumPy backend" in text)
+
+
+def test_alignment_table_is_the_recorded_result():
+    """The forced-alignment table and ratios are those of benchmarks/results/bench_align.json."""
+    text = README.read_text()
+    report = json.loads((RESULTS / "bench_align.json").read_text())
+    for row in report["shapes"]:
+        shape, m = row["shape"], row["median_s"]
+        line = (f"| ({shape['T']}, {shape['N']}, {shape['C']}, {shape['S']}) | {m['native'] * 1e3:.2f} | "
+                f"{m['numpy'] * 1e3:.1f} | {m['numpy_loop'] * 1e3:.1f} | {m['loss_forward'] * 1e3:.2f} | "
+                f"{row['numpy_loop_over_native']:.1f}x | {row['native_over_loss_forward']:.2f} |")
+        assert line in text, f"not in README.md: {line}"
+        assert row["alignments_equal_to_native"] == {"numpy": True, "numpy_loop": True}
+    first, second = report["shapes"]
+    assert (f"The native engine is {first['numpy_loop_over_native']:.1f}x and {second['numpy_loop_over_native']:.1f}x "
+            f"faster than the per-sample loop and takes {first['native_over_loss_forward']:.2f}x and "
+            f"{second['native_over_loss_forward']:.2f}x the time" in " ".join(text.split()))

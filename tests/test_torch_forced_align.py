@@ -35,9 +35,12 @@ def test_defaults_and_dtypes_as_torchaudio(rng):
     targets = torch.tensor([[1, 2, 2]])
     alignment, scores = dt.forced_align(lp, targets)  # lengths default to T and L
     assert alignment.dtype == torch.int64 and scores.dtype == torch.float32 and alignment.shape == (1, 8)
-    np.testing.assert_array_equal(scores.numpy(), np.take_along_axis(lp.numpy(), alignment.numpy()[..., None], 2)[..., 0])
+    picked = np.take_along_axis(lp.numpy(), alignment.numpy()[..., None], 2)[..., 0]  # (1, T)
+    np.testing.assert_array_equal(scores.numpy(), picked)
     half, _ = dt.forced_align(lp.bfloat16(), targets)
     assert half.shape == (1, 8)
+    listed, _ = dt.forced_align(lp, targets, [8], (3,))  # lengths as sequences, as the loss takes them
+    np.testing.assert_array_equal(listed.numpy(), alignment.numpy())
 
 
 def test_same_alignment_as_the_numpy_front_end(rng):

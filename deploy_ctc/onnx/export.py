@@ -49,30 +49,66 @@ def _lengths_value(g, value):
     return value
 
 
-def _symbolic(g, log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity):
+def _symbolic_attributes(blank, reduction, zero_infinity, reduction_kind="i") -> dict:
+    """g.op keyword attributes from the graph constants of the three options (reduction: enum "i" or "s")."""
     from torch.onnx import symbolic_helper
 
     attrs = _attributes(symbolic_helper._maybe_get_const(blank, "i"),
-                        symbolic_helper._maybe_get_const(reduction, "i"),
+                        symbolic_helper._maybe_get_const(reduction, reduction_kind),
                         symbolic_helper._maybe_get_const(zero_infinity, "b"))
+    return {"blank_i": attrs["blank"], "reduction_s": attrs["reduction"], "zero_infinity_i": attrs["zero_infinity"]}
+
+
+def _symbolic(g, log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
+              reduction_kind="i"):
+    attrs = _symbolic_attributes(blank, reduction, zero_infinity, reduction_kind)
     loss = g.op(f"{DOMAIN}::CTCLoss", log_probs, targets, _lengths_value(g, input_lengths),
-                _lengths_value(g, target_lengths), blank_i=attrs["blank"], reduction_s=attrs["reduction"],
-                zero_infinity_i=attrs["zero_infinity"])
+                _lengths_value(g, target_lengths), **attrs)
     sizes = log_probs.type().varyingSizes() if log_probs.type().dim() is not None else None
     batch = [sizes[1]] if sizes is not None and len(sizes) == 3 else [None]
-    loss.setType(log_probs.type().with_sizes(batch if attrs["reduction"] == "none" else []))
+    loss.setType(log_probs.type().with_sizes(batch if attrs["reduction_s"] == "none" else []))
     return loss
+
+
+def _deploy_ctc_symbolic(g, log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
+                         with_grad):
+    """deploy_ctc::ctc_loss (loss, grad) -> CTCLoss and, in a training graph, CTCLossGrad with d_loss = 1."""
+    from torch.onnx import symbolic_helper
+
+    torch = require_torch()
+    loss = _symbolic(g, log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, "s")
+    if symbolic_helper._maybe_get_const(with_grad, "b"):
+        ones = g.op("Expand", g.op("CastLike", g.op("Constant", value_t=torch.tensor(1.0)), log_probs),
+                    g.op("Shape", loss))
+        grad = g.op(f"{DOMAIN}::CTCLossGrad", ones, log_probs, targets, _lengths_value(g, input_lengths),
+                    _lengths_value(g, target_lengths),
+                    **_symbolic_attributes(blank, reduction, zero_infinity, "s"))
+        grad.setType(log_probs.type())
+    else:
+        grad = g.op("CastLike", g.op("Constant", value_t=torch.zeros(0)), log_probs)
+    return loss, grad
+
+
+# (operator, symbolic) pairs registered around a TorchScript export.
+_TORCHSCRIPT_SYMBOLICS = (("aten::ctc_loss", _symbolic), ("deploy_ctc::ctc_loss", _deploy_ctc_symbolic))
 
 
 @contextlib.contextmanager
 def _torchscript_symbolic(opset: int):
-    """aten::ctc_loss -> deploy_ctc::CTCLoss for the TorchScript exporter, for the duration of the block."""
+    """aten::ctc_loss and deploy_ctc::ctc_loss -> deploy_ctc::CTCLoss for the TorchScript exporter, for the
+    duration of the block."""
     torch = require_torch()
-    torch.onnx.register_custom_op_symbolic("aten::ctc_loss", _symbolic, opset)
+    import deploy_ctc.torch  # noqa: F401 -- registers deploy_ctc::ctc_loss
+
+    registered = []
     try:
+        for name, symbolic in _TORCHSCRIPT_SYMBOLICS:
+            torch.onnx.register_custom_op_symbolic(name, symbolic, opset)
+            registered.append(name)
         yield
     finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::ctc_loss", opset)
+        for name in registered:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 # ---- dynamo=True: torch.export + onnxscript ---------------------------------------------------------
@@ -108,6 +144,8 @@ def _translation_table() -> dict:
     torch = require_torch()
     import onnxscript
 
+    import deploy_ctc.torch  # noqa: F401 -- registers deploy_ctc::ctc_loss
+
     custom = onnxscript.values.Opset(DOMAIN, 1)
     std = onnxscript.opset18
 
@@ -120,7 +158,22 @@ def _translation_table() -> dict:
         attrs = _attributes(blank, reduction, zero_infinity)
         return custom.CTCLoss(log_probs, targets, as_tensor(input_lengths), as_tensor(target_lengths), **attrs)
 
-    return {torch.ops.aten.ctc_loss.IntList: ctc_loss, torch.ops.aten.ctc_loss.Tensor: ctc_loss}
+    def deploy_ctc_loss(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
+                        with_grad):
+        # deploy_ctc::ctc_loss returns (loss, grad for a unit upstream gradient); grad is used only by a
+        # training graph, and is then CTCLossGrad with d_loss = 1.
+        attrs = _attributes(blank, reduction, zero_infinity)
+        loss = custom.CTCLoss(log_probs, targets, input_lengths, target_lengths, **attrs)
+        if with_grad:
+            ones = std.Expand(std.CastLike(std.Constant(value_float=1.0), log_probs), std.Shape(loss))
+            grad = custom.CTCLossGrad(ones, log_probs, targets, input_lengths, target_lengths, **attrs)
+        else:
+            grad = std.CastLike(std.Constant(value_floats=[0.0]), log_probs)
+            grad = std.Slice(grad, std.Constant(value_ints=[0]), std.Constant(value_ints=[0]))  # (0,)
+        return loss, grad
+
+    return {torch.ops.aten.ctc_loss.IntList: ctc_loss, torch.ops.aten.ctc_loss.Tensor: ctc_loss,
+            torch.ops.deploy_ctc.ctc_loss.default: deploy_ctc_loss}
 
 
 # ---- the public wrapper -----------------------------------------------------------------------------

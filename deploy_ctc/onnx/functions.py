@@ -45,8 +45,6 @@ from deploy_ctc.onnx.schemas import ALIGN_ATTRIBUTE_DEFAULTS, ATTRIBUTE_DEFAULTS
 
 MIN_OPSET = 18
 ML_OPSET = 3
-# Finite stand-in for the running max in log-sum-exp, so all--inf inputs give -inf, not NaN.
-_LSE_FLOOR = -1e30
 _INT64_MIN = np.iinfo(np.int64).min
 _INT64_MAX = np.iinfo(np.int64).max  # Slice end meaning 'to the end'
 
@@ -90,9 +88,12 @@ class _Builder:
         self.nodes.append(node)
         return out
 
-    def lse(self, *terms: str, floor: str) -> str:
-        """Elementwise log(sum(exp(terms))), stable; -inf where every term is -inf."""
-        m = self.op("Max", *terms, floor)
+    def lse(self, *terms: str, zero: str, neg_inf: str) -> str:
+        """Elementwise log(sum(exp(terms))), stable; -inf where every term is -inf. Only -inf is log zero: the
+        shift is the largest term, replaced by 0 where that is -inf (a finite floor would turn terms below it,
+        finite masks such as -1e30 or -3.4e38, into zeros)."""
+        m = self.op("Max", *terms)
+        m = self.op("Where", self.op("Equal", m, neg_inf), zero, m)
         exps = [self.op("Exp", self.op("Sub", t, m)) for t in terms]
         total = exps[0] if len(exps) == 1 else self.op("Sum", *exps)
         return self.op("Add", self.op("Log", total), m)
@@ -191,7 +192,7 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
     return dict(lp=log_probs, blank=blank, t_len=t_len, t_last=b.op("Sub", t_len, one), n=n, n_vec=n_vec, il=il, tl=tl,
                 tl_col=tl_col, ext=ext, ext_shape=ext_shape, e_index=e_index, emit=emit, skip_bias=skip_bias,
                 neg_inf=neg_inf, zero_f=zero_f, neg2=neg2, valid=valid, s_states=s_states,
-                floor=b.like(_LSE_FLOOR, log_probs), slices=slices, data_zero=data_zero)
+                slices=slices, data_zero=data_zero)
 
 
 def _all(b: _Builder, condition: str) -> str:
@@ -278,7 +279,8 @@ def _forward(b: _Builder, lat: dict, history: bool):
         padded = body.op("Concat", lat["neg2"], a, axis=1)  # (N, L + 2)
         a1 = body.op("Slice", padded, c["1"], c["-1"], c["1"])  # alpha(s-1)
         a2 = body.op("Add", body.op("Slice", padded, c["0"], c["-2"], c["1"]), lat["skip_bias"])  # alpha(s-2)
-        new = body.op("Add", body.lse(a, a1, a2, floor=lat["floor"]), body.op("Gather", lat["emit"], t, axis=0))
+        lse = body.lse(a, a1, a2, zero=lat["zero_f"], neg_inf=lat["neg_inf"])
+        new = body.op("Add", lse, body.op("Gather", lat["emit"], t, axis=0))
         return new, body.op("Gather", lat["valid"], t, axis=0)  # (N, L), (N, 1)
 
     final, *hist = _loop(b, lat, alpha0, step, reverse=False, history=history)
@@ -290,7 +292,8 @@ def _forward(b: _Builder, lat: dict, history: bool):
     end_blank = b.op("Slice", ends, b.const([0]), b.const([1]), b.const([1]))  # (N, 1)
     end_label = b.op("Where", b.op("Greater", lat["tl_col"], b.const(0)),
                      b.op("Slice", ends, b.const([1]), b.const([2]), b.const([1])), lat["neg_inf"])
-    ll = b.op("Squeeze", b.lse(end_blank, end_label, floor=lat["floor"]), b.const([1]))  # (N,)
+    ll = b.op("Squeeze", b.lse(end_blank, end_label, zero=lat["zero_f"], neg_inf=lat["neg_inf"]),
+              b.const([1]))  # (N,)
     return final, ll, (hist[0] if history else None)
 
 
@@ -317,7 +320,8 @@ def _backward(b: _Builder, lat: dict) -> str:
         padded = body.op("Concat", q, lat["neg2"], axis=1)  # (N, L + 2)
         q1 = body.op("Slice", padded, c["1"], c["-1"], c["1"])  # from s + 1
         q2 = body.op("Add", body.op("Slice", padded, c["2"], c["end"], c["1"]), skip_next)  # from s + 2
-        return body.lse(q, q1, q2, floor=lat["floor"]), body.op("Gather", valid_next, t, axis=0)
+        lse = body.lse(q, q1, q2, zero=lat["zero_f"], neg_inf=lat["neg_inf"])
+        return lse, body.op("Gather", valid_next, t, axis=0)
 
     _, history = _loop(b, lat, beta_end, step, reverse=True, history=True)
     return history

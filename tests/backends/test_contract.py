@@ -156,6 +156,39 @@ def test_large_C_allocates_no_float64_TNC_temporary(pure_numpy):
     assert peak < budget, f"peak {peak / 2**20:.1f} MiB > budget {budget / 2**20:.1f} MiB"
 
 
+@pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux /proc to measure a process's peak memory")
+def test_float16_peaks_below_float32(rng, pure_numpy):
+    """float16 input is upcast a group of samples at a time: its peak (float16 gradient plus one group's float32
+    copy and gradient) stays below float32's (its float32 gradient), instead of a whole float32 copy on top; the
+    results match float32 on the same values to float16's rounding."""
+    T, N, C, S = 100, 48, 1000, 5  # a 19 MB float32 copy: above the size upcast whole
+    problem32, lp, targets, il, tl = make_problem(rng, T, N, C, S, dtype=np.float32, full=True)
+    problem16 = validation.validate(lp.astype(np.float16), targets, il, tl, 0, "none")
+    problem32 = validation.validate(lp.astype(np.float16).astype(np.float32), targets, il, tl, 0, "none")
+    peak16, peak32 = (peak_memory.peak_growth("tests.utils.peak_memory:backend_call", backend=pure_numpy.__name__,
+                                              T=T, N=N, C=C, S=S, dtype=dtype) for dtype in ("float16", "float32"))
+    assert peak16 < peak32, f"float16 peak {peak16 / 2**20:.1f} MiB >= float32 peak {peak32 / 2**20:.1f} MiB"
+    nll16, grad16 = pure_numpy.forward_backward(problem16, np.ones(N))
+    nll32, grad32 = pure_numpy.forward_backward(problem32, np.ones(N))
+    assert grad16.dtype == np.float16
+    np.testing.assert_allclose(nll16, nll32, rtol=1e-12)
+    np.testing.assert_allclose(grad16, grad32, rtol=0, atol=2.0**-11)
+
+
+@pytest.mark.skipif(not peak_memory.supported(), reason="needs Linux /proc to measure a process's peak memory")
+def test_broadcast_view_is_not_copied_per_sample(pure_numpy):
+    """A (T, N, C) broadcast of one (T, 1, C) sample: only the gathered entries are read, never a (T, C) copy per
+    sample (measured on the whole process, for the loss alone: the pure-NumPy backend's tables are all it needs)."""
+    T, N, C, S = 300, 64, 2000, 4
+    L = 2 * S + 1
+    # The pure-NumPy backend's loss-only tables: float64 emissions (L + 2 columns), the float32 gathered log-probs,
+    # and three float64 (T, 2N) normaliser arrays. The other backends need less.
+    tables = T * N * ((L + 2) * 8 + L * 4 + 3 * 2 * 8)
+    peak = peak_memory.peak_growth("tests.utils.peak_memory:backend_call", backend=pure_numpy.__name__,
+                                   T=T, N=N, C=C, S=S, broadcast=True, with_grad=False)
+    assert peak < tables + T * C * 4 / 2, f"peak {peak / 2**20:.1f} MiB: a (T, C) block was copied"
+
+
 def test_large_mixed_batch(rng, pure_numpy, monkeypatch):
     """A batch large enough to be split into chunks and handed to (three) worker threads, mixing every kind of
     sample."""

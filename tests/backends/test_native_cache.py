@@ -387,6 +387,14 @@ def test_a_damaged_library_is_rebuilt_in_a_fresh_process_without_crashing(source
 
 # --- Processes: concurrency, interruption, fork, an unusable cache -----------------------------------------------
 
+def test_partial_files_of_a_killed_build_are_removed_by_the_next_one(sources, cache):
+    path = build(sources)
+    path.unlink()
+    stale = path.with_name(path.name + ".x1y2z3.partial")
+    stale.write_bytes(b"half a library")
+    assert build(sources) == path and not stale.exists()
+
+
 def test_eight_processes_starting_together_compile_once(sources, cache, tmp_path):
     compiler = fake_compiler(tmp_path, delay=1)
     children = [subprocess.Popen([sys.executable, "-c", CHILD, str(sources)], stdout=subprocess.PIPE,

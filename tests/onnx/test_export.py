@@ -46,8 +46,8 @@ def _batch(rng, T, N, S, blank=0):
             il.astype(np.int64), tl.astype(np.int64)]
 
 
-def _export(module, rng, tmp_path, dynamo, **kwargs):
-    example = [torch.from_numpy(a) for a in _batch(rng, 10, 3, 4)]
+def _export(module, rng, tmp_path, dynamo, blank=0, **kwargs):
+    example = [torch.from_numpy(a) for a in _batch(rng, 10, 3, 4, blank)]
     if dynamo:
         t, n, s = torch.export.Dim("T"), torch.export.Dim("N"), torch.export.Dim("S")
         kwargs.setdefault("dynamic_shapes", ({0: t, 1: n}, {0: n, 1: s}, {0: n}, {0: n}))
@@ -144,7 +144,8 @@ class TupleLengths(torch.nn.Module):
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_int_list_lengths(rng, tmp_path, dynamo):
     module = TupleLengths()
-    features, targets = _batch(rng, 10, 3, 4)[:2]
+    features = _batch(rng, 10, 3, 4)[0]
+    targets = random_targets(rng, [4, 2, 3], 5, S=4)  # the module's fixed target lengths
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         proto = dco.export(module, (torch.from_numpy(features), torch.from_numpy(targets)), None, dynamo=dynamo,
@@ -153,3 +154,19 @@ def test_int_list_lengths(rng, tmp_path, dynamo):
     with torch.no_grad():
         want = module(torch.from_numpy(features), torch.from_numpy(targets)).numpy()
     assert_close(got, want.astype(np.float64), np.float32, "loss", PORTABLE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_export_of_deploy_ctc_torch_loss(rng, tmp_path, dynamo):
+    """A module using deploy_ctc.torch.CTCLoss (the deploy_ctc::ctc_loss torch op) exports to one CTCLoss node
+    that computes torch.nn.CTCLoss's loss."""
+    import deploy_ctc.torch
+
+    reference = TinyCTC("none", blank=4, use_module=True, zero_infinity=True)
+    module = TinyCTC("none", blank=4, use_module=True, zero_infinity=True)  # same seeded weights
+    module.loss = deploy_ctc.torch.CTCLoss(blank=4, reduction="none", zero_infinity=True)
+    proto = _export(module, rng, tmp_path, dynamo, blank=4)  # deploy_ctc validates the traced example
+    node = next(n for n in proto.graph.node if n.domain == "deploy_ctc")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == {
+        "blank": 4, "reduction": b"none", "zero_infinity": 1}
+    _check_runs(reference, proto, rng, blank=4)

@@ -122,3 +122,33 @@ def test_library_path_and_options_reuse():
     so = ort.SessionOptions()
     assert dco.session_options(so) is so
     assert dco.custom_op_library_path().endswith((".so", ".pyd", ".dylib"))
+
+
+WRAPPING_LENGTHS_SCRIPT = """
+import logging, sys
+import numpy as np
+import deploy_ctc.onnx  # noqa: F401
+from deploy_ctc.onnx.append import ctc_loss_model
+from tests.onnx.helpers import session
+logging.basicConfig(stream=sys.stdout, level=logging.ERROR)
+model = ctc_loss_model(embed_functions=False)
+model.graph.input[1].type.tensor_type.ClearField("shape")  # concatenated targets
+feeds = {"log_probs": np.log(np.full((8, 3, 5), 0.2, np.float32)), "targets": np.array([1, 2, 3, 4]),
+         "input_lengths": np.array([8, 8, 8]), "target_lengths": np.array([2**63 - 1, 2**63 - 1, 6])}
+print("loss", session(model, extension=True).run(None, feeds)[0])
+"""
+
+
+def test_wrapping_target_lengths_are_refused_without_crashing_the_session():
+    """target_lengths whose int64 sum wraps to the targets' length: the server process must survive (the kernel
+    logs the validation error and returns NaN). In a subprocess, so that a crash fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", WRAPPING_LENGTHS_SCRIPT], capture_output=True, text=True,
+                            timeout=300, cwd=root, env=env)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert "target_lengths[0] = 9223372036854775807" in result.stdout and "loss nan" in result.stdout, result.stdout

@@ -229,3 +229,17 @@ def test_later_onnx_opsets(rng, opset):
     got = session(ctc_loss_model(reduction="none", opset=opset)).run(None, problem.feeds())[0]
     want, _ = torch_reference(*problem.args(), reduction="none")
     assert_close(got, want, np.float32, f"loss at opset {opset}", PORTABLE[np.dtype(np.float32)])
+
+
+@pytest.mark.parametrize("dtype,mask", [(np.float32, -1e30), (np.float32, -3.4e38), (np.float64, -1e300)])
+def test_finite_masks_are_probabilities(rng, dtype, mask):
+    """Only -inf is log zero: masked labels (every frame of sample 0's label 1, a fifth of sample 1's entries) give
+    torch's finite losses, not +inf."""
+    problem = make_problem(rng, T=8, N=2, C=4, S=2, dtype=dtype, input_lengths=[8, 8], target_lengths=[1, 2])
+    problem.targets[0, 0] = 1
+    problem.log_probs[:, 0, 1] = mask
+    problem.log_probs[:, 1][rng.random((8, 4)) < 0.2] = mask
+    loss = session(ctc_loss_model(np.dtype(dtype).name, reduction="none")).run(None, problem.feeds())[0]
+    want, _ = torch_reference(*problem.args(), reduction="none")
+    assert np.isfinite(loss).all()
+    np.testing.assert_allclose(loss, want, rtol=1e-6)

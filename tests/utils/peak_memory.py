@@ -42,8 +42,9 @@ def peak_growth(scenario: str, **params) -> int:
     return int(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-def backend_call(backend, T, N, C, S):
-    """Scenario: forward and backward of backend module ``backend`` on a random full-length float32 batch."""
+def backend_call(backend, T, N, C, S, dtype="float32", broadcast=False, with_grad=True):
+    """Scenario: backend module ``backend`` on a random full-length batch of ``dtype`` (with ``broadcast``, one
+    sample's log-probs broadcast over the batch), loss and gradient or (without ``with_grad``) the loss alone."""
     import importlib
 
     import numpy as np
@@ -54,14 +55,15 @@ def backend_call(backend, T, N, C, S):
     module = importlib.import_module(backend)
     rng = np.random.default_rng(0)
 
-    def problem(T, N, C, S, dtype):
-        lp = oracles.random_log_probs(rng, T, N, C, dtype)
+    def problem(T, N, C, S):
+        lp = oracles.random_log_probs(rng, T, 1 if broadcast else N, C, np.float32).astype(dtype)
         tl = np.full(N, S)
         targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
-        return validation.validate(lp, targets, np.full(N, T), tl, 0, "none", False)
+        return validation.validate(np.broadcast_to(lp, (T, N, C)), targets, np.full(N, T), tl, 0, "none", False)
 
-    big, small = problem(T, N, C, S, np.float32), problem(4, 2, 5, 2, np.float32)
-    return (lambda: module.forward_backward(small, np.ones(2))), (lambda: module.forward_backward(big, np.ones(N)))
+    big, small = problem(T, N, C, S), problem(4, 2, 5, 2)
+    return ((lambda: module.forward_backward(small, np.ones(2) if with_grad else None)),
+            (lambda: module.forward_backward(big, np.ones(N) if with_grad else None)))
 
 
 def _measure(scenario, params):

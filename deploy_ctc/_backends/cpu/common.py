@@ -1,10 +1,12 @@
 """What the two CPU backends (:mod:`deploy_ctc._backends.cpu.native`, :mod:`deploy_ctc._backends.cpu.pure_numpy`) share:
 which samples need the recursions, the exact log-space redo of samples whose fast result failed its check, the rows of
-samples with an infinite loss, and the worker threads (one pool per process, used by every CPU path).
+samples with an infinite loss, float16 input computed in float32 a group of samples at a time, and the worker threads
+(one pool per process, used by every CPU path).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +51,37 @@ def finish(problem, nll, grad):
         for n in np.flatnonzero(~np.isfinite(nll) & (problem.input_lengths > 0)):
             zero = problem.zero_infinity and nll[n] == np.inf
             grad[: problem.input_lengths[n], n, :] = 0.0 if zero else np.nan
+    return nll, grad
+
+
+# float16 input: batches whose float32 copy stays below _HALF_WHOLE_BYTES are upcast whole; larger ones in groups of
+# samples of at most _HALF_GROUP_BYTES (and at most an eighth of the batch), so the float32 copy and its gradient
+# stay a fraction of the float16 input and gradient instead of twice their size each.
+_HALF_WHOLE_BYTES = 16 << 20
+_HALF_GROUP_BYTES = 32 << 20
+
+
+def in_float32_groups(problem, grad_scale, convention, forward_backward):
+    """``forward_backward`` (a backend's) on float16 ``problem.log_probs`` ``(T, N, C)``: each group of samples is
+    upcast to float32 (exactly), computed, and its gradient rounded once into the float16 ``(T, N, C)`` result.
+
+    Returns:
+        ``(nll (N,) float64, grad (T, N, C) float16 or None)``, the Backend protocol's results.
+    """
+    lp = problem.log_probs  # (T, N, C) float16
+    T, N, C = lp.shape
+    per_sample = T * C * 4  # bytes of one sample's float32 copy
+    group = N if per_sample * N <= _HALF_WHOLE_BYTES else max(1, min(_HALF_GROUP_BYTES // per_sample, -(-N // 8)))
+    nll = np.empty(N)
+    grad = None if grad_scale is None else np.empty(lp.shape, dtype=np.float16)
+    for n0 in range(0, N, group):
+        part = slice(n0, min(N, n0 + group))
+        sub = dataclasses.replace(problem, log_probs=lp[:, part].astype(np.float32), targets=problem.targets[part],
+                                  input_lengths=problem.input_lengths[part],
+                                  target_lengths=problem.target_lengths[part])
+        nll[part], sub_grad = forward_backward(sub, None if grad_scale is None else grad_scale[part], convention)
+        if grad is not None:
+            grad[:, part] = sub_grad
     return nll, grad
 
 

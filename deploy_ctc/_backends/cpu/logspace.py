@@ -47,6 +47,8 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 
     Used for the samples whose scaled recursions fail the consistency check, and as a reference in the tests.
     """
+    if problem.log_probs.dtype == np.float16:
+        return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # log(0) is -inf, the log-space zero
         return _forward_backward(problem, grad_scale, convention)
 

@@ -39,6 +39,8 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         MemoryError: the engine's scratch memory could not be allocated.
     """
     lib = native_build.library()
+    if problem.log_probs.dtype == np.float16:
+        return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:

@@ -1,5 +1,5 @@
-"""The native CPU engine ``kernels/ctc_cpu.cpp`` (and its forced alignment, ``kernels/ctc_align_cpu.cpp``): built on first use by :mod:`deploy_ctc._backends.native_cache`
-and loaded with ctypes.
+"""The native CPU engine ``kernels/ctc_cpu.cpp`` (and its forced alignment, ``kernels/ctc_align_cpu.cpp``): built
+on first use by :mod:`deploy_ctc._backends.native_cache` and loaded with ctypes.
 
 Like the CUDA kernels, the C++ source ships inside the wheel and is compiled at run time, for the machine it runs on
 (``-march=native``, with fallbacks for compilers that refuse it), into the verified per-user cache (see

@@ -78,6 +78,8 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         ``problem.log_probs.dtype`` (None without ``grad_scale``) with rows ``t >= input_lengths[n]`` exactly 0 and
         rows of infinite-loss samples NaN (0 when ``problem.zero_infinity``).
     """
+    if problem.log_probs.dtype == np.float16:
+        return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     with np.errstate(all="ignore"), workspace.borrowed() as scratch:  # under/overflow and NaN: the check's job
         return _forward_backward(problem, grad_scale, convention, scratch)
 

@@ -55,7 +55,7 @@ def test_bad_thread_count_fails_the_first_call_however_small(monkeypatch, fresh_
 def logspace_problem():
     """A batch whose (T, N, C) gradient spans several of the log-space backend's row blocks."""
     from deploy_ctc import validation
-    from deploy_ctc.benchmark import make_inputs
+    from benchmarks.common import make_inputs
 
     lp, targets, il, tl = make_inputs(200, 24, 300, 20)
     return validation.validate(lp, targets, il, tl, 0, "none", False)
@@ -97,7 +97,7 @@ def test_one_thread_runs_the_log_space_backend_inline(monkeypatch, fresh_pool_si
 REENTRY = """
 import numpy as np, deploy_ctc
 from deploy_ctc._backends.cpu import common
-from deploy_ctc.benchmark import make_inputs
+from benchmarks.common import make_inputs
 inputs = make_inputs(200, 24, 30, 40)
 direct = deploy_ctc.ctc_loss_and_grad(*inputs, reduction="none")
 tasks = [common.pool().submit(deploy_ctc.ctc_loss_and_grad, *inputs, reduction="none")

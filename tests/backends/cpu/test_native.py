@@ -134,3 +134,32 @@ def test_nan_log_probs_are_left_to_the_python_twin(rng):
     assert np.isnan(nll[1])
     oracles.assert_close(nll, ref_nll, np.float64, "nll")
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
+HUGE_T_SCRIPT = """
+import numpy as np, deploy_ctc
+from deploy_ctc import backends
+lp = np.broadcast_to(np.log(np.full((1, 1, 3), 1 / 3)), (2**58, 1, 3))  # T = 2**58 frames, 24 bytes of data
+with backends.using("native"):
+    try:
+        deploy_ctc.ctc_loss(lp, np.array([[1, 2]]), [2**58], [2])
+    except MemoryError as error:
+        print("MemoryError", error)
+"""
+
+
+def test_scratch_size_beyond_64_bits_is_a_memory_error_not_a_crash():
+    """A broadcast log_probs can claim any T; the engine's scratch size (about 3 S T doubles) must not wrap around
+    to a small allocation. In a subprocess, so that a crash fails the test instead of the run."""
+    import subprocess
+    import sys
+
+    from deploy_ctc._backends.cpu import native_build
+
+    try:
+        native_build.library()
+    except native_build.NativeUnavailable as error:
+        pytest.skip(f"the native engine is not available here: {error}")
+    result = subprocess.run([sys.executable, "-c", HUGE_T_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.startswith("MemoryError"), result.stdout

@@ -28,8 +28,10 @@ def has_compiler():
 
 pytestmark = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler ($CXX, c++, g++, clang++)")
 
-# Prints the loaded library's path and the loss of a fixed batch (float64, so runs compare exactly).
+# Prints the loaded library's path and the loss of a fixed batch (float64, so runs compare exactly); builds are
+# logged to stderr.
 CHILD = """
+import logging; logging.basicConfig(level=logging.INFO)
 import numpy as np, deploy_ctc
 from deploy_ctc._backends.cpu import native_build
 lp = np.log(np.random.default_rng(0).dirichlet(np.ones(5), size=(12, 3)).astype(np.float64))
@@ -63,36 +65,69 @@ def test_library_exports_both_entry_points():
 
 
 def test_build_is_cached_and_reused_by_later_processes(tmp_path):
-    path, loss, _ = run_child(tmp_path)
+    path, loss, errors = run_child(tmp_path)
     assert path.parent == tmp_path and path.is_file()
-    built = path.stat().st_mtime_ns
-    again, loss_again, _ = run_child(tmp_path)
-    assert again == path and path.stat().st_mtime_ns == built  # loaded, not rebuilt
+    assert "building the native CPU engine" in errors and f"built {path}" in errors
+    again, loss_again, errors = run_child(tmp_path)
+    assert again == path and "building" not in errors  # loaded, not rebuilt
     assert loss_again == loss
     assert not list(tmp_path.glob("*.partial"))
     path.write_bytes(path.read_bytes()[:4096])  # truncated: loading it would die of SIGBUS
     rebuilt, loss_rebuilt, errors = run_child(tmp_path)
-    assert rebuilt == path and loss_rebuilt == loss and f"rebuilding {path}" in errors
+    assert rebuilt == path and loss_rebuilt == loss
+    assert f"rebuilding {path}" in errors and "building the native CPU engine" in errors
+
+
+def stub_compiler(folder, delay=1):
+    """A compiler that builds, slowly, a stub exporting the engine's entry points (whatever it is asked to compile)
+    and counts its builds in ``folder/builds.log``: for the tests of processes, where the engine never runs."""
+    stub = folder / "stub.cpp"
+    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n'
+                            for name in native_build.ENTRY_POINTS.values()))
+    compiler = folder / "slow-c++"
+    compiler.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        if [ "$1" = --version ]; then echo stub 1.0; exit 0; fi
+        out=; previous=
+        for arg in "$@"; do [ "$previous" = -o ] && out=$arg; previous=$arg; done
+        echo build >> {folder}/builds.log
+        sleep {delay}
+        exec {native_cache.find_compiler()} -fPIC -shared {stub} -o "$out"
+        """))
+    compiler.chmod(0o755)
+    return compiler
+
+
+def stub_environment(folder, cache, **extra):
+    return {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(cache), "CXX": str(stub_compiler(folder)),
+            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+
+
+DESCRIBE = "from deploy_ctc._backends.cpu import native_build; print(native_build.describe())"
 
 
 def test_concurrent_first_builds_share_one_library(tmp_path):
-    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path), "DEPLOY_CTC_CPU_BACKEND": "native",
-                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    children = [subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=environment) for _ in range(3)]
-    outputs = [child.communicate(timeout=600) for child in children]
+    environment = stub_environment(tmp_path, tmp_path / "cache")
+    children = [subprocess.Popen([sys.executable, "-c", DESCRIBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=environment) for _ in range(4)]
+    outputs = [child.communicate(timeout=300) for child in children]
     assert all(child.returncode == 0 for child in children), [err for _, err in outputs]
-    assert len({out for out, _ in outputs}) == 1  # one path, one loss
-    assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob("*.partial"))
+    library = next((tmp_path / "cache").glob("ctc_cpu-*.so"))
+    assert {out for out, _ in outputs} == {f"native engine {library}\n"}
+    assert len((tmp_path / "builds.log").read_text().splitlines()) == 1
+    assert not list((tmp_path / "cache").glob("*.partial"))
 
 
 def test_unwritable_cache_directory_builds_in_a_temporary_directory_removed_at_exit(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    path, _, errors = run_child(blocker / "cache")
+    result = subprocess.run([sys.executable, "-c", DESCRIBE], capture_output=True, text=True, timeout=300,
+                            env=stub_environment(tmp_path, blocker / "cache"))
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.split()[-1])
     assert blocker not in path.parents and path.parent.name.startswith("deploy_ctc-")
-    assert f"not using the cache directory: {blocker / 'cache'} could not be created" in errors
-    assert errors.count("RuntimeWarning") == 1
+    assert f"not using the cache directory: {blocker / 'cache'} could not be created" in result.stderr
+    assert result.stderr.count("RuntimeWarning") == 1
     assert not path.parent.exists()  # the private directory went with the process
 
 
@@ -114,17 +149,6 @@ def test_failed_build_reports_the_compiler_output(fresh_state, monkeypatch, tmp_
         native_build.library()
     left = [path.name for path in (tmp_path / "cache").iterdir()]
     assert all(name.endswith(".lock") for name in left), left  # nothing half-built left behind
-
-
-def test_a_build_is_logged(tmp_path):
-    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path),
-                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = ("import logging; logging.basicConfig(level=logging.INFO); "
-            "from deploy_ctc._backends.cpu import native_build; native_build.library()")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "building the native CPU engine" in result.stderr and "built " in result.stderr
 
 
 def test_a_compiler_rejecting_the_preferred_flags_builds_with_the_next_set_once(tmp_path):
@@ -167,28 +191,11 @@ print("parent:", native_build.describe(), "status", status)
 
 
 def test_a_process_forked_during_the_first_build_does_not_hang(tmp_path):
-    """A stand-in compiler builds a stub with the engine's entry points slowly (the real build is tested above)."""
-    stub = tmp_path / "stub.cpp"
-    stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n'
-                            for name in native_build.ENTRY_POINTS.values()))
-    log = tmp_path / "builds.log"
-    compiler = tmp_path / "slow-c++"
-    compiler.write_text(textwrap.dedent(f"""\
-        #!/bin/sh
-        if [ "$1" = --version ]; then echo stub 1.0; exit 0; fi
-        out=; previous=
-        for arg in "$@"; do [ "$previous" = -o ] && out=$arg; previous=$arg; done
-        echo build >> {log}
-        sleep 1
-        exec {native_cache.find_compiler()} -fPIC -shared {stub} -o "$out"
-        """))
-    compiler.chmod(0o755)
-    environment = {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(tmp_path / "cache"), "CXX": str(compiler),
-                   "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", FORK_DURING_BUILD, str(log)], capture_output=True, text=True,
-                            env=environment, timeout=120)
+    result = subprocess.run([sys.executable, "-c", FORK_DURING_BUILD, str(tmp_path / "builds.log")],
+                            capture_output=True, text=True, env=stub_environment(tmp_path, tmp_path / "cache"),
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     library = next((tmp_path / "cache").glob("ctc_cpu-*.so"))
     assert f"child: native engine {library}" in result.stdout
     assert f"parent: native engine {library} status 0" in result.stdout
-    assert len(log.read_text().splitlines()) == 1  # the child loaded the parent's build
+    assert len((tmp_path / "builds.log").read_text().splitlines()) == 1  # the child loaded the parent's build

@@ -1,8 +1,7 @@
 """The CUDA forced-alignment kernel (ctc_align in kernels/ctc.cu) on the CPU harness, under the three thread orders,
 against the NumPy reference (itself checked against brute force in tests/test_align.py) and brute force.
 
-Unverified on a GPU here: these run the unmodified kernel on the CPU; a GPU test runs it through CuPy when one is
-present.
+The harness runs the unmodified kernel on the CPU; the GPU test runs it through CuPy where a GPU is present.
 """
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from deploy_ctc import validation
 from deploy_ctc._backends.cpu import align_numpy
 from deploy_ctc._backends.cuda import cupy_align
+from tests.backends.cuda.test_cupy_kernels import requires_gpu
 from tests.utils import cuda_harness, oracles
 
 
@@ -63,3 +63,61 @@ def test_kernel_matches_brute_force_and_uses_global_rows_for_long_targets(harnes
     assert sum(float(v) for v in scores[:, 0]) == best
     np.testing.assert_array_equal(alignment[:, 1], 0)  # infeasible: 1600 labels in 6 frames
     np.testing.assert_array_equal(scores[:, 1], -np.inf)
+
+
+def test_every_front_end_returns_the_same_alignment(harness_library, rng):
+    """NumPy (pure and native), the CUDA kernel (CPU harness), the ONNX portable body in plain onnxruntime and the
+    torch adapter, on one batch with exact ties, repeats, NaN, an infeasible sample and short inputs."""
+    from deploy_ctc import backends, forced_align
+
+    lp, targets, il, tl = _case(rng, T=12, N=8, C=5, S=5, blank=0, dtype=np.float32, ties=True)
+    lp[2, 3, 1] = np.nan
+    il[0], tl[0], targets[0] = 3, 5, [1, 2, 3, 4, 1]  # infeasible
+    results = {}
+    for choice in ("numpy", "native"):
+        with backends.using(choice):
+            results[choice] = forced_align(lp, targets, il, tl)
+    problem = validation.validate(lp, targets, il, tl)
+    results["cuda_kernel"] = cupy_align.run_align(problem, cuda_harness.Harness(harness_library, order="random"))
+    try:
+        import deploy_ctc.onnx as dco
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(dco.forced_align_model("float32").SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        results["onnx"] = tuple(session.run(["alignment", "scores"], {
+            "log_probs": lp, "targets": targets, "input_lengths": il.astype(np.int64),
+            "target_lengths": tl.astype(np.int64)}))
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        import deploy_ctc.torch as dt
+
+        got = dt.forced_align(torch.from_numpy(lp).transpose(0, 1), torch.from_numpy(targets),
+                              torch.from_numpy(il), torch.from_numpy(tl))
+        results["torch"] = (got[0].numpy().T, got[1].numpy().T)
+    except ImportError:
+        pass
+    reference = results.pop("numpy")
+    assert np.isneginf(reference[1][:3, 0]).all()
+    for name, (alignment, scores) in results.items():
+        np.testing.assert_array_equal(alignment, reference[0], err_msg=name)
+        np.testing.assert_array_equal(scores, reference[1], err_msg=name)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gpu_matches_the_numpy_reference(rng, dtype):
+    import cupy
+
+    from deploy_ctc import backends, forced_align
+
+    lp, targets, il, tl = _case(rng, T=300, N=9, C=40, S=60, blank=0, dtype=dtype)
+    with backends.using("numpy"):
+        expected = forced_align(lp, targets, il, tl)
+    alignment, scores = forced_align(cupy.asarray(lp), cupy.asarray(targets), il, tl)
+    assert isinstance(alignment, cupy.ndarray) and scores.dtype == dtype
+    np.testing.assert_array_equal(alignment.get(), expected[0])
+    np.testing.assert_array_equal(scores.get(), expected[1])

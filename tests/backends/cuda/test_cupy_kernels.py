@@ -154,6 +154,43 @@ def test_harness_plain_convention(case, harness, rng):
     _check(nll, grad, _expected(lp, targets, il, tl, case.blank, w, False, "plain"), np.float64, case.name, lp)
 
 
+SPECIAL_CASES = {  # (frame, class) of the special value in sample 0 (T = 5, target [1, 2], input length 4)
+    "label on the path": (1, 1), "blank on the path": (2, 0), "class outside the target": (1, 3),
+    "frame past the input length": (4, 1)}
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@pytest.mark.parametrize("where", sorted(SPECIAL_CASES))
+def test_harness_nan_and_inf_log_probs_match_torch(harness_library, rng, value, where):
+    """NaN or +inf on a used frame's lattice: NaN loss and NaN rows (as torch; a NaN must not be dropped by the
+    max in log_add); elsewhere only that gradient entry; past the input length nothing."""
+    harness = cuda_harness.Harness(harness_library, order="random", seed=3)
+    lp = oracles.random_log_probs(rng, 5, 2, 4)
+    targets, il, tl, w = np.array([[1, 2], [3, 1]]), np.array([4, 5]), np.array([2, 2]), np.ones(2)
+    lp[(SPECIAL_CASES[where][0], 0, SPECIAL_CASES[where][1])] = value
+    nll, grad = _run(harness, lp, targets, il, tl, 0, False, w)
+    _check(nll, grad, _expected(lp, targets, il, tl, 0, w, False, "torch"), np.float64, where, lp)
+
+
+def test_harness_fuzz_peaky_and_finite_masks(harness_library):
+    """float32 and float64 log-softmax rows of logits scaled up to 3000, and -1e30 masks (finite: a probability,
+    as in torch), against torch float64 on the same values."""
+    harness = cuda_harness.Harness(harness_library, order="random", seed=5)
+    rng = np.random.default_rng(20240611)
+    for i in range(40):
+        T, C, N = int(rng.integers(1, 12)), int(rng.integers(2, 7)), int(rng.integers(1, 4))
+        tl, il = rng.integers(0, min(T, 4) + 1, N), rng.integers(0, T + 1, N)
+        dtype = DTYPES[i % 2]
+        lp = oracles.log_softmax(rng.normal(size=(T, N, C)) * rng.choice([1.0, 30.0, 300.0, 3000.0]))
+        if i % 4 > 1:
+            lp[rng.random(lp.shape) < 0.2] = -1e30
+        lp = lp.astype(dtype)
+        targets = rng.integers(1, C, (N, max(int(tl.max()), 1)))
+        nll, _ = _run(harness, lp, targets, il, tl, 0, False, np.ones(N))
+        want, _ = oracles.torch_reference(lp.astype(np.float64), targets, il, tl, reduction="none")
+        oracles.assert_close(nll, want, dtype, f"case {i}", _tolerance(dtype, np.where(lp > -1e29, lp, 0.0)))
+
+
 def test_harness_loss_only_runs_the_forward_lattice(harness, rng):
     lp, targets, il, tl, _ = _inputs(CASES[0], rng, np.float64)
     nll, grad = _run(harness, lp, targets, il, tl, 0)
