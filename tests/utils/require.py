@@ -16,14 +16,17 @@ ENV = "DEPLOY_CTC_REQUIRE"
 
 #: Capability -> pattern of the skip reasons that mean it is missing (case-sensitive).
 CAPABILITIES = {
-    "torch": re.compile(r"could not import 'torch'|\btorch \(the test extra\)|needs torch\b|deploy_ctc\[test\]"),
+    # The test extra: torch, and what the torch tests use with it (transformers)
+    "torch": re.compile(r"could not import 'torch'|the test extra|needs torch\b|deploy_ctc\[test\]"),
     "onnx": re.compile(r"could not import 'onnx\w*'|the onnx extra|deploy_ctc\[onnx\]|onnxruntime-extensions|"
                        r"needs onnx(runtime|runtime_extensions|script)?\b(?![.-]training)"),
     "native": re.compile(r"native engine|C\+\+ compiler"),
-    "nvrtc": re.compile(r"NVRTC|cuda-build|could not import 'cupy"),
+    # CuPy and NVRTC (the cuda-build extra): the CUDA kernels compile, and run on the CPU harness
+    "nvrtc": re.compile(r"NVRTC|cuda-build|could not import 'cupy|needs cupy\b|deploy_ctc\[cuda\]"),
     "gpu": re.compile(r"\bGPU\b|needs gpu\b"),
     "train": re.compile(r"onnxruntime[.-]training|deploy_ctc\[train\]"),
     "linux": re.compile(r"/proc\b|os\.fork"),
+    "root": re.compile(r"needs root\b"),
     # The package installed from a wheel (not editable), the tests run outside the checkout (tests/test_packaging.py)
     "installed": re.compile(r"not installed as a distribution|installed in editable mode|lists installed"),
 }

@@ -17,6 +17,7 @@ REASONS = {
     "could not import 'torch': No module named 'torch'": ["torch"],
     "torch (the test extra) is the float64 oracle": ["torch"],
     "README.md:57 needs torch: pip install 'deploy_ctc[test]'": ["torch"],
+    "transformers is in the test extra": ["torch"],
     "could not import 'onnxruntime_extensions': No module named 'onnxruntime_extensions'": ["onnx"],
     "README.md:90 needs onnxruntime: pip install 'deploy_ctc[onnx]' (onnxruntime >= 1.20, not the training build)":
         ["onnx"],
@@ -24,7 +25,9 @@ REASONS = {
     "no C++ compiler (g++ or $CXX) to build the CUDA kernel harness": ["native"],
     "NVRTC is not loadable (libnvrtc.so: cannot open); pip install deploy_ctc[cuda-build]": ["nvrtc"],
     "could not import 'cupy_backends.cuda.libs.nvrtc': No module named 'cupy_backends'": ["nvrtc"],
+    "README.md:200 needs cupy: pip install 'deploy_ctc[cuda]'": ["nvrtc"],
     "needs CuPy and a CUDA GPU": ["gpu"],
+    "giving a directory to another user needs root": ["root"],
     "README.md:300 needs gpu: a CUDA GPU": ["gpu"],
     "needs onnxruntime-training (pip install deploy_ctc[train], own environment: bash .ci/training.sh)": ["train"],
     "README.md:420 needs onnxruntime.training: the [train] extra's own venv (bash .ci/training.sh)": ["train"],
