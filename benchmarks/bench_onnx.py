@@ -1,18 +1,22 @@
-"""ONNX Runtime overheads of deploy_ctc::CTCLoss on the CPU benchmark's shapes (forward, float32, CPU).
+"""ONNX Runtime overheads of deploy_ctc::CTCLoss / CTCLossGrad on the CPU benchmark's shapes (float32, CPU).
 
-Two ratios, each measured in the same run on the same inputs:
+Timed in the same run on the same inputs, interleaved:
 
-* extension: an onnxruntime session whose only node is CTCLoss (served by the deploy_ctc extension)
-  over the direct ``deploy_ctc.ctc_loss`` call -- target <= 1.2;
-* portable body: the same model with its model-local function, in plain onnxruntime, over torch CPU's
+* native: an onnxruntime session whose only node is CTCLoss (or CTCLossGrad), served by deploy_ctc's native
+  custom-op library, over the direct ``deploy_ctc.ctc_loss`` (``ctc_loss_and_grad``) call -- target <= 1.1;
+* portable body: the CTCLoss model with its model-local function, in plain onnxruntime, over torch CPU's
   ``F.ctc_loss`` forward -- target <= 3.
 
-Inputs: :func:`benchmarks.common.make_inputs` with varied input and target lengths. Medians over ``--repeats``
-rounds after one warm-up, the four paths alternating within each round so they share the (shared, noisy)
-machine's load; shapes whose warm-up exceeds 1 s per path are timed once.
-Results go to benchmarks/results/bench_onnx.json.
+Sessions run with ``session.intra_op.allow_spinning=0`` (ORT's spinning intra-op threads would otherwise slow
+whatever runs next in the interleaved rounds). Inputs: :func:`benchmarks.common.make_inputs` with varied input and
+target lengths. Medians over ``--repeats`` rounds after one warm-up; shapes whose warm-up exceeds 1 s per path are
+timed once. Results go to benchmarks/results/bench_onnx.json.
 
-    python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH]
+With ``--cpp-host PROGRAM`` (``export_examples/cpp/ctc_host.cpp`` built as its README says), each shape's CTCLoss
+model also runs in that C++ host, right after the Python rounds, and its median is compared with the Python
+session's (target <= 1.1).
+
+    python benchmarks/bench_onnx.py [--shapes small|all] [--repeats 5] [--output PATH] [--cpp-host PROGRAM]
 """
 
 from __future__ import annotations
@@ -37,7 +41,41 @@ SHAPES = {  # (T, N, C, S), as the CPU benchmark
 SLOW_S = 1.0
 
 
-def bench_shape(shape, repeats: int) -> dict:
+def _grad_model():
+    """One CTCLossGrad node (reduction mean): d_loss (), log_probs (T, N, C) float32, int64 targets and lengths."""
+    from onnx import TensorProto, helper
+
+    names = ["d_loss", "log_probs", "targets", "input_lengths", "target_lengths"]
+    shapes = [[], ["T", "N", "C"], ["N", "S"], ["N"], ["N"]]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT if i < 2 else TensorProto.INT64, shape)
+              for i, (name, shape) in enumerate(zip(names, shapes))]
+    node = helper.make_node("CTCLossGrad", names, ["d_log_probs"], domain="deploy_ctc")
+    graph = helper.make_graph([node], "ctc_grad", inputs,
+                              [helper.make_tensor_value_info("d_log_probs", TensorProto.FLOAT, ["T", "N", "C"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
+
+
+def cpp_host_ms(program, model, feeds: dict, repeats: int) -> float:
+    """Median ms per run of ``model`` in the C++ host ``program`` (its ``--repeat`` timing)."""
+    import subprocess
+    import tempfile
+
+    import deploy_ctc.onnx as dco
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder)
+        (path / "model.onnx").write_bytes(model.SerializeToString())
+        arguments = []
+        for name, value in feeds.items():
+            np.save(path / f"{name}.npy", value)
+            arguments.append(f"{name}={path / name}.npy")
+        result = subprocess.run([str(program), str(path / "model.onnx"), dco.library_path(), *arguments,
+                                 "--repeat", str(max(repeats, 7)), "--no-spinning"], capture_output=True, text=True,
+                                check=True)
+    return float(result.stdout.split("median_ms")[1])
+
+
+def bench_shape(shape, repeats: int, cpp_host=None) -> dict:
     import onnxruntime as ort
     import torch
 
@@ -46,11 +84,18 @@ def bench_shape(shape, repeats: int) -> dict:
 
     names = ("log_probs", "targets", "input_lengths", "target_lengths")
     feeds = dict(zip(names, make_inputs(*shape, lengths="varied")))
-    opts = ort.SessionOptions()
-    extension = ort.InferenceSession(dco.ctc_loss_model(embed_functions=False).SerializeToString(),
-                                     dco.session_options(), providers=["CPUExecutionProvider"])
-    portable = ort.InferenceSession(dco.ctc_loss_model().SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
+    grad_feeds = {"d_loss": np.array(1.0, np.float32), **feeds}
+
+    def options(native: bool):
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return dco.session_options(so) if native else so
+
+    cpu = ["CPUExecutionProvider"]
+    native = ort.InferenceSession(dco.ctc_loss_model(embed_functions=False).SerializeToString(), options(True),
+                                  providers=cpu)
+    native_grad = ort.InferenceSession(_grad_model().SerializeToString(), options(True), providers=cpu)
+    portable = ort.InferenceSession(dco.ctc_loss_model().SerializeToString(), options(False), providers=cpu)
     tensors = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
 
     def torch_forward():
@@ -58,17 +103,25 @@ def bench_shape(shape, repeats: int) -> dict:
             return torch.nn.functional.ctc_loss(*tensors)
 
     direct = deploy_ctc.ctc_loss(*feeds.values())
-    losses = {"extension": extension.run(None, feeds)[0], "portable": portable.run(None, feeds)[0]}
+    _, direct_grad = deploy_ctc.ctc_loss_and_grad(*feeds.values())
+    losses = {"native": native.run(None, feeds)[0], "portable": portable.run(None, feeds)[0]}
     medians = interleaved_medians({
         "direct_ms": lambda: deploy_ctc.ctc_loss(*feeds.values()),
-        "extension_ms": lambda: extension.run(None, feeds),
+        "native_ms": lambda: native.run(None, feeds),
+        "direct_grad_ms": lambda: deploy_ctc.ctc_loss_and_grad(*feeds.values()),
+        "native_grad_ms": lambda: native_grad.run(None, grad_feeds),
         "portable_ms": lambda: portable.run(None, feeds),
         "torch_forward_ms": torch_forward,
     }, repeats, slow_s=SLOW_S)
     result = {"shape_TNCS": list(shape), **{k: 1e3 * v for k, v in medians.items()},
-              "rel_diff_vs_direct": {k: float(abs(v - direct) / abs(direct)) for k, v in losses.items()}}
-    result["extension_over_direct"] = result["extension_ms"] / result["direct_ms"]
+              "rel_diff_vs_direct": {k: float(abs(v - direct) / abs(direct)) for k, v in losses.items()},
+              "native_grad_equal": bool(np.array_equal(native_grad.run(None, grad_feeds)[0], direct_grad))}
+    result["native_over_direct"] = result["native_ms"] / result["direct_ms"]
+    result["native_grad_over_direct"] = result["native_grad_ms"] / result["direct_grad_ms"]
     result["portable_over_torch"] = result["portable_ms"] / result["torch_forward_ms"]
+    if cpp_host is not None:
+        result["cpp_host_ms"] = cpp_host_ms(cpp_host, dco.ctc_loss_model(embed_functions=False), feeds, repeats)
+        result["cpp_host_over_python"] = result["cpp_host_ms"] / result["native_ms"]
     return result
 
 
@@ -76,6 +129,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cpp-host", type=Path, default=None, help="the built export_examples/cpp/ctc_host")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "bench_onnx.json"))
     args = parser.parse_args(argv)
 
@@ -84,17 +138,20 @@ def main(argv=None) -> int:
 
     machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
-               "torch": torch.__version__, "dtype": "float32", "reduction": "mean"}
+               "torch": torch.__version__, "dtype": "float32", "reduction": "mean",
+               "ort_intra_op_allow_spinning": 0}
     print(f"machine: {machine}")
-    print(f"{'(T, N, C, S)':>24s} {'direct':>9s} {'ext':>9s} {'ext/dir':>8s} {'portable':>9s} {'torch':>9s} "
-          f"{'port/torch':>10s}   (median ms)")
+    print(f"{'(T, N, C, S)':>24s} {'direct':>9s} {'native':>9s} {'nat/dir':>8s} {'dir grad':>9s} {'nat grad':>9s} "
+          f"{'nat/dir':>8s} {'portable':>9s} {'torch':>9s} {'port/torch':>10s}   (median ms)")
     results = []
     for shape in SHAPES[args.shapes]:
-        r = bench_shape(shape, args.repeats)
+        r = bench_shape(shape, args.repeats, args.cpp_host)
         results.append(r)
-        print(f"{str(tuple(shape)):>24s} {r['direct_ms']:9.2f} {r['extension_ms']:9.2f} "
-              f"{r['extension_over_direct']:8.2f} {r['portable_ms']:9.2f} {r['torch_forward_ms']:9.2f} "
-              f"{r['portable_over_torch']:10.2f}")
+        print(f"{str(tuple(shape)):>24s} {r['direct_ms']:9.2f} {r['native_ms']:9.2f} {r['native_over_direct']:8.2f} "
+              f"{r['direct_grad_ms']:9.2f} {r['native_grad_ms']:9.2f} {r['native_grad_over_direct']:8.2f} "
+              f"{r['portable_ms']:9.2f} {r['torch_forward_ms']:9.2f} {r['portable_over_torch']:10.2f}"
+              + (f"   C++ host {r['cpp_host_ms']:.2f} ms, {r['cpp_host_over_python']:.2f}x the Python session"
+                 if "cpp_host_ms" in r else ""))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"machine": machine, "results": results}, f, indent=2)

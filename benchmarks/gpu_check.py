@@ -9,9 +9,10 @@ Run from the repository root on a machine with a CUDA GPU, CuPy and torch (CUDA 
 1. runs ``tests/backends/cuda/test_cupy_kernels.py``, ``tests/backends/cuda/test_cupy_align.py`` (forced alignment)
    and ``tests/backends/cuda/test_kernels_compile.py`` (their GPU tests run there);
 2. for (T, N, C, S) in SHAPES, on :func:`benchmarks.common.make_inputs` (float32, full input lengths, target
-   lengths in [S/2, S]): interleaved medians over ``reps`` CUDA-event timings (after warm-up) of loss + gradient for deploy_ctc (``ctc_loss_and_grad`` on CuPy arrays,
-   validation included), torch native CUDA (int64 padded targets) and cuDNN (int32 concatenated CPU targets,
-   used by torch only when S <= 256, blank 0 and all input lengths equal T); prints the ratios;
+   lengths in [S/2, S]): interleaved medians over ``reps`` CUDA-event timings (after warm-up) of loss + gradient for
+   deploy_ctc (``ctc_loss_and_grad`` on CuPy arrays, validation included), torch native CUDA (int64 padded targets) and
+   cuDNN (int32 concatenated CPU targets, used by torch only when S <= 256, blank 0 and all input lengths equal T);
+   prints the ratios;
 3. for the large-C shape, the achieved bandwidth of reading log_probs once and writing the gradient once,
    against a device-to-device copy measured in the same run;
 4. checks that two runs give bitwise-equal gradients and writes everything, with the GPU's name, to

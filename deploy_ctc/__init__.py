@@ -10,7 +10,8 @@ Public API (torch's argument names, order and defaults):
 - :mod:`deploy_ctc.backends` — choose the CPU backend (:func:`~deploy_ctc.backends.using`), free scratch memory.
 - :mod:`deploy_ctc.torch` — the torch operator ``deploy_ctc::ctc_loss`` and an ``nn.Module`` running these backends on
   torch tensors (torch.compile, torch.export, autocast), and ``patch()`` for third-party models.
-- :mod:`deploy_ctc.onnx` — the ``deploy_ctc::CTCLoss`` ONNX op, its ONNX Runtime extension and torch export.
+- :mod:`deploy_ctc.onnx` — the ``deploy_ctc::CTCLoss`` ONNX op, its native ONNX Runtime custom-op library and torch
+  export.
 """
 
 from . import backends

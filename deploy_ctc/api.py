@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from ._backends import backend_for
-from .validation import check_options, validate
+from ._typing import Array, IntArrayLike
+from .validation import CONVENTIONS, check_convention, check_options, validate
 
-CONVENTIONS = ("torch", "plain")
+__all__ = ["CONVENTIONS", "CTCLoss", "ctc_loss", "ctc_loss_and_grad"]
 
 
-def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
+def ctc_loss(log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike, target_lengths: IntArrayLike,
+             blank: int = 0, reduction: str = "mean", zero_infinity: bool = False) -> Array:
     """Connectionist Temporal Classification loss (Graves et al., 2006), as ``torch.nn.functional.ctc_loss``.
 
     .. math::
@@ -56,8 +58,10 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     return _reduce(problem, nll)
 
 
-def ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
-                      zero_infinity=False, *, grad_output=None, convention="torch"):
+def ctc_loss_and_grad(log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike,
+                      target_lengths: IntArrayLike, blank: int = 0, reduction: str = "mean",
+                      zero_infinity: bool = False, *, grad_output: Array | float | None = None,
+                      convention: str = "torch") -> tuple[Array, Array]:
     """The loss of :func:`ctc_loss` and its gradient with respect to ``log_probs``.
 
     Args:
@@ -76,10 +80,9 @@ def ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, blank=0
     Raises:
         TypeError, ValueError: invalid arguments, a ``grad_output`` of the wrong shape, an unknown ``convention``.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be 'torch' or 'plain', got {convention!r}")
+    check_convention(convention)
     problem = validate(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity)
-    scale = _grad_scale(problem, grad_output)
+    scale = grad_scale(problem, grad_output)
     nll, grad = backend_for(problem).forward_backward(problem, scale, convention)
     if not problem.batched:
         grad = grad[:, 0, :]  # (T, C)
@@ -93,19 +96,21 @@ class CTCLoss:
     :meth:`loss_and_grad` returns :func:`ctc_loss_and_grad`. Options are validated at construction.
     """
 
-    def __init__(self, blank=0, reduction="mean", zero_infinity=False):
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False) -> None:
         self.blank, self.reduction, self.zero_infinity = check_options(blank, reduction, zero_infinity)
 
-    def __call__(self, log_probs, targets, input_lengths, target_lengths):
+    def __call__(self, log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike,
+                 target_lengths: IntArrayLike) -> Array:
         return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
                         self.zero_infinity)
 
-    def loss_and_grad(self, log_probs, targets, input_lengths, target_lengths, *, grad_output=None,
-                      convention="torch"):
+    def loss_and_grad(self, log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike,
+                      target_lengths: IntArrayLike, *, grad_output: Array | float | None = None,
+                      convention: str = "torch") -> tuple[Array, Array]:
         return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
                                  self.zero_infinity, grad_output=grad_output, convention=convention)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"CTCLoss(blank={self.blank}, reduction={self.reduction!r}, "
                 f"zero_infinity={self.zero_infinity})")
 
@@ -125,7 +130,7 @@ def _reduce(problem, nll):
     return xp.asarray(loss).astype(problem.out_dtype)
 
 
-def _grad_scale(problem, grad_output):
+def grad_scale(problem, grad_output):
     """Per-sample gradient weights ``(N,)`` float64: ``grad_output`` times the reduction's factor."""
     xp = problem.xp
     N = problem.log_probs.shape[1]

@@ -6,7 +6,10 @@ On built-in synthetic data (no downloads) the demo
    :class:`AcousticModelWithLoss`, whose forward ends in ``F.ctc_loss``;
 2. exports it with :func:`deploy_ctc.onnx.export` (dynamic batch, frames and target length);
 3. evaluates the loss with plain onnxruntime (the portable function body) and with the deploy_ctc
-   extension, prints parity against torch eager and median timings, and writes the .onnx file.
+   native library, and prints parity against torch eager and median timings.
+
+The model goes to a temporary file (deleted at the end) unless ``output`` names one. ``deploy-ctc demo``
+(:mod:`deploy_ctc.cli`) parses the options and calls :func:`run`.
 
 This module also holds the model and batch generator the examples and the training helper share
 (``export_examples/acoustic_model.py`` re-exports them), so the installed command needs no checkout.
@@ -15,9 +18,16 @@ Needs torch and ``deploy_ctc[onnx]``.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -94,54 +104,104 @@ def _median_ms(fn, repeats: int) -> float:
     return 1e3 * float(np.median(times))
 
 
-def export_with_loss(module: AcousticModelWithLoss, batch: dict, path: str, dynamo: bool = True):
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence what torch's exporters print that does not concern the user (deprecations, tracer warnings,
+    "torchvision is not installed" log lines) for the duration of the block."""
+    torch_logger = logging.getLogger("torch")
+    level = torch_logger.level
+    torch_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _progress(what: str, stream=None) -> Iterator[None]:
+    """Print ``what...``, then the elapsed seconds (updated every second on a terminal) and ``done``."""
+    stream = sys.stdout if stream is None else stream
+    live = stream.isatty()
+    start = time.perf_counter()
+    stream.write(f"{what}...")
+    stream.flush()
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            stream.write(f"\r{what}... {time.perf_counter() - start:.0f} s")
+            stream.flush()
+
+    ticker = threading.Thread(target=tick, daemon=True) if live else None
+    if ticker:
+        ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if ticker:
+            ticker.join()
+        elapsed = time.perf_counter() - start
+        stream.write(f"\r{what}: done in {elapsed:.1f} s\n" if live else f" done in {elapsed:.1f} s\n")
+        stream.flush()
+
+
+def export_with_loss(module: AcousticModelWithLoss, batch: dict, path, dynamo: bool = True):
     """Export ``module`` (inputs named as ``batch``'s keys, output "loss") with dynamic N, T and S."""
     from deploy_ctc.onnx import export
 
     names = list(batch)
     args = tuple(torch.from_numpy(batch[k]) for k in names)
+    dims: dict[str, Any]
     if dynamo:
         n, t, s = torch.export.Dim("N"), torch.export.Dim("T", min=4), torch.export.Dim("S")
         dims = {"dynamic_shapes": ({0: n, 1: t}, {0: n}, {0: n, 1: s}, {0: n})}
     else:
         dims = {"dynamic_axes": {"features": {0: "N", 1: "T"}, "feature_lengths": {0: "N"},
                                  "targets": {0: "N", 1: "S"}, "target_lengths": {0: "N"}}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's exporter deprecation and tracing chatter
-        return export(module, args, path, dynamo=dynamo, input_names=names, output_names=["loss"],
+    with _quiet_torch():
+        return export(module, args, str(path), dynamo=dynamo, input_names=names, output_names=["loss"],
                       verbose=False, **dims)
 
 
-def main(argv=None) -> int:
-    """Run the demo; returns 0 when both onnxruntime paths match torch eager, else 1."""
-    parser = argparse.ArgumentParser(prog="deploy-ctc demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="deploy_ctc_demo.onnx", help="where to write the ONNX model")
-    parser.add_argument("--batch", type=int, default=8, help="utterances per batch")
-    parser.add_argument("--frames", type=int, default=200, help="frames of the longest utterance")
-    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per path (median reported)")
-    args = parser.parse_args(argv)
+def run(output=None, batch: int = 8, frames: int = 200, exporter: str = "dynamo", repeats: int = 10) -> int:
+    """Run the demo; returns 0 when both onnxruntime paths match torch eager, else 1.
 
+    Args:
+        output: where to write the ONNX model; None: a temporary file, deleted at the end.
+        batch: utterances per batch; frames: frames of the longest utterance.
+        exporter: ``"dynamo"`` (torch.export-based) or ``"torchscript"``.
+        repeats: timed runs per path (the median is reported).
+    """
+    with tempfile.TemporaryDirectory(prefix="deploy_ctc_demo_") as scratch:
+        path = Path(output) if output is not None else Path(scratch) / "deploy_ctc_demo.onnx"
+        return _run(path, output is not None, batch, frames, exporter, repeats)
+
+
+def _run(path: Path, keep: bool, batch_size: int, frames: int, exporter: str, repeats: int) -> int:
     import onnxruntime as ort
 
     import deploy_ctc.onnx as dco
 
     torch.manual_seed(0)
     module = AcousticModelWithLoss(AcousticModel()).eval()
-    batch = make_batch(args.batch, args.frames)
-    print(f"model: conv + BiLSTM, {N_MELS}-dim features, {N_CLASSES} classes; batch N={args.batch}, "
-          f"T<={args.frames} frames, S={batch['targets'].shape[1]}")
-    export_with_loss(module, make_batch(3, 64, seed=1), args.output, dynamo=args.exporter == "dynamo")
-    print(f"exported ({args.exporter}) with deploy_ctc::CTCLoss and its portable body -> {args.output}")
+    batch = make_batch(batch_size, frames)
+    print(f"model: conv + BiLSTM, {N_MELS}-dim features, {N_CLASSES} classes; batch N={batch_size}, "
+          f"T<={frames} frames, S={batch['targets'].shape[1]}")
+    with _progress(f"exporting with the {exporter} exporter (deploy_ctc::CTCLoss + its portable body)"):
+        export_with_loss(module, make_batch(3, 64, seed=1), path, dynamo=exporter == "dynamo")
+    print(f"model written to {path}" if keep else "model written to a temporary file (--output keeps it)")
 
     with torch.no_grad():
         tensors = [torch.from_numpy(v) for v in batch.values()]
         expected = float(module(*tensors))
-        eager_ms = _median_ms(lambda: module(*tensors), args.repeats)
+        eager_ms = _median_ms(lambda: module(*tensors), repeats)
     sessions = {
-        "onnxruntime (portable body)": ort.InferenceSession(args.output, providers=["CPUExecutionProvider"]),
-        "onnxruntime + deploy_ctc extension": ort.InferenceSession(
-            args.output, dco.session_options(), providers=["CPUExecutionProvider"]),
+        "onnxruntime (portable body)": ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
+        "onnxruntime + deploy_ctc library": ort.InferenceSession(
+            str(path), dco.session_options(), providers=["CPUExecutionProvider"]),
     }
     ok = True
     print(f"{'path':38s} {'loss':>12s} {'rel. diff':>10s} {'median ms':>10s}")
@@ -150,7 +210,7 @@ def main(argv=None) -> int:
         loss = float(session.run(None, batch)[0])
         diff = abs(loss - expected) / max(abs(expected), 1e-12)
         ok &= bool(diff <= RTOL)
-        ms = _median_ms(lambda: session.run(None, batch), args.repeats)
+        ms = _median_ms(lambda: session.run(None, batch), repeats)
         print(f"{name:38s} {loss:12.6f} {diff:10.2e} {ms:10.2f}")
     print("parity: OK" if ok else f"parity: FAILED (relative difference above {RTOL})")
     return 0 if ok else 1

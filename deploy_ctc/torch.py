@@ -8,9 +8,11 @@ arrays (the native engine, or the NumPy fallback), CUDA tensors become CuPy arra
 current stream of the tensor's device).
 
 The op computes the gradient together with the loss (one forward-backward pass) when ``log_probs`` requires grad;
-``backward`` scales it by the upstream gradient, so ``loss.backward()`` gives torch's gradients. Differentiating
-that gradient again (double backward: gradient penalties, Hessian-vector products) raises a RuntimeError, as
-torch's own ``ctc_loss`` does.
+``backward`` scales it by the upstream gradient, so ``loss.backward()`` gives torch's gradients. Unlike torch's
+``ctc_loss``, that gradient is differentiable again (double backward: gradient penalties, Hessian-vector products):
+the op ``deploy_ctc::ctc_loss_hvp`` computes the exact derivative of the gradient
+(:mod:`deploy_ctc._backends.cpu.hessian`, on the CPU in float64 for tensors on any device). A third derivative
+raises a RuntimeError.
 
 Beyond torch: target values are validated (torch reads out of bounds), float16 and bfloat16 ``log_probs`` are
 accepted outside autocast (computed in float32, returned in the input dtype), and the CUDA gradient is
@@ -37,13 +39,12 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
     raise ImportError("deploy_ctc.torch needs PyTorch: pip install torch (CPU wheels suffice)") from error
 
 from . import align, api
-from .validation import check_options, integer_array
+from .validation import check_options, integer_array, validate
 
 __all__ = ["CTCLoss", "ctc_loss", "forced_align", "patch"]
 
-DOUBLE_BACKWARD_ERROR = (
-    "deploy_ctc::ctc_loss: the derivative of the CTC gradient (double backward) is not implemented; "
-    "torch's own ctc_loss does not implement it either")
+THIRD_DERIVATIVE_ERROR = ("deploy_ctc::ctc_loss: derivatives of third and higher order are not implemented "
+                          "(the gradient and its derivative, double backward, are)")
 
 
 def ctc_loss(log_probs: torch.Tensor, targets: Any, input_lengths: Any, target_lengths: Any, blank: int = 0,
@@ -233,7 +234,10 @@ def _ctc_loss_kernel(log_probs: torch.Tensor, targets: torch.Tensor, input_lengt
     return _tensor(loss).to(log_probs.dtype), grad
 
 
+_LIBRARY.define("ctc_loss_hvp(Tensor log_probs, Tensor targets, Tensor input_lengths, Tensor target_lengths, "
+                "Tensor direction, int blank, str reduction, bool zero_infinity) -> Tensor")
 _ctc_loss_op = torch.ops.deploy_ctc.ctc_loss.default
+_ctc_loss_hvp_op = torch.ops.deploy_ctc.ctc_loss_hvp.default
 
 
 def _ctc_loss_fake(log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, with_grad):
@@ -255,21 +259,54 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_of_grad):
-    if ctx.with_grad and grad_of_grad is not None:
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
-    if grad_loss is None:
-        return (None,) * 8
     log_probs, targets, input_lengths, target_lengths, grad = ctx.saved_tensors
-    if grad is None:  # called with with_grad=False (a performance hint only): compute the gradient now
-        grad = _ctc_loss_op(log_probs, targets, input_lengths, target_lengths, *ctx.options, True)[1]
-    # grad holds d loss / d log_probs for a unit upstream gradient; the product keeps ``grad``'s graph, so
-    # differentiating it again comes back here (or to the recomputing call's node) with grad_of_grad set.
-    weight = grad_loss[None, :, None] if ctx.per_sample else grad_loss
-    return (grad * weight.to(grad.dtype),) + (None,) * 7
+    result = None
+    if grad_loss is not None:
+        if grad is None:  # called with with_grad=False (a performance hint only): compute the gradient now
+            grad = _ctc_loss_op(log_probs, targets, input_lengths, target_lengths, *ctx.options, True)[1]
+        # grad holds d loss / d log_probs for a unit upstream gradient; the product keeps ``grad``'s graph, so
+        # differentiating it again comes back here (or to the recomputing call's node) with grad_of_grad set.
+        weight = grad_loss[None, :, None] if ctx.per_sample else grad_loss
+        result = grad * weight.to(grad.dtype)
+    if ctx.with_grad and grad_of_grad is not None:
+        # Double backward: the vector-Jacobian product of the gradient output (its Jacobian is symmetric).
+        second = _ctc_loss_hvp_op(log_probs, targets, input_lengths, target_lengths, grad_of_grad, *ctx.options)
+        result = second if result is None else result + second
+    return (result,) + (None,) * 7
+
+
+def _ctc_loss_hvp_kernel(log_probs, targets, input_lengths, target_lengths, direction, blank, reduction,
+                         zero_infinity):
+    """``d/de grad(log_probs + e direction)`` for the unit-upstream ``grad`` of :func:`_ctc_loss_kernel`, computed
+    on the CPU in float64 (:mod:`deploy_ctc._backends.cpu.hessian`); shape, dtype and device of ``log_probs``."""
+    from ._backends.cpu.hessian import hessian_vector_product
+
+    host = [value.detach().cpu() for value in (log_probs, targets, input_lengths, target_lengths, direction)]
+    if host[0].dtype == torch.bfloat16:  # NumPy has no bfloat16
+        host[0] = host[0].float()
+    arrays = [_array(value) for value in host]
+    problem = validate(*arrays[:4], blank, reduction, zero_infinity)
+    scale = api.grad_scale(problem, None)  # (N,) the reduction's factor per sample
+    direction = arrays[4] if problem.batched else arrays[4][:, None, :]  # (T, N, C)
+    product = hessian_vector_product(problem, direction, scale)  # (T, N, C) float64
+    product = product if problem.batched else product[:, 0, :]
+    return torch.from_numpy(product).to(device=log_probs.device, dtype=log_probs.dtype)
+
+
+def _ctc_loss_hvp_fake(log_probs, targets, input_lengths, target_lengths, direction, blank, reduction,
+                       zero_infinity):
+    return torch.empty_like(log_probs)
+
+
+def _hvp_backward(ctx, grad):
+    raise RuntimeError(THIRD_DERIVATIVE_ERROR)
 
 
 for _dispatch_key in ("CPU", "CUDA"):
     _LIBRARY.impl("ctc_loss", _ctc_loss_kernel, _dispatch_key)
+    _LIBRARY.impl("ctc_loss_hvp", _ctc_loss_hvp_kernel, _dispatch_key)
+torch.library.register_fake("deploy_ctc::ctc_loss_hvp", _ctc_loss_hvp_fake, lib=_LIBRARY)
+torch.library.register_autograd("deploy_ctc::ctc_loss_hvp", _hvp_backward, lib=_LIBRARY)
 torch.library.register_fake("deploy_ctc::ctc_loss", _ctc_loss_fake, lib=_LIBRARY)
 torch.library.register_autograd("deploy_ctc::ctc_loss", _backward, setup_context=_setup_context, lib=_LIBRARY)
 # torch's autocast policy runs ctc_loss in float32 (float16/bfloat16/float32 inputs cast; float64 kept).
@@ -294,23 +331,25 @@ class patch(contextlib.ContextDecorator):  # noqa: N801 -- used like a function:
 
     _lock = threading.Lock()
 
-    def __init__(self):
-        self._saved: list[tuple[Any, str, Any]] = []
+    def __init__(self) -> None:
+        # One entry per open block of this instance (a decorated function may call itself).
+        self._saved: list[tuple[Any, Any]] = []
 
     def __enter__(self) -> "patch":
         with self._lock:
-            self._saved = [(torch.nn.functional, "ctc_loss", torch.nn.functional.ctc_loss),
-                           (torch.nn.CTCLoss, "forward", torch.nn.CTCLoss.__dict__["forward"])]
-            torch.nn.functional.ctc_loss = _patched_functional
-            torch.nn.CTCLoss.forward = _patched_forward
+            self._saved.append((torch.nn.functional.ctc_loss, torch.nn.CTCLoss.__dict__["forward"]))
+            _swap(_patched_functional, _patched_forward)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         with self._lock:
-            for owner, name, original in reversed(self._saved):
-                setattr(owner, name, original)
-            self._saved = []
-        return False
+            _swap(*self._saved.pop())
+
+
+def _swap(functional: Any, forward: Any) -> None:
+    """Install ``functional`` as ``torch.nn.functional.ctc_loss`` and ``forward`` as ``torch.nn.CTCLoss.forward``."""
+    setattr(torch.nn.functional, "ctc_loss", functional)  # noqa: B010 -- assigning over a typed module attribute
+    setattr(torch.nn.CTCLoss, "forward", forward)  # noqa: B010
 
 
 @functools.wraps(torch.nn.functional.ctc_loss)

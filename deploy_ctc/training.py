@@ -35,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 try:
     import onnx
@@ -77,7 +79,7 @@ class CTCLossBlock(_onnxblock.Block):
 
     Adds the graph inputs ``targets`` (N, S) int64 and ``target_lengths`` (N,) int64, and ``input_lengths``
     (N,) int64 when the model does not compute them (each only if the graph lacks it), then one
-    ``deploy_ctc::CTCLoss`` node carrying every attribute explicitly (the extension kernels require them).
+    ``deploy_ctc::CTCLoss`` node carrying every attribute explicitly.
 
     Args:
         blank, reduction, zero_infinity: as ``torch.nn.CTCLoss``.
@@ -187,9 +189,9 @@ class TrainingArtifacts:
         eval_model: forward + CTCLoss.
         optimizer_model: one optimizer step over the trainable parameters.
         checkpoint: parameters (trainable and frozen) for ``CheckpointState.load_checkpoint``.
-        needs_extension: True when CTCLoss / CTCLossGrad run as onnxruntime-extensions Python kernels
-            (the device needs Python and ``deploy_ctc.onnx``); False when the models carry the portable
-            ONNX function bodies.
+        needs_library: True when CTCLoss / CTCLossGrad run in deploy_ctc's native custom-op library (the
+            device registers that library file: :func:`open_training`, or ``RegisterCustomOpsLibrary_V2``
+            from the C/C++ training API); False when the models carry the portable ONNX function bodies.
         log_probs: name of the model output holding the (T, N, C) log-probabilities.
         input_lengths: name of the model output holding the (N,) CTC input lengths, or None when they are
             the graph input ``input_lengths``.
@@ -199,7 +201,7 @@ class TrainingArtifacts:
     eval_model: pathlib.Path
     optimizer_model: pathlib.Path
     checkpoint: pathlib.Path
-    needs_extension: bool
+    needs_library: bool
     log_probs: str
     input_lengths: str | None = None
 
@@ -225,13 +227,15 @@ class TrainingArtifacts:
         log_probs, _, input_lengths, _ = losses[0].input
         graph_inputs = {value.name for value in eval_model.graph.input}
         has_bodies = any(function.domain == _schemas.DOMAIN for function in eval_model.functions)
-        return cls(**paths, needs_extension=not has_bodies, log_probs=log_probs,
+        return cls(**paths, needs_library=not has_bodies, log_probs=log_probs,
                    input_lengths=None if input_lengths in graph_inputs else input_lengths)
 
 
-def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="AdamW", artifact_directory=None,
-                       blank=0, reduction="mean", zero_infinity=False, *, log_probs=None, input_lengths=None,
-                       portable=False) -> TrainingArtifacts:
+def generate_artifacts(model: onnx.ModelProto | str | os.PathLike, requires_grad: Sequence[str],
+                       frozen_params: Sequence[str] | None = None, optimizer: str = "AdamW",
+                       artifact_directory: str | os.PathLike | None = None, blank: int = 0, reduction: str = "mean",
+                       zero_infinity: bool = False, *, log_probs: str | None = None, input_lengths: str | None = None,
+                       portable: bool = False) -> TrainingArtifacts:
     """Write ONNX Runtime training artifacts for ``model`` with a CTC loss on its log-probabilities.
 
     Args:
@@ -245,10 +249,10 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         log_probs: name of the log-probability output; defaults to the model's only output.
         input_lengths: name of a model output holding the (N,) int64 CTC input lengths (e.g. frame counts
             after subsampling); None adds a graph input ``input_lengths`` instead.
-        portable: False: CTCLoss / CTCLossGrad run as the onnxruntime-extensions Python kernels (generation
-            and the device need Python, deploy_ctc and onnxruntime-extensions). True: the models carry
-            the portable model-local function bodies (standard ONNX ops, ``deploy_ctc.onnx.functions``) and
-            run in onnxruntime-training alone, e.g. from its C/C++/C#/Java training API; needs opset >= 18.
+        portable: False: CTCLoss / CTCLossGrad run in deploy_ctc's native custom-op library
+            (:func:`deploy_ctc.onnx.library_path`; generation builds it, the device registers the file). True:
+            the models carry the portable model-local function bodies (standard ONNX ops,
+            ``deploy_ctc.onnx.functions``) and run in onnxruntime-training alone, slower; needs opset >= 18.
 
     Returns:
         :class:`TrainingArtifacts` naming the four written artifacts (models at IR version 10).
@@ -257,7 +261,8 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         TypeError / ValueError: bad options; unknown, non-float or doubly listed parameter names; a model
             opset above 21 (what onnxruntime-training 1.19.2 runs), or below 18 with ``portable``; no such /
             ambiguous log_probs output.
-        ImportError: onnxruntime-extensions is missing and ``portable`` is False.
+        deploy_ctc.onnx.native_library.NativeUnavailable: ``portable`` is False and the native library cannot
+            be built here (the message says why).
     """
     blank, reduction, zero_infinity = check_options(blank, reduction, zero_infinity)
     if optimizer not in OPTIMIZERS:
@@ -274,9 +279,7 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
         _attach_function_bodies(model)
         library = None
     else:
-        from deploy_ctc.onnx.extension import custom_op_library_path
-
-        library = custom_op_library_path()  # ImportError naming the package when the extension is missing
+        library = _native_library()
     _register_gradient()
     directory = pathlib.Path(os.getcwd() if artifact_directory is None else artifact_directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -288,31 +291,35 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
             artifact_directory=directory, custom_op_library=library, loss_input_names=loss_inputs,
         )
     result = TrainingArtifacts(**{key: directory / name for key, name in _FILES.items()},
-                               needs_extension=not portable, log_probs=log_probs, input_lengths=input_lengths)
+                               needs_library=not portable, log_probs=log_probs, input_lengths=input_lengths)
     _finish_model(result.training_model, training_graph=True)
     _finish_model(result.eval_model)
     _finish_model(result.optimizer_model)
     return result
 
 
-def open_training(artifacts: TrainingArtifacts):
+def open_training(artifacts: TrainingArtifacts, library: str | os.PathLike | None = None) -> tuple[Any, Any, Any]:
     """Load ``artifacts`` with ``onnxruntime.training.api``.
+
+    Args:
+        artifacts: what :func:`generate_artifacts` wrote (or :meth:`TrainingArtifacts.in_directory`).
+        library: path of deploy_ctc's native custom-op library for artifacts that need it (e.g. a copy built
+            for the device); None builds or finds it with :func:`deploy_ctc.onnx.library_path`.
 
     Returns:
         ``(state, module, optimizer)``: CheckpointState, Module (training and eval models) and Optimizer;
         the module starts in training mode.
 
     Raises:
-        ImportError: the artifacts need the extension kernels and onnxruntime-extensions is missing.
+        deploy_ctc.onnx.native_library.NativeUnavailable: the artifacts need the native library, none was
+            given and it cannot be built here.
     """
     import onnxruntime
     from onnxruntime.training import api
 
     options = onnxruntime.SessionOptions()
-    if artifacts.needs_extension:
-        from deploy_ctc.onnx import session_options
-
-        options = session_options(options)
+    if artifacts.needs_library:
+        options.register_custom_ops_library(os.fspath(library) if library is not None else _native_library())
     else:
         # onnxruntime 1.19.2's GatherSliceToSplitFusion (an extended-level transformer) names every node it
         # creates "/GatherSliceToSplitFusion/"; the inlined bodies hold several matches and the session
@@ -324,7 +331,7 @@ def open_training(artifacts: TrainingArtifacts):
     return state, module, api.Optimizer(os.fspath(artifacts.optimizer_model), module)
 
 
-def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
+def export_inference_model(state: Any, artifacts: TrainingArtifacts, path: str | os.PathLike) -> None:
     """Write the inference model: the eval model cut at its log-probabilities, parameters from ``state``.
 
     Its outputs are ``artifacts.log_probs`` and, when the model computes them, ``artifacts.input_lengths``.
@@ -368,14 +375,25 @@ def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
     del model.functions[:]
     model.functions.extend(functions)
     # The eval graph's only outputs are losses: the outputs' types come from shape inference on the cut graph.
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    inferred = {value.name: value for value in inferred.graph.value_info}
+    inferred_model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = {value.name: value for value in inferred_model.graph.value_info}
     missing = [name for name in output_names if name not in inferred]
     if missing:
         raise ValueError(f"artifacts: shape inference found no type for {missing}; the eval model does not "
                          "compute them from standard ops")
     graph.output.extend(inferred[name] for name in output_names)
     onnx.save(model, os.fspath(path))
+
+
+def _native_library() -> str:
+    """Path of deploy_ctc's native custom-op library; NativeUnavailable names the reason and the alternative."""
+    from deploy_ctc.onnx.native_library import NativeUnavailable, library_path
+
+    try:
+        return library_path()
+    except NativeUnavailable as error:
+        raise NativeUnavailable(f"{error}; generate_artifacts(..., portable=True) writes artifacts that need no "
+                                "library") from None
 
 
 def _load_model(model):

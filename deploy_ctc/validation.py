@@ -20,7 +20,12 @@ from typing import Any
 
 import numpy as np
 
+#: The ``reduction`` values, in the order of torch's ``at::Reduction`` enum (the ONNX bodies and the exporter rely on
+#: the index).
 REDUCTIONS = ("none", "mean", "sum")
+#: The gradient conventions of :func:`deploy_ctc.ctc_loss_and_grad`: ``"torch"`` (``exp(log_probs) - posterior``,
+#: what autograd through ``F.ctc_loss`` gives) and ``"plain"`` (``-posterior``).
+CONVENTIONS = ("torch", "plain")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,22 @@ class CTCProblem:
         return tuple(self.log_probs.shape)
 
 
+def _one_of(values) -> str:
+    """``'a', 'b', 'c'``: the accepted values as a message lists them."""
+    return ", ".join(repr(value) for value in values)
+
+
+def check_convention(convention) -> str:
+    """``convention`` if it is one of :data:`CONVENTIONS`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if not isinstance(convention, str) or convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {_one_of(CONVENTIONS)}, got {convention!r}")
+    return convention
+
+
 def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     """Validate the three options of ``nn.CTCLoss`` (and the ONNX op's attributes).
 
@@ -75,7 +96,7 @@ def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     if not isinstance(reduction, str):
         raise TypeError(f"reduction must be a string, one of {REDUCTIONS}, got {reduction!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        raise ValueError(f"reduction must be one of {_one_of(REDUCTIONS)}, got {reduction!r}")
     if isinstance(zero_infinity, (bool, np.bool_)):
         zero_infinity = bool(zero_infinity)
     elif isinstance(zero_infinity, numbers.Integral):
@@ -162,9 +183,9 @@ def integer_array(value, name: str, xp):
     if arr.dtype == np.uint64 and arr.size:
         too_big = _to_host(arr > _INT64_MAX, xp)  # uint64 above int64: casting would wrap it to a negative value
         if too_big.any():
-            i = _first_index(too_big)
-            where = f"[{', '.join(map(str, i))}]" if i else ""
-            raise ValueError(f"{name}{where} = {int(_to_host(arr[i], xp))} is outside the int64 range")
+            first = _first_index(too_big)
+            where = f"[{', '.join(map(str, first))}]" if first else ""
+            raise ValueError(f"{name}{where} = {int(_to_host(arr[first], xp))} is outside the int64 range")
     return arr
 
 

@@ -4,12 +4,12 @@
 
 Exactly ``deploy-ctc demo``: one ``deploy_ctc.onnx.export`` call (dynamic N, T, S) writes a model whose
 ``deploy_ctc::CTCLoss`` node carries its portable body; the loss is then evaluated with plain onnxruntime
-and with the deploy_ctc extension and compared with torch eager.  See deploy_ctc/demo.py for the steps.
+and with deploy_ctc's native library and compared with torch eager.  See deploy_ctc/demo.py for the steps.
 """
 
 import sys
 
-from deploy_ctc.demo import main
+from deploy_ctc.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["demo", *sys.argv[1:]]))

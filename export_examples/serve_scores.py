@@ -1,6 +1,6 @@
 """A minimal loss-evaluation service: load the ONNX model once, score request batches of any T / N.
 
-    python export_examples/serve_scores.py [--model scores.onnx] [--requests 5] [--no-extension]
+    python export_examples/serve_scores.py [--model scores.onnx] [--requests 5] [--portable]
 
 Without ``--model`` it first exports the acoustic model with ``reduction="none"`` (one loss per
 utterance).  Each request is a batch of utterances of its own length and size; the scorer returns
@@ -22,16 +22,16 @@ class BatchScorer:
 
     Args:
         path: ONNX model exported with reduction="none" (inputs as ``make_batch``'s keys, output "loss").
-        use_extension: run deploy_ctc::CTCLoss with the deploy_ctc extension (faster) instead of the
-            portable body (plain onnxruntime).
+        native: run deploy_ctc::CTCLoss with deploy_ctc's native custom-op library (faster) instead of
+            the portable body (plain onnxruntime).
     """
 
-    def __init__(self, path: str, use_extension: bool = True):
+    def __init__(self, path: str, native: bool = True):
         import onnxruntime as ort
 
         import deploy_ctc.onnx as dco
 
-        options = dco.session_options() if use_extension else ort.SessionOptions()
+        options = dco.session_options() if native else ort.SessionOptions()
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="ONNX model exported with reduction='none' (default: export one)")
     parser.add_argument("--requests", type=int, default=5)
-    parser.add_argument("--no-extension", action="store_true", help="use the portable body only")
+    parser.add_argument("--portable", action="store_true", help="use the portable body only")
     args = parser.parse_args(argv)
 
     from deploy_ctc.demo import make_batch
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         path = args.model or os.path.join(tmp, "scores.onnx")
         if args.model is None:
             _export_scoring_model(path)
-        scorer = BatchScorer(path, use_extension=not args.no_extension)
+        scorer = BatchScorer(path, native=not args.portable)
         rng = np.random.default_rng(0)
         for request in range(args.requests):
             batch = make_batch(int(rng.integers(1, 9)), int(rng.integers(40, 300)), seed=request)

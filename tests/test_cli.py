@@ -1,4 +1,5 @@
-"""The ``deploy-ctc`` console script: ``check`` reports versions and backends and passes its self-test."""
+"""The ``deploy-ctc`` command: subcommands, help, version, ``check``'s report and self-test, ``demo``'s behaviour
+without its extras and by default, and ``bench`` inside and outside a checkout."""
 
 import importlib
 import os
@@ -103,12 +104,86 @@ def test_check_fails_when_the_fast_path_is_broken(capsys, monkeypatch):
     assert all(ok for ok, _ in parity_lines(out).values())
 
 
-def test_module_entry_point(tmp_path):
+def _run_python(args, cwd, timeout=300):
+    """``python *args`` in ``cwd`` with this checkout first on the path."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-m", "deploy_ctc.cli", "check"], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=300)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("module", ["deploy_ctc", "deploy_ctc.cli"])
+def test_module_entry_points(tmp_path, module):
+    result = _run_python(["-m", module, "check"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS" in result.stdout
+
+
+def test_version(capsys):
+    import deploy_ctc
+
+    code, out = run_main(["--version"], capsys)
+    assert code == 0 and out.strip() == f"deploy_ctc {deploy_ctc.__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check", "--help"], ["demo", "--help"], ["bench", "--help"]])
+def test_help_is_plain_text(argv, capsys):
+    code, out = run_main(argv, capsys)
+    assert code == 0 and out.startswith("usage: deploy-ctc")
+    for markup in ("``", ":func:", ":mod:", "**", "<", "`"):
+        assert markup not in out, f"{markup!r} in the help of {argv}"
+
+
+def test_check_reports_threads_cache_and_why_a_backend_is_unusable(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DEPLOY_CTC_NUM_THREADS", "3")
+    monkeypatch.setenv("DEPLOY_CTC_CACHE_DIR", str(tmp_path / "cache"))
+    from deploy_ctc._backends.cpu import common
+
+    common.pool_size.cache_clear()
+    try:
+        _, out = run_main(["check"], capsys)
+    finally:
+        common.pool_size.cache_clear()
+    assert "worker threads: 3 (DEPLOY_CTC_NUM_THREADS" in out
+    assert f"build cache: {tmp_path / 'cache'}" in out
+    cuda = next(line for line in out.splitlines() if line.strip().startswith("cuda"))
+    assert "device(s)" in cuda or ("unusable: " in cuda and len(cuda.split("unusable: ", 1)[1]) > 10), cuda
+
+
+def test_check_says_why_cupy_is_unusable(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy now raises ImportError
+    _, out = run_main(["check"], capsys)
+    cuda = next(line for line in out.splitlines() if line.strip().startswith("cuda"))
+    assert "unusable: cupy does not import" in cuda and "deploy_ctc[cuda]" in cuda
+
+
+BLOCK_IMPORTS = ("import sys; sys.modules.update(dict.fromkeys(['torch', 'onnx', 'onnxruntime', "
+                 "'onnxruntime_extensions', 'onnxscript', 'cupy'])); from deploy_ctc.cli import main; ")
+
+
+def test_demo_with_only_numpy_names_the_extra_in_one_line(tmp_path):
+    result = _run_python(["-c", BLOCK_IMPORTS + "sys.exit(main(['demo']))"], tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install" in lines[0] and "deploy_ctc[onnx]" in lines[0], result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_with_only_numpy_passes(tmp_path):
+    result = _run_python(["-c", BLOCK_IMPORTS + "sys.exit(main(['check']))"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout and "deploy_ctc[test]" in result.stdout
+
+
+def test_demo_by_default_is_quiet_shows_progress_and_writes_nothing_here(tmp_path):
+    for name in ("torch", "onnx", "onnxruntime", "onnxruntime_extensions", "onnxscript"):
+        pytest.importorskip(name)
+    result = _run_python(["-m", "deploy_ctc", "demo", "--batch", "2", "--frames", "24", "--repeats", "1"], tmp_path,
+                         timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "exporting with the dynamo exporter" in result.stdout and "done in" in result.stdout
+    assert "parity: OK" in result.stdout and "temporary file" in result.stdout
+    assert result.stderr == ""  # no exporter warnings or log lines
+    assert not list(tmp_path.iterdir())
 
 
 def test_help_lists_commands(capsys):
@@ -118,8 +193,19 @@ def test_help_lists_commands(capsys):
 
 
 def test_unknown_command_fails(capsys):
-    code, _ = run_main(["no-such-command"], capsys)
-    assert code != 0
+    from deploy_ctc import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["no-such-command"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'no-such-command'; the commands are check, demo, bench" in capsys.readouterr().err
+
+
+def test_no_command_prints_the_usage(capsys):
+    from deploy_ctc import cli
+
+    assert cli.main([]) == 2
+    assert "check" in capsys.readouterr().err
 
 
 def test_check_fails_on_a_wrong_loss(capsys, monkeypatch):
@@ -160,3 +246,45 @@ def test_bench_outside_a_checkout_says_how_to_run_it(capsys, monkeypatch, tmp_pa
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench"]) == 2
     assert "python benchmarks/bench_cpu.py" in capsys.readouterr().err
+
+
+def test_check_says_whether_the_onnxruntime_library_is_available(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from deploy_ctc.onnx import native_library
+
+    monkeypatch.setattr(native_library, "_failure", None)
+    monkeypatch.setattr(native_library, "_path", None)
+    monkeypatch.setenv(native_library.INCLUDE_ENV, str(tmp_path))  # no headers there
+    monkeypatch.setattr(native_library, "SYSTEM_INCLUDE", tmp_path / "none")
+    _, out = run_main(["check"], capsys)
+    assert f"native library unavailable (ONNX Runtime's C API header onnxruntime_c_api.h was not found in {tmp_path}" \
+        in out and native_library.INCLUDE_ENV in out
+
+
+def test_ort_library_prints_the_library_path(capsys):
+    pytest.importorskip("onnxruntime")
+    from deploy_ctc.onnx import native_library
+
+    try:
+        path = native_library.library_path()
+    except native_library.NativeUnavailable as error:
+        pytest.skip(f"the native ONNX Runtime library is unavailable here: {error}")
+    code, out = run_main(["ort-library"], capsys)
+    assert code == 0 and out.strip() == path
+
+
+def test_ort_library_portable_build_command(monkeypatch, capsys, tmp_path):
+    """The portable copy is built without -march=native, with the export list and no undefined symbols."""
+    from deploy_ctc.onnx import native_library
+
+    commands = []
+    monkeypatch.setattr(native_library, "include_dir", lambda: tmp_path)
+    monkeypatch.setattr(native_library.subprocess, "run", lambda command: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    code, _ = run_main(["ort-library", "--portable", "--output", str(tmp_path / "lib" / "x.so")], capsys)
+    assert code == 0 and len(commands) == 1
+    command = commands[0]
+    assert not any(flag.startswith("-march") for flag in command)
+    assert "-fvisibility=hidden" in command and "-Wl,-z,defs" in command and f"-I{tmp_path}" in command
+    assert any(flag.startswith("-Wl,--version-script=") and flag.endswith("ort_ops.map") for flag in command)
+    assert (tmp_path / "lib").is_dir()

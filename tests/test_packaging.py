@@ -22,10 +22,15 @@ def _distribution_files():
 
 def test_wheel_ships_every_kernel_source():
     files = _distribution_files()
-    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".cpp"))
+    sources = sorted(p.name for p in (ROOT / "kernels").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h"))
     assert "ctc.cu" in sources and "ctc_cpu.cpp" in sources, sources
     missing = [name for name in sources if f"deploy_ctc/kernels/{name}" not in files]
     assert not missing, f"kernel sources missing from the installed package: {missing}"
+
+
+def test_wheel_ships_the_typed_marker():
+    assert (ROOT / "deploy_ctc" / "py.typed").is_file()
+    assert "deploy_ctc/py.typed" in _distribution_files()
 
 
 def test_console_script_is_installed():

@@ -162,8 +162,9 @@ def _cpu_rows(report: dict) -> list:
 
 
 def _onnx_rows(report: dict) -> list:
-    return [f"| {tuple(r['shape_TNCS'])} | {r['direct_ms']:.2f} | {r['extension_ms']:.2f} | "
-            f"{r['extension_over_direct']:.2f} | {r['portable_ms']:.2f} | {r['torch_forward_ms']:.2f} | "
+    return [f"| {tuple(r['shape_TNCS'])} | {r['direct_ms']:.2f} | {r['native_ms']:.2f} | "
+            f"{r['native_over_direct']:.2f} | {r['direct_grad_ms']:.2f} | {r['native_grad_ms']:.2f} | "
+            f"{r['native_grad_over_direct']:.2f} | {r['portable_ms']:.2f} | {r['torch_forward_ms']:.2f} | "
             f"{r['portable_over_torch']:.2f} |" for r in report["results"]]
 
 

@@ -285,6 +285,17 @@ def test_unknown_convention(case):
         deploy_ctc.ctc_loss_and_grad(*case, convention="exact")
 
 
+def test_reductions_follow_torchs_enum_order():
+    """The ONNX bodies and the exporter map reductions to torch's at::Reduction numbers by their index."""
+    torch = pytest.importorskip("torch")
+    assert [torch.nn._reduction.get_enum(name) for name in validation.REDUCTIONS] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("convention", ["Torch", "", None, 1])
+def test_unknown_convention(convention):
+    lp = np.log(np.full((4, 1, 3), 1 / 3))
+    with pytest.raises(ValueError, match=re.escape(f"convention must be one of 'torch', 'plain', got {convention!r}")):
+        deploy_ctc.ctc_loss_and_grad(lp, np.array([[1]]), [4], [1], convention=convention)
 # --- length forms: exactly torch's ------------------------------------------------------------------------------
 def _torch_loss(lp, targets, il, tl):
     torch = pytest.importorskip("torch", reason="torch (the test extra) is the oracle of accepted forms")

@@ -3,20 +3,21 @@
 :func:`build_library` compiles C++ sources of the kernels folder with the system's compiler (``$CXX``, else the
 first of ``c++``, ``g++``, ``clang++`` on ``PATH``) into a shared library and returns its path; the native CPU engine
 (:mod:`deploy_ctc._backends.cpu.native_build`) is one user. A library is compiled once per machine: its file name
-digests everything the build depends on (the sources and the kernels folder's headers, extra files named by the
-caller, the compiler and its version, the flags, the CPU model and features, since ``-march=native`` code may not run
-on another CPU), so a later process loads it without compiling and an upgrade, an edit or a different CPU sharing
-the home directory gets its own build. Builds are logged at INFO level on this module's logger.
+digests everything the build depends on (the sources, the headers beside them and in the include directories, other
+files named by the caller, the compiler and its version, the flags, the CPU model and features, since
+``-march=native`` code may not run on another CPU), so a later process loads it without compiling and an upgrade,
+an edit or a different CPU sharing the home directory gets its own build. Builds are logged at INFO level on this
+module's logger.
 
 **Where**: ``$DEPLOY_CTC_CACHE_DIR``, else ``$XDG_CACHE_HOME/deploy_ctc``, else ``~/.cache/deploy_ctc`` (the home
 directory from ``$HOME``, else the user's passwd entry). Relative paths are never used: a relative
 ``XDG_CACHE_HOME`` is ignored (as the XDG specification asks), a relative ``DEPLOY_CTC_CACHE_DIR`` is refused.
 Missing directories are created with mode 0700.
 
-**What is trusted** (the rules of OpenSSH's StrictModes, applied as pip and Python's own caches would need them):
-the cache directory must be owned by the current user and not writable by group or others; every directory above
-it must belong to the user or root and not be writable by group or others unless it has the sticky bit (``/tmp``);
-symbolic links on the way must belong to the user or root, and are followed. A library is loaded only if it is a
+**What is trusted** (the rules OpenSSH's StrictModes applies to ``~/.ssh``): the cache directory must be owned by
+the current user and not writable by group or others; every directory above it must belong to the user or root and
+not be writable by group or others unless it has the sticky bit (``/tmp``); symbolic links on the way must belong
+to the user or root, and are followed. A library is loaded only if it is a
 regular file (not a link) owned by the user, not writable by group or others, whose SHA-256 matches the digest
 written beside it when it was built, and whose ELF dynamic symbol table defines the entry points the caller needs.
 A file that fails those checks (truncated, empty, foreign, without the entry points) is rebuilt, with a warning in
@@ -31,7 +32,7 @@ starting together compile once; the others wait, then load the result); the comp
 that is fsync'd, checked and renamed into place, then its digest is written the same way. An interrupted build
 (KeyboardInterrupt, a timeout) kills the compiler's whole process group and removes its temporary file. A process
 forked while another thread builds starts with fresh locks (record locks are not inherited) and builds or waits on
-its own.
+its own; :func:`os.fork` waits while a compiler is being started, so the child never holds the parent's pipes.
 
 No compiler, a failed build, or no trusted directory to build in raises :class:`NativeUnavailable` with the reason.
 """
@@ -44,7 +45,6 @@ import hashlib
 import logging
 import os
 import platform
-import pwd
 import shutil
 import signal
 import stat
@@ -60,8 +60,9 @@ from pathlib import Path
 
 try:
     import fcntl
-except ImportError:  # not a POSIX system
-    fcntl = None  # type: ignore[assignment]
+    import pwd
+except ImportError:  # not a POSIX system: build_library says so
+    fcntl = pwd = None  # type: ignore[assignment]
 
 from .kernel_sources import kernel_sources_dir
 
@@ -75,7 +76,8 @@ NATIVE_TARGETS: tuple[tuple[str, ...], ...] = (("-march=native", "-mprefer-vecto
 #: Flags of every build: position-independent code linked as a shared library.
 SHARED_FLAGS = ("-fPIC", "-shared")
 
-#: Suffixes of the kernels folder's files that a source may include; their contents are part of every build's key.
+#: Suffixes of the files in the source and include directories that a source may include: their contents are part
+#: of the build's key.
 HEADER_SUFFIXES = (".h", ".hpp", ".cuh", ".inc")
 
 COMPILE_TIMEOUT_S = 300
@@ -91,6 +93,7 @@ class NativeUnavailable(RuntimeError):
 
 _logger = logging.getLogger("deploy_ctc._backends.native_cache")
 _build_lock = threading.Lock()  # one build at a time in a process; replaced in a forked child
+_spawn_lock = threading.Lock()  # held while a compiler starts, and by os.fork (see _run)
 _private: tuple[Path, int] | None = None  # (temporary directory, the process that made it and removes it)
 _warned: set[str] = set()
 
@@ -114,9 +117,10 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
             returned, so a library without them is rebuilt rather than loaded).
         compile_flags: flags before the target flags (e.g. ``("-std=c++17", "-O3")``).
         link_flags: flags after the sources (e.g. ``("-Wl,--version-script=...", "-Wl,-z,defs")``).
-        include_dirs: extra ``-I`` directories (``source_dir`` is always on the include path).
-        depends: other files the build reads (headers outside ``source_dir``, a version script): their contents
-            are part of the library's key, so editing one rebuilds it.
+        include_dirs: extra ``-I`` directories (``source_dir`` is always on the include path); the headers at their
+            top level (:data:`HEADER_SUFFIXES`) are part of the library's key.
+        depends: other files the build reads (headers in subfolders, a version script): their contents are part of
+            the library's key, so editing one rebuilds it.
         target_flags: alternatives tried in order; ``[()]`` for one portable build.
         source_dir: the folder of ``sources``; default the kernels folder.
         description: what the INFO log line says is built (default ``name``).
@@ -142,8 +146,9 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
         if not path.is_file():
             raise NativeUnavailable(f"source {source!r} is not a file in {folder} (an incomplete installation?)")
     compiler = find_compiler()
-    include = [f"-I{folder}"] + [f"-I{Path(d).resolve()}" for d in include_dirs]
-    key = _key(name, compiler, source_paths, folder, depends, [*compile_flags, *include, *link_flags])
+    include_paths = [folder, *(Path(d).resolve() for d in include_dirs)]
+    include = [f"-I{d}" for d in include_paths]
+    key = _key(name, compiler, source_paths, include_paths, depends, [*compile_flags, *include, *link_flags])
     builds = []  # (command up to the sources, link flags, file name), in order of preference
     for target in target_flags:
         command = [compiler, *compile_flags, *target, *include, *SHARED_FLAGS, *map(str, source_paths)]
@@ -251,7 +256,9 @@ def _compile(folder, command, link_flags, file, symbols, what):
     try:
         _logger.info("building %s (once per machine and version): %s", what, " ".join(command))
         start = time.perf_counter()
-        _run_compiler([*command, "-o", partial, *link_flags])
+        status, messages = _run([*command, "-o", partial, *link_flags], COMPILE_TIMEOUT_S)
+        if status != 0:
+            raise NativeUnavailable(f"{' '.join(command)}: {messages.strip()[-2000:]}")
         try:
             os.chmod(partial, 0o700)  # the linker creates it under the umask
             data = _read_synced(partial)
@@ -274,40 +281,77 @@ def _compile(folder, command, link_flags, file, symbols, what):
             os.unlink(partial)
 
 
-def _run_compiler(command):
-    """Run ``command`` in its own process group; on any interruption, kill the group (the driver's cc1plus, as,
-    ld children included) before passing the exception on."""
+def _run(command, timeout):
+    """``(exit status, output)`` of ``command``, run in its own process group; on any interruption (a timeout,
+    KeyboardInterrupt), the whole group is killed (a compiler driver's cc1plus, as and ld too) before the exception
+    passes on.
+
+    The output goes to an unnamed temporary file, not a pipe, and the process starts under ``_spawn_lock``, which
+    :func:`os.fork` waits for: a process forked from another thread while Popen starts the child would otherwise
+    inherit the write ends of its pipes, and waiting for them to close would last as long as that process (forever,
+    if it waits for this build).
+    """
+    # A KeyboardInterrupt raised inside Popen, between the fork and the assignment of the pid, would leave the
+    # compiler running unseen: SIGINT is held back until Popen has returned.
+    process = None
+    with tempfile.TemporaryFile() as output:
+        try:
+            with _spawn_lock, _sigint_deferred():
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(process)
+            raise NativeUnavailable(f"{' '.join(command)}: no result after {timeout} s") from None
+        except OSError as error:
+            _kill_group(process)
+            raise NativeUnavailable(f"{command[0]} could not be run: {error}") from None
+        except BaseException:
+            _kill_group(process)
+            raise
+        output.seek(0)
+        return process.returncode, output.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Run the block with SIGINT recorded instead of handled, then handle it. Only the main thread can change the
+    handler, and only the main thread is interrupted by SIGINT, so elsewhere the block runs as it is."""
+    received = []
     try:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
-    except OSError as error:
-        raise NativeUnavailable(f"{command[0]} could not be run: {error}") from None
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+        installed = True
+    except ValueError:  # not the main thread (of the main interpreter)
+        installed = False
     try:
-        _, errors = process.communicate(timeout=COMPILE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        raise NativeUnavailable(f"{' '.join(command)}: no result after {COMPILE_TIMEOUT_S} s") from None
-    except BaseException:
-        _kill_group(process)
-        raise
-    if process.returncode != 0:
-        raise NativeUnavailable(f"{' '.join(command)}: {errors.strip()[-2000:]}")
+        yield
+    finally:
+        if installed:
+            # None: a handler installed outside Python, which this module cannot reinstall; default to Python's.
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+            if received and callable(previous):
+                previous(signal.SIGINT, received[0])  # the default handler raises KeyboardInterrupt here
+            elif received and previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 def _kill_group(process):
+    if process is None:
+        return  # it never started
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)  # start_new_session: the group's id is the driver's pid
-    process.wait()
+    with contextlib.suppress(ChildProcessError):
+        process.wait()
 
 
-def _key(name, compiler, sources, folder, depends, flags):
-    """SHA-256 of everything a build depends on except its target flags."""
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60,
-                                 stdin=subprocess.DEVNULL).stdout
-    except (OSError, subprocess.SubprocessError) as error:
-        raise NativeUnavailable(f"{compiler} --version failed: {error}") from None
-    headers = [path for path in folder.iterdir() if path.suffix in HEADER_SUFFIXES and path.is_file()]
+def _key(name, compiler, sources, include_paths, depends, flags):
+    """SHA-256 of everything a build depends on except its target flags: the sources, the headers at the top of
+    each include directory, ``depends``, the compiler and its version, the CPU, the other flags."""
+    status, version = _run([compiler, "--version"], 60)
+    if status != 0:
+        raise NativeUnavailable(f"{compiler} --version failed: {version.strip()[-2000:]}")
+    headers = [path for folder in include_paths if folder.is_dir() for path in folder.iterdir()
+               if path.suffix in HEADER_SUFFIXES and path.is_file()]
     files = sorted({*sources, *headers, *(Path(p).resolve() for p in depends)})
     key = hashlib.sha256()
     for part in (_LAYOUT, name.encode(), compiler.encode(), version.encode(), platform.machine().encode(),
@@ -344,7 +388,7 @@ def _configured_cache():
     if os.path.isabs(xdg):  # a relative one is invalid and ignored (XDG Base Directory specification)
         return Path(xdg) / "deploy_ctc", ""
     home = os.environ.get("HOME", "")
-    if not os.path.isabs(home):
+    if not os.path.isabs(home) and pwd is not None:
         try:
             home = pwd.getpwuid(os.getuid()).pw_dir
         except KeyError:
@@ -615,12 +659,22 @@ def _elf_problem(data, symbols):
     return None
 
 
+def _before_fork():
+    _spawn_lock.acquire()
+
+
+def _after_fork_in_parent():
+    _spawn_lock.release()
+
+
 def _after_fork_in_child():
-    """A child forked while another thread built holds none of the parent's threads: give it a free lock (the
+    """A child forked while another thread built holds none of the parent's threads: give it free locks (the
     parent's record lock is not inherited, so the child waits for the parent's build like any other process)."""
-    global _build_lock
+    global _build_lock, _spawn_lock
     _build_lock = threading.Lock()
+    _spawn_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)

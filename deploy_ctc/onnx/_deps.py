@@ -27,11 +27,6 @@ def require_onnxruntime():
     return _require("onnxruntime")
 
 
-def require_extensions():
-    """The ``onnxruntime_extensions`` module."""
-    return _require("onnxruntime_extensions")
-
-
 def require_torch():
     """The ``torch`` module."""
     return _require("torch")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from deploy_ctc.onnx._deps import require_onnx
 from deploy_ctc.onnx.attributes import node_attributes
 from deploy_ctc.onnx.functions import attach_functions, ensure_opset_imports
 from deploy_ctc.onnx.schemas import DOMAIN
 
-_FLOAT_TYPES = {1: "float32", 11: "float64"}
+if TYPE_CHECKING:  # onnx is imported when first used
+    import onnx
+
+# The log-probability element types the op takes: TensorProto data type name -> NumPy dtype name.
+_FLOAT_TYPES = {"FLOAT": "float32", "DOUBLE": "float64"}
+
+
+def _float_types(onnx) -> dict:
+    """``{TensorProto data type number: NumPy dtype name}`` of :data:`_FLOAT_TYPES`."""
+    return {onnx.TensorProto.DataType.Value(name): dtype for name, dtype in _FLOAT_TYPES.items()}
 
 
 def _value_type(model, name: str):
@@ -33,10 +44,11 @@ def _dim(type_proto, axis: int, fallback: str):
     return fallback
 
 
-def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets",
+def append_ctc_loss(model: onnx.ModelProto, log_probs_name: str, *, targets_name: str = "targets",
                     input_lengths_name: str = "input_lengths", target_lengths_name: str = "target_lengths",
                     loss_name: str = "loss", blank: int = 0, reduction: str = "mean",
-                    zero_infinity: bool = False, embed_functions: bool = True, keep_outputs: bool = True):
+                    zero_infinity: bool = False, embed_functions: bool = True,
+                    keep_outputs: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` that also computes the CTC loss of its value ``log_probs_name``.
 
     Adds graph inputs ``targets`` (N, S) int64, ``input_lengths`` (N,) int64, ``target_lengths`` (N,) int64,
@@ -49,7 +61,7 @@ def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets"
         log_probs_name: name of the (T, N, C) value in ``model.graph``.
         blank, reduction, zero_infinity: as torch.nn.CTCLoss.
         embed_functions: attach the portable function body (plain onnxruntime runs it); False leaves the
-            op to the extension (:func:`deploy_ctc.onnx.session_options`).
+            op to the native library (:func:`deploy_ctc.onnx.session_options`).
         keep_outputs: keep the model's outputs next to ``loss`` (False: ``loss`` only).
     Returns:
         The new onnx.ModelProto.
@@ -75,10 +87,10 @@ def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets"
     return out
 
 
-def append_forced_align(model, log_probs_name: str, *, targets_name: str = "targets",
+def append_forced_align(model: onnx.ModelProto, log_probs_name: str, *, targets_name: str = "targets",
                         input_lengths_name: str = "input_lengths", target_lengths_name: str = "target_lengths",
                         alignment_name: str = "alignment", scores_name: str = "scores", blank: int = 0,
-                        embed_functions: bool = True, keep_outputs: bool = True):
+                        embed_functions: bool = True, keep_outputs: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` that also returns the forced alignment (:func:`deploy_ctc.forced_align`) of its value
     ``log_probs_name`` to the targets given at run time.
 
@@ -126,7 +138,7 @@ def _copy_with_inputs(model, log_probs_name, targets_name, input_lengths_name, t
     if lp_type is None:
         raise ValueError(f"log_probs_name {log_probs_name!r} is not a value of the model's graph")
     elem_type = lp_type.tensor_type.elem_type
-    if elem_type not in _FLOAT_TYPES:
+    if elem_type not in _float_types(onnx):
         raise ValueError(f"log_probs_name {log_probs_name!r} must be float32 or float64, got element type "
                          f"{onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else 'unknown'}")
     rank = len(lp_type.tensor_type.shape.dim) if lp_type.tensor_type.HasField("shape") else 3
@@ -154,13 +166,13 @@ def _copy_with_inputs(model, log_probs_name, targets_name, input_lengths_name, t
 
 
 def ctc_loss_model(dtype: str = "float32", *, blank: int = 0, reduction: str = "mean",
-                   zero_infinity: bool = False, embed_functions: bool = True, opset: int = 18):
+                   zero_infinity: bool = False, embed_functions: bool = True, opset: int = 18) -> onnx.ModelProto:
     """A model computing only the loss: inputs log_probs (T, N, C), targets, input_lengths, target_lengths.
 
     Handy to evaluate losses in onnxruntime (benchmarks, services); arguments as :func:`append_ctc_loss`.
     """
     onnx = require_onnx()
-    types = {v: k for k, v in _FLOAT_TYPES.items()}
+    types = {v: k for k, v in _float_types(onnx).items()}
     if dtype not in types:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     graph = onnx.helper.make_graph([], "ctc_loss", [onnx.helper.make_tensor_value_info(
@@ -170,11 +182,12 @@ def ctc_loss_model(dtype: str = "float32", *, blank: int = 0, reduction: str = "
                            embed_functions=embed_functions)
 
 
-def forced_align_model(dtype: str = "float32", *, blank: int = 0, embed_functions: bool = True, opset: int = 18):
+def forced_align_model(dtype: str = "float32", *, blank: int = 0, embed_functions: bool = True,
+                       opset: int = 18) -> onnx.ModelProto:
     """A model computing only the forced alignment: inputs log_probs (T, N, C), targets, input_lengths,
     target_lengths; outputs alignment and scores. Arguments as :func:`append_forced_align`."""
     onnx = require_onnx()
-    types = {v: k for k, v in _FLOAT_TYPES.items()}
+    types = {v: k for k, v in _float_types(onnx).items()}
     if dtype not in types:
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     graph = onnx.helper.make_graph([], "ctc_align", [onnx.helper.make_tensor_value_info(

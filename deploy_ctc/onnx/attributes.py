@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
+def check_node_attributes(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     """Validate ONNX attribute values; returns (blank: int, reduction: str, zero_infinity: bool).
 
     ONNX stores ``zero_infinity`` as an int (0/1) and strings may arrive as bytes; both go to
@@ -20,6 +20,6 @@ def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
 
 
 def node_attributes(blank=0, reduction="mean", zero_infinity=False) -> dict:
-    """Checked attribute values as written on a node: every attribute explicit (the extension requires it)."""
+    """Checked attribute values as written on a node: every attribute explicit (a reader needs no schema defaults)."""
     blank, reduction, zero_infinity = check_node_attributes(blank, reduction, zero_infinity)
     return {"blank": blank, "reduction": reduction, "zero_infinity": int(zero_infinity)}

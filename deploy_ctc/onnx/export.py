@@ -19,20 +19,24 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from deploy_ctc.onnx._deps import require_onnx, require_torch
 from deploy_ctc.onnx.attributes import node_attributes
 from deploy_ctc.onnx.functions import MIN_OPSET, attach_functions, ensure_opset_imports
-from deploy_ctc.onnx.schemas import DOMAIN, register_schemas
+from deploy_ctc.onnx.schemas import DOMAIN, OPSET_VERSION, register_schemas
+from deploy_ctc.validation import REDUCTIONS
 
-# aten::ctc_loss passes reduction as torch's at::Reduction enum.
-_REDUCTION_ENUM = {0: "none", 1: "mean", 2: "sum"}
+if TYPE_CHECKING:  # imported when first used
+    import onnx
+    import torch
 
 
 def _attributes(blank, reduction, zero_infinity) -> dict:
     """Node attributes from aten::ctc_loss's scalar arguments (reduction as the enum or a string)."""
-    if not isinstance(reduction, str):
-        reduction = _REDUCTION_ENUM.get(int(reduction), reduction)
+    if not isinstance(reduction, str):  # torch's at::Reduction enum, whose order REDUCTIONS follows
+        code = int(reduction)
+        reduction = REDUCTIONS[code] if 0 <= code < len(REDUCTIONS) else reduction
     return node_attributes(int(blank), reduction, bool(zero_infinity))
 
 
@@ -146,7 +150,7 @@ def _translation_table() -> dict:
 
     import deploy_ctc.torch  # noqa: F401 -- registers deploy_ctc::ctc_loss
 
-    custom = onnxscript.values.Opset(DOMAIN, 1)
+    custom = onnxscript.values.Opset(DOMAIN, OPSET_VERSION)
     std = onnxscript.opset18
 
     def as_tensor(lengths):
@@ -178,7 +182,8 @@ def _translation_table() -> dict:
 
 # ---- the public wrapper -----------------------------------------------------------------------------
 
-def export(model, args, f=None, *, dynamo: bool = True, embed_functions: bool = True, **kwargs):
+def export(model: torch.nn.Module, args: tuple, f: str | os.PathLike | BinaryIO | None = None, *, dynamo: bool = True,
+           embed_functions: bool = True, **kwargs: Any) -> onnx.ModelProto:
     """``torch.onnx.export(model, args, ...)`` emitting deploy_ctc::CTCLoss for every CTC loss call.
 
     Args:
@@ -188,7 +193,7 @@ def export(model, args, f=None, *, dynamo: bool = True, embed_functions: bool = 
         f: path or binary file object to write the model to; None writes nothing.
         dynamo: which torch exporter (True: torch.export-based, torch's default; False: TorchScript).
         embed_functions: attach the portable function bodies so plain onnxruntime runs the loss;
-            False leaves it to the extension (:func:`deploy_ctc.onnx.session_options`).
+            False leaves it to the native library (:func:`deploy_ctc.onnx.session_options`).
         **kwargs: passed to torch.onnx.export (``input_names``, ``output_names``, ``dynamic_axes`` or
             ``dynamic_shapes``, ``opset_version`` -- default 18, the bodies' minimum, ...).
     Returns:

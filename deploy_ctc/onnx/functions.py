@@ -1,7 +1,7 @@
 """Portable bodies: model-local ONNX functions computing CTCLoss / CTCLossGrad / CTCAlign with standard ops only.
 
 A node ``deploy_ctc::CTCLoss`` whose model carries these FunctionProtos runs in any runtime that inlines
-model-local functions (plain onnxruntime on CPU or CUDA, onnx.reference) with no extension installed.
+model-local functions (plain onnxruntime on CPU or CUDA, onnx.reference) with no custom-op library.
 The bodies are type-generic (float or double, int32 or int64 indices) and read the node's attributes
 through ``ref_attr_name``.  They use ONNX opset >= 18 ops (axes as inputs) plus ``ai.onnx.ml``
 LabelEncoder, the standard op that turns the ``reduction`` string into a number for opsets < 19,
@@ -41,7 +41,8 @@ import itertools
 import numpy as np
 
 from deploy_ctc.onnx._deps import require_onnx
-from deploy_ctc.onnx.schemas import ALIGN_ATTRIBUTE_DEFAULTS, ATTRIBUTE_DEFAULTS, DOMAIN, REDUCTIONS
+from deploy_ctc.onnx.schemas import ALIGN_ATTRIBUTE_DEFAULTS, ATTRIBUTE_DEFAULTS, DOMAIN, OPSET_VERSION
+from deploy_ctc.validation import REDUCTIONS
 
 MIN_OPSET = 18
 ML_OPSET = 3
@@ -117,15 +118,15 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
                                                  b.op("Slice", shape_in, b.const([-1]), b.const([_INT64_MAX])),
                                                  axis=0), hint="lp3")  # (T, N, C)
     t_len = b.op("Squeeze", t_vec, b.const([0]))  # ()
-    il = b.op("Reshape", b.op("Cast", input_lengths, to=7), b.const([-1]))  # (N,) int64
-    tl = b.op("Reshape", b.op("Cast", target_lengths, to=7), b.const([-1]))  # (N,)
-    tg = b.op("Cast", targets, to=7)  # (N, S) or (sum tl,)
+    il = b.op("Reshape", b.op("Cast", input_lengths, to=b.onnx.TensorProto.INT64), b.const([-1]))  # (N,) int64
+    tl = b.op("Reshape", b.op("Cast", target_lengths, to=b.onnx.TensorProto.INT64), b.const([-1]))  # (N,)
+    tg = b.op("Cast", targets, to=b.onnx.TensorProto.INT64)  # (N, S) or (sum tl,)
     zero, one, two = b.const(0), b.const(1), b.const(2)
     # [0] computed from log_probs' values (x < x is False, even for NaN): never constant-folded, unlike
     # anything derived from shapes or from lengths a model may hold as constants.
     first = b.op("ReduceSum", b.op("Slice", b.op("Reshape", log_probs, b.const([-1])), b.const([0]), b.const([1])),
                  keepdims=1)  # (1,)
-    guard = {"data_zero": b.op("Cast", b.op("Less", first, first), to=7)}  # (1,) int64
+    guard = {"data_zero": b.op("Cast", b.op("Less", first, first), to=b.onnx.TensorProto.INT64)}  # (1,) int64
 
     # Padded (N, S_max) labels from either target layout: row n starts at n*S (padded) or at the
     # exclusive cumulative sum of target_lengths (concatenated); entries past tl[n] become blank.
@@ -197,7 +198,8 @@ def _lattice(b: _Builder, log_probs: str, targets: str, input_lengths: str, targ
 
 def _all(b: _Builder, condition: str) -> str:
     """bool (): every entry of the bool tensor ``condition`` holds (True when it is empty)."""
-    failures = b.op("ReduceSum", b.op("Cast", b.op("Not", condition), to=7), keepdims=0)  # over all axes
+    failures = b.op("ReduceSum", b.op("Cast", b.op("Not", condition), to=b.onnx.TensorProto.INT64),
+                    keepdims=0)  # over all axes
     return b.op("Equal", failures, b.const(0))
 
 
@@ -308,8 +310,8 @@ def _backward(b: _Builder, lat: dict) -> str:
     emit_next = b.op("Concat", b.op("Slice", lat["emit"], c["1"], c["end"], c["0"]),
                      b.op("Slice", lat["emit"], c["-1"], c["end"], c["0"]),
                      axis=0)  # (T, N, L): E_{t+1}; the last row repeats frame T - 1 (masked)
-    never = b.op("Expand", b.op("Cast", b.const(0), to=9), b.op("Concat", b.const([1]), lat["n_vec"], b.const([1]),
-                                                                    axis=0))  # (1, N, 1)
+    never = b.op("Expand", b.op("Cast", b.const(0), to=b.onnx.TensorProto.BOOL),
+                 b.op("Concat", b.const([1]), lat["n_vec"], b.const([1]), axis=0))  # (1, N, 1)
     valid_next = b.op("Concat", b.op("Slice", lat["valid"], b.const([1]), b.const([_INT64_MAX]),
                                      b.const([0])), never, axis=0)  # (T, N, 1)
     skip_next = b.op("Slice", b.op("Concat", lat["skip_bias"], lat["neg2"], axis=1), b.const([2]),
@@ -362,7 +364,7 @@ def _reduction_code(b: _Builder, lat: dict) -> str:
     code = b.op("LabelEncoder", b.attr("reduction", "value_string"), domain="ai.onnx.ml",
                 keys_strings=list(REDUCTIONS), values_int64s=list(range(len(REDUCTIONS))), default_int64=-1)
     return _require(b, lat, b.op("GreaterOrEqual", code, b.const(0)), code,
-                    "deploy_ctc: reduction must be one of 'none', 'mean', 'sum'")
+                    "deploy_ctc: reduction must be one of " + ", ".join(map(repr, REDUCTIONS)))
 
 
 def _mean_divisor(b: _Builder, lat: dict, like: str) -> str:
@@ -386,10 +388,10 @@ def _ctc_loss_body(b: _Builder) -> tuple:
     code = _reduction_code(b, lat)
     per_target = b.op("Div", losses, _mean_divisor(b, lat, losses))
     reduced = b.fresh("reduced")
-    b.nodes.append(b.onnx.helper.make_node("If", [b.op("Equal", code, b.const(2))], [reduced],
+    b.nodes.append(b.onnx.helper.make_node("If", [b.op("Equal", code, b.const(REDUCTIONS.index("sum")))], [reduced],
                                            then_branch=branch("sum", "ReduceSum", losses),
                                            else_branch=branch("mean", "ReduceMean", per_target)))
-    b.nodes.append(b.onnx.helper.make_node("If", [b.op("Equal", code, b.const(0))], ["loss"],
+    b.nodes.append(b.onnx.helper.make_node("If", [b.op("Equal", code, b.const(REDUCTIONS.index("none")))], ["loss"],
                                            then_branch=branch("none", "Reshape", losses,
                                                               b.op("Shape", "input_lengths")),  # (N,) or ()
                                            else_branch=branch("reduced", "Identity", reduced)))
@@ -413,7 +415,7 @@ def _ctc_loss_grad_body(b: _Builder) -> tuple:
     # scale_n = d_loss (broadcast to (N,)), divided by N * max(tl_n, 1) for "mean".
     d_loss = b.op("Expand", "d_loss", lat["n_vec"])  # (N,)
     mean_factor = b.op("Reciprocal", b.op("Mul", _mean_divisor(b, lat, d_loss), b.op("CastLike", lat["n"], d_loss)))
-    is_mean = b.op("Equal", _reduction_code(b, lat), b.const(1))
+    is_mean = b.op("Equal", _reduction_code(b, lat), b.const(REDUCTIONS.index("mean")))
     scale = b.op("Mul", d_loss, b.op("Where", is_mean, mean_factor, b.like(1.0, d_loss)))  # (N,)
     scale = b.op("Unsqueeze", scale, b.const([0, 2]))  # (1, N, 1)
 
@@ -484,7 +486,8 @@ def _ctc_align_body(b: _Builder) -> tuple:
     t = back.op("Sub", lat["t_last"], it)
     active = back.op("And", back.op("Gather", lat["valid"], t, axis=0), feasible)  # (N, 1)
     label = back.op("Where", active, back.op("GatherElements", lat["ext"], state, axis=1), lat["blank"])  # (N, 1)
-    move = back.op("Cast", back.op("GatherElements", back.op("Gather", moves, t, axis=0), state, axis=1), to=7)
+    move = back.op("Cast", back.op("GatherElements", back.op("Gather", moves, t, axis=0), state, axis=1),
+                   to=back.onnx.TensorProto.INT64)
     new = back.op("Where", active, back.op("Sub", state, move), state)  # (N, 1)
     graph = back.graph("ctc_align_back", [(it, b.onnx.TensorProto.INT64), (cond, b.onnx.TensorProto.BOOL), (state, 0)],
                        [back.op("Identity", cond), new, label])
@@ -560,9 +563,9 @@ def attach_functions(model, opset: int | None = None) -> None:
 
 
 def ensure_opset_imports(model) -> None:
-    """Import the deploy_ctc domain (version 1) and ai.onnx.ml in ``model`` when missing (in place)."""
+    """Import the deploy_ctc domain (``OPSET_VERSION``) and ai.onnx.ml in ``model`` when missing (in place)."""
     onnx = require_onnx()
     present = {o.domain for o in model.opset_import}
-    for domain, version in ((DOMAIN, 1), ("ai.onnx.ml", ML_OPSET)):
+    for domain, version in ((DOMAIN, OPSET_VERSION), ("ai.onnx.ml", ML_OPSET)):
         if domain not in present:
             model.opset_import.append(onnx.helper.make_opsetid(domain, version))

@@ -25,7 +25,7 @@ with exactly torch.nn.CTCLoss's meaning.
 
 The schemas live in the ONNX Python registry of this process only: ``register_schemas()`` lets
 ``onnx.checker.check_model(full_check=True)`` and ``onnx.shape_inference`` validate models using the ops.
-ONNX Runtime never sees them; it runs either the node's model-local function body or the extension kernel.
+ONNX Runtime never sees them; it runs either the node's model-local function body or the native library's kernel.
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ OPSET_VERSION = 1
 ATTRIBUTE_DEFAULTS = {"blank": 0, "reduction": "mean", "zero_infinity": 0}
 # CTCAlign's attributes.
 ALIGN_ATTRIBUTE_DEFAULTS = {"blank": 0}
-REDUCTIONS = ("none", "mean", "sum")
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(double)"]
 _INT_TYPES = ["tensor(int32)", "tensor(int64)"]
 
 
-def _attribute_values(ctx) -> dict:
-    """The node's attribute values with schema defaults filled in, checked like the Python API."""
+def _attribute_values(ctx) -> tuple[int, str, bool]:
+    """The node's ``(blank, reduction, zero_infinity)`` with schema defaults filled in, checked like the Python API."""
     from deploy_ctc.onnx.attributes import check_node_attributes
 
     onnx = require_onnx()

@@ -142,6 +142,35 @@ def test_an_edited_source_builds_a_new_library(sources, cache):
     assert second != first and ctypes.CDLL(str(second)).tiny_answer() == 43
 
 
+def test_headers_flags_and_named_files_are_part_of_the_key(sources, cache, tmp_path):
+    """What a library like an ONNX Runtime op library passes: an include directory, hidden visibility and a version
+    script exporting one symbol. Editing a header or the script builds a new library."""
+    include = tmp_path / "include"
+    include.mkdir()
+    (include / "answer.h").write_text("#define ANSWER 42\n")
+    (sources / "tiny.cpp").write_text('#include "answer.h"\n#define EXPORT __attribute__((visibility("default")))\n'
+                                      'extern "C" EXPORT int tiny_answer() { return ANSWER; }\n'
+                                      'extern "C" EXPORT int tiny_hidden() { return 0; }\n')
+    script = tmp_path / "exports.map"
+    script.write_text("{ global: tiny_answer; local: *; };\n")
+
+    def build_with_script():
+        return native_cache.build_library("tiny", ["tiny.cpp"], symbols=["tiny_answer"], source_dir=sources,
+                                          compile_flags=("-O2", "-fvisibility=hidden"), include_dirs=[include],
+                                          link_flags=(f"-Wl,--version-script={script}",), depends=[script],
+                                          target_flags=[()])
+
+    first = build_with_script()
+    library = ctypes.CDLL(str(first))
+    assert library.tiny_answer() == 42 and not hasattr(library, "tiny_hidden")
+    (include / "answer.h").write_text("#define ANSWER 43\n")
+    second = build_with_script()
+    assert second != first and ctypes.CDLL(str(second)).tiny_answer() == 43
+    script.write_text("{ global: tiny_answer; tiny_hidden; local: *; };\n")
+    third = build_with_script()
+    assert third not in (first, second) and ctypes.CDLL(str(third)).tiny_hidden() == 0
+
+
 def test_the_key_holds_the_cpu_so_another_cpus_build_is_never_picked(sources, cache, monkeypatch):
     first = build(sources)
     monkeypatch.setattr(native_cache, "_cpu_identity", lambda: "model name : another CPU\nflags : avx512f")
@@ -315,6 +344,21 @@ def test_a_cache_owned_by_another_user_is_refused(sources, cache, tmp_path, monk
     assert hostile not in path.parents and not marker.exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a link to another user needs root")
+def test_a_symlink_owned_by_another_user_is_refused_even_to_a_private_directory(sources, cache, tmp_path,
+                                                                                monkeypatch):
+    """Like a link another user planted in /tmp under the name DEPLOY_CTC_CACHE_DIR gives: they could re-point it."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(private)
+    os.lchown(link, 65534, 65534)
+    monkeypatch.setenv(native_cache.CACHE_ENV, str(link))
+    with pytest.warns(RuntimeWarning, match=f"{link} is a symbolic link owned by uid 65534"):
+        path = build(sources)
+    assert private not in path.parents
+
+
 # --- Planted or damaged files in a trusted cache: rebuilt, never loaded ------------------------------------------
 
 def test_a_planted_library_with_a_wrong_digest_is_rebuilt_not_loaded(sources, cache, tmp_path, caplog):
@@ -408,10 +452,10 @@ def test_eight_processes_starting_together_compile_once(sources, cache, tmp_path
     assert not list(cache.glob("*.partial"))
 
 
-def wait_for(condition, timeout=120):
+def wait_for(condition, timeout=120, why=""):
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out {why}"
         time.sleep(0.05)
 
 
@@ -436,7 +480,7 @@ def test_an_interrupted_build_leaves_no_partial_file_and_no_compiler(sources, ca
     _, errors = child.communicate(timeout=60)
     assert child.returncode != 0 and "KeyboardInterrupt" in errors
     assert not list(cache.glob("*.partial")) and not list(cache.glob("*.so"))
-    wait_for(lambda: not alive(helper), timeout=10)  # the compiler's own children were killed too
+    wait_for(lambda: not alive(helper), timeout=10, why=errors)  # the compiler's own children were killed too
 
 
 def test_a_build_that_times_out_kills_the_compiler(sources, cache, tmp_path, monkeypatch):
@@ -457,7 +501,7 @@ build = lambda: native_cache.build_library("tiny", ["tiny.cpp"], symbols=["tiny_
                                            target_flags=[()])
 builder = threading.Thread(target=build)
 builder.start()
-while not Path(sys.argv[2]).exists():  # the compiler is running, with the build lock held
+while sys.argv[3] == "compiling" and not Path(sys.argv[2]).exists():  # the compiler runs, locks held
     time.sleep(0.01)
 pid = os.fork()
 if pid == 0:
@@ -471,14 +515,16 @@ print("status", status)
 """
 
 
-def test_a_process_forked_during_a_build_does_not_hang(sources, cache, tmp_path):
+@pytest.mark.parametrize("moment", ["starting", "compiling"])
+def test_a_process_forked_during_a_build_does_not_hang(sources, cache, tmp_path, moment):
+    """Forked as the build thread starts (while it may be starting the compiler), or while the compiler runs."""
     compiler = fake_compiler(tmp_path, delay=1)
-    result = subprocess.run([sys.executable, "-c", FORK_CHILD, str(sources), str(tmp_path / "helper.pid")],
+    result = subprocess.run([sys.executable, "-c", FORK_CHILD, str(sources), str(tmp_path / "helper.pid"), moment],
                             capture_output=True, text=True, timeout=120,
                             env=child_env(DEPLOY_CTC_CACHE_DIR=str(cache), CXX=str(compiler)))
     assert result.returncode == 0, result.stderr
     assert "status 0" in result.stdout and f"child {cache}" in result.stdout
-    assert builds(tmp_path) == 1  # the child waited for the parent's build and loaded it
+    assert builds(tmp_path) == 1  # the child waited for the parent's build and loaded it (or the reverse)
 
 
 def test_an_unwritable_cache_warns_once_and_leaves_no_temporary_directory(sources, tmp_path):

@@ -42,14 +42,28 @@ def make_problem(rng, T, N, C, S, dtype=np.float32, blank=0, input_lengths=None,
                    il.astype(np.int64), tl.astype(np.int64), blank)
 
 
-def session(model, extension: bool = False):
-    """onnxruntime CPU session on ``model`` (plain, or with deploy_ctc's extension)."""
+def native_library_or_skip() -> str:
+    """Path of deploy_ctc's native ONNX Runtime library; skips the test (naming why) where it cannot be built."""
+    import pytest
+
+    from deploy_ctc.onnx.native_library import NativeUnavailable, library_path
+
+    try:
+        return library_path()
+    except NativeUnavailable as error:
+        pytest.skip(f"the native ONNX Runtime library is unavailable here: {error}")
+
+
+def session(model, native: bool = False, **options):
+    """onnxruntime CPU session on ``model``: plain, or with deploy_ctc's native library registered."""
     import onnxruntime as ort
 
-    import deploy_ctc.onnx as dco
-
-    options = dco.session_options() if extension else ort.SessionOptions()
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    for name, value in options.items():
+        setattr(so, name, value)
+    if native:
+        so.register_custom_ops_library(native_library_or_skip())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def grad_model(dtype: str = "float32", **attrs):

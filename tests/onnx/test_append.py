@@ -44,7 +44,7 @@ def test_append_and_run(rng, reduction):
     assert_close(loss, want, np.float32, "loss", PORTABLE[np.dtype(np.float32)])
 
 
-def test_without_bodies_needs_the_extension():
+def test_without_bodies_needs_the_native_library():
     model, _ = _acoustic_model()
     full = dco.append_ctc_loss(model, "log_probs", embed_functions=False, keep_outputs=False)
     assert len(full.functions) == 0 and [o.name for o in full.graph.output] == ["loss"]

@@ -1,4 +1,5 @@
-"""``deploy-ctc demo`` (deploy_ctc.demo.main) end to end on a small synthetic batch."""
+"""``deploy-ctc demo`` (deploy_ctc.demo.run) end to end on a small synthetic batch, with the TorchScript exporter
+and a named output (tests/test_cli.py runs the default: the dynamo exporter and a temporary file)."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,6 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxruntime_extensions")
 pytest.importorskip("onnxscript")
 
 from deploy_ctc import demo  # noqa: E402
@@ -15,9 +15,10 @@ from deploy_ctc import demo  # noqa: E402
 @pytest.mark.filterwarnings("ignore")
 def test_demo_writes_model_and_reports_parity(tmp_path, capsys):
     out = tmp_path / "demo.onnx"
-    assert demo.main(["--output", str(out), "--batch", "3", "--frames", "40", "--repeats", "1"]) == 0
+    assert demo.run(output=out, batch=3, frames=40, exporter="torchscript", repeats=1) == 0
     text = capsys.readouterr().out
-    assert "parity: OK" in text and "onnxruntime + deploy_ctc extension" in text
+    assert "parity: OK" in text and "onnxruntime + deploy_ctc library" in text
+    assert f"model written to {out}" in text
     model = onnx.load(str(out))
     assert [f.name for f in model.functions] == ["CTCLoss"]
 

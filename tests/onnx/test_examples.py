@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("onnxruntime_extensions")
 pytest.importorskip("onnxscript")
 
 from deploy_ctc.demo import AcousticModel, AcousticModelWithLoss, export_with_loss, make_batch  # noqa: E402
+from tests.onnx.helpers import native_library_or_skip  # noqa: E402
 from tests.utils.oracles import Tolerance, assert_close  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "export_examples"
@@ -25,14 +25,16 @@ def _load(name):
     return module
 
 
-@pytest.mark.parametrize("use_extension", [True, False])
-def test_batch_scorer_matches_torch(tmp_path, use_extension):
+@pytest.mark.parametrize("native", [True, False])
+def test_batch_scorer_matches_torch(tmp_path, native):
     serve = _load("serve_scores")
     torch.manual_seed(0)
     module = AcousticModelWithLoss(AcousticModel(hidden=16), reduction="none").eval()
     path = str(tmp_path / "scores.onnx")
     export_with_loss(module, make_batch(3, 64, seed=1), path, dynamo=False)
-    scorer = serve.BatchScorer(path, use_extension=use_extension)
+    if native:
+        native_library_or_skip()
+    scorer = serve.BatchScorer(path, native=native)
     for n, frames in [(5, 90), (1, 33)]:
         batch = make_batch(n, frames, seed=n)
         with torch.no_grad():

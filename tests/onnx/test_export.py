@@ -64,9 +64,9 @@ def _export(module, rng, tmp_path, dynamo, blank=0, **kwargs):
     return proto
 
 
-def _check_runs(module, proto, rng, extension=False, blank=0):
+def _check_runs(module, proto, rng, native=False, blank=0):
     """Run at two batch shapes different from the export example and compare with torch eager."""
-    sess = session(proto, extension=extension)
+    sess = session(proto, native=native)
     for T, N, S in [(13, 4, 5), (7, 2, 2)]:
         batch = _batch(rng, T, N, S, blank)
         got = sess.run(None, dict(zip(NAMES, batch)))[0]
@@ -87,15 +87,14 @@ def test_export_runs_in_plain_onnxruntime(rng, tmp_path, dynamo):
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
-def test_export_without_bodies_runs_with_extension(rng, tmp_path, dynamo):
-    pytest.importorskip("onnxruntime_extensions")
+def test_export_without_bodies_runs_with_native_library(rng, tmp_path, dynamo):
     module = TinyCTC("none", blank=4, use_module=True, zero_infinity=True)
     proto = _export(module, rng, tmp_path, dynamo, embed_functions=False)
     assert len(proto.functions) == 0
     node = next(n for n in proto.graph.node if n.domain == "deploy_ctc")
     assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == {
         "blank": 4, "reduction": b"none", "zero_infinity": 1}
-    _check_runs(module, proto, rng, extension=True, blank=4)
+    _check_runs(module, proto, rng, native=True, blank=4)
 
 
 def test_nothing_leaks_after_export(rng, tmp_path):

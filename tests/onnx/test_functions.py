@@ -1,4 +1,4 @@
-"""The portable function bodies, run by plain onnxruntime (no extension), against torch float64 autograd."""
+"""The portable function bodies, run by plain onnxruntime (no custom-op library), against torch float64 autograd."""
 
 import numpy as np
 import pytest
@@ -243,3 +243,21 @@ def test_finite_masks_are_probabilities(rng, dtype, mask):
     want, _ = torch_reference(*problem.args(), reduction="none")
     assert np.isfinite(loss).all()
     np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+def test_nan_and_inf_log_probs_match_torch(rng):
+    """NaN or +inf on a used frame's lattice (label, blank): NaN loss and NaN rows; another class: only that
+    gradient entry; a frame past the input length: nothing -- as torch, in plain onnxruntime."""
+    loss_session = session(ctc_loss_model("float64", reduction="none"))
+    grad_session = session(grad_model("float64", reduction="none"))
+    for value in (np.inf, np.nan):
+        for frame, label in ((1, 1), (2, 0), (1, 3), (4, 1)):
+            problem = Problem(make_problem(rng, T=5, N=2, C=4, S=2, dtype=np.float64).log_probs,
+                              np.array([[1, 2], [3, 1]]), np.array([4, 5]), np.array([2, 2]))
+            problem.log_probs[frame, 0, label] = value
+            loss = loss_session.run(None, problem.feeds())[0]
+            grad = grad_session.run(None, {"d_loss": np.ones(2), **problem.feeds()})[0]
+            want_loss, want_grad = torch_reference(*problem.args(), reduction="none")
+            what = f"{value} at frame {frame}, class {label}"
+            assert_close(loss, want_loss, np.float64, f"{what}: loss", PORTABLE[np.dtype(np.float64)])
+            assert_close(grad, want_grad, np.float64, f"{what}: grad", PORTABLE[np.dtype(np.float64)])

@@ -81,6 +81,6 @@ def test_missing_onnx_names_the_extra(monkeypatch):
 
     from deploy_ctc.onnx import _deps
 
-    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install deploy_ctc\[onnx\]"):
-        _deps.require_extensions()
+        _deps.require_onnxruntime()

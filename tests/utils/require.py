@@ -20,7 +20,9 @@ CAPABILITIES = {
     "torch": re.compile(r"could not import 'torch'|the test extra|needs torch\b|deploy_ctc\[test\]"),
     "onnx": re.compile(r"could not import 'onnx\w*'|the onnx extra|deploy_ctc\[onnx\]|onnxruntime-extensions|"
                        r"needs onnx(runtime|runtime_extensions|script)?\b(?![.-]training)"),
-    "native": re.compile(r"native engine|C\+\+ compiler"),
+    "native": re.compile(r"native engine|C\+\+ compiler|needs g\+\+"),
+    # deploy_ctc's native ONNX Runtime custom-op library (built against the headers DEPLOY_CTC_ORT_INCLUDE names)
+    "ortlib": re.compile(r"native ONNX Runtime library"),
     # CuPy and NVRTC (the cuda-build extra): the CUDA kernels compile, and run on the CPU harness
     "nvrtc": re.compile(r"NVRTC|cuda-build|could not import 'cupy|needs cupy\b|deploy_ctc\[cuda\]"),
     "gpu": re.compile(r"\bGPU\b|needs gpu\b"),

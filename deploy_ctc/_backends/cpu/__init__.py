@@ -11,8 +11,10 @@ import contextlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from types import ModuleType
 
-from . import native_build
+from . import common, native_build
 
 ENV = "DEPLOY_CTC_CPU_BACKEND"
 CHOICES = ("auto", "native", "numpy")
@@ -21,23 +23,26 @@ _override = threading.local()
 _warned = False
 
 
-def current():
-    """The backend module for NumPy arrays (``forward_backward(problem, grad_scale, convention)``).
+def current() -> ModuleType:
+    """The backend module for NumPy arrays: :mod:`.native` or :mod:`.pure_numpy`, each a
+    :class:`deploy_ctc._backends.Backend`.
 
     Raises:
-        ValueError: ``DEPLOY_CTC_CPU_BACKEND`` holds something else than auto, native or numpy.
+        ValueError: ``DEPLOY_CTC_CPU_BACKEND`` holds something else than auto, native or numpy, or
+            ``DEPLOY_CTC_NUM_THREADS`` something else than a positive integer.
         RuntimeError: ``native`` was asked for and the engine cannot be built (the message says why).
     """
     return _select(warn=True)
 
 
-def name():
+def name() -> str:
     """``"native"`` or ``"numpy"``: what :func:`current` would pick now (without warning)."""
     return "numpy" if _select(warn=False).__name__.endswith(".pure_numpy") else "native"
 
 
 def _select(warn):
     global _warned
+    common.pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only one large enough for threads
     choice = getattr(_override, "choice", None) or _choice_from_environment()
     if choice != "numpy":
         try:
@@ -59,7 +64,7 @@ def _select(warn):
 
 
 @contextlib.contextmanager
-def using(choice):
+def using(choice: str) -> Iterator[None]:
     """Run the block with CPU backend ``choice`` (one of :data:`CHOICES`) on this thread."""
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")

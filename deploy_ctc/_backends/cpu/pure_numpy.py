@@ -39,21 +39,24 @@ from __future__ import annotations
 import numpy as np
 
 from . import common, logspace, workspace
+from .constants import CONSISTENCY_TOL, FLUSH_LOG, LOG_TINY_MASS
 from .. import paths
 
 # Normalise the chains every _RESCALE_EVERY steps: each unnormalised step multiplies by at most 3 (y_hat <= 1), and
 # a flush to zero in between is caught by the consistency check.
 _RESCALE_EVERY = 4
-# |log p(t) - log p(t')| above this (in nats) across frames marks a sample for the exact log-space path; float64
-# rounding stays orders of magnitude below it.
-_CONSISTENCY_TOL = 1e-9
-# A frame whose posterior normaliser Z_t falls below exp(_LOG_Z_FLOOR) is too close to float64's subnormal range
-# (2e-308) for 1/Z_t and the cells carrying its mass to be trusted: such a sample takes the exact path.
-_LOG_Z_FLOOR = -650.0  # ~1e-282
+# |log p(t) - log p(t')| above this (relative, in nats) across frames marks a sample for the exact log-space path;
+# float64 rounding stays orders of magnitude below it. Shared with the C++ engine (kernels/ctc_constants.h).
+_CONSISTENCY_TOL = CONSISTENCY_TOL
+# A frame whose posterior normaliser Z_t falls below exp(_LOG_Z_FLOOR) (~2.6e-283) is too close to float64's
+# subnormal range (2e-308) for 1/Z_t and the cells carrying its mass to be trusted: such a sample takes the exact
+# path. Shared with the C++ engine.
+_LOG_Z_FLOOR = LOG_TINY_MASS
 # An emission more than this many nats below its frame's largest (exp below ~1e-304) is subnormal or flushed to 0 in
 # float64; forward and backward chains would see the same zero, which the consistency check cannot notice, so a
-# sample with such a finite emission takes the exact path. (-inf is a true zero and does not count.)
-_FLUSH_LOG = -700.0
+# sample with such a finite emission takes the exact path. (-inf is a true zero and does not count.) Shared with the
+# C++ engine.
+_FLUSH_LOG = FLUSH_LOG
 # Bytes of per-chunk tables (emissions, chains, posterior) that one worker handles at a time.
 _CHUNK_TABLE_BYTES = 48 << 20
 # Below this many table cells a batch is done in one chunk on the calling thread; above, in at least

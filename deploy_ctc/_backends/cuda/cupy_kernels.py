@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from deploy_ctc._backends.cuda import loader
+from deploy_ctc.validation import check_convention
 
 #: Dynamic shared memory a lattice block may use for its two rows; longer targets take the global-memory path.
 #: 48 KiB is what every CUDA device grants without opting in.
@@ -34,7 +35,6 @@ LINKS_THREADS = 128
 GRAD_MAX_THREADS = 256
 MAX_GRID_Y = 65535
 INT32_MAX = 2**31 - 1
-CONVENTIONS = ("torch", "plain")
 
 
 def forward_backward(problem, grad_scale=None, convention="torch"):
@@ -71,8 +71,7 @@ def run_kernels(problem, grad_scale, convention, launcher):
 
     Array allocations use ``problem.xp`` (cupy on a GPU, numpy in the CPU test harness).
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    check_convention(convention)
     xp = problem.xp
     lp = problem.log_probs                                   # (T, N, C)
     T, N, C = lp.shape

@@ -134,3 +134,9 @@ def test_work_is_dealt_into_balanced_parts():
     assert max(loads) - min(loads) <= 2
     assert [p.dtype for p in parts] == [np.int64, np.int64]
     assert len(common.deal(samples, cost, 1)) == 1
+
+
+def test_bad_thread_count_fails_a_small_forced_alignment(monkeypatch, fresh_pool_size):
+    monkeypatch.setenv(common.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match="DEPLOY_CTC_NUM_THREADS must be a positive integer, got '0'"):
+        deploy_ctc.forced_align(np.log(np.full((3, 4), 0.25)), np.array([1, 2]), np.array(3), np.array(2))
