@@ -29,8 +29,10 @@ def test_wheel_ships_every_kernel_source():
 
 
 def test_wheel_ships_the_typed_marker():
-    assert (ROOT / "deploy_ctc" / "py.typed").is_file()
+    import deploy_ctc
+
     assert "deploy_ctc/py.typed" in _distribution_files()
+    assert (pathlib.Path(deploy_ctc.__file__).parent / "py.typed").is_file()  # the package the tests import
 
 
 def test_console_script_is_installed():
