@@ -26,6 +26,8 @@ def forced_align(problem):
     lib = native_build.library()
     lp = problem.log_probs  # (T, N, C)
     T, N, _ = lp.shape
+    if lp.dtype == np.float16:
+        lp = lp.astype(np.float32)  # the engine reads float or double; float16 values are exact in float32
     if any(stride % lp.itemsize for stride in lp.strides):
         lp = np.ascontiguousarray(lp)  # strides that are not whole elements (a view into a packed record)
     st, sn, sc = (stride // lp.itemsize for stride in lp.strides)
