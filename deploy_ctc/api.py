@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 
 from ._backends import backend_for
+from ._typing import Array, IntArrayLike
 from .validation import CONVENTIONS, check_convention, check_options, validate
 
 __all__ = ["CONVENTIONS", "CTCLoss", "ctc_loss", "ctc_loss_and_grad"]
 
 
-def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean", zero_infinity=False):
+def ctc_loss(log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike, target_lengths: IntArrayLike,
+             blank: int = 0, reduction: str = "mean", zero_infinity: bool = False) -> Array:
     """Connectionist Temporal Classification loss (Graves et al., 2006), as ``torch.nn.functional.ctc_loss``.
 
     .. math::
@@ -56,8 +58,10 @@ def ctc_loss(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     return _reduce(problem, nll)
 
 
-def ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, blank=0, reduction="mean",
-                      zero_infinity=False, *, grad_output=None, convention="torch"):
+def ctc_loss_and_grad(log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike,
+                      target_lengths: IntArrayLike, blank: int = 0, reduction: str = "mean",
+                      zero_infinity: bool = False, *, grad_output: Array | float | None = None,
+                      convention: str = "torch") -> tuple[Array, Array]:
     """The loss of :func:`ctc_loss` and its gradient with respect to ``log_probs``.
 
     Args:
@@ -92,19 +96,21 @@ class CTCLoss:
     :meth:`loss_and_grad` returns :func:`ctc_loss_and_grad`. Options are validated at construction.
     """
 
-    def __init__(self, blank=0, reduction="mean", zero_infinity=False):
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False) -> None:
         self.blank, self.reduction, self.zero_infinity = check_options(blank, reduction, zero_infinity)
 
-    def __call__(self, log_probs, targets, input_lengths, target_lengths):
+    def __call__(self, log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike,
+                 target_lengths: IntArrayLike) -> Array:
         return ctc_loss(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
                         self.zero_infinity)
 
-    def loss_and_grad(self, log_probs, targets, input_lengths, target_lengths, *, grad_output=None,
-                      convention="torch"):
+    def loss_and_grad(self, log_probs: Array, targets: IntArrayLike, input_lengths: IntArrayLike,
+                      target_lengths: IntArrayLike, *, grad_output: Array | float | None = None,
+                      convention: str = "torch") -> tuple[Array, Array]:
         return ctc_loss_and_grad(log_probs, targets, input_lengths, target_lengths, self.blank, self.reduction,
                                  self.zero_infinity, grad_output=grad_output, convention=convention)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"CTCLoss(blank={self.blank}, reduction={self.reduction!r}, "
                 f"zero_infinity={self.zero_infinity})")
 

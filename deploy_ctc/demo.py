@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,7 @@ def export_with_loss(module: AcousticModelWithLoss, batch: dict, path, dynamo: b
 
     names = list(batch)
     args = tuple(torch.from_numpy(batch[k]) for k in names)
+    dims: dict[str, Any]
     if dynamo:
         n, t, s = torch.export.Dim("N"), torch.export.Dim("T", min=4), torch.export.Dim("S")
         dims = {"dynamic_shapes": ({0: n, 1: t}, {0: n}, {0: n, 1: s}, {0: n})}

@@ -35,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 try:
     import onnx
@@ -229,9 +231,11 @@ class TrainingArtifacts:
                    input_lengths=None if input_lengths in graph_inputs else input_lengths)
 
 
-def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="AdamW", artifact_directory=None,
-                       blank=0, reduction="mean", zero_infinity=False, *, log_probs=None, input_lengths=None,
-                       portable=False) -> TrainingArtifacts:
+def generate_artifacts(model: onnx.ModelProto | str | os.PathLike, requires_grad: Sequence[str],
+                       frozen_params: Sequence[str] | None = None, optimizer: str = "AdamW",
+                       artifact_directory: str | os.PathLike | None = None, blank: int = 0, reduction: str = "mean",
+                       zero_infinity: bool = False, *, log_probs: str | None = None, input_lengths: str | None = None,
+                       portable: bool = False) -> TrainingArtifacts:
     """Write ONNX Runtime training artifacts for ``model`` with a CTC loss on its log-probabilities.
 
     Args:
@@ -294,7 +298,7 @@ def generate_artifacts(model, requires_grad, frozen_params=None, optimizer="Adam
     return result
 
 
-def open_training(artifacts: TrainingArtifacts, library=None):
+def open_training(artifacts: TrainingArtifacts, library: str | os.PathLike | None = None) -> tuple[Any, Any, Any]:
     """Load ``artifacts`` with ``onnxruntime.training.api``.
 
     Args:
@@ -327,7 +331,7 @@ def open_training(artifacts: TrainingArtifacts, library=None):
     return state, module, api.Optimizer(os.fspath(artifacts.optimizer_model), module)
 
 
-def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
+def export_inference_model(state: Any, artifacts: TrainingArtifacts, path: str | os.PathLike) -> None:
     """Write the inference model: the eval model cut at its log-probabilities, parameters from ``state``.
 
     Its outputs are ``artifacts.log_probs`` and, when the model computes them, ``artifacts.input_lengths``.
@@ -371,8 +375,8 @@ def export_inference_model(state, artifacts: TrainingArtifacts, path) -> None:
     del model.functions[:]
     model.functions.extend(functions)
     # The eval graph's only outputs are losses: the outputs' types come from shape inference on the cut graph.
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    inferred = {value.name: value for value in inferred.graph.value_info}
+    inferred_model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    inferred = {value.name: value for value in inferred_model.graph.value_info}
     missing = [name for name in output_names if name not in inferred]
     if missing:
         raise ValueError(f"artifacts: shape inference found no type for {missing}; the eval model does not "

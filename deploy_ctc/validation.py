@@ -183,9 +183,9 @@ def integer_array(value, name: str, xp):
     if arr.dtype == np.uint64 and arr.size:
         too_big = _to_host(arr > _INT64_MAX, xp)  # uint64 above int64: casting would wrap it to a negative value
         if too_big.any():
-            i = _first_index(too_big)
-            where = f"[{', '.join(map(str, i))}]" if i else ""
-            raise ValueError(f"{name}{where} = {int(_to_host(arr[i], xp))} is outside the int64 range")
+            first = _first_index(too_big)
+            where = f"[{', '.join(map(str, first))}]" if first else ""
+            raise ValueError(f"{name}{where} = {int(_to_host(arr[first], xp))} is outside the int64 range")
     return arr
 
 

@@ -26,6 +26,9 @@
 // twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
 // t = T - 1.
 //
+// The loss alone (run_loss, the deploy_ctc_cpu_nll_* entry points) runs the forward recursion only, with an exponent
+// per lattice position instead of per frame, which makes it exact by construction (see "Loss only" below).
+//
 // Layouts (element strides; the gradient is C-contiguous):
 //   lp[t * st + n * sn + c * sc]   log-probabilities, T x N x C, float or double
 //   targets[n * S_max + j]         int64, padded
@@ -56,6 +59,16 @@ using dctc::kFlushLog;  // an emission this far below its frame's largest sends 
 // What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
 // exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
 constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
+// The loss-only pass (see forward_only_step): mantissas are renormalised once one falls below kLowMantissa or rises
+// above 2^(1018 - the largest factor's exponent) (at most 2^662); factors between neighbouring exponents stay at most
+// 2^kMaxGap, by raising a cell's stored exponent up to kMaxExcess bits; an emission below e^-kEmitFloor (2^-600)
+// relative to its frame's largest, or a larger raise, sends the sample to the exact log-space path. These bounds
+// keep every product that matters a normal float64.
+constexpr double kLowMantissa = 0x1p-300;
+constexpr double kEmitFloor = 415.0;
+constexpr double kMaxGap = 900.0;
+constexpr double kMaxExcess = 900.0;
+constexpr std::int64_t kEmitBlock = 32;  // frames whose emissions the loss-only pass computes ahead
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bit_cast(From from) {
@@ -188,6 +201,19 @@ struct Lane {
   std::int32_t* members;  // (S_max,)      label positions grouped by slot: slot j owns members[first[j] .. first[j+1])
   std::int32_t* first;    // (S_max + 1,)
 
+  // Loss-only pass (forward_only_step): per-position mantissas and exponents, alpha_t = x 2^E, and the factors
+  // between neighbouring exponents; emit_label / emit_blank then hold kEmitBlock frames.
+  double* x_blank[2];     // (S_max + 1,)  x of the blank plane, frames t - 1 and t (by cur)
+  double* x_label[2];     // (width,)      x of the label plane at +1 (a zero at -1 and S)
+  double* exp_blank;      // (S_max + 1,)  E of the blank plane (integers held as doubles)
+  double* exp_label;      // (S_max,)      E of the label plane
+  double* f_eo;           // (S_max + 1,)  2^(E_label[i-1] - E_blank[i]), 0 for i = 0
+  double* f_oe;           // (S_max,)      2^(E_blank[i] - E_label[i])
+  double* f_oo;           // (S_max,)      k_i 2^(E_label[i-1] - E_label[i])
+  bool* emit_zero;        // (kEmitBlock,) whether the frame has an emission of exactly 0 (a -inf log-prob)
+  int cur = 0;
+  double high_mantissa = 1.0;  // mantissas above it may overflow a factor's product: renormalise
+
   std::int64_t n = 0, T = 0, S = 0, count = 0;  // sample, frames T_n, target length S_n, distinct labels
   bool alive = false;                           // false once the sample failed (it then takes the exact path)
   double m_sum = 0.0;                           // sum_t m_t
@@ -223,6 +249,35 @@ struct Lane {
     return (used + 63) / 64 * 64;
   }
 
+  // The loss-only layout: two rows per plane, exponents, factors and kEmitBlock frames of emissions (no T x S table).
+  std::size_t carve_forward(char* memory, std::int64_t s_max_) {
+    s_max = s_max_, width = s_max_ + 2;
+    std::size_t used = 0;
+    auto take = [&](auto*& pointer, std::int64_t count) {
+      using T = std::remove_reference_t<decltype(*pointer)>;
+      pointer = memory == nullptr ? nullptr : reinterpret_cast<T*>(memory + used);
+      used += sizeof(T) * static_cast<std::size_t>(count);
+    };
+    take(x_blank[0], s_max + 1), take(x_blank[1], s_max + 1);
+    take(x_label[0], width), take(x_label[1], width);
+    take(exp_blank, s_max + 1);
+    take(exp_label, s_max);
+    take(f_eo, s_max + 1);
+    take(f_oe, s_max);
+    take(f_oo, s_max);
+    take(emit_label, kEmitBlock * s_max);
+    take(emit_blank, kEmitBlock);
+    take(skip, s_max + 1);
+    take(unique_emit, s_max);
+    take(offset, s_max);
+    take(classes, s_max);
+    take(slot, s_max);
+    take(members, s_max);
+    take(first, s_max + 1);
+    take(emit_zero, kEmitBlock);
+    return (used + 63) / 64 * 64;
+  }
+
   // Take sample n: its skip flags, class slots (slot_of: class -> slot, all -1 before and after) and row offsets.
   void start(std::int64_t n_, std::int64_t T_, const std::int64_t* target, std::int64_t S_, std::int64_t sc,
              std::int32_t* slot_of) {
@@ -245,44 +300,63 @@ struct Lane {
   }
 };
 
+// What frame_emissions saw: the smallest finite emission log(y) (relative to m, 0 if none), whether an emission is
+// exactly 0 (a -inf log-prob), and whether one is NaN (a NaN log-prob, or +inf: then m = +inf).
+struct FrameCheck {
+  double lowest = 0.0;
+  bool zero = false, special = false;
+};
+
+// One frame's emissions, with m the frame's largest log-prob among the sample's classes: y[i] = exp(lp[t, l_i] - m)
+// for the target's positions (one exponential per distinct class, in unique_emit by slot) and *yb for the blank;
+// returns m, or -inf when every class is -inf (nothing else is then written). `ahead`'s lines of the same classes
+// are prefetched.
+template <typename scalar_t>
+inline double frame_emissions(Lane& w, const scalar_t* row, const scalar_t* ahead, std::int64_t blank_offset,
+                              double* y, double* yb, FrameCheck* check) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  double* u = w.unique_emit;
+  for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
+    __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
+    u[j] = static_cast<double>(row[w.offset[j]]);
+  }
+  const double b = static_cast<double>(row[blank_offset]);
+  double m = b == b ? b : -kInf;  // NaN: poisons its own emission below
+#pragma omp simd reduction(max : m)
+  for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
+  if (!(m > -kInf)) return m;
+  const double blank_log = b - m;
+  double lowest = blank_log > -kInf ? blank_log : 0.0;
+  int zero = blank_log == -kInf, special = blank_log != blank_log;
+#pragma omp simd reduction(min : lowest) reduction(| : zero, special)
+  for (std::int64_t j = 0; j < w.count; ++j) {
+    const double d = u[j] - m;
+    lowest = d < lowest && d > -kInf ? d : lowest;
+    zero |= d == -kInf;
+    special |= d != d;
+    u[j] = exp_poly(d);
+  }
+  for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
+  *yb = exp_poly(blank_log);
+  check->lowest = lowest, check->zero = zero != 0, check->special = special != 0;
+  return m;
+}
+
 // The emissions of every frame of the lane's sample (one exponential per distinct class), before its recursion:
 // gathers from different frames are independent, so they overlap in the memory system. Sets m_sum; a frame with
 // every class at -inf, or a finite emission below kFlushLog (relative), kills the lane.
 template <typename scalar_t>
 void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
-  constexpr double kInf = std::numeric_limits<double>::infinity();
   double m_sum = 0.0;
   for (std::int64_t t = 0; t < w.T; ++t) {
-    const scalar_t* row = lp + t * st;
     const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
-    double* u = w.unique_emit;
-    for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
-      __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
-      u[j] = static_cast<double>(row[w.offset[j]]);
-    }
-    double m = static_cast<double>(row[blank_offset]);
-    m = m == m ? m : -kInf;  // NaN: caught by the check
-#pragma omp simd reduction(max : m)
-    for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
-    if (!(m > -kInf)) {
+    FrameCheck check;
+    const double m = frame_emissions(w, lp + t * st, ahead, blank_offset, w.emit_label + t * w.s_max,
+                                     w.emit_blank + t, &check);
+    if (!(m > -std::numeric_limits<double>::infinity()) || check.lowest < kFlushLog) {
       w.alive = false;
       return;
     }
-    const double blank_log = static_cast<double>(row[blank_offset]) - m;
-    double lowest = blank_log > -kInf ? blank_log : 0.0;  // the smallest finite emission, relative to m
-#pragma omp simd reduction(min : lowest)
-    for (std::int64_t j = 0; j < w.count; ++j) {
-      const double d = u[j] - m;
-      lowest = d < lowest && d > -kInf ? d : lowest;
-      u[j] = exp_poly(d);
-    }
-    if (lowest < kFlushLog) {
-      w.alive = false;
-      return;
-    }
-    double* y = w.emit_label + t * w.s_max;
-    for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = exp_poly(blank_log);
     m_sum += m;
   }
   w.m_sum = m_sum, w.a_total = 0;
@@ -441,6 +515,43 @@ void backward_step(Lane& w, std::int64_t t, const GradientTarget<scalar_t>* grad
   if (grad != nullptr) gradient_row(w, ge, go, z, *grad, t);
 }
 
+// Log emissions of one frame for the log-space path: y[i] = lp[t, l_i] and *yb = lp[t, blank]; false when one of
+// them is NaN or +inf (left to the Python twin, which reproduces torch's results for them).
+template <typename scalar_t>
+bool log_emission_row(Lane& w, const scalar_t* row, std::int64_t blank_offset, double* y, double* yb) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  double* u = w.unique_emit;
+  bool special = false;
+  for (std::int64_t j = 0; j < w.count; ++j) {
+    u[j] = static_cast<double>(row[w.offset[j]]);
+    special |= !(u[j] < kInf);
+  }
+  const double b = static_cast<double>(row[blank_offset]);
+  if (special || !(b < kInf)) return false;
+  for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
+  *yb = b;
+  return true;
+}
+
+// One frame of the log-space forward recursion (below), from the previous frame's rows pe, po (nullptr at t = 0)
+// into e, o (o with a kNeg at -1 and S).
+inline void log_forward_row(const Lane& w, const double* pe, const double* po, double* e, double* o, double yb,
+                            const double* y) {
+  const std::int64_t S = w.S;
+  o[-1] = o[S] = kNeg;
+  if (pe == nullptr) {
+    for (std::int64_t i = 0; i <= S; ++i) e[i] = kNeg;
+    for (std::int64_t i = 0; i < S; ++i) o[i] = kNeg;
+    e[0] = yb;
+    if (S > 0) o[0] = y[0];
+    return;
+  }
+#pragma omp simd
+  for (std::int64_t i = 0; i <= S; ++i) e[i] = yb + log_add2(pe[i], po[i - 1]);
+#pragma omp simd
+  for (std::int64_t i = 0; i < S; ++i) o[i] = y[i] + log_add3(po[i], pe[i], w.skip[i] > 0.0 ? po[i - 1] : kNeg);
+}
+
 // The exact log-space path, for samples whose scaled recursions failed the check: alpha and beta' (beta without
 // the emission at t) as logs, with log y_t(c) = lp[t, c] itself, over the same planes and tables:
 //   la_e_t[i] = ly(blank) + log(e^la_e_{t-1}[i] + e^la_o_{t-1}[i-1])
@@ -454,47 +565,18 @@ template <typename scalar_t>
 double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset,
                         const GradientTarget<scalar_t>* grad) {
   const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
-  // Log emissions.
-  constexpr double kInf = std::numeric_limits<double>::infinity();
+  for (std::int64_t t = 0; t < T; ++t)
+    if (!log_emission_row(w, lp + t * st, blank_offset, w.emit_label + t * w.s_max, w.emit_blank + t)) return NAN;
   for (std::int64_t t = 0; t < T; ++t) {
-    const scalar_t* row = lp + t * st;
-    double* y = w.emit_label + t * w.s_max;
-    double* u = w.unique_emit;
-    bool special = false;  // NaN or +inf
-    for (std::int64_t j = 0; j < w.count; ++j) {
-      u[j] = static_cast<double>(row[w.offset[j]]);
-      special |= !(u[j] < kInf);
-    }
-    const double b = static_cast<double>(row[blank_offset]);
-    if (special || !(b < kInf)) return NAN;
-    for (std::int64_t i = 0; i < S; ++i) y[i] = u[w.slot[i]];
-    w.emit_blank[t] = b;
-  }
-  // Forward.
-  for (std::int64_t t = 0; t < T; ++t) {
-    const double yb = w.emit_blank[t];
-    const double* y = w.emit_label + t * w.s_max;
     double* e = w.fwd_blank + t * WB;
     double* o = w.fwd_label + t * W + 1;
-    o[-1] = o[S] = kNeg;
-    if (t == 0) {
-      for (std::int64_t i = 0; i <= S; ++i) e[i] = kNeg;
-      for (std::int64_t i = 0; i < S; ++i) o[i] = kNeg;
-      e[0] = yb;
-      if (S > 0) o[0] = y[0];
-      continue;
-    }
-    const double* pe = e - WB;
-    const double* po = o - W;
-#pragma omp simd
-    for (std::int64_t i = 0; i <= S; ++i) e[i] = yb + log_add2(pe[i], po[i - 1]);
-#pragma omp simd
-    for (std::int64_t i = 0; i < S; ++i) o[i] = y[i] + log_add3(po[i], pe[i], w.skip[i] > 0.0 ? po[i - 1] : kNeg);
+    log_forward_row(w, t == 0 ? nullptr : e - WB, t == 0 ? nullptr : o - W, e, o, w.emit_blank[t],
+                    w.emit_label + t * w.s_max);
   }
   const double* e_end = w.fwd_blank + (T - 1) * WB;
   const double* o_end = w.fwd_label + (T - 1) * W + 1;
   const double log_p = log_add2(e_end[S], S > 0 ? o_end[S - 1] : kNeg);
-  if (log_p == kNeg) return kInf;
+  if (log_p == kNeg) return std::numeric_limits<double>::infinity();
   // Backward, with posteriors and gradient rows.
   double* be_next = w.b_blank[0];
   double* be_now = w.b_blank[1];
@@ -530,16 +612,266 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
   return -log_p;
 }
 
+// ----------------------------------------------------------------------------------------------------------------
+// Loss only: the forward recursion alone, exact by construction.
+//
+// Each cell holds alpha_t(s) = x_t(s) 2^E(s) (m-scaled: y_t = exp(lp - m_t) as above): a float64 mantissa per cell
+// and an integer exponent per *position*, shared by all frames until the next renormalisation. With the factors
+// f = 2^(E(feeder) - E(cell)) between neighbouring exponents the recursion keeps its form and nearly its cost:
+//   e_t[i] = y_t(blank) (e_{t-1}[i] + f_eo[i] o_{t-1}[i-1])
+//   o_t[i] = y_t(l_i)   (o_{t-1}[i] + f_oe[i] e_{t-1}[i] + f_oo[i] o_{t-1}[i-1])      (f_oo includes k_i)
+// The lattice's dynamic range across positions is then unbounded: a long sequence's forward mass runs far ahead of
+// the alignments that can still finish (1e-380 and less behind the frame's largest value at T = 10^4), which a
+// per-frame scale flushes to zero. Once a nonzero mantissa leaves [2^-100, 2^100] (or a -inf log-prob zeroed a
+// cell) the row is renormalised, in lattice order: a nonzero x = f 2^k gives the cell's true exponent E + k and
+// the mantissa f in [1/2, 1); a zero cell's true exponent is the smallest among its live feeders' (no live
+// feeder: dead, E = -inf, zero for good); the stored exponent is the true one raised to at least each feeder's
+// stored exponent - 900 (the mantissa scaled down to match, exactly: it stays normal while the raise is at most
+// kMaxExcess = 900 bits, else the sample takes the exact path); then the factors. So, until the next
+// renormalisation:
+//   * every factor is at most 2^900 and every nonzero mantissa at most 2^100, so each sum is below 2^1002;
+//   * every emission lies in [2^-600, 1] or is 0 (a smaller one with a finite log-prob sends the sample to the
+//     exact path); a nonzero cell's sum contains its own term of at least 2^-100, a raised cell's the term of its
+//     largest feeder (2^900 x, so the cell leaves the range and renormalises after the frame), a zero cell's the
+//     term of its smallest live feeder with a factor of at least 1: every nonzero result is at least 2^-701, and
+//     every product and sum that matters is normal, rounded relatively (u = 2^-53);
+//   * what does not matter: a factor below 2^-1022 is taken as 0, and a product may land in the subnormals, only
+//     beside a term at least 2^800 times larger in the same sum (a relative error below 2^-700).
+// Every operand and operation is nonnegative, so relative errors neither cancel nor amplify: each cell, and the
+// loss, is within about 5 T u of the exact value (relative), whatever the input. The log-space path takes the rare
+// samples with an emission below e^-415 relative to its frame's largest, a raise beyond kMaxExcess (a cell 2^1800
+// below its feeder) or a frame whose classes are all -inf; NaN goes back to Python.
+
+// Frame t = 0 of the loss-only pass, from the emissions of block row `row`: e[0] = y(blank), o[0] = y(l_0), every
+// exponent 0 (so the factors are 1, and k_i for f_oo). Returns whether that already needs a renormalisation (an
+// emission below kLowMantissa).
+inline bool forward_only_first(Lane& w, std::int64_t row) {
+  double* e = w.x_blank[w.cur];
+  double* o = w.x_label[w.cur] + 1;
+  for (std::int64_t i = 0; i <= w.S; ++i) e[i] = 0.0, w.exp_blank[i] = 0.0, w.f_eo[i] = 1.0;
+  for (std::int64_t i = 0; i < w.S; ++i) o[i] = 0.0, w.exp_label[i] = 0.0, w.f_oe[i] = 1.0, w.f_oo[i] = w.skip[i];
+  w.f_eo[0] = 0.0;
+  w.high_mantissa = 0x1p662;
+  e[0] = w.emit_blank[row];
+  if (w.S > 0) o[0] = w.emit_label[row * w.s_max];
+  const bool low_e = e[0] > 0.0 && e[0] < kLowMantissa;
+  return low_e || (w.S > 0 && o[0] > 0.0 && o[0] < kLowMantissa);
+}
+
+// Frame t >= 1 of the loss-only pass, from the emissions of block row `row`. Returns whether a nonzero mantissa
+// left [kLowMantissa, high_mantissa].
+inline bool forward_only_step(Lane& w, std::int64_t row) {
+  const std::int64_t S = w.S;
+  const double yb = w.emit_blank[row];
+  const double* y = w.emit_label + row * w.s_max;
+  const double* pe = w.x_blank[w.cur];
+  const double* po = w.x_label[w.cur] + 1;
+  double* e = w.x_blank[1 - w.cur];
+  double* o = w.x_label[1 - w.cur] + 1;
+  const double *f_eo = w.f_eo, *f_oe = w.f_oe, *f_oo = w.f_oo;
+  double low = 1.0, high = 0.0;  // smallest nonzero and largest x of the frame
+#pragma omp simd reduction(min : low) reduction(max : high)
+  for (std::int64_t i = 0; i <= S; ++i) {
+    const double x = yb * (pe[i] + f_eo[i] * po[i - 1]);
+    e[i] = x;
+    high = x > high ? x : high;
+    low = x > 0.0 && x < low ? x : low;
+  }
+#pragma omp simd reduction(min : low) reduction(max : high)
+  for (std::int64_t i = 0; i < S; ++i) {
+    const double x = y[i] * (po[i] + f_oe[i] * pe[i] + f_oo[i] * po[i - 1]);
+    o[i] = x;
+    high = x > high ? x : high;
+    low = x > 0.0 && x < low ? x : low;
+  }
+  w.cur = 1 - w.cur;
+  return low < kLowMantissa || high > w.high_mantissa;
+}
+
+// 2^d for the integer d (a difference of exponents, at most kMaxGap), 0 below 2^-1022 or for a dead feeder (d = -inf
+// or NaN).
+inline double exponent_factor(double d) {
+  return d >= -1022.0 ? inverse_power_of_two(static_cast<std::int64_t>(-d)) : 0.0;
+}
+
+// Renormalises the current row and recomputes the factors (see above); false when a cell would need more than
+// kMaxExcess bits of headroom.
+inline bool renormalise(Lane& w) {
+  constexpr double kDead = -std::numeric_limits<double>::infinity();
+  const std::int64_t S = w.S;
+  double* e = w.x_blank[w.cur];
+  double* o = w.x_label[w.cur] + 1;
+  double *eb = w.exp_blank, *el = w.exp_label;
+  bool fine = true;
+  // A cell's true exponent: its own once normalised, else the smallest among its live feeders' true exponents. Its
+  // stored exponent: at least each feeder's stored exponent - kMaxGap; a mantissa below its stored exponent is
+  // scaled down (exactly: at most kMaxExcess bits, so it stays normal).
+  auto settle = [&fine](double& x, double& stored, double true_if_zero, double floor) {
+    double exponent = true_if_zero;
+    if (x > 0.0) {
+      const int k = exponent_of(x);
+      x *= inverse_power_of_two(k);
+      exponent = stored + k;
+    }
+    stored = exponent > floor ? exponent : floor;
+    if (x > 0.0 && stored > exponent) {
+      fine &= stored - exponent <= kMaxExcess;
+      x *= inverse_power_of_two(static_cast<std::int64_t>(stored - exponent));
+    }
+    return exponent;
+  };
+  auto smallest_live = [](double a, double b) { return a == kDead ? b : (b == kDead || a < b ? a : b); };
+  double true_o = kDead, stored_o = kDead;  // o[i - 1]
+  for (std::int64_t i = 0; i <= S && fine; ++i) {  // lattice order: a cell's feeders come first
+    const double true_e = settle(e[i], eb[i], true_o, stored_o - kMaxGap);
+    if (i == S) break;
+    const bool skip = i > 0 && w.skip[i] > 0.0;
+    const double floor = skip && stored_o > eb[i] ? stored_o - kMaxGap : eb[i] - kMaxGap;
+    true_o = settle(o[i], el[i], smallest_live(true_e, skip ? true_o : kDead), floor);
+    stored_o = el[i];
+  }
+  // The factors, and the mantissa bound that keeps every product f x below 2^1018 and a dropped term (a factor below
+  // 2^-1022) below 2^-60 of its cell's own (at least kLowMantissa): 2^(1018 - largest exponent), at most 2^662.
+  double gap = 0.0;
+  w.f_eo[0] = 0.0;
+#pragma omp simd reduction(max : gap)
+  for (std::int64_t i = 1; i <= S; ++i) {
+    const double d = el[i - 1] - eb[i];
+    w.f_eo[i] = exponent_factor(d);
+    gap = d > gap ? d : gap;
+  }
+#pragma omp simd reduction(max : gap)
+  for (std::int64_t i = 0; i < S; ++i) {
+    const double d = eb[i] - el[i], d2 = i > 0 && w.skip[i] > 0.0 ? el[i - 1] - el[i] : -1e300;
+    w.f_oe[i] = exponent_factor(d);
+    w.f_oo[i] = exponent_factor(d2);
+    gap = d > gap ? d : gap;
+    gap = d2 > gap ? d2 : gap;
+  }
+  w.high_mantissa = inverse_power_of_two(-static_cast<std::int64_t>(1018.0 - (gap > 356.0 ? gap : 356.0)));
+  return fine;
+}
+
+// Emissions of frames [t0, t1) into the block rows; false when the sample must take the exact path.
+template <typename scalar_t>
+bool emission_block(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset, std::int64_t t0,
+                    std::int64_t t1) {
+  for (std::int64_t t = t0; t < t1; ++t) {
+    const std::int64_t row = t - t0;
+    const scalar_t* ahead = lp + (t + kPrefetchFrames < w.T ? t + kPrefetchFrames : t) * st;
+    FrameCheck check;
+    const double m = frame_emissions(w, lp + t * st, ahead, blank_offset, w.emit_label + row * w.s_max,
+                                     w.emit_blank + row, &check);
+    if (!(m > -std::numeric_limits<double>::infinity()) || check.special || check.lowest < -kEmitFloor) return false;
+    w.emit_zero[row] = check.zero;
+    w.m_sum += m;
+  }
+  return true;
+}
+
+// -log p of the loss-only pass at its last frame: log p = log(x_e 2^E_e + x_o 2^E_o) + sum_t m_t.
+inline double forward_only_nll(const Lane& w) {
+  constexpr double kLn2 = 0.693147180559945309;
+  const double* e = w.x_blank[w.cur];
+  const double* o = w.x_label[w.cur] + 1;
+  const std::int64_t S = w.S;
+  const double a = e[S], b = S > 0 ? o[S - 1] : 0.0;
+  if (!(a > 0.0) && !(b > 0.0)) return std::numeric_limits<double>::infinity();
+  const double la = a > 0.0 ? std::log(a) + w.exp_blank[S] * kLn2 : -std::numeric_limits<double>::infinity();
+  const double lb = b > 0.0 ? std::log(b) + w.exp_label[S - 1] * kLn2 : -std::numeric_limits<double>::infinity();
+  const double top = la > lb ? la : lb, low = la > lb ? lb : la;
+  return -(top + std::log1p(std::exp(low - top)) + w.m_sum);
+}
+
+// The exact log-space forward recursion alone (for the samples the loss-only pass leaves): -log p, +inf when no
+// alignment has a finite log-probability, NaN when the sample's used log-probs hold NaN or +inf (left to the Python
+// twin).
+template <typename scalar_t>
+double log_space_nll(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_offset) {
+  const std::int64_t S = w.S;
+  int cur = 0;
+  for (std::int64_t t = 0; t < w.T; ++t) {
+    if (!log_emission_row(w, lp + t * st, blank_offset, w.emit_label, w.emit_blank)) return NAN;
+    log_forward_row(w, t == 0 ? nullptr : w.x_blank[cur], t == 0 ? nullptr : w.x_label[cur] + 1,
+                    w.x_blank[1 - cur], w.x_label[1 - cur] + 1, w.emit_blank[0], w.emit_label);
+    cur = 1 - cur;
+  }
+  const double log_p = log_add2(w.x_blank[cur][S], S > 0 ? w.x_label[cur][S] : kNeg);  // o[S - 1] at +1
+  if (log_p == kNeg) return std::numeric_limits<double>::infinity();
+  return -log_p;
+}
+
 // Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
 // within kLaneBytes.
 constexpr int kMaxLanes = 4;
 constexpr std::size_t kLaneBytes = std::size_t(1) << 20;
+
+// Losses of the listed samples, forward recursion only (the loss-only pass above; the exact log-space forward for
+// the samples it leaves). Lanes of up to kMaxLanes samples advance in lockstep.
+template <typename scalar_t>
+int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
+             const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
+             const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples,
+             std::int64_t n_samples, double* nll, std::uint8_t* ok) {
+  std::int64_t s_max = 1;
+  for (std::int64_t i = 0; i < n_samples; ++i) {
+    const std::int64_t n = samples[i];
+    s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
+  }
+  const std::size_t lane_bytes = Lane().carve_forward(nullptr, s_max);
+  int lanes = static_cast<int>(kLaneBytes / lane_bytes);
+  lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);
+  char* memory = static_cast<char*>(std::malloc(lanes * lane_bytes + sizeof(std::int32_t) * C));
+  if (memory == nullptr) return -1;
+  Lane group[kMaxLanes];
+  for (int j = 0; j < lanes; ++j) group[j].carve_forward(memory + j * lane_bytes, s_max);
+  std::int32_t* slot_of = reinterpret_cast<std::int32_t*>(memory + lanes * lane_bytes);
+  for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
+
+  for (std::int64_t first = 0; first < n_samples; first += lanes) {
+    const int used = static_cast<int>(n_samples - first < lanes ? n_samples - first : lanes);
+    std::int64_t frames = 0;
+    for (int j = 0; j < used; ++j) {
+      Lane& w = group[j];
+      const std::int64_t n = samples[first + j];
+      w.start(n, input_lengths[n], targets + n * S_max, target_lengths[n], sc, slot_of);
+      w.m_sum = 0.0, w.cur = 0;
+      for (double* r : {w.x_label[0], w.x_label[1]}) r[0] = r[w.S + 1] = 0.0;  // o[-1] and o[S]
+      frames = w.T > frames ? w.T : frames;
+    }
+    for (std::int64_t t = 0; t < frames; ++t) {
+      const std::int64_t row = t % kEmitBlock;
+      for (int j = 0; j < used; ++j) {
+        Lane& w = group[j];
+        if (!w.alive || t >= w.T) continue;
+        if (row == 0) {
+          const std::int64_t end = t + kEmitBlock < w.T ? t + kEmitBlock : w.T;
+          w.alive = emission_block(w, lp + w.n * sn, st, blank * sc, t, end);
+          if (!w.alive) continue;
+        }
+        const bool renormalise_now = t == 0 ? forward_only_first(w, row)
+                                            : forward_only_step(w, row) || w.emit_zero[row];
+        if (renormalise_now) w.alive = renormalise(w);
+      }
+    }
+    for (int j = 0; j < used; ++j) {
+      Lane& w = group[j];
+      const double value = w.alive ? forward_only_nll(w) : log_space_nll(w, lp + w.n * sn, st, blank * sc);
+      nll[w.n] = value;
+      ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
+    }
+  }
+  std::free(memory);
+  return 0;
+}
 
 template <typename scalar_t>
 int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,
         const std::int64_t* targets, std::int64_t S_max, const std::int64_t* input_lengths,
         const std::int64_t* target_lengths, std::int64_t blank, const std::int64_t* samples, std::int64_t n_samples,
         scalar_t* grad, const double* grad_scale, int plain, double* nll, std::uint8_t* ok) {
+  if (grad == nullptr) return run_loss(lp, C, st, sn, sc, targets, S_max, input_lengths, target_lengths, blank, samples,
+                                       n_samples, nll, ok);
   std::int64_t t_max = 1, s_max = 1;
   for (std::int64_t i = 0; i < n_samples; ++i) {
     const std::int64_t n = samples[i];
@@ -598,8 +930,12 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return
-// 0, or -1 when the scratch memory could not be allocated.
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0,
+// or -1 when the scratch memory could not be allocated. ok[n] of each listed sample: 1 (fast pass), 2 (the engine's
+// exact log-space path) or 0 (NaN log-probs: left to the caller).
+//   deploy_ctc_cpu_{float,double}: losses, and with grad != nullptr the gradient (forward and backward passes);
+//       grad == nullptr is the loss-only pass.
+//   deploy_ctc_cpu_nll_{float,double}: losses only (the forward pass alone).
 #define DEPLOY_CTC_ENTRY(NAME, TYPE)                                                                               \
   extern "C" int NAME(const TYPE* lp, std::int64_t N, std::int64_t C, std::int64_t st, std::int64_t sn,            \
                       std::int64_t sc, const std::int64_t* targets, std::int64_t S, const std::int64_t* il,         \
@@ -608,6 +944,15 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
     return run<TYPE>(lp, N, C, st, sn, sc, targets, S, il, tl, blank, samples, count, grad, grad_scale, plain, nll, \
                      ok);                                                                                          \
   }
+#define DEPLOY_CTC_NLL_ENTRY(NAME, TYPE)                                                                           \
+  extern "C" int NAME(const TYPE* lp, std::int64_t C, std::int64_t st, std::int64_t sn, std::int64_t sc,           \
+                      const std::int64_t* targets, std::int64_t S, const std::int64_t* il, const std::int64_t* tl,  \
+                      std::int64_t blank, const std::int64_t* samples, std::int64_t count, double* nll,             \
+                      std::uint8_t* ok) {                                                                          \
+    return run_loss<TYPE>(lp, C, st, sn, sc, targets, S, il, tl, blank, samples, count, nll, ok);                 \
+  }
 
 DEPLOY_CTC_ENTRY(deploy_ctc_cpu_float, float)
 DEPLOY_CTC_ENTRY(deploy_ctc_cpu_double, double)
+DEPLOY_CTC_NLL_ENTRY(deploy_ctc_cpu_nll_float, float)
+DEPLOY_CTC_NLL_ENTRY(deploy_ctc_cpu_nll_double, double)

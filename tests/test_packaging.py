@@ -26,6 +26,11 @@ def test_wheel_ships_every_kernel_source():
     assert not missing, f"kernel sources missing from the installed package: {missing}"
 
 
+def test_wheel_ships_the_typed_marker():
+    assert (ROOT / "deploy_ctc" / "py.typed").is_file()
+    assert "deploy_ctc/py.typed" in _distribution_files()
+
+
 def test_console_script_is_installed():
     _distribution_files()
     entry_points = importlib.metadata.entry_points(group="console_scripts")

@@ -8,10 +8,11 @@ CuPy arrays run on the CUDA kernels of ``kernels/ctc.cu`` (:mod:`deploy_ctc._bac
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from .._typing import Array
 from ..validation import CTCProblem
 
 
@@ -43,8 +44,8 @@ class Backend(Protocol):
     Frames ``t >= input_lengths[n]`` are never read, so NaN there cannot leak. Inputs are never modified.
     """
 
-    def forward_backward(self, problem: CTCProblem, grad_scale: Any = None,
-                         convention: str = "torch") -> tuple[Any, Any]: ...
+    def forward_backward(self, problem: CTCProblem, grad_scale: np.ndarray | None = None,
+                         convention: str = "torch") -> tuple[Array, Array]: ...
 
 
 def backend_for(problem: CTCProblem) -> Backend:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from deploy_ctc.onnx._deps import require_onnx
 from deploy_ctc.onnx.attributes import node_attributes
 from deploy_ctc.onnx.functions import attach_functions, ensure_opset_imports
 from deploy_ctc.onnx.schemas import DOMAIN
+
+if TYPE_CHECKING:  # onnx is imported when first used
+    import onnx
 
 # The log-probability element types the op takes: TensorProto data type name -> NumPy dtype name.
 _FLOAT_TYPES = {"FLOAT": "float32", "DOUBLE": "float64"}
@@ -39,10 +44,11 @@ def _dim(type_proto, axis: int, fallback: str):
     return fallback
 
 
-def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets",
+def append_ctc_loss(model: onnx.ModelProto, log_probs_name: str, *, targets_name: str = "targets",
                     input_lengths_name: str = "input_lengths", target_lengths_name: str = "target_lengths",
                     loss_name: str = "loss", blank: int = 0, reduction: str = "mean",
-                    zero_infinity: bool = False, embed_functions: bool = True, keep_outputs: bool = True):
+                    zero_infinity: bool = False, embed_functions: bool = True,
+                    keep_outputs: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` that also computes the CTC loss of its value ``log_probs_name``.
 
     Adds graph inputs ``targets`` (N, S) int64, ``input_lengths`` (N,) int64, ``target_lengths`` (N,) int64,
@@ -81,10 +87,10 @@ def append_ctc_loss(model, log_probs_name: str, *, targets_name: str = "targets"
     return out
 
 
-def append_forced_align(model, log_probs_name: str, *, targets_name: str = "targets",
+def append_forced_align(model: onnx.ModelProto, log_probs_name: str, *, targets_name: str = "targets",
                         input_lengths_name: str = "input_lengths", target_lengths_name: str = "target_lengths",
                         alignment_name: str = "alignment", scores_name: str = "scores", blank: int = 0,
-                        embed_functions: bool = True, keep_outputs: bool = True):
+                        embed_functions: bool = True, keep_outputs: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` that also returns the forced alignment (:func:`deploy_ctc.forced_align`) of its value
     ``log_probs_name`` to the targets given at run time.
 
@@ -160,7 +166,7 @@ def _copy_with_inputs(model, log_probs_name, targets_name, input_lengths_name, t
 
 
 def ctc_loss_model(dtype: str = "float32", *, blank: int = 0, reduction: str = "mean",
-                   zero_infinity: bool = False, embed_functions: bool = True, opset: int = 18):
+                   zero_infinity: bool = False, embed_functions: bool = True, opset: int = 18) -> onnx.ModelProto:
     """A model computing only the loss: inputs log_probs (T, N, C), targets, input_lengths, target_lengths.
 
     Handy to evaluate losses in onnxruntime (benchmarks, services); arguments as :func:`append_ctc_loss`.
@@ -176,7 +182,8 @@ def ctc_loss_model(dtype: str = "float32", *, blank: int = 0, reduction: str = "
                            embed_functions=embed_functions)
 
 
-def forced_align_model(dtype: str = "float32", *, blank: int = 0, embed_functions: bool = True, opset: int = 18):
+def forced_align_model(dtype: str = "float32", *, blank: int = 0, embed_functions: bool = True,
+                       opset: int = 18) -> onnx.ModelProto:
     """A model computing only the forced alignment: inputs log_probs (T, N, C), targets, input_lengths,
     target_lengths; outputs alignment and scores. Arguments as :func:`append_forced_align`."""
     onnx = require_onnx()

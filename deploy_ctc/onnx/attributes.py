@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def check_node_attributes(blank, reduction, zero_infinity) -> tuple:
+def check_node_attributes(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     """Validate ONNX attribute values; returns (blank: int, reduction: str, zero_infinity: bool).
 
     ONNX stores ``zero_infinity`` as an int (0/1) and strings may arrive as bytes; both go to

@@ -19,12 +19,17 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from deploy_ctc.onnx._deps import require_onnx, require_torch
 from deploy_ctc.onnx.attributes import node_attributes
 from deploy_ctc.onnx.functions import MIN_OPSET, attach_functions, ensure_opset_imports
 from deploy_ctc.onnx.schemas import DOMAIN, OPSET_VERSION, register_schemas
 from deploy_ctc.validation import REDUCTIONS
+
+if TYPE_CHECKING:  # imported when first used
+    import onnx
+    import torch
 
 
 def _attributes(blank, reduction, zero_infinity) -> dict:
@@ -177,7 +182,8 @@ def _translation_table() -> dict:
 
 # ---- the public wrapper -----------------------------------------------------------------------------
 
-def export(model, args, f=None, *, dynamo: bool = True, embed_functions: bool = True, **kwargs):
+def export(model: torch.nn.Module, args: tuple, f: str | os.PathLike | BinaryIO | None = None, *, dynamo: bool = True,
+           embed_functions: bool = True, **kwargs: Any) -> onnx.ModelProto:
     """``torch.onnx.export(model, args, ...)`` emitting deploy_ctc::CTCLoss for every CTC loss call.
 
     Args:

@@ -111,6 +111,7 @@ def library_path() -> str:
                 _failure = error
         if _failure is not None:
             raise _failure
+        assert _path is not None  # built above, or the failure was raised
         return _path
 
 

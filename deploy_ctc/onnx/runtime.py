@@ -18,16 +18,17 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from typing import Any
 
 from deploy_ctc.onnx._deps import require_onnxruntime
 from deploy_ctc.onnx.native_library import NativeUnavailable, library_path
 
 _lock = threading.Lock()
-_registered = weakref.WeakSet()  # SessionOptions the library is registered on (twice fails at session creation)
+_registered: weakref.WeakSet[Any] = weakref.WeakSet()  # SessionOptions the library is registered on (twice fails at session creation)
 _warned = False
 
 
-def session_options(so=None):
+def session_options(so: Any = None) -> Any:
     """onnxruntime SessionOptions whose sessions run deploy_ctc's ops (CTCLoss, CTCLossGrad, CTCAlign) with the
     native library.
 

@@ -44,8 +44,8 @@ _FLOAT_TYPES = ["tensor(float)", "tensor(double)"]
 _INT_TYPES = ["tensor(int32)", "tensor(int64)"]
 
 
-def _attribute_values(ctx) -> dict:
-    """The node's attribute values with schema defaults filled in, checked like the Python API."""
+def _attribute_values(ctx) -> tuple[int, str, bool]:
+    """The node's ``(blank, reduction, zero_infinity)`` with schema defaults filled in, checked like the Python API."""
     from deploy_ctc.onnx.attributes import check_node_attributes
 
     onnx = require_onnx()

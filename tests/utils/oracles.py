@@ -262,6 +262,18 @@ def torch_reference(log_probs, targets, input_lengths, target_lengths, blank=0, 
     return loss_np, grad
 
 
+def torch_losses(log_probs, targets, input_lengths, target_lengths, blank=0):
+    """Per-sample losses ``(N,)`` of torch.nn.functional.ctc_loss (reduction "none") on a float64 CPU copy, without
+    autograd: the oracle for long inputs, where a backward pass would cost torch minutes."""
+    torch = _torch()
+    with torch.no_grad():
+        loss = torch.nn.functional.ctc_loss(torch.from_numpy(np.array(log_probs, dtype=np.float64)),
+                                            torch.as_tensor(np.array(targets, dtype=np.int64)),
+                                            _as_torch_lengths(torch, input_lengths),
+                                            _as_torch_lengths(torch, target_lengths), blank=blank, reduction="none")
+    return loss.numpy().copy()
+
+
 def _plain_from_torch(torch, lp_np, tg, il, tl, blank, reduction, zero_infinity, grad_output, grad):
     batched = lp_np.ndim == 3
     lp3 = lp_np if batched else lp_np[:, None, :]

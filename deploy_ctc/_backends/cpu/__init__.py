@@ -11,6 +11,8 @@ import contextlib
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from types import ModuleType
 
 from . import common, native_build
 
@@ -21,8 +23,9 @@ _override = threading.local()
 _warned = False
 
 
-def current():
-    """The backend module for NumPy arrays (``forward_backward(problem, grad_scale, convention)``).
+def current() -> ModuleType:
+    """The backend module for NumPy arrays: :mod:`.native` or :mod:`.pure_numpy`, each a
+    :class:`deploy_ctc._backends.Backend`.
 
     Raises:
         ValueError: ``DEPLOY_CTC_CPU_BACKEND`` holds something else than auto, native or numpy, or
@@ -32,7 +35,7 @@ def current():
     return _select(warn=True)
 
 
-def name():
+def name() -> str:
     """``"native"`` or ``"numpy"``: what :func:`current` would pick now (without warning)."""
     return "numpy" if _select(warn=False).__name__.endswith(".pure_numpy") else "native"
 
@@ -61,7 +64,7 @@ def _select(warn):
 
 
 @contextlib.contextmanager
-def using(choice):
+def using(choice: str) -> Iterator[None]:
     """Run the block with CPU backend ``choice`` (one of :data:`CHOICES`) on this thread."""
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")

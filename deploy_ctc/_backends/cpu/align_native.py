@@ -29,6 +29,8 @@ def forced_align(problem):
     if lp.dtype == np.float16:  # the engine reads float and double; float32 holds every float16 (and its scores)
         lp = lp.astype(np.float32)
     T, N, _ = lp.shape
+    if lp.dtype == np.float16:
+        lp = lp.astype(np.float32)  # the engine reads float or double; float16 values are exact in float32
     if any(stride % lp.itemsize for stride in lp.strides):
         lp = np.ascontiguousarray(lp)  # strides that are not whole elements (a view into a packed record)
     st, sn, sc = (stride // lp.itemsize for stride in lp.strides)

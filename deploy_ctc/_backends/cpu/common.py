@@ -98,17 +98,16 @@ def redo_exact(problem, samples, nll, grad, grad_scale, convention):
 
 
 def deal(samples, cost, workers):
-    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost (largest first, each to the
-    currently lightest part); each part stays in decreasing cost, so the engine's lanes get similar lengths."""
+    """Split ``samples`` into up to ``workers`` int64 arrays of similar total cost: in decreasing cost, dealt back
+    and forth across the parts (0, 1, ..., w-1, w-1, ..., 1, 0, 0, 1, ...), so each part stays in decreasing cost
+    (the engine's lanes get similar lengths) and, per round of 2w samples, every part gets a large and a small
+    one. Vectorized: hundreds of thousands of samples are dealt in milliseconds."""
+    order = np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)  # (R,)
     if workers <= 1 or samples.size <= 1:
-        return [np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)]
-    loads = np.zeros(workers)
-    parts = [[] for _ in range(workers)]
-    for i in np.argsort(-cost, kind="stable"):
-        lightest = int(np.argmin(loads))
-        parts[lightest].append(samples[i])
-        loads[lightest] += cost[i]
-    return [np.array(part, dtype=np.int64) for part in parts if part]
+        return [order]
+    rank = np.arange(order.size) % (2 * workers)
+    part = np.where(rank < workers, rank, 2 * workers - 1 - rank)  # (R,) the back-and-forth deal
+    return [order[part == p] for p in range(workers) if (part == p).any()]
 
 
 THREADS_ENV = "DEPLOY_CTC_NUM_THREADS"

@@ -32,7 +32,8 @@ ENGINE_LEFT, ENGINE_FAST, ENGINE_EXACT = 0, 1, 2
 def forward_backward(problem, grad_scale=None, convention="torch"):
     """Per-sample negative log-likelihoods ``(N,)`` and, with ``grad_scale``, the scaled ``(T, N, C)`` gradient:
     the arguments and results of :func:`deploy_ctc._backends.cpu.pure_numpy.forward_backward` (the
-    :class:`deploy_ctc._backends.Backend` protocol).
+    :class:`deploy_ctc._backends.Backend` protocol). Without ``grad_scale`` only the forward recursion runs (the
+    engine's loss-only pass, exact by construction; see kernels/README.md).
 
     Raises:
         deploy_ctc._backends.cpu.native_build.NativeUnavailable: the engine cannot be built here.
@@ -55,8 +56,8 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
 
 
 def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
-    """Call the engine on ``samples``, split across the worker threads when the work is large enough; returns how
-    many parts it was split into."""
+    """Call the engine on ``samples`` (its loss-only entry point without ``grad``), split across the worker threads
+    when the work is large enough; returns how many parts it was split into."""
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     if any(stride % lp.itemsize for stride in lp.strides):
@@ -66,17 +67,21 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     il, tl = (np.ascontiguousarray(a, dtype=np.int64) for a in (problem.input_lengths, problem.target_lengths))
     targets = np.ascontiguousarray(problem.targets, dtype=np.int64)  # (N, S)
     grad_scale = None if grad_scale is None else np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
-    entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
     address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
 
     cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
     parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    shared = (address(targets), targets.shape[1], address(il), address(tl), problem.blank)
+    if grad is None:  # the loss-only entry point: the forward recursion alone
+        entry = getattr(lib, native_build.NLL_ENTRY_POINTS[lp.dtype.name])
+        head, tail = (address(lp), C, st, sn, sc) + shared, (address(nll), address(ok))
+    else:
+        entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
+        head = (address(lp), N, C, st, sn, sc) + shared
+        tail = (address(grad), address(grad_scale), int(convention == "plain"), address(nll), address(ok))
 
     def call(part):
-        status = entry(address(lp), N, C, st, sn, sc, address(targets), targets.shape[1], address(il), address(tl),
-                       problem.blank, address(part), part.size, address(grad), address(grad_scale),
-                       int(convention == "plain"), address(nll), address(ok))
-        if status != 0:
+        if entry(*head, part.ctypes.data, part.size, *tail) != 0:
             raise MemoryError(f"deploy_ctc's native engine could not allocate its scratch memory for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 

@@ -17,8 +17,8 @@ import threading
 
 from ..native_cache import NativeUnavailable, build_library
 
-__all__ = ["ALIGN_ENTRY_POINTS", "ALIGN_SOURCE", "ENTRY_POINTS", "FLAGS", "NativeUnavailable", "SOURCE", "describe",
-           "library"]
+__all__ = ["ALIGN_ENTRY_POINTS", "ALIGN_SOURCE", "ENTRY_POINTS", "FLAGS", "NLL_ENTRY_POINTS", "NativeUnavailable",
+           "SOURCE", "describe", "library"]
 
 #: The translation unit of the CPU engine, in the kernels folder.
 SOURCE = "ctc_cpu.cpp"
@@ -28,13 +28,19 @@ ALIGN_SOURCE = "ctc_align_cpu.cpp"
 #: Compile flags; -fopenmp-simd honours the source's ``omp simd`` reductions without linking OpenMP.
 FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd")
 
-#: Exported entry points, one per input type.
+#: Exported entry points, one per input type: losses and gradients (forward and backward passes) ...
 ENTRY_POINTS = {"float32": "deploy_ctc_cpu_float", "float64": "deploy_ctc_cpu_double"}
 _SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 5  # lp; N, C and lp's element strides st, sn, sc
               + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets .. blank
               + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
               + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]  # grad, grad_scale, plain
               + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
+#: ... and losses alone (the forward pass).
+NLL_ENTRY_POINTS = {"float32": "deploy_ctc_cpu_nll_float", "float64": "deploy_ctc_cpu_nll_double"}
+_NLL_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 4  # lp; C and lp's element strides st, sn, sc
+                  + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]  # targets ..
+                  + [ctypes.c_void_p, ctypes.c_int64]  # samples, count
+                  + [ctypes.c_void_p, ctypes.c_void_p])  # nll, ok
 #: Forced-alignment entry points, one per input type.
 ALIGN_ENTRY_POINTS = {"float32": "deploy_ctc_align_float", "float64": "deploy_ctc_align_double"}
 _ALIGN_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 4  # lp; N and lp's element strides st, sn, sc
@@ -57,7 +63,8 @@ def library():
         if _library is None and _failure is None:
             try:
                 _library = _load(build_library("ctc_cpu", [SOURCE, ALIGN_SOURCE],
-                                               symbols=[*ENTRY_POINTS.values(), *ALIGN_ENTRY_POINTS.values()],
+                                               symbols=[*ENTRY_POINTS.values(), *NLL_ENTRY_POINTS.values(),
+                                                        *ALIGN_ENTRY_POINTS.values()],
                                                compile_flags=FLAGS, description="the native CPU engine"))
             except NativeUnavailable as error:
                 _failure = error
@@ -78,6 +85,7 @@ def _load(path):
     try:
         lib = ctypes.CDLL(str(path))
         entries = [(getattr(lib, entry), _SIGNATURE) for entry in ENTRY_POINTS.values()]
+        entries += [(getattr(lib, entry), _NLL_SIGNATURE) for entry in NLL_ENTRY_POINTS.values()]
         entries += [(getattr(lib, entry), _ALIGN_SIGNATURE) for entry in ALIGN_ENTRY_POINTS.values()]
     except (OSError, AttributeError) as error:
         raise NativeUnavailable(f"could not load {path}: {error}") from None

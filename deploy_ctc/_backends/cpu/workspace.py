@@ -85,7 +85,7 @@ def cached_bytes() -> int:
         return sum(w.nbytes for w in _idle)
 
 
-def release():
+def release() -> None:
     """Free the cached scratch buffers of every idle workspace (they are re-created on the next call)."""
     with _idle_lock:
         for workspace in _idle:

@@ -9,6 +9,7 @@ import pytest
 
 from deploy_ctc import validation
 from deploy_ctc._backends import cpu as cpu_backends
+from deploy_ctc._backends import paths
 from deploy_ctc._backends.cpu import native
 from tests.utils import oracles
 
@@ -124,21 +125,119 @@ def test_nan_log_probs_are_left_to_the_python_twin(rng):
     assert np.isfinite(nll[0]) and np.isnan(nll[1])
 
 
+# The loss-only pass (forward recursion alone, per-position exponents; kernels/README.md): exact on every input,
+# with the log-space path only for the extreme ones. Oracle: torch float64 losses (tests/utils/oracles.py).
+
+
+def loss_only(lp, targets, il, tl):
+    """``(nll, paths)``: the native backend's losses without a gradient, and the paths its samples took."""
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    with paths.recording() as stats:
+        nll, grad = native.forward_backward(problem)
+    assert grad is None
+    return nll, stats
+
+
+@pytest.mark.parametrize("T, S, scale", [(3000, 60, 1.0), (2500, 300, 1.0), (3000, 100, 10.0), (1200, 200, 30.0)])
+def test_loss_only_is_exact_on_long_and_peaky_inputs_without_the_log_space_path(rng, T, S, scale):
+    """Long lattices put the forward mass far ahead of the alignments that can still finish (1e-300 and less
+    behind the frame's largest value): a per-frame scale flushed them and fell back to log space. The per-position
+    exponent keeps them, so these stay on the fast path and match torch float64."""
+    N, C = 2, 12
+    lp = oracles.random_log_probs(rng, T, N, C, scale=scale)
+    tl = np.array([S, S // 2])
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    il = np.array([T, T - 7])
+    lp[T - 7:, 1] = np.nan  # padding beyond input_lengths[1]: never read
+    nll, stats = loss_only(lp, targets, il, tl)
+    assert stats.exact == 0 and stats.fast == N
+    oracles.assert_close(nll, oracles.torch_losses(lp, targets, il, tl), np.float64, "nll")
+
+
+def test_loss_only_takes_the_log_space_path_for_extreme_emissions_and_stays_exact(rng):
+    """Emissions below e^-415 relative to their frame's largest (log-probs down to about -1e3) are outside the
+    pass's proven range: such samples are redone in log space."""
+    T, N, C, S = 200, 3, 6, 30
+    lp = oracles.random_log_probs(rng, T, N, C, scale=300.0)
+    lp[:, 2] = oracles.random_log_probs(rng, T, 1, C)[:, 0]  # an ordinary sample beside them
+    tl = np.full(N, S)
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    il = np.full(N, T)
+    nll, stats = loss_only(lp, targets, il, tl)
+    assert stats.records[0].exact == (0, 1) and stats.fast == 1
+    oracles.assert_close(nll, oracles.torch_losses(lp, targets, il, tl), np.float64, "nll")
+
+
+def test_loss_only_with_minus_inf_log_probs(rng):
+    """-inf emissions are exact zeros: cells they empty restart from their feeders' exponents, a frame with every
+    class at -inf makes the loss infinite, and a target whose label is -inf everywhere is infinite too."""
+    T, N, C, S = 400, 4, 5, 40
+    lp = oracles.random_log_probs(rng, T, N, C)
+    tl = np.array([S, S, S, 3])
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    lp[rng.random((T, N, C)) < 0.15] = -np.inf  # scattered zeros, blank included
+    lp[::7, 0, 0] = -np.inf  # the blank impossible on every 7th frame
+    lp[100, 1, :] = -np.inf  # a frame where nothing is possible
+    lp[:, 3, targets[3, 0]] = -np.inf  # a label that can never be emitted
+    il = np.full(N, T)
+    nll, _ = loss_only(lp, targets, il, tl)
+    expected = oracles.torch_losses(lp, targets, il, tl)
+    assert np.isinf(nll[1]) and np.isinf(nll[3])
+    oracles.assert_close(nll, expected, np.float64, "nll")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_ctc_loss_runs_the_loss_only_pass_in_every_precision(rng, dtype):
+    """deploy_ctc.ctc_loss computes float16/32/64 input in float64 and rounds once: torch float64 on the same
+    (upcast) values is the oracle; NaN in the padding beyond each input length never leaks."""
+    import deploy_ctc
+
+    T, N, C, S = 1500, 3, 9, 80
+    lp = oracles.random_log_probs(rng, T, N, C, dtype, scale=5.0)
+    tl = np.array([S, 40, 1])
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    il = np.array([T, 1000, 3])
+    for n in range(N):
+        lp[il[n]:, n] = np.nan
+    with deploy_ctc.backends.using("native"), paths.recording() as stats:
+        loss = deploy_ctc.ctc_loss(lp, targets, il, tl, reduction="none")
+    assert loss.dtype == dtype and stats.fast == N
+    oracles.assert_close(loss, oracles.torch_losses(lp.astype(np.float64), targets, il, tl), dtype, "loss")
+
+
+def test_loss_only_agrees_with_the_loss_of_loss_and_grad(rng):
+    """Two independent recursions (forward with per-position exponents; forward and backward with per-frame
+    scales, checked by their consistency identity) give the same losses on ordinary inputs."""
+    T, N, C, S = 300, 6, 15, 50
+    lp = oracles.random_log_probs(rng, T, N, C, scale=3.0)
+    tl = rng.integers(0, S + 1, N)
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    il = rng.integers(2 * S + 1, T + 1, N)
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    nll, _ = native.forward_backward(problem)
+    nll_both, _ = native.forward_backward(problem, np.ones(N))
+    np.testing.assert_allclose(nll, nll_both, rtol=1e-12, atol=1e-12)
+
+
 HUGE_T_SCRIPT = """
-import numpy as np, deploy_ctc
-from deploy_ctc import backends
+import numpy as np
+from deploy_ctc import validation
+from deploy_ctc._backends.cpu import native, native_build
 lp = np.broadcast_to(np.log(np.full((1, 1, 3), 1 / 3)), (2**58, 1, 3))  # T = 2**58 frames, 24 bytes of data
-with backends.using("native"):
-    try:
-        deploy_ctc.ctc_loss(lp, np.array([[1, 2]]), [2**58], [2])
-    except MemoryError as error:
-        print("MemoryError", error)
+problem = validation.validate(lp, np.array([[1, 2]]), [2**58], [2], 0, "none", False)
+nll, ok = np.full(1, np.nan), np.zeros(1, dtype=np.uint8)
+grad = np.zeros((1, 1, 3))  # never reached: the engine refuses the scratch size before anything else
+try:
+    native._run_engine(native_build.library(), problem, np.array([0]), nll, ok, grad, np.ones(1), "torch")
+except MemoryError as error:
+    print("MemoryError", error)
 """
 
 
 def test_scratch_size_beyond_64_bits_is_a_memory_error_not_a_crash():
-    """A broadcast log_probs can claim any T; the engine's scratch size (about 3 S T doubles) must not wrap around
-    to a small allocation. In a subprocess, so that a crash fails the test instead of the run."""
+    """A broadcast log_probs can claim any T; the gradient pass's scratch size (about 3 S T doubles) must not wrap
+    around to a small allocation (the loss-only pass has no T-sized scratch). In a subprocess, so that a crash
+    fails the test instead of the run."""
     import subprocess
     import sys
 

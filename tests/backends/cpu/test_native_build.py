@@ -59,7 +59,8 @@ def fresh_state(monkeypatch):
 
 def test_library_exports_every_entry_point():
     lib = native_build.library()
-    for entry in (*native_build.ENTRY_POINTS.values(), *native_build.ALIGN_ENTRY_POINTS.values()):
+    for entry in (*native_build.ENTRY_POINTS.values(), *native_build.NLL_ENTRY_POINTS.values(),
+                  *native_build.ALIGN_ENTRY_POINTS.values()):
         assert getattr(lib, entry).restype is not None
     assert native_build.describe() == f"native engine {lib._name}" and lib._name.endswith(".so")
 
@@ -84,7 +85,8 @@ def stub_compiler(folder, delay=1, names=None):
     library never runs."""
     stub = folder / "stub.cpp"
     if names is None:
-        names = [*native_build.ENTRY_POINTS.values(), *native_build.ALIGN_ENTRY_POINTS.values()]
+        names = [*native_build.ENTRY_POINTS.values(), *native_build.NLL_ENTRY_POINTS.values(),
+                 *native_build.ALIGN_ENTRY_POINTS.values()]
     stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n' for name in names))
     compiler = folder / "slow-c++"
     compiler.write_text(textwrap.dedent(f"""\

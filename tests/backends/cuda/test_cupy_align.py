@@ -66,8 +66,9 @@ def test_kernel_matches_brute_force_and_uses_global_rows_for_long_targets(harnes
 
 
 def test_every_front_end_returns_the_same_alignment(harness_library, rng):
-    """NumPy (pure and native), the CUDA kernel (CPU harness), the ONNX portable body in plain onnxruntime and the
-    torch adapter, on one batch with exact ties, repeats, NaN, an infeasible sample and short inputs."""
+    """NumPy (pure and native), the CUDA kernel (CPU harness), the ONNX portable body in plain onnxruntime, the native
+    ONNX Runtime library and the torch adapter, on one batch with exact ties, repeats, NaN, an infeasible sample and
+    short inputs."""
     from deploy_ctc import backends, forced_align
 
     lp, targets, il, tl = _case(rng, T=12, N=8, C=5, S=5, blank=0, dtype=np.float32, ties=True)
@@ -85,10 +86,14 @@ def test_every_front_end_returns_the_same_alignment(harness_library, rng):
 
         session = ort.InferenceSession(dco.forced_align_model("float32").SerializeToString(),
                                        providers=["CPUExecutionProvider"])
-        results["onnx"] = tuple(session.run(["alignment", "scores"], {
-            "log_probs": lp, "targets": targets, "input_lengths": il.astype(np.int64),
-            "target_lengths": tl.astype(np.int64)}))
-    except ImportError:
+        feeds = {"log_probs": lp, "targets": targets, "input_lengths": il.astype(np.int64),
+                 "target_lengths": tl.astype(np.int64)}
+        results["onnx"] = tuple(session.run(["alignment", "scores"], feeds))
+        dco.library_path()  # the native custom-op library, where it builds (else NativeUnavailable)
+        native = ort.InferenceSession(dco.forced_align_model("float32", embed_functions=False).SerializeToString(),
+                                      dco.session_options(), providers=["CPUExecutionProvider"])
+        results["onnx_native_library"] = tuple(native.run(["alignment", "scores"], feeds))
+    except (ImportError, RuntimeError):  # no onnx, or no native library here (NativeUnavailable)
         pass
     try:
         import torch
