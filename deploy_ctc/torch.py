@@ -282,8 +282,8 @@ def _ctc_loss_hvp_kernel(log_probs, targets, input_lengths, target_lengths, dire
     from ._backends.cpu.hessian import hessian_vector_product
 
     host = [value.detach().cpu() for value in (log_probs, targets, input_lengths, target_lengths, direction)]
-    if host[0].dtype == torch.bfloat16:  # NumPy has no bfloat16
-        host[0] = host[0].float()
+    # NumPy has no bfloat16: log_probs and the direction (which has log_probs' dtype) go through float32, exactly.
+    host = [value.float() if value.dtype == torch.bfloat16 else value for value in host]
     arrays = [_array(value) for value in host]
     problem = validate(*arrays[:4], blank, reduction, zero_infinity)
     scale = api.grad_scale(problem, None)  # (N,) the reduction's factor per sample

@@ -360,6 +360,28 @@ def test_double_backward_matches_finite_differences(rng, reduction, zero_infinit
     assert torch.autograd.gradgradcheck(on_log_probs, (z,), fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_double_backward_in_half_precision_matches_finite_differences_of_torch_float64(rng, dtype, dctorch):
+    """The Hessian-vector product of float16 / bfloat16 log_probs (computed in float64, rounded once) against
+    central differences of torch's float64 gradient at the same, exactly representable, point. Tolerance: the
+    rounding of the result (bfloat16: 2**-8 relative) plus the differences' O(eps**2) error."""
+    targets, il, tl = torch.tensor([[1, 2, 2], [3, 1, 0]]), torch.tensor([7, 5]), torch.tensor([3, 2])
+    lp = torch.tensor(rng.standard_normal((7, 2, 4))).log_softmax(2).to(dtype)
+    v = torch.tensor(rng.standard_normal((7, 2, 4))).to(dtype)
+    x = lp.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(dctorch.ctc_loss(x, targets, il, tl), x, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * v).sum(), x)
+
+    def torch_grad(point):
+        point = point.requires_grad_()
+        return torch.autograd.grad(torch.nn.functional.ctc_loss(point, targets, il, tl), point)[0]
+
+    eps = 1e-5
+    want = (torch_grad(lp.double() + eps * v.double()) - torch_grad(lp.double() - eps * v.double())) / (2 * eps)
+    assert hvp.dtype == dtype
+    torch.testing.assert_close(hvp.double(), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+
+
 def test_torch_has_no_double_backward(rng):
     """Why the test above needs finite differences: torch's ctc_loss raises on the same chain."""
     z = torch.tensor(rng.standard_normal((5, 2, 3)), requires_grad=True)
