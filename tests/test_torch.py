@@ -675,6 +675,33 @@ def test_errors_match_the_api(case, dctorch):
     assert str(got.value) == str(expected.value)
 
 
+# torch reads out of bounds on a target outside [0, C) instead of raising: no oracle for that case.
+TORCH_RAISES_TOO = [case for case in BAD_ARGUMENTS if case != "target outside C"]
+
+
+@pytest.mark.parametrize("case", TORCH_RAISES_TOO)
+def test_errors_are_also_the_type_torch_raises(case, dctorch):
+    """Where torch's own ctc_loss refuses an input with a RuntimeError (or a subclass), deploy_ctc.torch's error is
+    a RuntimeError too, so code written against torch keeps catching it; where torch accepts the input, deploy_ctc
+    refuses it (documented: torch reads out of bounds or silently casts there)."""
+    lp, targets, il, tl, options = BAD_ARGUMENTS[case]
+
+    def tensor(value):
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+    args = (tensor(lp), tensor(targets), tensor(il), tensor(tl))
+    try:
+        torch.nn.functional.ctc_loss(*args, **options)
+    except Exception as error:  # noqa: BLE001 - torch's type is the oracle, whatever it is
+        torch_type = type(error)
+    else:
+        torch_type = None
+    with pytest.raises((TypeError, ValueError)) as got:
+        dctorch.ctc_loss(*args, **options)
+    if torch_type is not None and issubclass(torch_type, RuntimeError):
+        assert isinstance(got.value, RuntimeError), (type(got.value), torch_type)
+
+
 def test_device_errors(dctorch):
     """Tensors on an unsupported device, or on a device other than the CPU and log_probs's, are refused by name
     (a 'meta' tensor stands in for a second device: this machine has no GPU)."""
