@@ -52,9 +52,5 @@ def forced_align(problem):
             raise MemoryError(f"deploy_ctc's native engine could not allocate its alignment scratch for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 
-    if len(parts) == 1:
-        call(parts[0])
-    else:
-        for done in [common.pool().submit(call, part) for part in parts]:
-            done.result()
+    common.run_parts(call, parts)
     return alignment, scores
