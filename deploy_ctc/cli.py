@@ -1,7 +1,8 @@
 """The ``deploy-ctc`` command (also ``python -m deploy_ctc``).
 
 - ``deploy-ctc check``: versions, backends (and why one is unusable), worker threads, the build cache, and a
-  self-test: an analytic single-path case always, parity against torch float64 when torch is installed.
+  self-test: an analytic single-path case and a check that each CPU backend keeps ordinary inputs on its fast
+  path always, parity against torch float64 when torch is installed.
   Prints PASS or FAIL and exits 0 or 1.
 - ``deploy-ctc demo``: export an acoustic model with its CTC loss to ONNX and evaluate it in ONNX Runtime
   (:mod:`deploy_ctc.demo`).
@@ -25,6 +26,7 @@ import deploy_ctc
 from deploy_ctc._backends import cpu as cpu_backends
 from deploy_ctc._backends import native_cache
 from deploy_ctc._backends.cpu import common, native_build
+from deploy_ctc.backends import path_stats
 from deploy_ctc.onnx import native_library
 
 #: Optional modules and the extra that installs each.
@@ -115,6 +117,19 @@ def _torch_parity_cases(backend: str) -> list[tuple[bool, str]]:
     return results
 
 
+def _fast_path_case(backend):
+    """A random batch (T = 200, 8 samples) on CPU ``backend`` must finish on the fast scaled recursions: an exact
+    redo of ordinary inputs means the fast path is broken (correct numbers, many times slower)."""
+    rng = np.random.default_rng(2)
+    T, N, C, S = 200, 8, 12, 40
+    logits = rng.standard_normal((T, N, C))
+    lp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    targets = rng.integers(1, C, (N, S))
+    with cpu_backends.using(backend), path_stats() as stats:
+        deploy_ctc.ctc_loss_and_grad(lp, targets, np.full(N, T), np.full(N, S))
+    return stats.exact == 0 and stats.fast == N, f"fast path, {backend} backend: {stats.fast} of {N} samples"
+
+
 def check(args: argparse.Namespace) -> int:
     """``deploy-ctc check``: environment report and self-test; returns the exit code."""
     print(f"deploy_ctc {deploy_ctc.__version__}  python {sys.version.split()[0]}  numpy {np.__version__}")
@@ -132,9 +147,10 @@ def check(args: argparse.Namespace) -> int:
     print(f"  onnxruntime ops: {native_library.describe()}; without it, the models' portable function bodies")
     print(f"worker threads: {_threads()}")
     print(f"build cache: {_cache()}")
-    cases = [_single_path_case()]
+    backends = ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",)
+    cases = [_single_path_case()] + [_fast_path_case(backend) for backend in backends]
     if _version("torch"):
-        for backend in ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",):
+        for backend in backends:
             cases += _torch_parity_cases(backend)
     else:
         print("torch not installed: parity against torch skipped (pip install deploy_ctc[test])")

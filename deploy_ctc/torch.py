@@ -41,12 +41,41 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
 from . import align, api
 from .validation import check_options, integer_array, validate
 
-__all__ = ["CTCLoss", "ctc_loss", "forced_align", "patch"]
+__all__ = ["CTCLoss", "CTCTypeError", "CTCValueError", "ctc_loss", "forced_align", "patch"]
+
+class CTCValueError(ValueError, RuntimeError):
+    """An invalid argument value. A ``ValueError`` like every deploy_ctc argument error, and a ``RuntimeError``
+    like the error ``torch.nn.functional.ctc_loss`` raises for the same input, so code written against torch's
+    loss keeps catching it."""
+
+
+class CTCTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type: a ``TypeError``, and a ``RuntimeError`` like torch's (see
+    :class:`CTCValueError`)."""
+
+
+def _torch_errors(function):
+    """Raise ``function``'s argument errors as :class:`CTCValueError` / :class:`CTCTypeError` (same message)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (CTCValueError, CTCTypeError):
+            raise
+        except ValueError as error:
+            raise CTCValueError(str(error)) from None
+        except TypeError as error:
+            raise CTCTypeError(str(error)) from None
+
+    return wrapper
+
 
 THIRD_DERIVATIVE_ERROR = ("deploy_ctc::ctc_loss: derivatives of third and higher order are not implemented "
                           "(the gradient and its derivative, double backward, are)")
 
 
+@_torch_errors
 def ctc_loss(log_probs: torch.Tensor, targets: Any, input_lengths: Any, target_lengths: Any, blank: int = 0,
              reduction: str = "mean", zero_infinity: bool = False) -> torch.Tensor:
     """``torch.nn.functional.ctc_loss`` computed by deploy_ctc; differentiable with respect to ``log_probs``.
@@ -65,8 +94,9 @@ def ctc_loss(log_probs: torch.Tensor, targets: Any, input_lengths: Any, target_l
         input, like torch): shape ``()`` for mean/sum, ``(N,)`` for none (``()`` unbatched).
 
     Raises:
-        TypeError, ValueError: invalid arguments (the messages of :func:`deploy_ctc.ctc_loss`); a tensor on a
-        device other than the CPU or ``log_probs``'s.
+        CTCTypeError, CTCValueError: invalid arguments (the messages of :func:`deploy_ctc.ctc_loss`); a tensor on
+        a device other than the CPU or ``log_probs``'s. They are TypeError / ValueError and also RuntimeError, the
+        type torch raises.
     """
     blank, reduction, zero_infinity = check_options(blank, reduction, zero_infinity)
     if not isinstance(log_probs, torch.Tensor):
@@ -81,6 +111,7 @@ def ctc_loss(log_probs: torch.Tensor, targets: Any, input_lengths: Any, target_l
     return loss
 
 
+@_torch_errors
 def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, blank=0):
     """``torchaudio.functional.forced_align`` (torchaudio 2.11) computed by deploy_ctc, for any batch size.
 
@@ -100,7 +131,7 @@ def forced_align(log_probs, targets, input_lengths=None, target_lengths=None, bl
         where torchaudio keeps a strictly worse predecessor.
 
     Raises:
-        TypeError, ValueError: invalid arguments (see :func:`deploy_ctc.forced_align`).
+        CTCTypeError, CTCValueError: invalid arguments (see :func:`deploy_ctc.forced_align`); also RuntimeError.
     """
     if not isinstance(log_probs, torch.Tensor):
         raise TypeError(f"log_probs must be a torch.Tensor, got {type(log_probs).__name__}")
@@ -211,6 +242,7 @@ _LIBRARY.define("ctc_loss(Tensor log_probs, Tensor targets, Tensor input_lengths
                 "int blank, str reduction, bool zero_infinity, bool with_grad) -> (Tensor, Tensor)")
 
 
+@_torch_errors
 def _ctc_loss_kernel(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
                      target_lengths: torch.Tensor, blank: int, reduction: str, zero_infinity: bool,
                      with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,6 +307,7 @@ def _backward(ctx, grad_loss, grad_of_grad):
     return (result,) + (None,) * 7
 
 
+@_torch_errors
 def _ctc_loss_hvp_kernel(log_probs, targets, input_lengths, target_lengths, direction, blank, reduction,
                          zero_infinity):
     """``d/de grad(log_probs + e direction)`` for the unit-upstream ``grad`` of :func:`_ctc_loss_kernel`, computed
@@ -282,8 +315,8 @@ def _ctc_loss_hvp_kernel(log_probs, targets, input_lengths, target_lengths, dire
     from ._backends.cpu.hessian import hessian_vector_product
 
     host = [value.detach().cpu() for value in (log_probs, targets, input_lengths, target_lengths, direction)]
-    if host[0].dtype == torch.bfloat16:  # NumPy has no bfloat16
-        host[0] = host[0].float()
+    # NumPy has no bfloat16: log_probs and the direction (which has log_probs' dtype) go through float32, exactly.
+    host = [value.float() if value.dtype == torch.bfloat16 else value for value in host]
     arrays = [_array(value) for value in host]
     problem = validate(*arrays[:4], blank, reduction, zero_infinity)
     scale = api.grad_scale(problem, None)  # (N,) the reduction's factor per sample

@@ -930,9 +930,9 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
 
 }  // namespace
 
-// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py). Return 0,
-// or -1 when the scratch memory could not be allocated. ok[n] of each listed sample: 1 (fast pass), 2 (the engine's
-// exact log-space path) or 0 (NaN log-probs: left to the caller).
+// The exported entry points, one per input type (ctypes signatures: deploy_ctc/_backends/cpu/native_build.py).
+// Return 0, or -1 when the scratch memory could not be allocated. ok[n] of each listed sample: 1 (fast pass), 2 (the
+// engine's exact log-space path) or 0 (NaN or +inf log-probs: left to the caller).
 //   deploy_ctc_cpu_{float,double}: losses, and with grad != nullptr the gradient (forward and backward passes);
 //       grad == nullptr is the loss-only pass.
 //   deploy_ctc_cpu_nll_{float,double}: losses only (the forward pass alone).

@@ -3,6 +3,7 @@ without its extras and by default, and ``bench`` inside and outside a checkout."
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,77 @@ def test_check_passes(capsys):
     assert np.__version__ in out  # reports versions
 
 
-def test_check_runs_the_torch_parity_test_when_torch_is_installed(capsys):
-    torch = pytest.importorskip("torch")
-    _, out = run_main(["check"], capsys)
-    assert torch.__version__.split("+")[0] in out
+PARITY = re.compile(r"^  (ok  |FAIL) torch parity, (\w+) backend, \(T,N,C,S\)=\((\d+),(\d+),(\d+),(\d+)\) (\w+): "
+                    r"max \|diff\| (\S+)$")
+FAST = re.compile(r"^  (ok  |FAIL) fast path, (\w+) backend: (\d+) of (\d+) samples$")
+PARITY_CASES = {(30, 4, 6, 8, "mean"), (50, 3, 20, 12, "sum"), (9, 5, 4, 6, "none")}
+
+
+def cpu_backend_names():
+    from deploy_ctc._backends import cpu as cpu_backends
+
+    return {"native", "numpy"} if cpu_backends.name() == "native" else {"numpy"}
+
+
+def parity_lines(out):
+    """{(backend, (T, N, C, S, reduction)): (ok, max |diff|)} of check's torch parity lines."""
+    found = {}
+    for match in filter(None, map(PARITY.match, out.splitlines())):
+        status, backend, *shape, reduction, diff = match.groups()
+        found[backend, (*map(int, shape), reduction)] = (status == "ok  ", float(diff))
+    return found
+
+
+def test_check_runs_every_torch_parity_case_on_every_cpu_backend(capsys):
+    pytest.importorskip("torch")
+    code, out = run_main(["check"], capsys)
+    assert code == 0, out
+    found = parity_lines(out)
+    assert set(found) == {(backend, case) for backend in cpu_backend_names() for case in PARITY_CASES}, out
+    for key, (ok, diff) in found.items():
+        assert ok and diff <= 1e-9, key
+
+
+def test_check_tests_the_fast_path_of_every_cpu_backend(capsys):
+    code, out = run_main(["check"], capsys)
+    found = {m.group(2): m.groups() for m in filter(None, map(FAST.match, out.splitlines()))}
+    assert set(found) == cpu_backend_names(), out
+    for status, _, fast, total in found.values():
+        assert status == "ok  " and fast == total == "8"
+
+
+@pytest.mark.parametrize("wrong", ["numpy", "native"])
+def test_check_fails_when_one_backend_is_wrong(capsys, monkeypatch, wrong):
+    """A gradient 0.1% off on one backend: that backend's parity lines say FAIL, the other's ok, exit code 1."""
+    pytest.importorskip("torch")
+    if wrong not in cpu_backend_names():
+        pytest.skip("the native engine cannot be built here")
+    module = importlib.import_module(f"deploy_ctc._backends.cpu.{'pure_numpy' if wrong == 'numpy' else 'native'}")
+    real = module.forward_backward
+
+    def off(problem, grad_scale=None, convention="torch"):
+        nll, grad = real(problem, grad_scale, convention)
+        return nll, None if grad is None else grad * 1.001
+
+    monkeypatch.setattr(module, "forward_backward", off)
+    code, out = run_main(["check"], capsys)
+    assert code == 1 and out.splitlines()[-1] == "FAIL"
+    found = parity_lines(out)
+    assert len(found) == 3 * len(cpu_backend_names())
+    for (backend, _), (ok, diff) in found.items():
+        assert ok == (backend != wrong) and (diff > 1e-9) == (backend == wrong), (backend, diff)
+
+
+def test_check_fails_when_the_fast_path_is_broken(capsys, monkeypatch):
+    """A fast path whose every result fails its accuracy check still gives torch's numbers (the exact redo), so
+    only the fast-path line can catch it."""
+    from deploy_ctc._backends.cpu import pure_numpy
+
+    monkeypatch.setattr(pure_numpy, "_CONSISTENCY_TOL", -1.0)
+    code, out = run_main(["check"], capsys)
+    assert code == 1 and out.splitlines()[-1] == "FAIL"
+    assert "  FAIL fast path, numpy backend: 0 of 8 samples" in out.splitlines()
+    assert all(ok for ok, _ in parity_lines(out).values())
 
 
 def _run_python(args, cwd, timeout=300):
@@ -114,7 +182,9 @@ def test_demo_by_default_is_quiet_shows_progress_and_writes_nothing_here(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     assert "exporting with the dynamo exporter" in result.stdout and "done in" in result.stdout
     assert "parity: OK" in result.stdout and "temporary file" in result.stdout
-    assert result.stderr == ""  # no exporter warnings or log lines
+    # No exporter chatter: torch's warnings, deprecations and log lines (deploy_ctc's own warnings may remain).
+    for chatter in ("torchvision", "site-packages/torch", "DeprecationWarning", "UserWarning", "[torch.onnx]"):
+        assert chatter not in result.stdout + result.stderr, result.stderr
     assert not list(tmp_path.iterdir())
 
 

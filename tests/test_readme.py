@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.utils.gpu import gpu_count
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 RESULTS = REPO / "benchmarks" / "results"
@@ -81,12 +83,7 @@ BLOCKS = python_blocks()
 
 def _missing(requirement: str) -> bool:
     if requirement == "gpu":
-        try:
-            import cupy
-
-            return cupy.cuda.runtime.getDeviceCount() == 0
-        except Exception:  # noqa: BLE001 - no CuPy, no driver or no device: no GPU
-            return True
+        return gpu_count() == 0
     try:
         module = importlib.import_module(requirement)
     except Exception:  # noqa: BLE001 - any import failure means "not usable here"

@@ -88,14 +88,19 @@ def test_module_matches_nn_ctcloss(rng, reduction, dctorch):
 
 
 def test_module_defaults_and_zero_infinity(rng, dctorch):
+    """Default options (blank 0, mean) and zero_infinity with an infeasible sample: loss and gradient as torch's."""
     lp, targets, il, tl = random_inputs(rng, 6, 3, 4, 4)
     il[1] = 2
     for kwargs in ({}, {"zero_infinity": True}):
-        ours = dctorch.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
-                                         torch.as_tensor(tl))
-        ref = torch.nn.CTCLoss(**kwargs)(torch.as_tensor(lp), torch.as_tensor(targets), torch.as_tensor(il),
-                                         torch.as_tensor(tl))
-        oracles.assert_close(ours.numpy(), ref.numpy(), np.float64, f"CTCLoss({kwargs})")
+        results = []
+        for module in (dctorch.CTCLoss(**kwargs), torch.nn.CTCLoss(**kwargs)):
+            x = torch.tensor(lp, requires_grad=True)
+            loss = module(x, torch.as_tensor(targets), torch.as_tensor(il), torch.as_tensor(tl))
+            loss.backward()
+            results.append((loss.detach().numpy(), x.grad.numpy()))
+        (ours, our_grad), (ref, ref_grad) = results
+        oracles.assert_close(ours, ref, np.float64, f"CTCLoss({kwargs}) loss")
+        oracles.assert_close(our_grad, ref_grad, np.float64, f"CTCLoss({kwargs}) grad")
 
 
 def test_concatenated_and_tuple_lengths(rng, dctorch):
@@ -184,14 +189,20 @@ def test_half_precision_is_computed_in_float32(rng, dtype, dctorch):
 
 
 def test_expanded_zero_stride_input(rng, dctorch):
-    """A batch broadcast from one sequence (stride 0 on N) works like a materialized copy."""
-    lp = torch.tensor(oracles.random_log_probs(rng, 10, 1, 5))
-    expanded = lp.expand(10, 3, 5)  # (T, N, C) with stride 0 on N
+    """A batch broadcast from one sequence (stride 0 on N) works like a materialized copy, and its gradient flows
+    back summed over the batch into the one sequence."""
     targets, il, tl = torch.tensor([[1, 2], [3, 3], [4, 0]]), torch.tensor([10, 9, 4]), torch.tensor([2, 2, 1])
-    loss = dctorch.ctc_loss(expanded, targets, il, tl, reduction="none")
-    ref_loss, _ = oracles.torch_reference(expanded.detach().contiguous().numpy(), targets.numpy(), il.numpy(),
-                                          tl.numpy(), reduction="none")
-    oracles.assert_close(loss.detach().numpy(), ref_loss, np.float64, "loss")
+    one = oracles.random_log_probs(rng, 10, 1, 5)  # (T, 1, C)
+    results = []
+    for fn in (dctorch.ctc_loss, torch.nn.functional.ctc_loss):
+        lp = torch.tensor(one, requires_grad=True)
+        expanded = lp.expand(10, 3, 5)  # (T, N, C) with stride 0 on N
+        loss = fn(expanded, targets, il, tl, reduction="none")
+        loss.backward(torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64))
+        results.append((loss.detach().numpy(), lp.grad.numpy()))
+    (loss, grad), (ref_loss, ref_grad) = results
+    oracles.assert_close(loss, ref_loss, np.float64, "loss")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
 def test_non_tensor_log_probs_is_a_type_error(rng, dctorch):
@@ -347,6 +358,28 @@ def test_double_backward_matches_finite_differences(rng, reduction, zero_infinit
 
     assert torch.autograd.gradgradcheck(through_log_softmax, (z,), fast_mode=True)
     assert torch.autograd.gradgradcheck(on_log_probs, (z,), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_double_backward_in_half_precision_matches_finite_differences_of_torch_float64(rng, dtype, dctorch):
+    """The Hessian-vector product of float16 / bfloat16 log_probs (computed in float64, rounded once) against
+    central differences of torch's float64 gradient at the same, exactly representable, point. Tolerance: the
+    rounding of the result (bfloat16: 2**-8 relative) plus the differences' O(eps**2) error."""
+    targets, il, tl = torch.tensor([[1, 2, 2], [3, 1, 0]]), torch.tensor([7, 5]), torch.tensor([3, 2])
+    lp = torch.tensor(rng.standard_normal((7, 2, 4))).log_softmax(2).to(dtype)
+    v = torch.tensor(rng.standard_normal((7, 2, 4))).to(dtype)
+    x = lp.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(dctorch.ctc_loss(x, targets, il, tl), x, create_graph=True)
+    (hvp,) = torch.autograd.grad((grad * v).sum(), x)
+
+    def torch_grad(point):
+        point = point.requires_grad_()
+        return torch.autograd.grad(torch.nn.functional.ctc_loss(point, targets, il, tl), point)[0]
+
+    eps = 1e-5
+    want = (torch_grad(lp.double() + eps * v.double()) - torch_grad(lp.double() - eps * v.double())) / (2 * eps)
+    assert hvp.dtype == dtype
+    torch.testing.assert_close(hvp.double(), want, rtol=2**-7, atol=2**-7 * float(want.abs().max()))
 
 
 def test_torch_has_no_double_backward(rng):
@@ -640,6 +673,33 @@ def test_errors_match_the_api(case, dctorch):
     with pytest.raises(type(expected.value)) as got:
         dctorch.ctc_loss(tensor(lp), tensor(targets), tensor(il), tensor(tl), **options)
     assert str(got.value) == str(expected.value)
+
+
+# torch reads out of bounds on a target outside [0, C) instead of raising: no oracle for that case.
+TORCH_RAISES_TOO = [case for case in BAD_ARGUMENTS if case != "target outside C"]
+
+
+@pytest.mark.parametrize("case", TORCH_RAISES_TOO)
+def test_errors_are_also_the_type_torch_raises(case, dctorch):
+    """Where torch's own ctc_loss refuses an input with a RuntimeError (or a subclass), deploy_ctc.torch's error is
+    a RuntimeError too, so code written against torch keeps catching it; where torch accepts the input, deploy_ctc
+    refuses it (documented: torch reads out of bounds or silently casts there)."""
+    lp, targets, il, tl, options = BAD_ARGUMENTS[case]
+
+    def tensor(value):
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+    args = (tensor(lp), tensor(targets), tensor(il), tensor(tl))
+    try:
+        torch.nn.functional.ctc_loss(*args, **options)
+    except Exception as error:  # noqa: BLE001 - torch's type is the oracle, whatever it is
+        torch_type = type(error)
+    else:
+        torch_type = None
+    with pytest.raises((TypeError, ValueError)) as got:
+        dctorch.ctc_loss(*args, **options)
+    if torch_type is not None and issubclass(torch_type, RuntimeError):
+        assert isinstance(got.value, RuntimeError), (type(got.value), torch_type)
 
 
 def test_device_errors(dctorch):

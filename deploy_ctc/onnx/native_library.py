@@ -156,3 +156,14 @@ def run_command(portable: bool = False, output: Path | None = None) -> int:
         return 1
     print(" ".join(command))
     return subprocess.run(command).returncode
+
+
+def _after_fork_in_child():
+    """A child forked while another thread held the lock (building, say) must not wait for a thread it lacks; the
+    cache's record lock is not inherited, so the child finds the parent's build or builds on its own."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

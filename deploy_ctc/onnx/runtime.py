@@ -24,7 +24,8 @@ from deploy_ctc.onnx._deps import require_onnxruntime
 from deploy_ctc.onnx.native_library import NativeUnavailable, library_path
 
 _lock = threading.Lock()
-_registered: weakref.WeakSet[Any] = weakref.WeakSet()  # SessionOptions the library is registered on (twice fails at session creation)
+# SessionOptions the library is registered on (registering it twice fails at session creation).
+_registered: weakref.WeakSet[Any] = weakref.WeakSet()
 _warned = False
 
 

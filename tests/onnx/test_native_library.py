@@ -83,7 +83,8 @@ def test_bit_identical_to_the_python_api(rng, dtype, int_types, layout, reductio
     feeds = feeds_of(lp, targets, il, tl, int_types)
     d_loss = rng.uniform(0.5, 2.0, np.shape(deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs))).astype(dtype)
     loss, grad = loss_and_grad(feeds, d_loss, **attrs)
-    # CTCLoss is ctc_loss (the engine's loss-only pass), CTCLossGrad ctc_loss_and_grad's gradient.
+    # CTCLoss runs the engine's loss-only pass, as ctc_loss does; CTCLossGrad its forward and backward passes (the
+    # two losses agree to rounding, not necessarily to the bit).
     want_loss = deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs)
     _, want_grad = deploy_ctc.ctc_loss_and_grad(lp, targets, il, tl, **attrs, grad_output=d_loss)
     assert loss.dtype == dtype and grad.dtype == dtype
@@ -133,7 +134,7 @@ def test_nan_and_empty_samples_as_the_python_api(rng):
     p.targets[0] = [1, 2, 3]
     for attrs in (dict(reduction="none"), dict(reduction="none", zero_infinity=1)):
         loss, grad = loss_and_grad(feeds_of(*p.args()), **attrs)
-        want_loss = deploy_ctc.ctc_loss(*p.args(), **attrs)
+        want_loss = deploy_ctc.ctc_loss(*p.args(), **attrs)  # CTCLoss is the loss-only pass, as ctc_loss
         _, want_grad = deploy_ctc.ctc_loss_and_grad(*p.args(), **attrs)
         np.testing.assert_array_equal(loss, want_loss)
         np.testing.assert_array_equal(grad, want_grad)
@@ -323,6 +324,48 @@ def test_concurrent_first_use_from_threads():
     out, err = child.communicate(timeout=300)
     assert child.returncode == 0, err
     assert out.split()[:2] == ["60", "60"] and out.strip().endswith("[]"), out
+
+
+# The library's first use starts on a thread; the process forks while that build holds the module's lock. The
+# child gives up after a minute (SIGALRM) rather than hang forever where it would deadlock.
+FORK_DURING_BUILD = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from deploy_ctc.onnx import native_library
+builder = threading.Thread(target=native_library.describe)
+builder.start()
+while not Path(sys.argv[1]).exists():
+    time.sleep(0.01)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)
+    try:
+        print("child:", native_library.describe(), flush=True)
+    finally:
+        os._exit(0)
+_, status = os.waitpid(pid, 0)
+builder.join()
+print("parent:", native_library.describe(), "status", status)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_during_the_first_build_does_not_hang(tmp_path):
+    """A stub compiler builds (slowly) a library exporting RegisterCustomOps, next to an empty header folder."""
+    from tests.backends.cpu.test_native_build import stub_environment
+
+    include = tmp_path / "include"
+    include.mkdir()
+    (include / native_library.HEADER).write_text("")
+    environment = stub_environment(tmp_path, tmp_path / "cache", names=[native_library.SYMBOL],
+                                   **{native_library.INCLUDE_ENV: str(include)})
+    result = subprocess.run([sys.executable, "-c", FORK_DURING_BUILD, str(tmp_path / "builds.log")],
+                            capture_output=True, text=True, env=environment, timeout=120)
+    assert result.returncode == 0, result.stderr
+    library = next((tmp_path / "cache").glob("deploy_ctc_ort-*.so"))
+    assert f"child: native library {library}" in result.stdout, result.stdout
+    assert f"parent: native library {library} status 0" in result.stdout, result.stdout
+    assert len((tmp_path / "builds.log").read_text().splitlines()) == 1  # the child loaded the parent's build
 
 
 def test_ctrl_c_during_runs_does_not_abort():

@@ -17,7 +17,8 @@ _PARALLEL_MIN_CELLS = 200_000
 
 
 def forced_align(problem):
-    """``(alignment, scores)`` ``(T, N)``: the results of :func:`deploy_ctc._backends.cpu.align_numpy.forced_align`.
+    """``(alignment, scores)`` ``(T, N)``: the results of :func:`deploy_ctc._backends.cpu.align_numpy.forced_align`
+    (float16 log-probs are read through a float32 copy; their scores come back in float32, exactly).
 
     Raises:
         deploy_ctc._backends.cpu.native_build.NativeUnavailable: the engine cannot be built here.
@@ -25,6 +26,8 @@ def forced_align(problem):
     """
     lib = native_build.library()
     lp = problem.log_probs  # (T, N, C)
+    if lp.dtype == np.float16:  # the engine reads float and double; float32 holds every float16 (and its scores)
+        lp = lp.astype(np.float32)
     T, N, _ = lp.shape
     if lp.dtype == np.float16:
         lp = lp.astype(np.float32)  # the engine reads float or double; float16 values are exact in float32
@@ -49,9 +52,5 @@ def forced_align(problem):
             raise MemoryError(f"deploy_ctc's native engine could not allocate its alignment scratch for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 
-    if len(parts) == 1:
-        call(parts[0])
-    else:
-        for done in [common.pool().submit(call, part) for part in parts]:
-            done.result()
+    common.run_parts(call, parts)
     return alignment, scores

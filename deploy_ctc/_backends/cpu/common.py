@@ -110,6 +110,17 @@ def deal(samples, cost, workers):
     return [order[part == p] for p in range(workers) if (part == p).any()]
 
 
+
+def run_parts(call, parts):
+    """``call(part)`` for each of ``parts`` (from :func:`deal`): inline for one part, else on :func:`pool`'s
+    threads, all submitted before any is waited on; a part's error is raised here (the first in order)."""
+    if len(parts) == 1:
+        call(parts[0])
+        return
+    for done in [pool().submit(call, part) for part in parts]:
+        done.result()
+
+
 THREADS_ENV = "DEPLOY_CTC_NUM_THREADS"
 
 

@@ -85,10 +85,6 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
             raise MemoryError(f"deploy_ctc's native engine could not allocate its scratch memory for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 
-    if len(parts) == 1:
-        call(parts[0])
-    else:
-        for done in [common.pool().submit(call, part) for part in parts]:
-            done.result()
+    common.run_parts(call, parts)
     return len(parts)
 

@@ -23,11 +23,12 @@ frame ``t`` is ``beta'_t(s)`` (beta without the emission at ``t``), so the poste
 
 and ``log p(l|x) = log Z_t + (log-scales)`` must come out the same for every frame ``t``. That identity is the accuracy
 check: a sample whose values it finds inconsistent (probability mass flushed to zero by extreme, peaky inputs;
-all-``-inf`` frames; NaN, ``+inf``) is recomputed exactly by the log-space twin :mod:`deploy_ctc._backends.cpu.logspace`.
-An emission flushed to zero before the chains start would be the same zero in both directions and pass that identity,
-so a sample with a finite log-probability more than ``-_FLUSH_LOG`` nats below its frame's best (a ``-1e30`` mask, say)
-takes the exact path too. The gradient follows torch's convention (Graves eq. 16, the gradient through an upstream
-log_softmax): ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the "plain" convention).
+all-``-inf`` frames; NaN, ``+inf``) is recomputed exactly by the log-space twin
+:mod:`deploy_ctc._backends.cpu.logspace`. An emission flushed to zero before the chains start would be the same zero in
+both directions and pass that identity, so a sample with a finite log-probability more than ``-_FLUSH_LOG`` nats below
+its frame's best (a ``-1e30`` mask, say) takes the exact path too. The gradient follows torch's convention (Graves eq.
+16, the gradient through an upstream log_softmax): ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the
+"plain" convention).
 
 Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
 recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its

@@ -79,12 +79,14 @@ def test_build_is_cached_and_reused_by_later_processes(tmp_path):
     assert f"rebuilding {path}" in errors and "building the native CPU engine" in errors
 
 
-def stub_compiler(folder, delay=1):
-    """A compiler that builds, slowly, a stub exporting the engine's entry points (whatever it is asked to compile)
-    and counts its builds in ``folder/builds.log``: for the tests of processes, where the engine never runs."""
+def stub_compiler(folder, delay=1, names=None):
+    """A compiler that builds, slowly, a stub exporting ``names`` (default: the engine's entry points), whatever it
+    is asked to compile, and counts its builds in ``folder/builds.log``: for the tests of processes, where the
+    library never runs."""
     stub = folder / "stub.cpp"
-    names = [*native_build.ENTRY_POINTS.values(), *native_build.NLL_ENTRY_POINTS.values(),
-             *native_build.ALIGN_ENTRY_POINTS.values()]
+    if names is None:
+        names = [*native_build.ENTRY_POINTS.values(), *native_build.NLL_ENTRY_POINTS.values(),
+                 *native_build.ALIGN_ENTRY_POINTS.values()]
     stub.write_text("".join(f'extern "C" int {name}() {{ return 0; }}\n' for name in names))
     compiler = folder / "slow-c++"
     compiler.write_text(textwrap.dedent(f"""\
@@ -100,8 +102,8 @@ def stub_compiler(folder, delay=1):
     return compiler
 
 
-def stub_environment(folder, cache, **extra):
-    return {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(cache), "CXX": str(stub_compiler(folder)),
+def stub_environment(folder, cache, names=None, **extra):
+    return {**os.environ, "DEPLOY_CTC_CACHE_DIR": str(cache), "CXX": str(stub_compiler(folder, names=names)),
             "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
 
 

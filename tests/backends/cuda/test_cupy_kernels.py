@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from deploy_ctc import validation
 from deploy_ctc._backends.cuda import cupy_kernels
 from tests.utils import cuda_harness, oracles
+from tests.utils.gpu import gpu_count
 
 
 @dataclass(frozen=True)
@@ -303,15 +304,7 @@ def test_harness_results_are_bitwise_identical_across_thread_orders(harness_libr
 # ----------------------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------------------
-def _gpu_count():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # ImportError, CUDARuntimeError without a driver or device
-        return 0
-
-
-requires_gpu = pytest.mark.skipif(_gpu_count() == 0, reason="needs CuPy and a CUDA GPU")
+requires_gpu = pytest.mark.skipif(gpu_count() == 0, reason="needs CuPy and a CUDA GPU")
 
 
 @requires_gpu

@@ -29,12 +29,18 @@ _FUNCTION = re.compile(r"Function properties for (\S+)\s*\n\S+\s+\.\s+(\d+) byte
 _REGISTERS = re.compile(r"Compiling entry function '(\S+)'.*?Used (\d+) registers", re.S)
 
 
-def _compile(arch):
-    """(lowered name of each name expression, ptxas log) of one NVRTC compilation."""
+def _program():
+    """A new NVRTC program of the kernel source; skips where libnvrtc cannot be loaded (the skip fails the run where
+    DEPLOY_CTC_REQUIRE lists nvrtc, as CI's does: tests/conftest.py)."""
     try:
-        program = nvrtc.createProgram(loader.source(), loader.SOURCE, [], [])
+        return nvrtc.createProgram(loader.source(), loader.SOURCE, [], [])
     except Exception as error:  # the bindings import even when libnvrtc itself is missing
         pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
+
+
+def _compile(arch):
+    """(lowered name of each name expression, ptxas log) of one NVRTC compilation."""
+    program = _program()
     for name in loader.NAME_EXPRESSIONS:
         nvrtc.addNameExpression(program, name)
     options = [*loader.compile_options(), f"--gpu-architecture={arch}", "--ptxas-options=-v"]
@@ -77,10 +83,7 @@ def test_float_kernels_do_no_double_arithmetic():
     """float instantiations must stay in float: a stray double literal or overload would halve their speed.
     The one double value they touch is grad_scale, which is loaded and converted once per row. (Except
     DOUBLE_BY_DESIGN.)"""
-    try:
-        program = nvrtc.createProgram(loader.source(), loader.SOURCE, [], [])
-    except Exception as error:
-        pytest.skip(f"NVRTC is not loadable ({error}); pip install deploy_ctc[cuda-build]")
+    program = _program()
     floats = [name for name in loader.NAME_EXPRESSIONS
               if name.endswith("<float>") and name.split("<")[0] not in DOUBLE_BY_DESIGN]
     for name in floats:
