@@ -36,14 +36,13 @@ REQUIREMENTS = {
     "gpu": "a CUDA GPU",
     "onnx": "pip install 'deploy_ctc[onnx]'",
     "onnxruntime": "pip install 'deploy_ctc[onnx]' (onnxruntime >= 1.20, not the training build)",
-    "onnxruntime_extensions": "pip install 'deploy_ctc[onnx]'",
     "onnxscript": "pip install 'deploy_ctc[onnx]'",
     "onnxruntime.training": "the [train] extra's own venv (bash .ci/training.sh)",
 }
 #: Modules whose import implies a requirement: (import prefix, requirements it implies).
 IMPLIED = [("deploy_ctc.torch", {"torch"}), ("deploy_ctc.onnx", {"onnx", "onnxruntime"}),
            ("deploy_ctc.training", {"onnxruntime.training"}), ("torch", {"torch"}), ("cupy", {"cupy"}),
-           ("onnxruntime_extensions", {"onnxruntime_extensions"}), ("onnxruntime", {"onnxruntime"}),
+           ("onnxruntime", {"onnxruntime"}),
            ("onnxscript", {"onnxscript"}), ("onnx", {"onnx"})]
 MARKER = re.compile(r"<!-- readme-test: requires=([\w.,]+) -->")
 

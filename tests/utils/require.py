@@ -18,8 +18,8 @@ ENV = "DEPLOY_CTC_REQUIRE"
 CAPABILITIES = {
     # The test extra: torch, and what the torch tests use with it (transformers)
     "torch": re.compile(r"could not import 'torch'|the test extra|needs torch\b|deploy_ctc\[test\]"),
-    "onnx": re.compile(r"could not import 'onnx\w*'|the onnx extra|deploy_ctc\[onnx\]|onnxruntime-extensions|"
-                       r"needs onnx(runtime|runtime_extensions|script)?\b(?![.-]training)"),
+    "onnx": re.compile(r"could not import 'onnx\w*'|the onnx extra|deploy_ctc\[onnx\]|"
+                       r"needs onnx(runtime|script)?\b(?![.-]training)"),
     "native": re.compile(r"native engine|C\+\+ compiler|needs g\+\+"),
     # deploy_ctc's native ONNX Runtime custom-op library (built against the headers DEPLOY_CTC_ORT_INCLUDE names)
     "ortlib": re.compile(r"native ONNX Runtime library"),

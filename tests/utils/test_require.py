@@ -18,7 +18,7 @@ REASONS = {
     "torch (the test extra) is the float64 oracle": ["torch"],
     "README.md:57 needs torch: pip install 'deploy_ctc[test]'": ["torch"],
     "transformers is in the test extra": ["torch"],
-    "could not import 'onnxruntime_extensions': No module named 'onnxruntime_extensions'": ["onnx"],
+    "could not import 'onnxscript': No module named 'onnxscript'": ["onnx"],
     "README.md:90 needs onnxruntime: pip install 'deploy_ctc[onnx]' (onnxruntime >= 1.20, not the training build)":
         ["onnx"],
     "the native engine cannot be built here (no C++ compiler)": ["native"],
