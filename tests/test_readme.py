@@ -181,6 +181,16 @@ def test_benchmark_tables_are_the_recorded_results():
     assert (f"{cpu['numpy_backend_geomean_speedup']:.2f}x (lowest {cpu['numpy_backend_min_speedup']:.2f}x)" in text)
     assert (f"Geometric mean {peaky['geomean_speedup']:.2f}x (lowest {peaky['min_speedup']:.2f}x) for deploy_ctc; "
             f"{peaky['numpy_backend_geomean_speedup']:.2f}x for the pure-NumPy backend" in text)
+    loss = json.loads((RESULTS / "bench_cpu_loss.json").read_text())
+    for r in loss["rows"]:
+        row = (f"| {tuple(r['shape'])} | {r['torch_ms']:.1f} | {r['deploy_ctc_ms']:.1f} | {r['speedup']:.2f}x | "
+               f"{r['torch_loss_ms']:.1f} | {r['deploy_ctc_loss_ms']:.1f} | **{r['loss_speedup']:.2f}x** | "
+               f"{r['loss_over_loss_and_grad']:.2f} |")
+        assert row in text, f"not in README.md: {row}"
+    flat = " ".join(text.split())
+    assert (f"Loss alone: geometric mean {loss['loss_geomean_speedup']:.2f}x torch `no_grad` (lowest "
+            f"{loss['loss_min_speedup']:.2f}x," in flat)
+    assert f"at most {loss['max_loss_over_loss_and_grad']:.2f} of `ctc_loss_and_grad`'s time" in flat
 
 
 def test_alignment_table_is_the_recorded_result():
