@@ -294,7 +294,11 @@ def _run(command, timeout):
     # A KeyboardInterrupt raised inside Popen, between the fork and the assignment of the pid, would leave the
     # compiler running unseen: SIGINT is held back until Popen has returned.
     process = None
-    with tempfile.TemporaryFile() as output:
+    # tempfile's first use in a process takes a module lock (while it probes the temporary directory) that a process
+    # forked meanwhile would inherit held, so it is made under _spawn_lock too.
+    with _spawn_lock:
+        output = tempfile.TemporaryFile()
+    with output:
         try:
             with _spawn_lock, _sigint_deferred():
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
