@@ -22,18 +22,12 @@ from pathlib import Path
 import pytest
 
 from deploy_ctc._backends import native_cache
+from tests.utils.compiler import needs_compiler
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def has_compiler():
-    try:
-        return bool(native_cache.find_compiler())
-    except native_cache.NativeUnavailable:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler ($CXX, c++, g++, clang++)")
+pytestmark = needs_compiler
 
 TINY = 'extern "C" int tiny_answer() { return 42; }\n'
 # A library an attacker could plant: its constructor runs as soon as it is loaded.

@@ -16,17 +16,11 @@ import pytest
 
 from deploy_ctc._backends import native_cache
 from deploy_ctc._backends.cpu import native_build
+from tests.utils.compiler import needs_compiler
 
 REPO = Path(__file__).resolve().parents[3]
 
-def has_compiler():
-    try:
-        return bool(native_cache.find_compiler())
-    except native_cache.NativeUnavailable:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not has_compiler(), reason="no C++ compiler ($CXX, c++, g++, clang++)")
+pytestmark = needs_compiler
 
 # Prints the loaded library's path and the loss of a fixed batch (float64, so runs compare exactly); builds are
 # logged to stderr.

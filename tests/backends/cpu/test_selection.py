@@ -7,10 +7,10 @@ import pytest
 
 import deploy_ctc
 from deploy_ctc._backends import cpu as cpu_backends
-from deploy_ctc._backends import native_cache
 from deploy_ctc._backends.cpu import native_build
 from deploy_ctc._backends.cpu import native
 from deploy_ctc._backends.cpu import pure_numpy
+from tests.utils.compiler import needs_compiler
 from tests.utils import oracles
 
 
@@ -27,14 +27,7 @@ def small_batch():
     return lp, np.array([[1, 2], [3, 0]]), [6, 5], [2, 1]
 
 
-def has_compiler():
-    try:
-        return bool(native_cache.find_compiler())
-    except native_build.NativeUnavailable:
-        return False
-
-
-@pytest.mark.skipif(not has_compiler(), reason="no C++ compiler ($CXX, c++, g++, clang++)")
+@needs_compiler
 def test_native_is_the_default_where_a_compiler_exists(monkeypatch):
     """CI has a compiler: the native engine must be what users get there, not a silent fallback."""
     monkeypatch.delenv(cpu_backends.ENV, raising=False)
