@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .validation import CTCProblem, validate
+from .validation import CTCProblem, check_blank, validate
 
 __all__ = ["TokenSpan", "forced_align", "token_spans"]
 
@@ -103,9 +103,12 @@ def token_spans(alignment: Any, scores: Any, blank: int = 0) -> list:
         of ``scores`` over the span, in float64.
 
     Raises:
+        TypeError: ``alignment`` does not hold integers, or ``blank`` is not an integer.
         ValueError: ``alignment`` and ``scores`` differ in shape, or are not 1-D or 2-D.
     """
-    alignment, scores = _host(alignment), _host(scores)
+    alignment, scores, blank = _host(alignment), _host(scores), check_blank(blank)
+    if alignment.dtype.kind not in "iu" and alignment.size:  # float labels would be truncated into other labels
+        raise TypeError(f"alignment must hold integer labels, got dtype {alignment.dtype}")
     if alignment.shape != scores.shape or alignment.ndim not in (1, 2):
         raise ValueError(f"alignment and scores must have the same shape, (T,) or (T, N); got "
                          f"{alignment.shape} and {scores.shape}")

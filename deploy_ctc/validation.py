@@ -78,6 +78,17 @@ def check_convention(convention) -> str:
     return convention
 
 
+def check_blank(blank) -> int:
+    """``blank`` as an int (its range is checked against C in :func:`validate`).
+
+    Raises:
+        TypeError: ``blank`` is not an integer (a bool is not one).
+    """
+    if isinstance(blank, (bool, np.bool_)) or not isinstance(blank, numbers.Integral):
+        raise TypeError(f"blank must be an integer, got {blank!r} of type {type(blank).__name__}")
+    return int(blank)
+
+
 def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
     """Validate the three options of ``nn.CTCLoss`` (and the ONNX op's attributes).
 
@@ -91,8 +102,7 @@ def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
         ValueError: ``reduction`` is not one of ``'none'``, ``'mean'``, ``'sum'``; ``zero_infinity`` is an integer
             other than 0 or 1.
     """
-    if isinstance(blank, (bool, np.bool_)) or not isinstance(blank, numbers.Integral):
-        raise TypeError(f"blank must be an integer, got {blank!r} of type {type(blank).__name__}")
+    blank = check_blank(blank)
     if not isinstance(reduction, str):
         raise TypeError(f"reduction must be a string, one of {REDUCTIONS}, got {reduction!r}")
     if reduction not in REDUCTIONS:
@@ -106,7 +116,7 @@ def check_options(blank, reduction, zero_infinity) -> tuple[int, str, bool]:
         zero_infinity = bool(zero_infinity)
     else:
         raise TypeError(f"zero_infinity must be a bool, got {zero_infinity!r} of type {type(zero_infinity).__name__}")
-    return int(blank), reduction, zero_infinity
+    return blank, reduction, zero_infinity
 
 
 def array_module(log_probs):

@@ -237,3 +237,16 @@ def test_token_spans_merge_runs_and_average_scores():
                                                                 (5, 6, 9), (0, 9, 10)]
     with pytest.raises(ValueError, match="same shape"):
         token_spans(alignment, scores[:5])
+
+
+@pytest.mark.parametrize("alignment, blank, message", [
+    (np.array([0.0, 1.5, 1.5, 0.0]), 0, "alignment must hold integer labels, got dtype float64"),
+    (np.array([0, 1, 1, 0]), None, "blank must be an integer, got None"),
+    (np.array([0, 1, 1, 0]), "0", "blank must be an integer, got '0'"),
+    (np.array([0, 1, 1, 0]), True, "blank must be an integer, got True"),
+])
+def test_token_spans_refuses_non_integer_labels_and_blank(alignment, blank, message):
+    # Truncated float labels or a blank matching no label would silently give other spans than the alignment's.
+    with pytest.raises(TypeError, match=message):
+        token_spans(alignment, np.zeros(4), blank=blank)
+    assert token_spans(np.zeros(0, dtype=np.int64), np.zeros(0)) == [] == token_spans([], [])
