@@ -35,7 +35,7 @@
 // one +inf, as any infeasible sample), where the Python API follows torch's arithmetic through them
 // (deploy_ctc/_backends/cpu/logspace.py); for NaN the two agree.
 
-#include <onnxruntime_c_api.h>
+#include "ort_ops.h"
 
 #include <algorithm>
 #include <climits>
@@ -90,26 +90,9 @@ int align_samples(const scalar_t* lp, Args... args) {
   else return deploy_ctc_align_double(lp, args...);
 }
 
-constexpr std::uint32_t kApiVersion = 17;
-constexpr const char* kDomain = "deploy_ctc";
 // Below this much work (lattice cells plus gradient cells) a batch runs on the calling thread, as in
 // deploy_ctc/_backends/cpu/native.py.
 constexpr std::int64_t kParallelMinCells = 200000;
-
-enum class Reduction { kNone, kMean, kSum };
-
-// A failure to report as an OrtStatus: an invalid argument (message only) or a status from the API itself.
-struct Failure {
-  OrtErrorCode code;
-  std::string message;
-  OrtStatus* status;  // non-null: pass this status on as it is
-};
-
-[[noreturn]] void invalid(std::string message) { throw Failure{ORT_INVALID_ARGUMENT, std::move(message), nullptr}; }
-
-void check(OrtStatus* status) {
-  if (status != nullptr) throw Failure{ORT_FAIL, std::string(), status};
-}
 
 // Python's repr of a shape tuple: (), (5,), (2, 3).
 std::string shape_text(const std::vector<std::int64_t>& shape) {
@@ -145,19 +128,6 @@ const char* dtype_name(ONNXTensorElementDataType type) {
   }
 }
 
-// An input tensor, read in place.
-struct Tensor {
-  ONNXTensorElementDataType type;
-  std::vector<std::int64_t> shape;
-  const void* data;
-
-  std::int64_t size() const {  // the dims describe memory that exists, so the product fits
-    std::int64_t n = 1;
-    for (std::int64_t d : shape) n *= d;
-    return n;
-  }
-};
-
 Tensor input(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
   const OrtValue* value = nullptr;
   check(api->KernelContext_GetInput(context, index, &value));
@@ -177,16 +147,6 @@ Tensor input(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
   check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
   tensor.data = data;
   return tensor;
-}
-
-template <typename scalar_t>
-scalar_t* output(const OrtApi* api, OrtKernelContext* context, const std::vector<std::int64_t>& shape,
-                 std::size_t index = 0) {
-  OrtValue* value = nullptr;
-  check(api->KernelContext_GetOutput(context, index, shape.data(), shape.size(), &value));
-  void* data = nullptr;
-  check(api->GetTensorMutableData(value, &data));
-  return static_cast<scalar_t*>(data);
 }
 
 // An int32 / int64 tensor as int64 values (validation.py's _integer_array).
@@ -214,21 +174,6 @@ std::vector<std::int64_t> lengths(const Tensor& tensor, const char* name, std::i
             ", got shape " + shape_text(tensor.shape));
   return values;
 }
-
-struct Attributes {
-  std::int64_t blank;
-  Reduction reduction;
-  bool zero_infinity;
-};
-
-// A validated batch: validation.py's CTCProblem for contiguous (T, N, C) log-probs.
-struct Problem {
-  std::int64_t T, N, C, S;            // S = max(target_lengths)
-  bool batched;
-  std::vector<std::int64_t> shape;    // log_probs' shape as given
-  std::vector<std::int64_t> targets;  // (N, S) padded with 0 (at least one element)
-  std::vector<std::int64_t> input_lengths, target_lengths;
-};
 
 // validation.py's validate, in its order and with its messages.
 Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in, const Tensor& tl_in,
@@ -538,25 +483,6 @@ Attributes read_attributes(const OrtApi* api, const OrtKernelInfo* info) {
   return a;
 }
 
-// Runs `body`, turning a Failure or any C++ exception into a status (nothing escapes into ONNX Runtime).
-template <typename Body>
-OrtStatus* guarded(const OrtApi* api, const char* op, Body&& body) noexcept {
-  std::string prefix = std::string(kDomain) + "::" + op + ": ";
-  try {
-    body();
-    return nullptr;
-  } catch (const Failure& failure) {
-    if (failure.status != nullptr) return failure.status;
-    return api->CreateStatus(failure.code, (prefix + failure.message).c_str());
-  } catch (const std::bad_alloc&) {
-    return api->CreateStatus(ORT_FAIL, (prefix + "out of memory").c_str());
-  } catch (const std::exception& error) {
-    return api->CreateStatus(ORT_FAIL, (prefix + error.what()).c_str());
-  } catch (...) {
-    return api->CreateStatus(ORT_FAIL, (prefix + "unknown error").c_str());
-  }
-}
-
 // CTCAlign: the forced alignment of deploy_ctc.align (kernels/ctc_align_cpu.cpp) on a validated batch, samples
 // dealt over ONNX Runtime's intra-op threads as the loss's. alignment (T, N) int64 and scores (T, N) in the float
 // type (the unbatched (T, C) form gives (T,)): blank and 0 beyond each input length, all blank with -inf scores for
@@ -728,6 +654,9 @@ const Registry& registry(const OrtApi* api) {
       if (status == nullptr) status = api->CustomOpDomain_Add(r.domain, &op);
     for (const AlignOp& op : kAlignOps)
       if (status == nullptr) status = api->CustomOpDomain_Add(r.domain, &op);
+#ifdef DEPLOY_CTC_ORT_CUDA
+    if (status == nullptr) status = add_cuda_ops(api, r.domain);
+#endif
     if (status != nullptr) {
       r.error = api->GetErrorMessage(status);
       api->ReleaseStatus(status);
