@@ -175,6 +175,27 @@ std::vector<std::int64_t> lengths(const Tensor& tensor, const char* name, std::i
   return values;
 }
 
+void check_d_loss(const Tensor& d_loss, const Problem& p, Reduction reduction) {
+  const std::vector<std::int64_t> loss_shape =
+      reduction == Reduction::kNone && p.batched ? std::vector<std::int64_t>{p.N} : std::vector<std::int64_t>{};
+  if (d_loss.shape != loss_shape && d_loss.size() != 1)
+    invalid("d_loss must be a scalar or have the loss's shape " + shape_text(loss_shape) + ", got shape " +
+            shape_text(d_loss.shape));
+}
+
+void set_common_fields(OrtCustomOp& op) {
+  op.version = kApiVersion;  // what this library calls, whatever the headers' ORT_API_VERSION
+  op.GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+}
+
 // validation.py's validate, in its order and with its messages.
 Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in, const Tensor& tl_in,
                  const Attributes& attributes) {
@@ -338,12 +359,6 @@ struct EngineRun {
   }
 };
 
-struct Kernel {
-  const OrtApi* api;
-  Attributes attributes;
-  bool grad;
-};
-
 // The per-sample losses (and, with grad, the gradient) of a validated batch: common.start, the engine, common.finish.
 template <typename scalar_t>
 std::vector<double> forward_backward(const Kernel& k, OrtKernelContext* context, const Problem& p,
@@ -423,11 +438,7 @@ void compute(const Kernel& k, OrtKernelContext* context) {
 
   // api.py's _grad_scale: d_loss (a scalar, or the loss's shape) times the reduction's factor, per sample.
   const Tensor d_loss = input(api, context, 0);
-  const std::vector<std::int64_t> loss_shape =
-      reduction == Reduction::kNone && p.batched ? std::vector<std::int64_t>{N} : std::vector<std::int64_t>{};
-  if (d_loss.shape != loss_shape && d_loss.size() != 1)
-    invalid("d_loss must be a scalar or have the loss's shape " + shape_text(loss_shape) + ", got shape " +
-            shape_text(d_loss.shape));
+  check_d_loss(d_loss, p, reduction);
   const scalar_t* d = static_cast<const scalar_t*>(d_loss.data);
   std::vector<double> scale(static_cast<std::size_t>(N));
   for (std::int64_t n = 0; n < N; ++n) {
@@ -549,7 +560,7 @@ struct AlignOp : OrtCustomOp {
   ONNXTensorElementDataType float_type;
 
   explicit AlignOp(ONNXTensorElementDataType type) : OrtCustomOp{}, float_type(type) {
-    version = kApiVersion;
+    set_common_fields(*this);
     GetName = [](const OrtCustomOp*) { return "CTCAlign"; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 4; };
@@ -560,15 +571,6 @@ struct AlignOp : OrtCustomOp {
     GetOutputType = [](const OrtCustomOp* op, std::size_t index) {
       return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : static_cast<const AlignOp*>(op)->float_type;
     };
-    GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
-    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** kernel) -> OrtStatus* {
       return guarded(api, "CTCAlign", [&] { *kernel = new AlignKernel{api, int_attribute(api, info, "blank", 0)}; });
@@ -595,7 +597,7 @@ struct Op : OrtCustomOp {
 
   Op(const char* name, bool is_grad, ONNXTensorElementDataType type) : OrtCustomOp{}, op_name(name), grad(is_grad),
                                                                        float_type(type) {
-    version = kApiVersion;  // what this library calls, whatever the headers' ORT_API_VERSION
+    set_common_fields(*this);
     GetName = [](const OrtCustomOp* op) { return static_cast<const Op*>(op)->op_name; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp* op) -> std::size_t { return static_cast<const Op*>(op)->grad ? 5 : 4; };
@@ -606,15 +608,6 @@ struct Op : OrtCustomOp {
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 1; };
     GetOutputType = [](const OrtCustomOp* op, std::size_t) { return static_cast<const Op*>(op)->float_type; };
-    GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
-    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
                         void** kernel) -> OrtStatus* {
       const Op* self = static_cast<const Op*>(op);

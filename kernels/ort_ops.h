@@ -69,6 +69,13 @@ struct Attributes {
   bool zero_infinity;
 };
 
+// A CTCLoss / CTCLossGrad kernel: what ONNX Runtime's Compute calls may share (read-only; they run concurrently).
+struct Kernel {
+  const OrtApi* api;
+  Attributes attributes;
+  bool grad;
+};
+
 // A validated batch: validation.py's CTCProblem for contiguous (T, N, C) log-probs.
 struct Problem {
   std::int64_t T, N, C, S;            // S = max(target_lengths)
@@ -82,6 +89,13 @@ struct Problem {
 // memory, and only the shape of log_probs.
 Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in, const Tensor& tl_in,
                  const Attributes& attributes);
+
+// CTCLossGrad's d_loss: a scalar or the loss's shape (api.py's _grad_scale); reads only its shape.
+void check_d_loss(const Tensor& d_loss, const Problem& p, Reduction reduction);
+
+// The fields every op registration shares: the API version (kApiVersion), required inputs and outputs in the
+// execution provider's default memory, the op-set range 1 and up.
+void set_common_fields(OrtCustomOp& op);
 
 // validation.py's check_options on the node's attributes (missing ones take the schema defaults).
 Attributes read_attributes(const OrtApi* api, const OrtKernelInfo* info);

@@ -254,8 +254,8 @@ def test_check_says_whether_the_onnxruntime_library_is_available(capsys, monkeyp
     pytest.importorskip("onnxruntime")
     from deploy_ctc.onnx import native_library
 
-    monkeypatch.setattr(native_library, "_failure", None)
-    monkeypatch.setattr(native_library, "_path", None)
+    monkeypatch.setattr(native_library, "_failures", {})
+    monkeypatch.setattr(native_library, "_paths", {})
     monkeypatch.setenv(native_library.INCLUDE_ENV, str(tmp_path))  # no headers there
     monkeypatch.setattr(native_library, "SYSTEM_INCLUDE", tmp_path / "none")
     _, out = run_main(["check"], capsys)

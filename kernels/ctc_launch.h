@@ -1,0 +1,45 @@
+// Host interface of ctc_launch.cu: the loss and gradient of a validated batch with the kernels of ctc.cu, launched on
+// a caller's CUDA stream. No CUDA header is needed to call it (streams are passed as void*), so the ONNX Runtime glue
+// (ort_cuda_ops.cpp) is plain C++.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dctc_cuda {
+
+// One call's sizes and options; the arrays are C-contiguous, layouts as at the top of ctc.cu.
+struct Call {
+  std::int64_t T, N, C, S;  // log_probs (T, N, C); S = max(target_lengths) (0 allowed)
+  std::int64_t blank;
+  int reduction;            // CTCLoss: 0 none, 1 mean, 2 sum
+  int zero_infinity;        // 0 / 1
+  bool grad;                // CTCLossGrad: the gradient instead of the loss
+  std::size_t itemsize;     // sizeof(float) or sizeof(double)
+};
+
+// The host block the caller fills and run() uploads with one cudaMemcpyAsync, in int64 words:
+//   [0, max(N S, 1))        targets (N, S), padded
+//   [.., + N)               input_lengths
+//   [.., + N)               target_lengths
+//   [.., + N)               divisor of each sample's d_loss, as the bits of a double (CTCLossGrad: 1, or
+//                           N max(target_lengths[n], 1) for "mean"; ignored by CTCLoss)
+std::size_t upload_words(const Call& call);
+
+// Bytes of device workspace run() needs (the upload, alpha/beta tables, nll, label links, per-sample weights), or 0
+// when the sizes exceed what the kernels index (any of T, N, C, S above 2^31 - 1, or more than 2^62 bytes).
+std::size_t workspace_bytes(const Call& call);
+
+// CTCLoss (call.grad false): out = the loss, (N,) for reduction none, else one value. CTCLossGrad: out (T, N, C) =
+// the d_loss-weighted gradient, d_loss holding d_loss_size values (1: broadcast, else N). Everything is enqueued on
+// `stream` (device `device`); nothing is waited for. `upload` must stay valid only until run() returns (it is
+// copied from pageable memory, which CUDA stages before returning). Returns nullptr, or CUDA's error message.
+template <typename scalar_t>
+const char* run(const Call& call, const std::int64_t* upload, void* workspace, const scalar_t* log_probs,
+                const scalar_t* d_loss, std::int64_t d_loss_size, scalar_t* out, void* stream, int device);
+
+// A message when `stream` is being captured into a CUDA graph (the ops copy host data per call, which a graph would
+// replay stale), else nullptr.
+const char* capture_problem(void* stream, int device);
+
+}  // namespace dctc_cuda

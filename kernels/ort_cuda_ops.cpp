@@ -1,0 +1,189 @@
+// deploy_ctc::CTCLoss and CTCLossGrad on ONNX Runtime's CUDA execution provider: the kernels of ctc.cu, launched by
+// ctc_launch.cu on the session's compute stream. Part of the CUDA build of the custom-op library only
+// (deploy_ctc/onnx/native_library_cuda.py), which registers these beside the CPU ops of ort_ops.cpp in one domain, so
+// a CUDA session can place each node on either provider.
+//
+// Per call:
+// - log_probs and d_loss stay in device memory; targets and lengths are host inputs (OrtMemTypeCPUInput): the
+//   validation of ort_ops.cpp (the Python API's checks and messages) reads them on the host, and a bad input returns
+//   an INVALID_ARGUMENT status before anything is launched.
+// - One device workspace from ONNX Runtime's allocator for the "Cuda" memory of the log-probs' device (its arena,
+//   no cudaMalloc per call): the targets (padded, int64), the lengths and the d_loss divisors, uploaded with one
+//   cudaMemcpyAsync from pageable memory (CUDA stages it before returning), then the alpha / beta tables, the
+//   per-sample losses, the label links and the gradient weights. It goes back to the allocator when Compute returns,
+//   with the kernels still queued: ONNX Runtime's own CUDA kernels release their scratch the same way, and its next
+//   use is ordered behind them on the same stream.
+// - Everything is enqueued on KernelContext_GetGPUComputeStream's stream and nothing is waited for; the loss's
+//   zero_infinity and reduction are applied on the device. A stream being captured into a CUDA graph is refused
+//   with a message: the per-call host upload would be replayed stale.
+// - Every output element is written (ctc.cu's dense pass zeroes the rows beyond each input length).
+// Unlike the CPU ops (and like deploy_ctc's CuPy backend), NaN / +inf log-probs in a sample's used frames follow the
+// kernels' log-space arithmetic.
+
+#include "ctc_launch.h"
+#include "ort_ops.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace deploy_ctc_ort {
+namespace {
+
+// The CUDA device holding input `index`.
+int device_of(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
+  const OrtValue* value = nullptr;
+  check(api->KernelContext_GetInput(context, index, &value));
+  const OrtMemoryInfo* info = nullptr;
+  check(api->GetTensorMemoryInfo(value, &info));
+  int device = 0;
+  check(api->MemoryInfoGetId(info, &device));
+  return device;
+}
+
+// `bytes` of device memory from ONNX Runtime's "Cuda" allocator of `device`, returned when the scope ends.
+class Workspace {
+ public:
+  Workspace(const OrtApi* api, OrtKernelContext* context, int device, std::size_t bytes) : api_(api) {
+    OrtMemoryInfo* info = nullptr;
+    check(api->CreateMemoryInfo("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault, &info));
+    OrtStatus* status = api->KernelContext_GetAllocator(context, info, &allocator_);
+    api->ReleaseMemoryInfo(info);
+    check(status);
+    data_ = allocator_->Alloc(allocator_, bytes);
+    if (data_ == nullptr) {
+      api_->ReleaseAllocator(allocator_);
+      throw Failure{ORT_FAIL, "out of CUDA memory for a workspace of " + std::to_string(bytes) + " bytes", nullptr};
+    }
+  }
+  ~Workspace() {
+    allocator_->Free(allocator_, data_);
+    api_->ReleaseAllocator(allocator_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  void* data() const { return data_; }
+
+ private:
+  const OrtApi* api_;
+  OrtAllocator* allocator_ = nullptr;
+  void* data_ = nullptr;
+};
+
+[[noreturn]] void cuda_failure(const char* message) {
+  throw Failure{ORT_FAIL, std::string("CUDA: ") + message, nullptr};
+}
+
+template <typename scalar_t>
+void compute_cuda(const Kernel& k, OrtKernelContext* context) {
+  const OrtApi* api = k.api;
+  const std::size_t first = k.grad ? 1 : 0;  // CTCLossGrad's d_loss comes first
+  const Tensor lp = input(api, context, first);
+  const Problem p = validate(lp, input(api, context, first + 1), input(api, context, first + 2),
+                             input(api, context, first + 3), k.attributes);
+  const Reduction reduction = k.attributes.reduction;
+  const dctc_cuda::Call call{p.T, p.N, p.C, p.S, k.attributes.blank,
+                             reduction == Reduction::kNone ? 0 : (reduction == Reduction::kMean ? 1 : 2),
+                             k.attributes.zero_infinity ? 1 : 0, k.grad, sizeof(scalar_t)};
+  const std::size_t bytes = dctc_cuda::workspace_bytes(call);
+  if (bytes == 0)
+    invalid("the batch is too large for the CUDA kernels: T=" + std::to_string(p.T) + ", N=" + std::to_string(p.N) +
+            ", C=" + std::to_string(p.C) + ", S=" + std::to_string(p.S) +
+            " (each at most 2147483647, N at most 1073740799, tables at most 2^62 bytes)");
+  const scalar_t* d_loss = nullptr;
+  std::int64_t d_loss_size = 0;
+  if (k.grad) {
+    const Tensor d = input(api, context, 0);
+    check_d_loss(d, p, reduction);
+    d_loss = static_cast<const scalar_t*>(d.data);
+    d_loss_size = d.size();
+  }
+
+  // The host block of ctc_launch.h: targets (padded), input_lengths, target_lengths, d_loss divisors.
+  std::vector<std::int64_t> upload(dctc_cuda::upload_words(call));
+  std::int64_t* at = std::copy(p.targets.begin(), p.targets.end(), upload.data());
+  at = std::copy(p.input_lengths.begin(), p.input_lengths.end(), at);
+  at = std::copy(p.target_lengths.begin(), p.target_lengths.end(), at);
+  for (std::int64_t n = 0; n < p.N; ++n) {
+    const double length = static_cast<double>(std::max<std::int64_t>(p.target_lengths[n], 1));
+    const double divisor = reduction == Reduction::kMean ? static_cast<double>(p.N) * length : 1.0;  // as ort_ops.cpp
+    std::memcpy(at++, &divisor, sizeof(double));
+  }
+
+  const int device = device_of(api, context, first);
+  void* stream = nullptr;
+  check(api->KernelContext_GetGPUComputeStream(context, &stream));
+  if (const char* problem = dctc_cuda::capture_problem(stream, device)) cuda_failure(problem);
+  scalar_t* out = k.grad ? output<scalar_t>(api, context, p.shape)
+                         : output<scalar_t>(api, context, reduction == Reduction::kNone && p.batched
+                                                              ? std::vector<std::int64_t>{p.N}
+                                                              : std::vector<std::int64_t>{});
+  const Workspace workspace(api, context, device, bytes);
+  if (const char* error = dctc_cuda::run<scalar_t>(call, upload.data(), workspace.data(),
+                                                   static_cast<const scalar_t*>(lp.data), d_loss, d_loss_size, out,
+                                                   stream, device))
+    cuda_failure(error);
+}
+
+// One CUDA registration: CTCLoss or CTCLossGrad for one float type; targets and lengths untyped host inputs.
+struct CudaOp : OrtCustomOp {
+  const char* op_name;
+  bool grad;
+  ONNXTensorElementDataType float_type;
+
+  CudaOp(const char* name, bool is_grad, ONNXTensorElementDataType type)
+      : OrtCustomOp{}, op_name(name), grad(is_grad), float_type(type) {
+    set_common_fields(*this);
+    GetName = [](const OrtCustomOp* op) { return static_cast<const CudaOp*>(op)->op_name; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CUDAExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp* op) -> std::size_t {
+      return static_cast<const CudaOp*>(op)->grad ? 5 : 4;
+    };
+    GetInputType = [](const OrtCustomOp* op, std::size_t index) {
+      const CudaOp* self = static_cast<const CudaOp*>(op);
+      return index < float_inputs(self) ? self->float_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    };
+    GetInputMemoryType = [](const OrtCustomOp* op, std::size_t index) {
+      return index < float_inputs(static_cast<const CudaOp*>(op)) ? OrtMemTypeDefault : OrtMemTypeCPUInput;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 1; };
+    GetOutputType = [](const OrtCustomOp* op, std::size_t) { return static_cast<const CudaOp*>(op)->float_type; };
+    CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                        void** kernel) -> OrtStatus* {
+      const CudaOp* self = static_cast<const CudaOp*>(op);
+      return guarded(api, self->op_name, [&] { *kernel = new Kernel{api, read_attributes(api, info), self->grad}; });
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* context) -> OrtStatus* {
+      const Kernel& k = *static_cast<const Kernel*>(kernel);
+      return guarded(k.api, k.grad ? "CTCLossGrad" : "CTCLoss", [&] {
+        if (input(k.api, context, k.grad ? 1 : 0).type == ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE)
+          compute_cuda<double>(k, context);
+        else
+          compute_cuda<float>(k, context);
+      });
+    };
+    KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  }
+
+  // log_probs (and CTCLossGrad's d_loss before it): typed, in device memory; the rest are host integers.
+  static std::size_t float_inputs(const CudaOp* op) { return op->grad ? 2 : 1; }
+};
+
+const CudaOp kCudaOps[] = {
+    {"CTCLoss", false, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
+    {"CTCLoss", false, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE},
+    {"CTCLossGrad", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
+    {"CTCLossGrad", true, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE},
+};
+
+}  // namespace
+
+OrtStatus* add_cuda_ops(const OrtApi* api, OrtCustomOpDomain* domain) {
+  OrtStatus* status = nullptr;
+  for (const CudaOp& op : kCudaOps)
+    if (status == nullptr) status = api->CustomOpDomain_Add(domain, &op);
+  return status;
+}
+
+}  // namespace deploy_ctc_ort
