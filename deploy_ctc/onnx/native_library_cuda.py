@@ -105,14 +105,14 @@ def toolkit_flags(nvcc: str) -> list[str]:
     top = re.search(r"^#\$ TOP=(.*)$", text, re.M)
     root = Path(top.group(1)).resolve() if top else Path(nvcc).resolve().parent.parent
     reported = re.findall(r'"-[IL]([^"]+)"', text)
-    include_candidates = [*reported, root / "include", *sorted(root.glob("targets/*/include"))]
-    lib_candidates = [*reported, root / "lib", root / "lib64", *sorted(root.glob("targets/*/lib"))]
-    include = next((Path(d) for d in include_candidates if (Path(d) / "cuda_runtime.h").is_file()), None)
-    lib = next((Path(d) for d in lib_candidates if (Path(d) / "libcudart_static.a").is_file()), None)
-    missing = [f"{name} (looked in {', '.join(map(str, dict.fromkeys(map(str, folders))))})"
-               for name, found, folders in (("cuda_runtime.h", include, include_candidates),
-                                            ("libcudart_static.a", lib, lib_candidates)) if found is None]
-    if missing:
+    wanted = {"cuda_runtime.h": [*reported, root / "include", *sorted(root.glob("targets/*/include"))],
+              "libcudart_static.a": [*reported, root / "lib", root / "lib64", *sorted(root.glob("targets/*/lib"))]}
+    found = {name: next((Path(d).resolve() for d in folders if (Path(d) / name).is_file()), None)
+             for name, folders in wanted.items()}
+    include, lib = found["cuda_runtime.h"], found["libcudart_static.a"]
+    if include is None or lib is None:
+        missing = [f"{name} (looked in {', '.join(dict.fromkeys(map(str, wanted[name])))})"
+                   for name, folder in found.items() if folder is None]
         raise NativeUnavailable(f"the CUDA runtime beside {nvcc} lacks {' and '.join(missing)}: install the "
                                 f"nvidia-cuda-runtime wheel (pip install deploy_ctc[ort-cuda]) or a full CUDA toolkit")
-    return [f"-I{include.resolve()}", f"-L{lib.resolve()}"]
+    return [f"-I{include}", f"-L{lib}"]
