@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     library_parser.add_argument("--output", type=Path, default=None,
                                 help="build a fresh copy at this path instead of using the cache")
     library_parser.add_argument("--cuda", action="store_true",
-                                help="the CUDA variant (built with nvcc): the CPU ops plus CTCLoss and CTCLossGrad for "
+                                help="the CUDA variant (built with nvcc): the CPU ops, also for "
                                      "CUDAExecutionProvider (not yet run on a GPU)")
     library_parser.set_defaults(run=ort_library)
     return parser

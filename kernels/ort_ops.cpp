@@ -9,7 +9,7 @@
 // with the same messages, the targets' padded / concatenated / unbatched forms, infeasible samples, zero_infinity
 // and the reduction, so a session computes bit for bit what deploy_ctc.ctc_loss / ctc_loss_and_grad /
 // forced_align compute. Compiled with -DDEPLOY_CTC_ORT_CUDA (the CUDA variant, deploy_ctc/onnx/native_library_cuda.py),
-// the domain also gets the CUDA execution provider's CTCLoss and CTCLossGrad of ort_cuda_ops.cpp.
+// the domain also gets the CUDA execution provider's ops of ort_cuda_ops.cpp.
 //
 // Ops (schemas: deploy_ctc/onnx/schemas.py), one registration per float type; the integer inputs are untyped, so
 // each registration serves every int32 / int64 mix:

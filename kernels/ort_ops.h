@@ -97,6 +97,9 @@ void check_d_loss(const Tensor& d_loss, const Problem& p, Reduction reduction);
 // execution provider's default memory, the op-set range 1 and up.
 void set_common_fields(OrtCustomOp& op);
 
+// The node's integer attribute `name`, `fallback` when it is missing; an attribute of another type is an error.
+std::int64_t int_attribute(const OrtApi* api, const OrtKernelInfo* info, const char* name, std::int64_t fallback);
+
 // validation.py's check_options on the node's attributes (missing ones take the schema defaults).
 Attributes read_attributes(const OrtApi* api, const OrtKernelInfo* info);
 

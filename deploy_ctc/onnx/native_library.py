@@ -24,7 +24,7 @@ Where the library cannot be built (no headers, no compiler), :func:`library_path
 SessionOptions alone and sessions run the models' portable function bodies.
 
 **CUDA.** ``library_path(cuda=True)`` (``deploy-ctc ort-library --cuda``) builds the CUDA variant with nvcc: the
-same CPU ops plus ``CTCLoss`` / ``CTCLossGrad`` for ``CUDAExecutionProvider``, for sessions on a GPU
+same CPU ops plus ``CTCLoss`` / ``CTCLossGrad`` / ``CTCAlign`` for ``CUDAExecutionProvider``, for sessions on a GPU
 (:mod:`deploy_ctc.onnx.native_library_cuda`: why a second file, where nvcc comes from). Not yet run on a GPU.
 """
 
@@ -114,7 +114,7 @@ def library_path(cuda: bool = False) -> str:
     first use; thread-safe (concurrent first calls build once).
 
     Args:
-        cuda: the CUDA variant (the CPU ops, plus CTCLoss and CTCLossGrad for ``CUDAExecutionProvider``), built with
+        cuda: the CUDA variant (the CPU ops, plus CTCLoss, CTCLossGrad and CTCAlign for ``CUDAExecutionProvider``), built with
             nvcc; for sessions on a GPU. Not yet run on a GPU.
 
     Raises:

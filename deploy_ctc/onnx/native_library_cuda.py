@@ -1,5 +1,5 @@
 """The CUDA build of deploy_ctc's ONNX Runtime custom-op library: the CPU ops of ``kernels/ort_ops.cpp`` plus
-``CTCLoss`` / ``CTCLossGrad`` for ``CUDAExecutionProvider`` (``kernels/ort_cuda_ops.cpp``, launching the kernels of
+``CTCLoss`` / ``CTCLossGrad`` / ``CTCAlign`` for ``CUDAExecutionProvider`` (``kernels/ort_cuda_ops.cpp``, launching the kernels of
 ``kernels/ctc.cu`` through ``kernels/ctc_launch.cu``), compiled by nvcc.
 
 **Why a second library.** The CPU library must build with nothing but a C++ compiler and load on any machine; this

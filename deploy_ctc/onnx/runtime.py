@@ -5,7 +5,7 @@ Two ways a session computes the ops:
 - the native custom-op library (:mod:`deploy_ctc.onnx.native_library`), registered by :func:`session_options`:
   the CPU engine on the session's buffers, bit-identical to :func:`deploy_ctc.ctc_loss`; invalid inputs fail the
   ``run`` call with an ``InvalidArgument`` error carrying the Python API's message; ``session_options(cuda=True)``
-  registers its CUDA variant, whose CTCLoss and CTCLossGrad also run on ``CUDAExecutionProvider`` (not yet run on a
+  registers its CUDA variant, whose ops also run on ``CUDAExecutionProvider`` (not yet run on a
   GPU);
 - the portable model-local function bodies (standard ONNX ops, :mod:`deploy_ctc.onnx.functions`) that exported
   models carry by default: plain onnxruntime runs them, on any execution provider, more slowly.
@@ -40,8 +40,8 @@ def session_options(so: Any = None, cuda: bool = False) -> Any:
     Args:
         so: an ``onnxruntime.SessionOptions`` to extend in place (registering on it again does nothing); a new
             one when None.
-        cuda: register the library's CUDA variant (``library_path(cuda=True)``, built with nvcc), whose CTCLoss and
-            CTCLossGrad also run on ``CUDAExecutionProvider``; for sessions on a GPU. Where it cannot be built, the
+        cuda: register the library's CUDA variant (``library_path(cuda=True)``, built with nvcc), whose ops also
+            run on ``CUDAExecutionProvider``; for sessions on a GPU. Where it cannot be built, the
             CPU library is registered instead, after a ``RuntimeWarning`` naming the reason. Not yet run on a GPU.
     Returns:
         ``so``, with the library registered where it is available (else unchanged, after a ``RuntimeWarning``

@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 import deploy_ctc  # noqa: E402
 import deploy_ctc.onnx as dco  # noqa: E402
 from deploy_ctc.onnx import native_library  # noqa: E402
-from tests.onnx.helpers import make_problem, native_library_or_skip, node_model, onnx_elem  # noqa: E402
+from tests.onnx.helpers import make_problem, native_library_or_skip, node_model  # noqa: E402
 from tests.utils.oracles import assert_close, concatenate_targets, non_finite_batch, torch_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -435,15 +435,7 @@ def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
 # ----------------------------------------------------------------------------------------------------------
 def align(feeds: dict, **attrs):
     """The library's (alignment, scores) for ``feeds``."""
-    helper = onnx.helper
-    inputs = [helper.make_tensor_value_info(name, onnx_elem(value), None) for name, value in feeds.items()]
-    outputs = [helper.make_tensor_value_info("alignment", onnx.TensorProto.INT64, None),
-               helper.make_tensor_value_info("scores", onnx_elem(feeds["log_probs"]), None)]
-    node = helper.make_node("CTCAlign", list(feeds), ["alignment", "scores"], domain="deploy_ctc", **attrs)
-    model = helper.make_model(helper.make_graph([node], "CTCAlign", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
-    model.ir_version = 10  # onnxruntime-training 1.19.2 runs these tests too
-    session = ort.InferenceSession(model.SerializeToString(), dco.session_options(),
+    session = ort.InferenceSession(node_model("CTCAlign", feeds, **attrs).SerializeToString(), dco.session_options(),
                                    providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 

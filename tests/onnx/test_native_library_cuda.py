@@ -3,8 +3,8 @@
 Without a GPU (CI): the device code compiles for sm_80 and sm_90 with no spills and no stack frame, the library
 exports only RegisterCustomOps and needs neither libcudart nor libcuda to load, and in a CPU-only session it serves
 the CPU ops bit for bit as deploy_ctc.ctc_loss (its CUDA kernels, registered for an absent provider, stay unused).
-With a GPU and onnxruntime's CUDAExecutionProvider: the CUDA kernels against torch float64 and the Python API, and
-bad input as an error status.
+With a GPU and onnxruntime's CUDAExecutionProvider: the CUDA loss and gradient against torch float64, the CUDA
+alignment against the Python API, and bad input as an error status.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from tests.utils.oracles import FLOAT32_COMPUTE, assert_close, concatenate_targe
 
 #: Threads per block the launch code (ctc_launch.cu) gives each kernel at most: registers x threads must fit the
 #: 65536-register file of sm_80 / sm_90.
-MAX_THREADS = {"ctc_lattice": 512, "ctc_grad": 256, "ctc_label_links": 128, "reduce_losses": 256,
-               "gradient_weights": 256}
+MAX_THREADS = {"ctc_lattice": 512, "ctc_grad": 256, "ctc_label_links": 128, "ctc_align": 512, "reduce_losses": 256,
+               "gradient_weights": 256, "fill_alignment": 256}
 #: The instantiations the library launches, as they appear in mangled names.
-ENTRIES = ("ctc_latticeIf", "ctc_latticeId", "ctc_gradIf", "ctc_gradId", "ctc_label_links", "reduce_lossesIf",
-           "reduce_lossesId", "gradient_weightsIf", "gradient_weightsId")
+ENTRIES = ("ctc_latticeIf", "ctc_latticeId", "ctc_gradIf", "ctc_gradId", "ctc_label_links", "ctc_alignIf",
+           "ctc_alignId", "reduce_lossesIf", "reduce_lossesId", "gradient_weightsIf", "gradient_weightsId",
+           "fill_alignmentIf", "fill_alignmentId")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,17 @@ def test_cpu_session_serves_the_cpu_ops_as_the_python_api(cuda_library, rng, dty
     np.testing.assert_array_equal(grad, want_grad)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cpu_session_serves_the_cpu_alignment_as_the_python_api(cuda_library, rng, dtype):
+    p = make_problem(rng, T=20, N=4, C=6, S=5, dtype=dtype, blank=2)
+    p.input_lengths[-1] = 1  # infeasible unless its target is empty: all blank, -inf scores
+    feeds = p.feeds(np.int32)
+    alignment, scores = session(cuda_library, node_model("CTCAlign", feeds, blank=2)).run(None, feeds)
+    want_alignment, want_scores = deploy_ctc.forced_align(*p.args(), blank=2)
+    np.testing.assert_array_equal(alignment, want_alignment)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
 def test_cpu_session_reports_invalid_input(cuda_library, rng):
     p = make_problem(rng, T=10, N=2, C=5, S=3, blank=0)
     feeds = p.feeds()
@@ -171,10 +183,10 @@ def cuda_provider(cuda_library):
 
 
 def run_on_cuda(library, op, feeds, **attrs):
-    """The output of one ``op`` node on CUDAExecutionProvider, after checking from the profile that it ran there."""
+    """The outputs of one ``op`` node on CUDAExecutionProvider, after checking from the profile that it ran there."""
     s = session(library, node_model(op, feeds, **attrs), ("CUDAExecutionProvider", "CPUExecutionProvider"),
                 profile=True)
-    out = s.run(None, feeds)[0]
+    out = s.run(None, feeds)
     with open(s.end_profiling()) as file:
         events = json.load(file)
     providers = {e["args"].get("provider") for e in events if e.get("args", {}).get("op_name") == op}
@@ -198,8 +210,8 @@ def test_cuda_provider_matches_torch(cuda_provider, rng, dtype, int_dtype, reduc
     feeds = feeds_of(lp, targets, il, tl, int_dtype)
     loss_shape = np.shape(deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs))
     d_loss = rng.uniform(0.5, 2.0, loss_shape).astype(dtype)
-    loss = run_on_cuda(cuda_provider, "CTCLoss", feeds, **attrs)
-    grad = run_on_cuda(cuda_provider, "CTCLossGrad", {"d_loss": d_loss, **feeds}, **attrs)
+    (loss,) = run_on_cuda(cuda_provider, "CTCLoss", feeds, **attrs)
+    (grad,) = run_on_cuda(cuda_provider, "CTCLossGrad", {"d_loss": d_loss, **feeds}, **attrs)
     want_loss, want_grad = torch_reference(lp, targets, il, tl, **attrs, grad_output=d_loss)
     tol = FLOAT32_COMPUTE if dtype == np.float32 else None  # the kernels compute in the input's float type
     assert loss.dtype == dtype and grad.dtype == dtype
@@ -212,3 +224,21 @@ def test_cuda_provider_reports_invalid_input(cuda_provider, rng):
     feeds["input_lengths"][0] = 11
     with pytest.raises(Exception, match=r"input_lengths\[0\] = 11 exceeds T=10"):
         run_on_cuda(cuda_provider, "CTCLoss", feeds)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("long_targets", [False, True], ids=["rows-in-shared", "rows-in-global"])
+def test_cuda_provider_alignment_matches_the_python_api(cuda_provider, rng, dtype, long_targets):
+    """Alignments and scores equal to deploy_ctc.forced_align's (CPU): delta is float64 on every backend, with the
+    same comparisons, so ties resolve alike; exact ties are planted."""
+    T, N, C, S = (3200, 3, 6, 1600) if long_targets else (30, 40, 6, 7)  # 2 (2S + 1) doubles above 48 KiB
+    lp = (-rng.choice([0.5, 1.0, 2.0], size=(T, N, C))).astype(dtype)
+    targets = rng.choice([0, 1, 3, 4, 5], size=(N, S))
+    il = rng.integers(0, T + 1, size=N)
+    tl = rng.integers(0, S + 1, size=N)
+    il[0], tl[0] = T, S  # the longest target is used
+    feeds = feeds_of(lp, targets, il, tl, np.int64)
+    alignment, scores = run_on_cuda(cuda_provider, "CTCAlign", feeds, blank=2)
+    want_alignment, want_scores = deploy_ctc.forced_align(lp, targets, il, tl, blank=2)
+    np.testing.assert_array_equal(alignment, want_alignment)
+    np.testing.assert_array_equal(scores, want_scores)
