@@ -8,7 +8,17 @@
 #include "ctc.cu"
 #include "ctc_launch.h"
 
+#ifdef __CUDACC__
 #include <cuda_runtime.h>
+
+// Every launch of this file: `kernel` on `stream`. The CPU test harness (tests/utils/cuda_harness) compiles this file
+// as plain C++ with its own CUDA runtime and dctc_launch, which runs the blocks' threads as fibers.
+template <typename... Params, typename... Args>
+void dctc_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream,
+                 Args... args) {
+  kernel<<<grid, block, shared, stream>>>(args...);
+}
+#endif
 
 namespace dctc_cuda {
 namespace {
@@ -24,13 +34,13 @@ constexpr int kLinksThreads = 128;
 constexpr int kGradMaxThreads = 256;
 constexpr long long kMaxGridY = 65535;
 constexpr long long kInt32Max = 2147483647;
-constexpr int kGlueThreads = 256;  // the two kernels below
+constexpr int kGlueThreads = 256;  // the small kernels below
 constexpr std::size_t kAlign = 256;
 
 // Block size: `work` rounded up to whole warps, between one warp and `limit` (cupy_kernels._threads).
-int threads_for(long long work, int limit) {
+unsigned threads_for(long long work, int limit) {
   const long long warps = (work + 31) / 32 * 32;
-  return static_cast<int>(warps < 32 ? 32 : (warps > limit ? limit : warps));
+  return static_cast<unsigned>(warps < 32 ? 32 : (warps > limit ? limit : warps));
 }
 
 // The workspace's regions, in bytes from its start, each kAlign-aligned. Sizes are computed in 128 bits: the caller
@@ -124,7 +134,7 @@ __global__ void reduce_losses(const scalar_t* nll, const long long* target_lengt
   if (reduction == 0) return;  // block-uniform
   partial[threadIdx.x] = sum;
   __syncthreads();
-  for (int half = blockDim.x / 2; half > 0; half /= 2) {
+  for (unsigned half = blockDim.x / 2; half > 0; half /= 2) {
     if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
     __syncthreads();
   }
@@ -181,8 +191,8 @@ const char* run(const Call& c, const std::int64_t* upload, void* workspace, cons
   const int S = static_cast<int>(c.S), blank = static_cast<int>(c.blank);
   const long long lp_st = c.N * c.C, lp_sn = c.C, lp_sc = 1;
   if (grad) {
-    gradient_weights<scalar_t><<<(N + kGlueThreads - 1) / kGlueThreads, kGlueThreads, 0, stream>>>(
-        d_loss, d_loss_size, divisor, N, scale);
+    dctc_launch(gradient_weights<scalar_t>, dim3{static_cast<unsigned>((N + kGlueThreads - 1) / kGlueThreads)},
+                dim3{kGlueThreads}, 0, stream, d_loss, d_loss_size, divisor, N, scale);
   }
   // Lattice shared memory: the two rows when they fit, then as many frames of staged emissions as fit.
   const long long row = 2LL * S + 1;
@@ -196,21 +206,21 @@ const char* run(const Call& c, const std::int64_t* upload, void* workspace, cons
   const long long dense_work = C < kDenseThreads ? C : kDenseThreads;
   const long long lattice_work = grad && dense_work > row ? dense_work : row;
   const unsigned lattice_blocks = static_cast<unsigned>((grad ? 2 : 1) * c.N + dense_blocks);
-  ctc_lattice<scalar_t><<<lattice_blocks, threads_for(lattice_work, kLatticeMaxThreads), shared, stream>>>(
-      lp, lp_st, lp_sn, lp_sc, targets, S, input_lengths, target_lengths, N, T, C, blank, rows_in_shared,
-      static_cast<int>(stage_frames), alpha, beta, nll, scale, 0, grad ? out : alpha);
+  dctc_launch(ctc_lattice<scalar_t>, dim3{lattice_blocks}, dim3{threads_for(lattice_work, kLatticeMaxThreads)}, shared,
+              stream, lp, lp_st, lp_sn, lp_sc, targets, S, input_lengths, target_lengths, N, T, C, blank,
+              rows_in_shared, static_cast<int>(stage_frames), alpha, beta, nll, scale, 0, grad ? out : alpha);
   if (!grad) {
-    reduce_losses<scalar_t><<<1, kGlueThreads, 0, stream>>>(nll, target_lengths, N, c.reduction, c.zero_infinity,
-                                                            out);
+    dctc_launch(reduce_losses<scalar_t>, dim3{1}, dim3{kGlueThreads}, 0, stream, nll, target_lengths, N, c.reduction,
+                c.zero_infinity, out);
   } else {
     const unsigned grid_y = static_cast<unsigned>(c.N < kMaxGridY ? c.N : kMaxGridY);
     if (S > 0) {
-      ctc_label_links<<<dim3(static_cast<unsigned>((S + kLinksThreads - 1) / kLinksThreads), grid_y), kLinksThreads,
-                        0, stream>>>(targets, S, target_lengths, N, links);
+      dctc_launch(ctc_label_links, dim3{static_cast<unsigned>((S + kLinksThreads - 1) / kLinksThreads), grid_y},
+                  dim3{kLinksThreads}, 0, stream, targets, S, target_lengths, N, links);
     }
-    ctc_grad<scalar_t><<<dim3(static_cast<unsigned>(T), grid_y), threads_for(S + 1LL, kGradMaxThreads), 0, stream>>>(
-        lp, lp_st, lp_sn, lp_sc, targets, S, input_lengths, target_lengths, N, T, C, blank, links, alpha, beta, nll,
-        scale, c.zero_infinity, 0, out);
+    dctc_launch(ctc_grad<scalar_t>, dim3{static_cast<unsigned>(T), grid_y}, dim3{threads_for(S + 1LL, kGradMaxThreads)},
+                0, stream, lp, lp_st, lp_sn, lp_sc, targets, S, input_lengths, target_lengths, N, T, C, blank, links,
+                alpha, beta, nll, scale, c.zero_infinity, 0, out);
   }
   error = cudaGetLastError();  // a failed launch (configuration, missing kernel image) of any of the above
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
@@ -230,16 +240,17 @@ const char* align(const Call& c, const std::int64_t* upload, void* workspace, co
   // cupy_align.run_align's plan: blank / 0 outputs, then one block per sample over its lattice positions.
   const long long count = c.T * c.N;
   const long long fill_blocks = (count + kGlueThreads - 1) / kGlueThreads;
-  fill_alignment<scalar_t><<<static_cast<unsigned>(fill_blocks < kFillMaxBlocks ? fill_blocks : kFillMaxBlocks),
-                             kGlueThreads, 0, stream>>>(count, c.blank, reinterpret_cast<long long*>(alignment),
-                                                        scores);
+  dctc_launch(fill_alignment<scalar_t>,
+              dim3{static_cast<unsigned>(fill_blocks < kFillMaxBlocks ? fill_blocks : kFillMaxBlocks)},
+              dim3{kGlueThreads}, 0, stream, count, static_cast<long long>(c.blank),
+              reinterpret_cast<long long*>(alignment), scores);
   const long long row = 2 * c.S + 1;
   const bool rows_in_shared = align_rows_in_shared(c);
-  ctc_align<scalar_t><<<static_cast<unsigned>(c.N), threads_for(row, kLatticeMaxThreads),
-                        rows_in_shared ? static_cast<std::size_t>(2 * row * 8) : 0, stream>>>(
-      lp, c.N * c.C, c.C, 1, u.targets, static_cast<int>(c.S), u.input_lengths, u.target_lengths,
-      static_cast<int>(c.N), static_cast<int>(c.T), static_cast<int>(c.blank), rows_in_shared ? 1 : 0,
-      reinterpret_cast<double*>(base + l.rows), base + l.moves, reinterpret_cast<long long*>(alignment), scores);
+  dctc_launch(ctc_align<scalar_t>, dim3{static_cast<unsigned>(c.N)}, dim3{threads_for(row, kLatticeMaxThreads)},
+              rows_in_shared ? static_cast<std::size_t>(2 * row * 8) : 0, stream, lp, c.N * c.C, c.C, 1LL, u.targets,
+              static_cast<int>(c.S), u.input_lengths, u.target_lengths, static_cast<int>(c.N), static_cast<int>(c.T),
+              static_cast<int>(c.blank), rows_in_shared ? 1 : 0, reinterpret_cast<double*>(base + l.rows),
+              base + l.moves, reinterpret_cast<long long*>(alignment), scores);
   error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
 }

@@ -1,6 +1,6 @@
 // Host interface of ctc_launch.cu: the loss, gradient or forced alignment of a validated batch with the kernels of
-// ctc.cu, launched on a caller's CUDA stream. No CUDA header is needed to call it (streams are passed as void*), so the ONNX Runtime glue
-// (ort_cuda_ops.cpp) is plain C++.
+// ctc.cu, launched on a caller's CUDA stream. No CUDA header is needed to call it (streams are passed as void*), so
+// the ONNX Runtime glue (ort_cuda_ops.cpp) is plain C++.
 #pragma once
 
 #include <cstddef>
