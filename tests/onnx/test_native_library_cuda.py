@@ -20,10 +20,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import deploy_ctc  # noqa: E402
+import deploy_ctc.onnx  # noqa: E402
 from deploy_ctc._backends.kernel_sources import kernel_sources_dir  # noqa: E402
 from deploy_ctc.onnx import native_library  # noqa: E402
 from deploy_ctc.onnx import native_library_cuda as cuda_build  # noqa: E402
-from tests.onnx.helpers import make_problem, node_model  # noqa: E402
+from tests.onnx.helpers import make_problem, native_library_or_skip, node_model  # noqa: E402
 from tests.utils.gpu import gpu_count  # noqa: E402
 from tests.utils.oracles import FLOAT32_COMPUTE, assert_close, concatenate_targets, torch_reference  # noqa: E402
 
@@ -148,6 +149,34 @@ def test_cpu_session_reports_invalid_input(cuda_library, rng):
     feeds["target_lengths"][1] = max(int(feeds["target_lengths"][1]), 1)
     with pytest.raises(Exception, match=r"targets\[1, 0\] = 0 equals blank=0"):
         session(cuda_library, node_model("CTCLoss", feeds)).run(None, feeds)
+
+
+class RecordingOptions:
+    """Stands in for onnxruntime.SessionOptions: records the libraries registered on it."""
+
+    def __init__(self):
+        self.libraries = []
+
+    def register_custom_ops_library(self, path):
+        self.libraries.append(path)
+
+
+def test_session_options_registers_the_cuda_library(cuda_library):
+    so = deploy_ctc.onnx.session_options(RecordingOptions(), cuda=True)
+    deploy_ctc.onnx.session_options(so, cuda=True)  # once per SessionOptions
+    assert so.libraries == [cuda_library]
+
+
+def test_session_options_falls_back_to_the_cpu_library(monkeypatch, rng):
+    from deploy_ctc.onnx import runtime
+
+    cpu_library = native_library_or_skip()
+    monkeypatch.setattr(native_library, "_failures", {True: native_library.NativeUnavailable("no nvcc here")})
+    monkeypatch.setattr(runtime, "_warned", set())
+    expected = r"CUDA build .* unavailable \(no nvcc here\); the CPU library is registered"
+    with pytest.warns(RuntimeWarning, match=expected):
+        so = deploy_ctc.onnx.session_options(RecordingOptions(), cuda=True)
+    assert so.libraries == [cpu_library]
 
 
 def test_missing_nvcc_is_named(monkeypatch, tmp_path):
