@@ -31,6 +31,17 @@
 namespace deploy_ctc_ort {
 namespace {
 
+// The provider these ops are registered for and the memory of their workspace. The CPU test harness
+// (tests/utils/cuda_harness) builds this file with DEPLOY_CTC_ORT_CUDA_ON_CPU: the same ops on the CPU provider, with
+// ctc_launch.cu's launches running on fibers over host memory, so a CPU session runs all of this file.
+#ifdef DEPLOY_CTC_ORT_CUDA_ON_CPU
+constexpr const char* kProvider = "CPUExecutionProvider";
+constexpr const char* kWorkspaceMemory = "Cpu";
+#else
+constexpr const char* kProvider = "CUDAExecutionProvider";
+constexpr const char* kWorkspaceMemory = "Cuda";
+#endif
+
 // The CUDA device holding input `index`.
 int device_of(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
   const OrtValue* value = nullptr;
@@ -47,7 +58,7 @@ class Workspace {
  public:
   Workspace(const OrtApi* api, OrtKernelContext* context, int device, std::size_t bytes) : api_(api) {
     OrtMemoryInfo* info = nullptr;
-    check(api->CreateMemoryInfo("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault, &info));
+    check(api->CreateMemoryInfo(kWorkspaceMemory, OrtDeviceAllocator, device, OrtMemTypeDefault, &info));
     OrtStatus* status = api->KernelContext_GetAllocator(context, info, &allocator_);
     api->ReleaseMemoryInfo(info);
     check(status);
@@ -176,7 +187,7 @@ struct CudaOp : OrtCustomOp {
       : OrtCustomOp{}, op_name(name), kind(op_kind), float_type(type) {
     set_common_fields(*this);
     GetName = [](const OrtCustomOp* op) { return self(op)->op_name; };
-    GetExecutionProviderType = [](const OrtCustomOp*) { return "CUDAExecutionProvider"; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return kProvider; };
     GetInputTypeCount = [](const OrtCustomOp* op) -> std::size_t { return float_inputs(op) + 3; };
     GetInputType = [](const OrtCustomOp* op, std::size_t index) {
       return index < float_inputs(op) ? self(op)->float_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;

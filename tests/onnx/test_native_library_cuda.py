@@ -3,6 +3,8 @@
 Without a GPU (CI): the device code compiles for sm_80 and sm_90 with no spills and no stack frame, the library
 exports only RegisterCustomOps and needs neither libcudart nor libcuda to load, and in a CPU-only session it serves
 the CPU ops bit for bit as deploy_ctc.ctc_loss (its CUDA kernels, registered for an absent provider, stay unused).
+The CUDA ops' host code also runs whole in a CPU session: built for the CPU provider with its launches on the CPU
+harness (tests/utils/cuda_harness), against torch float64 and forced_align.
 With a GPU and onnxruntime's CUDAExecutionProvider: the CUDA loss and gradient against torch float64, the CUDA
 alignment against the Python API, and bad input as an error status.
 """
@@ -25,6 +27,8 @@ from deploy_ctc._backends.kernel_sources import kernel_sources_dir  # noqa: E402
 from deploy_ctc.onnx import native_library  # noqa: E402
 from deploy_ctc.onnx import native_library_cuda as cuda_build  # noqa: E402
 from tests.onnx.helpers import make_problem, native_library_or_skip, node_model  # noqa: E402
+from tests.utils import cuda_harness  # noqa: E402
+from tests.utils.cuda_harness.launch import build_ort_library  # noqa: E402
 from tests.utils.gpu import gpu_count  # noqa: E402
 from tests.utils.oracles import FLOAT32_COMPUTE, assert_close, concatenate_targets, torch_reference  # noqa: E402
 
@@ -202,6 +206,68 @@ def test_missing_cuda_runtime_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The CUDA ops' host code in a CPU session: built for the CPU provider, launches on the CPU harness
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ops_on_cpu(tmp_path_factory) -> str:
+    if cuda_harness.compiler() is None:
+        pytest.skip("no C++ compiler (g++ or $CXX) to build the CUDA kernel harness")
+    try:
+        include = native_library.include_dir()
+    except native_library.NativeUnavailable as error:
+        pytest.skip(f"the native ONNX Runtime library is unavailable here: {error}")
+    return str(build_ort_library(tmp_path_factory.mktemp("ort_on_cpu"), include))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("int_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("layout", ["padded", "concatenated", "unbatched"])
+def test_cuda_ops_host_code_matches_torch(ops_on_cpu, rng, dtype, int_dtype, layout):
+    """ort_cuda_ops.cpp end to end in a session (validation, upload block, workspace from the session's allocator,
+    output shapes, the three reductions) with ctc_launch.cu's launches on the harness; outputs of any element left
+    unwritten would hold the arena's leftovers."""
+    p = make_problem(rng, T=14, N=1 if layout == "unbatched" else 4, C=6, S=4, dtype=dtype, blank=1)
+    p.input_lengths[-1] = 1  # infeasible unless its target is empty
+    lp, targets, il, tl = p.args()
+    if layout == "concatenated":
+        targets = concatenate_targets(targets, tl)
+    elif layout == "unbatched":
+        lp, targets, il, tl = lp[:, 0], targets[0, :tl[0]], il[0], tl[0]
+    feeds = feeds_of(lp, targets, il, tl, int_dtype)
+    for reduction in ("none", "mean", "sum"):
+        attrs = dict(blank=1, reduction=reduction, zero_infinity=bool(rng.integers(2)))
+        d_loss = rng.uniform(0.5, 2.0, np.shape(deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs))).astype(dtype)
+        loss = session(ops_on_cpu, node_model("CTCLoss", feeds, **attrs)).run(None, feeds)[0]
+        grad_feeds = {"d_loss": d_loss, **feeds}
+        grad = session(ops_on_cpu, node_model("CTCLossGrad", grad_feeds, **attrs)).run(None, grad_feeds)[0]
+        want_loss, want_grad = torch_reference(lp, targets, il, tl, **attrs, grad_output=d_loss)
+        tol = FLOAT32_COMPUTE if dtype == np.float32 else None  # the kernels compute in the input's float type
+        assert loss.dtype == dtype and grad.dtype == dtype
+        assert_close(loss, want_loss, dtype, f"loss ({reduction})", tol)
+        assert_close(grad, want_grad, dtype, f"grad ({reduction})", tol)
+    alignment, scores = session(ops_on_cpu, node_model("CTCAlign", feeds, blank=1)).run(None, feeds)
+    want_alignment, want_scores = deploy_ctc.forced_align(lp, targets, il, tl, blank=1)
+    np.testing.assert_array_equal(alignment, want_alignment)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+@pytest.mark.parametrize("op", ["CTCLoss", "CTCLossGrad", "CTCAlign"])
+def test_cuda_ops_report_invalid_input(ops_on_cpu, rng, op):
+    feeds = make_problem(rng, T=10, N=2, C=5, S=3, blank=0).feeds()
+    feeds["input_lengths"][0] = 11
+    if op == "CTCLossGrad":
+        feeds = {"d_loss": np.array(1.0, np.float32), **feeds}
+    with pytest.raises(Exception, match=rf"deploy_ctc::{op}: input_lengths\[0\] = 11 exceeds T=10"):
+        session(ops_on_cpu, node_model(op, feeds)).run(None, feeds)
+
+
+def test_cuda_ops_report_a_d_loss_of_the_wrong_shape(ops_on_cpu, rng):
+    feeds = {"d_loss": np.ones(3, np.float32), **make_problem(rng, T=10, N=2, C=5, S=3).feeds()}
+    with pytest.raises(Exception, match=r"d_loss must be a scalar or have the loss's shape \(2,\), got shape \(3,\)"):
+        session(ops_on_cpu, node_model("CTCLossGrad", feeds, reduction="none")).run(None, feeds)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # On a GPU (skipped without one)
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -235,7 +301,7 @@ def test_cuda_provider_matches_torch(cuda_provider, rng, dtype, int_dtype, reduc
         targets = concatenate_targets(targets, tl)
     elif layout == "unbatched":
         lp, targets, il, tl = lp[:, 0], targets[0, :tl[0]], il[0], tl[0]
-    attrs = dict(blank=1, reduction=reduction, zero_infinity=int(rng.integers(2)))
+    attrs = dict(blank=1, reduction=reduction, zero_infinity=bool(rng.integers(2)))
     feeds = feeds_of(lp, targets, il, tl, int_dtype)
     loss_shape = np.shape(deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs))
     d_loss = rng.uniform(0.5, 2.0, loss_shape).astype(dtype)

@@ -1,7 +1,8 @@
 // The part of the CUDA runtime that kernels/ctc_launch.cu calls, for running its launch code on the CPU harness
 // (cuda_shim.h): "device" memory is host memory, copies are memcpy, and dctc_launch runs a launch's blocks on fibers
 // in the thread order set by launch_entry.cpp. The first failed launch is kept (later launches are skipped, as they
-// would read what it did not write) and reported by cudaGetLastError / cudaGetErrorString.
+// would read what it did not write) until cudaGetLastError reports and clears it, as CUDA's sticky launch errors;
+// cudaGetErrorString then gives its message.
 #pragma once
 
 #include <cstring>
@@ -22,7 +23,8 @@ namespace dctc_harness {
 inline thread_local int launch_order = kForward;
 inline thread_local unsigned long long launch_seed = 0;
 inline thread_local bool capturing = false;  // what cudaStreamIsCapturing reports
-inline thread_local std::string launch_error;
+inline thread_local std::string launch_error;    // the first failed launch since the last cudaGetLastError
+inline thread_local std::string reported_error;  // what cudaGetLastError last reported
 inline thread_local std::vector<std::string> launched;  // kernel launches, in order (grid, block, shared)
 }  // namespace dctc_harness
 
@@ -39,10 +41,12 @@ inline cudaError_t cudaMemcpyAsync(void* to, const void* from, std::size_t bytes
 }
 
 inline cudaError_t cudaGetLastError() {
-    return dctc_harness::launch_error.empty() ? cudaSuccess : cudaErrorLaunchFailure;
+    dctc_harness::reported_error = dctc_harness::launch_error;
+    dctc_harness::launch_error.clear();
+    return dctc_harness::reported_error.empty() ? cudaSuccess : cudaErrorLaunchFailure;
 }
 
-inline const char* cudaGetErrorString(cudaError_t) { return dctc_harness::launch_error.c_str(); }
+inline const char* cudaGetErrorString(cudaError_t) { return dctc_harness::reported_error.c_str(); }
 
 template <typename... Params, typename... Args>
 void dctc_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t shared, cudaStream_t, Args... args) {

@@ -50,6 +50,32 @@ def build_launch(cache_dir: Path, sanitize: bool = False) -> Path:
     return library
 
 
+def build_ort_library(cache_dir: Path, include_dir: Path) -> Path:
+    """The ONNX Runtime library's CUDA ops (``kernels/ort_cuda_ops.cpp`` with ``ort_ops.cpp``'s validation) built for
+    the CPU provider (``-DDEPLOY_CTC_ORT_CUDA_ON_CPU``), their launches running on the harness: a CPU session then runs
+    every line of the CUDA ops' host code. ``include_dir`` holds ONNX Runtime's ``onnxruntime_c_api.h``."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA harness")
+    kernels = kernel_sources_dir()
+    sources = [kernels / name for name in ("ort_ops.cpp", "ort_cuda_ops.cpp", "ctc_cpu.cpp", "ctc_align_cpu.cpp")]
+    sources.append(HERE / "launch_entry.cpp")
+    flags = ["-std=c++17", "-O1", "-fPIC", "-shared", "-fvisibility=hidden", "-DDEPLOY_CTC_ORT_CUDA",
+             "-DDEPLOY_CTC_ORT_CUDA_ON_CPU", f"-I{HERE}", f"-I{kernels}", f"-I{include_dir}"]
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for path in [*sources, *sorted(HERE.glob("*.h")), *sorted(kernels.glob("*.cu*")), *sorted(kernels.glob("*.h"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    library = Path(cache_dir) / f"dctc_ort_on_cpu_{digest.hexdigest()[:16]}.so"
+    if not library.exists():
+        partial = library.with_suffix(".tmp")
+        result = subprocess.run([cxx, *flags, *map(str, sources), "-o", str(partial),
+                                 f"-Wl,--version-script={kernels / 'ort_ops.map'}"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"building the harness's ONNX Runtime library failed:\n{result.stderr}")
+        partial.replace(library)
+    return library
+
+
 def _sizes(T, N, C, S, blank):
     return (ctypes.c_longlong * 5)(T, N, C, S, blank)
 
