@@ -10,13 +10,15 @@
 // - One device workspace from ONNX Runtime's allocator for the "Cuda" memory of the log-probs' device (its arena,
 //   no cudaMalloc per call): the targets (padded, int64), the lengths and the d_loss divisors, uploaded with one
 //   cudaMemcpyAsync from pageable memory (CUDA stages it before returning), then the alpha / beta tables, the
-//   per-sample losses, the label links and the gradient weights. It goes back to the allocator when Compute returns,
+//   per-sample losses, the label links and the gradient weights (CTCAlign: the Viterbi rows where shared memory is
+//   too small, and the backpointers). It goes back to the allocator when Compute returns,
 //   with the kernels still queued: ONNX Runtime's own CUDA kernels release their scratch the same way, and its next
 //   use is ordered behind them on the same stream.
 // - Everything is enqueued on KernelContext_GetGPUComputeStream's stream and nothing is waited for; the loss's
 //   zero_infinity and reduction are applied on the device. A stream being captured into a CUDA graph is refused
 //   with a message: the per-call host upload would be replayed stale.
-// - Every output element is written (ctc.cu's dense pass zeroes the rows beyond each input length).
+// - Every output element is written (ctc.cu's dense pass zeroes the gradient rows beyond each input length; the
+//   alignment outputs are filled with blank / 0 before ctc_align writes each sample's frames).
 // Unlike the CPU ops (and like deploy_ctc's CuPy backend), NaN / +inf log-probs in a sample's used frames follow the
 // kernels' log-space arithmetic.
 
@@ -62,7 +64,12 @@ class Workspace {
     OrtStatus* status = api->KernelContext_GetAllocator(context, info, &allocator_);
     api->ReleaseMemoryInfo(info);
     check(status);
-    data_ = allocator_->Alloc(allocator_, bytes);
+    try {
+      data_ = allocator_->Alloc(allocator_, bytes);
+    } catch (...) {  // an arena that throws when it is out of memory
+      api_->ReleaseAllocator(allocator_);
+      throw;
+    }
     if (data_ == nullptr) {
       api_->ReleaseAllocator(allocator_);
       throw Failure{ORT_FAIL, "out of CUDA memory for a workspace of " + std::to_string(bytes) + " bytes", nullptr};
