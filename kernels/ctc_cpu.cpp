@@ -21,10 +21,11 @@
 // g_t = (e_t qe_t, o_t qo_t) is the posterior of each position at frame t up to 1 / Z_t, Z_t = sum g_t, and
 //   log p(l|x) = log Z_t + (A_t + Cq_t) ln 2 + sum_t m_t      for every t,
 // A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
-// its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
-// all -inf frames or NaN break it, and the sample is recomputed by the exact log-space path (log_space_sample,
-// twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
-// t = T - 1.
+// its value at the last frame within kConsistencyTol (relative). Mass flushed to zero (long lattices, peaky
+// inputs), all -inf frames or NaN break it; such a sample is recomputed with an exponent per lattice position in
+// both directions (exponent_sample, exact by construction), and where even that is out of range by the exact
+// log-space path (log_space_sample, twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The
+// loss is torch's forward end, at t = T - 1.
 //
 // The loss alone (run_loss, the deploy_ctc_cpu_nll_* entry points) runs the forward recursion only, with an exponent
 // per lattice position instead of per frame, which makes it exact by construction (see "Loss only" below).
