@@ -313,5 +313,7 @@ def test_ort_library_cuda_portable_build_command(monkeypatch, capsys, tmp_path):
                  "-Xlinker -z,defs", "-DDEPLOY_CTC_ORT_CUDA", "-L/opt/cuda/lib", f"-I{tmp_path}"):
         assert part in text
     assert any(flag.startswith("--version-script=") and flag.endswith("ort_ops.map") for flag in command)
+    host = command[command.index("-Xcompiler") + 1].split(",")  # the CPU library's host flags, the engine's among them
+    assert "-fPIC" in host and all(flag in host for flag in native_library.FLAGS if not flag.startswith(("-std", "-O")))
     assert [Path(flag).name for flag in command if flag.endswith((".cu", ".cpp"))] == \
         ["ort_ops.cpp", "ort_cuda_ops.cpp", "ctc_cpu.cpp", "ctc_align_cpu.cpp", "ctc_launch.cu"]

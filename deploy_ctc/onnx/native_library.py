@@ -100,7 +100,7 @@ def build_command(output, target=None, cuda: bool = False) -> list[str]:
     if cuda:
         nvcc = cuda_build.find_nvcc()
         target = cuda_build.NATIVE_TARGETS[0] if target is None else target
-        return [nvcc, *cuda_build.FLAGS, *cuda_build.toolkit_flags(nvcc), *target, f"-I{kernels}",
+        return [nvcc, *cuda_build.compile_flags(FLAGS), *cuda_build.toolkit_flags(nvcc), *target, f"-I{kernels}",
                 f"-I{include_dir()}", *cuda_build.SHARED_FLAGS, *(str(kernels / name) for name in cuda_build.SOURCES),
                 "-o", str(output), *(flag.format(kernels=kernels) for flag in cuda_build.LINK_FLAGS)]
     target = NATIVE_TARGETS[0] if target is None else target
@@ -114,8 +114,8 @@ def library_path(cuda: bool = False) -> str:
     first use; thread-safe (concurrent first calls build once).
 
     Args:
-        cuda: the CUDA variant (the CPU ops, plus CTCLoss, CTCLossGrad and CTCAlign for ``CUDAExecutionProvider``), built with
-            nvcc; for sessions on a GPU. Not yet run on a GPU.
+        cuda: the CUDA variant (the CPU ops, plus CTCLoss, CTCLossGrad and CTCAlign for
+            ``CUDAExecutionProvider``), built with nvcc; for sessions on a GPU. Not yet run on a GPU.
 
     Raises:
         NativeUnavailable: no ONNX Runtime headers, no C++ compiler (nvcc or the CUDA runtime for ``cuda``), or a
@@ -159,7 +159,7 @@ def _build_cuda() -> Path:
     kernels, include = _kernels(), include_dir()
     nvcc = cuda_build.find_nvcc()
     return build_library("deploy_ctc_ort_cuda", cuda_build.SOURCES, symbols=[SYMBOL],
-                         compile_flags=[*cuda_build.FLAGS, *cuda_build.toolkit_flags(nvcc)],
+                         compile_flags=[*cuda_build.compile_flags(FLAGS), *cuda_build.toolkit_flags(nvcc)],
                          link_flags=[flag.format(kernels=kernels) for flag in cuda_build.LINK_FLAGS],
                          include_dirs=[include], depends=[*(kernels / name for name in cuda_build.DEPENDS),
                                                           include / HEADER],

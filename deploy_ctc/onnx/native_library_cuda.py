@@ -1,21 +1,21 @@
 """The CUDA build of deploy_ctc's ONNX Runtime custom-op library: the CPU ops of ``kernels/ort_ops.cpp`` plus
-``CTCLoss`` / ``CTCLossGrad`` / ``CTCAlign`` for ``CUDAExecutionProvider`` (``kernels/ort_cuda_ops.cpp``, launching the kernels of
-``kernels/ctc.cu`` through ``kernels/ctc_launch.cu``), compiled by nvcc.
+``CTCLoss`` / ``CTCLossGrad`` / ``CTCAlign`` for ``CUDAExecutionProvider`` (``kernels/ort_cuda_ops.cpp``, launching
+the kernels of ``kernels/ctc.cu`` through ``kernels/ctc_launch.cu``), compiled by nvcc.
 
 **Why a second library.** The CPU library must build with nothing but a C++ compiler and load on any machine; this
 one needs nvcc. ONNX Runtime accepts one library per domain on a SessionOptions, so the CUDA library registers the
 CPU ops too: a CUDA session places each node on either provider from one file. The CUDA runtime is linked statically
-(``-cudart static``) and ``libcuda`` is opened only when a CUDA kernel first runs, so the file also loads, and serves
-CPU sessions, on machines without a GPU or a driver. Device code for sm_80 and sm_90 (A100, H100/H200), in one
-file.
+(``-cudart static``) and ``libcuda`` is opened only at the first CUDA call (a CUDA op's run), so the file loads, and
+serves CPU sessions, on machines without a GPU or a driver. Device code for sm_80 and sm_90 (A100, H100/H200), in
+one file.
 
 **nvcc** is looked for in ``$DEPLOY_CTC_NVCC`` (a path), ``$CUDA_HOME/bin``, the pip package ``nvidia-cuda-nvcc``
 in this Python environment (``pip install deploy_ctc[ort-cuda]``, which brings the CUDA runtime's headers and
 ``libcudart_static.a`` with it), then ``PATH``. The build also needs ONNX Runtime's C header, found as for the CPU
 library (:func:`deploy_ctc.onnx.native_library.include_dir`).
 
-Compiled and checked here (no spills, exported symbols, no dynamic CUDA dependency, CPU sessions); the CUDA kernels
-of this library have not run on a GPU yet.
+Compiled and checked without a GPU (no spills, exported symbols, no dynamic CUDA dependency, CPU sessions, and the
+CUDA ops' host code on the CPU test harness); the CUDA ops of this library have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from deploy_ctc._backends.native_cache import NativeUnavailable
 
-__all__ = ["NVCC_ENV", "ARCHITECTURES", "find_nvcc", "toolkit_flags"]
+__all__ = ["NVCC_ENV", "ARCHITECTURES", "compile_flags", "find_nvcc", "toolkit_flags"]
 
 #: Environment variable naming the nvcc to use.
 NVCC_ENV = "DEPLOY_CTC_NVCC"
@@ -41,10 +42,10 @@ SOURCES = ("ort_ops.cpp", "ort_cuda_ops.cpp", "ctc_cpu.cpp", "ctc_align_cpu.cpp"
 #: Files read through #include or by the linker that the cache key must cover (headers beside the sources are
 #: covered already).
 DEPENDS = ("ctc.cu", "ort_ops.map")
-#: Host flags: the CPU library's (native_library.FLAGS) passed through -Xcompiler.
-HOST_FLAGS = "-fPIC,-fvisibility=hidden,-fvisibility-inlines-hidden,-fopenmp-simd"
+#: nvcc's device-code flags: SASS for each of ARCHITECTURES.
 GENCODE = tuple(flag for arch in ARCHITECTURES for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}"))
-FLAGS = ("-std=c++17", "-O3", *GENCODE, "-Xcompiler", HOST_FLAGS, "-cudart", "static", "-DDEPLOY_CTC_ORT_CUDA")
+#: nvcc's own flags (it passes -std and -O to the host compiler too).
+NVCC_FLAGS = ("-std=c++17", "-O3", *GENCODE, "-cudart", "static", "-DDEPLOY_CTC_ORT_CUDA")
 #: Link flags: export RegisterCustomOps only; nothing undefined but the C/C++ runtime's (no libonnxruntime, no
 #: libcudart, no libcuda).
 LINK_FLAGS = ("-Xlinker", "--version-script={kernels}/ort_ops.map", "-Xlinker", "-z,defs")
@@ -54,6 +55,14 @@ NATIVE_TARGETS: tuple[tuple[str, ...], ...] = (("-Xcompiler", "-march=native,-mp
                                                ("-Xcompiler", "-march=native"), ())
 #: The pip package's layout: <site-packages>/nvidia/<cu13 | cuda_nvcc>/bin/nvcc.
 _PIP_LAYOUTS = ("cu13", "cu12", "cuda_nvcc")
+
+
+def compile_flags(host_flags: Sequence[str]) -> tuple[str, ...]:
+    """nvcc's flags for the library: :data:`NVCC_FLAGS`, then ``-fPIC`` and the CPU library's ``host_flags`` (but its
+    ``-std`` and ``-O``, which nvcc passes on itself) through ``-Xcompiler``, so the CPU engine inside is compiled as in
+    the CPU library."""
+    host = [flag for flag in host_flags if not flag.startswith(("-std=", "-O"))]
+    return (*NVCC_FLAGS, "-Xcompiler", ",".join(("-fPIC", *host)))
 
 
 def find_nvcc() -> str:

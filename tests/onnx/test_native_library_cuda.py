@@ -69,8 +69,8 @@ def test_device_code_has_no_spills_and_no_stack_frame(cuda_library, tmp_path):
     """ptxas's report for ctc_launch.cu under the library's own flags, for both architectures."""
     nvcc = cuda_build.find_nvcc()
     kernels = kernel_sources_dir()
-    command = [nvcc, *cuda_build.FLAGS, *cuda_build.toolkit_flags(nvcc), f"-I{kernels}", "-Xptxas", "-v", "-c",
-               str(kernels / "ctc_launch.cu"), "-o", str(tmp_path / "ctc_launch.o")]
+    command = [nvcc, *cuda_build.compile_flags(native_library.FLAGS), *cuda_build.toolkit_flags(nvcc),
+               f"-I{kernels}", "-Xptxas", "-v", "-c", str(kernels / "ctc_launch.cu"), "-o", str(tmp_path / "launch.o")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report

@@ -9,7 +9,8 @@ thread_local __attribute__((aligned(16))) unsigned char dctc_smem[dctc_harness::
 
 namespace {
 
-dctc_cuda::Call call_of(int kind, const long long* sizes, int reduction, int zero_infinity, unsigned long long itemsize) {
+dctc_cuda::Call call_of(int kind, const long long* sizes, int reduction, int zero_infinity,
+                        unsigned long long itemsize) {
     return dctc_cuda::Call{static_cast<dctc_cuda::Kind>(kind), sizes[0], sizes[1], sizes[2], sizes[3], sizes[4],
                            reduction, zero_infinity, static_cast<std::size_t>(itemsize)};
 }
