@@ -35,8 +35,8 @@ std::size_t workspace_bytes(const Call& call);
 
 // CTCLoss (kLoss): out = the loss, (N,) for reduction none, else one value. CTCLossGrad: out (T, N, C) =
 // the d_loss-weighted gradient, d_loss holding d_loss_size values (1: broadcast, else N). Everything is enqueued on
-// `stream` (device `device`); nothing is waited for. `upload` must stay valid only until run() returns (it is
-// copied from pageable memory, which CUDA stages before returning). Returns nullptr, or CUDA's error message.
+// `stream` (device `device`), with no explicit synchronization. `upload` must stay valid only until run() returns
+// (a copy from pageable memory has consumed its source when it returns). Returns nullptr, or CUDA's error message.
 template <typename scalar_t>
 const char* run(const Call& call, const std::int64_t* upload, void* workspace, const scalar_t* log_probs,
                 const scalar_t* d_loss, std::int64_t d_loss_size, scalar_t* out, void* stream, int device);

@@ -9,12 +9,12 @@
 //   an INVALID_ARGUMENT status before anything is launched.
 // - One device workspace from ONNX Runtime's allocator for the "Cuda" memory of the log-probs' device (its arena,
 //   no cudaMalloc per call): the targets (padded, int64), the lengths and the d_loss divisors, uploaded with one
-//   cudaMemcpyAsync from pageable memory (CUDA stages it before returning), then the alpha / beta tables, the
+//   cudaMemcpyAsync from pageable memory (consumed when the call returns), then the alpha / beta tables, the
 //   per-sample losses, the label links and the gradient weights (CTCAlign: the Viterbi rows where shared memory is
 //   too small, and the backpointers). It goes back to the allocator when Compute returns,
 //   with the kernels still queued: ONNX Runtime's own CUDA kernels release their scratch the same way, and its next
 //   use is ordered behind them on the same stream.
-// - Everything is enqueued on KernelContext_GetGPUComputeStream's stream and nothing is waited for; the loss's
+// - Everything is enqueued on KernelContext_GetGPUComputeStream's stream, with no explicit synchronization; the loss's
 //   zero_infinity and reduction are applied on the device. A stream being captured into a CUDA graph is refused
 //   with a message: the per-call host upload would be replayed stale.
 // - Every output element is written (ctc.cu's dense pass zeroes the gradient rows beyond each input length; the
