@@ -4,7 +4,7 @@
 // kernel sequence ctc_lattice -> ctc_label_links -> ctc_grad are those of run_kernels, ctc_align's launch that of
 // run_align. Small kernels of its own turn the per-sample losses into the op's output (zero_infinity and the
 // reduction), d_loss into the per-sample gradient weights and fill the alignment outputs, so nothing leaves the
-// device and nothing is waited for.
+// device and nothing synchronizes explicitly.
 #include "ctc.cu"
 #include "ctc_launch.h"
 
@@ -181,7 +181,7 @@ const char* run(const Call& c, const std::int64_t* upload, void* workspace, cons
   double* scale = reinterpret_cast<double*>(base + l.scale);                                 // (N,)
   scalar_t* nll = reinterpret_cast<scalar_t*>(base + l.nll);                                 // (N,)
   scalar_t* alpha = reinterpret_cast<scalar_t*>(base + l.alpha);                             // (N, T, 2S+1)
-  scalar_t* beta = grad ? reinterpret_cast<scalar_t*>(base + l.beta) : alpha;              // (N, T, 2S+1)
+  scalar_t* beta = grad ? reinterpret_cast<scalar_t*>(base + l.beta) : alpha;               // (N, T, 2S+1)
   int* links = reinterpret_cast<int*>(base + l.links);                                       // (N, S, 2)
 
   error = cudaMemcpyAsync(base + l.upload, upload, upload_words(c) * 8, cudaMemcpyHostToDevice, stream);
