@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 H = 100  # the row is renormalised once a mantissa exceeds 2^H
 P = 1021 - H  # nonzero mantissas stay at least 2^-P
@@ -83,12 +84,12 @@ _HIGH = 2.0 ** H
 _NONE = np.iinfo(np.int64).min // 4  # "no position" in the running maxima; far below any exponent, no overflow
 
 
-def frame_bits(shifted, usable):
+def frame_bits(lowest, usable):
     """``b_t`` ``(t_max,)`` float64: bits below 1 of the smallest emission of the ``usable`` ``(k,)`` samples at
-    each frame, one bit added for ``exp``'s rounding; ``shifted`` ``(t_max, k, L)`` holds ``log y_t(l'_s) - m_t``
-    (0 in frames past a sample's end)."""
-    lowest = np.where(usable[None, :], shifted.min(axis=2), 0.0).min(axis=1)  # (t_max,)
-    return np.maximum(-lowest / math.log(2.0), 0.0) + 1.0
+    each frame, one bit added for ``exp``'s rounding; ``lowest`` ``(t_max, k)`` holds each sample's smallest
+    ``log y_t(l'_s) - m_t`` over its lattice (0 in frames past its end)."""
+    smallest = np.where(usable[None, :], lowest, 0.0).min(axis=1)  # (t_max,)
+    return np.maximum(-smallest / math.log(2.0), 0.0) + 1.0
 
 
 def log_likelihood(emit, bits, lattice, scratch, tag):
@@ -112,11 +113,16 @@ def log_likelihood(emit, bits, lattice, scratch, tag):
     q = scratch.array("pre" + tag, (half,))  # the next frame's, before it
     q.fill(0.0)
     q.reshape(k, width)[:, 2:4] = 1.0  # alpha_0 = y_0 at s = 0, 1 (0 at s = 1 when L_n = 1: its emission)
-    flat, term = a.reshape(-1), np.empty(half - 2)
+    flat = a.reshape(-1)
+    # feeders[i, n (L + 2) + c] = a at column c - i of the flattened rows (s, s - 1, s - 2) for c >= 2, and the
+    # factors (1, f1, f2) of each: one multiply and one sum per frame
+    feeders = as_strided(flat[2:], shape=(3, half - 2), strides=(-flat.itemsize, flat.itemsize))
+    factors = np.zeros((3, k, width))  # (3, k, L + 2); those of every E = 0 to start
+    factors[0] = 1.0
+    factors[1, :, 3:] = 1.0
+    factors[2] = lattice.skip_up
+    terms = np.empty((3, half - 2))
     exponent = np.zeros((k, L), dtype=np.int64)  # E(s)
-    f1, f2 = np.zeros((k, width)), lattice.skip_up.astype(np.float64)  # factors of every E = 0
-    f1[:, 3:] = 1.0
-    f1, f2 = f1.reshape(-1)[2:], f2.reshape(-1)[2:]  # aligned with q[2:]
     lost = np.zeros(k, dtype=bool)
     log_p = np.full(k, -np.inf)
     ends = {int(t) - 1: np.flatnonzero(lattice.il == t) for t in np.unique(lattice.il)}
@@ -126,7 +132,7 @@ def log_likelihood(emit, bits, lattice, scratch, tag):
         spent += bits[t]
         upcoming = bits[t + 1] if t + 1 < t_max else 0.0
         if spent + upcoming > B or flat.max() > _HIGH:
-            _renormalise(a, exponent, f1, f2, lattice.skip_up, lost)
+            _renormalise(a, exponent, factors, lattice.skip_up, lost)
             spent = 0.0
         if t in ends:
             log_p[ends[t]] = _end_log_mass(a, exponent, lattice.lengths, ends[t])
@@ -134,39 +140,38 @@ def log_likelihood(emit, bits, lattice, scratch, tag):
             break
         # q_{t+1}(s) = a(s) + f1(s) a(s - 1) + f2(s) a(s - 2), over the flattened rows (the factors are 0 at the
         # padding columns, so nothing crosses from one sample into the next)
-        np.multiply(f1, flat[1:-1], out=term)
-        np.add(flat[2:], term, out=q[2:])
-        np.multiply(f2, flat[:-2], out=term)
-        np.add(q[2:], term, out=q[2:])
+        np.multiply(factors.reshape(3, half)[:, 2:], feeders, out=terms)
+        np.sum(terms, axis=0, out=q[2:])
     log_p[lost] = -np.inf
     return log_p, lost
 
 
-def _renormalise(a, exponent, f1, f2, skip_up, lost):
+def _renormalise(a, exponent, factors, skip_up, lost):
     """Give row ``a`` ``(k, L + 2)`` new exponents (module docstring), in place with ``exponent`` ``(k, L)`` and
-    the flattened factors ``f1``, ``f2`` (``k (L + 2) - 2``, aligned with column 2 of the first row); samples with
-    a cell raised by more than ``R`` bits become ``lost`` (their row zeroed)."""
+    ``factors`` ``(3, k, L + 2)`` (``1, f1, f2`` at column ``s + 2``); samples with a cell raised by more than ``R``
+    bits become ``lost`` (their row zeroed)."""
     k, width = a.shape
     L = width - 2
     cells = a[:, 2:]  # (k, L)
     fraction, shift = np.frexp(cells)
     nonzero = cells > 0.0
     true = exponent + shift  # (k, L) exponent of each nonzero cell
-    below = np.where(nonzero, np.arange(L), -1)  # the nearest nonzero cell at or below each position
+    # the nearest nonzero cell at or below each position (flattened index; -1 where none)
+    below = np.where(nonzero, np.arange(k * L).reshape(k, L), -1)
     np.maximum.accumulate(below, axis=1, out=below)
-    filled = np.take_along_axis(true, np.maximum(below, 0), axis=1)
-    filled[below < 0] = 0
+    filled = np.where(below >= 0, true.reshape(-1)[below], 0)
     stored = _capped(filled)
     raised = stored - true  # >= 0 on nonzero cells
     far = (nonzero & (raised > R)).any(axis=1)  # (k,)
     lost |= far
-    np.copyto(cells, np.where(nonzero & ~far[:, None], np.ldexp(fraction, -np.clip(raised, 0, R + 1)), 0.0))
+    np.clip(raised, 0, R + 1, out=raised)  # (the zero cells' values are not used)
+    np.ldexp(fraction, -raised.astype(np.int32), out=cells)  # exact: at most R + 1 bits down, zeros stay zero
+    cells[far] = 0.0
     exponent[...] = stored
-    factors = np.zeros((2, k, width))
-    factors[0, :, 3:] = np.ldexp(1.0, np.maximum(stored[:, :-1] - stored[:, 1:], -1100))
-    factors[1, :, 4:] = np.ldexp(1.0, np.maximum(stored[:, :-2] - stored[:, 2:], -1100)) * skip_up[:, 4:]
-    f1[...] = factors[0].reshape(-1)[2:]
-    f2[...] = factors[1].reshape(-1)[2:]
+    # powers of two between neighbours: at most 2^G by construction, exact down to 2^-1074, 0 below
+    np.ldexp(1.0, np.maximum(stored[:, :-1] - stored[:, 1:], -1100).astype(np.int32), out=factors[1, :, 3:])
+    np.ldexp(1.0, np.maximum(stored[:, :-2] - stored[:, 2:], -1100).astype(np.int32), out=factors[2, :, 4:])
+    factors[2] *= skip_up
 
 
 def _capped(e):

@@ -257,6 +257,7 @@ class _ChainPair:
         self.valid = np.arange(L)[None, :] < self.lengths[:, None]  # (k, L)
         self.ext = np.full((k, L), blank, dtype=np.int64)  # (k, L)
         self.ext[:, 1::2] = targets
+        self.ext[~self.valid] = blank  # read as the blank: a class of the sample's lattice
         self.skip_up = np.zeros((k, L + 2))  # (k, L + 2)
         self.skip_up[:, 5::2] = (targets[:, 1:] != targets[:, :-1]) & self.valid[:, 3::2]
         self.skip_down = np.zeros((k, L + 2))
@@ -292,9 +293,9 @@ class _ChainPair:
         ``(t_max,)`` :func:`deploy_ctc._backends.cpu.loss_numpy.frame_bits` of the accepted samples.
         """
         gathered, log_max = self._shifted(lp, scratch, tag)
-        low = ((gathered < loss_numpy.FLOOR_LOG) & self.valid[None]).any(axis=(0, 2))  # (k,) -inf included
-        accepted = run & np.isfinite(log_max).all(axis=0) & ~low
-        bits = loss_numpy.frame_bits(gathered, accepted)
+        lowest = gathered.min(axis=2)  # (t_max, k) over the lattice's classes (s >= L_n reads the blank)
+        accepted = run & np.isfinite(log_max).all(axis=0) & (lowest >= loss_numpy.FLOOR_LOG).all(axis=0)
+        bits = loss_numpy.frame_bits(lowest, accepted)
         emit = self._exp(gathered, ~accepted, scratch, tag)
         for n in np.flatnonzero(self.il < self.t_max):
             emit[self.il[n]:, n] = 0.0  # past the sample's end: the pass ends there

@@ -95,6 +95,20 @@ def test_emissions_below_the_floor_take_the_log_space_path(rng):
     assert np.isfinite(loss).all()  # a finite mask is a probability, not a zero
 
 
+def test_masked_classes_off_the_lattice_keep_the_fast_path(rng):
+    """With blank = 3, shorter targets (padded with 0 by validation) and class 0 masked (-1e30) in every frame: class
+    0 is on no sample's lattice, so no sample leaves the fast path."""
+    T, N, C = 50, 3, 6
+    lp = oracles.random_log_probs(rng, T, N, C)
+    lp[:, :, 0] = -1e30
+    targets = np.array([[1, 2, 4, 5], [2, 2, 0, 0], [5, 0, 0, 0]])
+    tl, il = np.array([4, 2, 1]), np.array([T, T, T - 9])
+    with using("numpy"), path_stats() as stats:
+        loss = deploy_ctc.ctc_loss(lp, targets, il, tl, blank=3, reduction="none")
+    assert stats.exact == 0 and stats.fast == N
+    oracles.assert_close(loss, oracles.torch_losses(lp, targets, il, tl, blank=3), np.float64, "loss")
+
+
 def test_a_cell_far_below_its_feeder_takes_the_log_space_path(rng):
     """Target (1, 1), so l' = (b, 1, b, 1, b) without skips; frames 0-3 give the blank and label 1 in turn a
     log-prob 310 nats below the other. At frame 3 the cell s = 4 (reached only along b, 1, b, 1, b, each step at
@@ -208,11 +222,11 @@ def test_renormalisation_keeps_every_value_exactly_and_bounds_the_factors(rng):
     before = [[(a[n, s + 2], exponent[n, s]) for s in range(L)] for n in range(k)]
     skip = np.zeros((k, width))
     skip[:, 5::2] = 1.0
-    f1, f2 = np.zeros(k * width - 2), np.zeros(k * width - 2)
+    factors = np.zeros((3, k, width))
     lost = np.zeros(k, dtype=bool)
     exponent[2, 4] = exponent[2, 3] - 2000  # sample 2's cell 4 lies ~2000 bits below its feeder
     before[2][4] = (a[2, 6], exponent[2, 4])
-    loss_numpy._renormalise(a, exponent, f1, f2, skip, lost)
+    loss_numpy._renormalise(a, exponent, factors, skip, lost)
     assert lost.tolist() == [False, False, True] and (a[2] == 0).all()
     for n in range(2):
         for s in range(L):
@@ -224,8 +238,7 @@ def test_renormalisation_keeps_every_value_exactly_and_bounds_the_factors(rng):
             assert 2.0 ** -(loss_numpy.R + 1) <= mantissa < 1.0
             # same value: the exponents differ by less than 1100, so comparing mantissas scaled by the difference
             assert np.ldexp(mantissa, int(exponent[n, s] - e)) == value
-    factors1 = np.concatenate([[0.0, 0.0], f1]).reshape(k, width)
-    factors2 = np.concatenate([[0.0, 0.0], f2]).reshape(k, width)
+    factors1, factors2 = factors[1], factors[2]
     for n in range(2):
         for s in range(1, L):
             assert factors1[n, s + 2] == 2.0 ** float(exponent[n, s - 1] - exponent[n, s])
