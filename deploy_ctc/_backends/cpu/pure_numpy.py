@@ -242,6 +242,8 @@ class _ChainPair:
 
     Attributes:
         ext: ``(k, L)`` int64 extended labels (blank beyond ``L_n``).
+        classes: ``(k, S + 1)`` int64 the blank, then the target's labels (blank beyond its length): the classes
+            whose emissions are computed, each once per frame (every even position of ``l'`` is the blank).
         valid: ``(k, L)`` bool, ``s < L_n``.
         lengths: ``(k,)`` ``L_n = 2 target_lengths + 1``.
         skip_up: ``(k, L + 2)`` 1 at column ``s + 2`` where ``s - 2 -> s`` is allowed (a label differing from
@@ -258,6 +260,7 @@ class _ChainPair:
         self.ext = np.full((k, L), blank, dtype=np.int64)  # (k, L)
         self.ext[:, 1::2] = targets
         self.ext[~self.valid] = blank  # read as the blank: a class of the sample's lattice
+        self.classes = np.concatenate([np.full((k, 1), blank, dtype=np.int64), self.ext[:, 1::2]], axis=1)
         self.skip_up = np.zeros((k, L + 2))  # (k, L + 2)
         self.skip_up[:, 5::2] = (targets[:, 1:] != targets[:, :-1]) & self.valid[:, 3::2]
         self.skip_down = np.zeros((k, L + 2))
@@ -277,7 +280,7 @@ class _ChainPair:
         NaN) never reach the chains, and the values computed there are never used.
         """
         gathered, log_max = self._shifted(lp, scratch, tag)
-        flushed = ((gathered < _FLUSH_LOG) & (gathered > -np.inf) & self.valid[None]).any(axis=(0, 2))  # (k,)
+        flushed = ((gathered < _FLUSH_LOG) & (gathered > -np.inf)).any(axis=(0, 2))  # (k,) lattice classes only
         # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
         # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
         emit = self._exp(gathered, ~np.isfinite(log_max).all(axis=0), scratch, tag)
@@ -293,7 +296,7 @@ class _ChainPair:
         ``(t_max,)`` :func:`deploy_ctc._backends.cpu.loss_numpy.frame_bits` of the accepted samples.
         """
         gathered, log_max = self._shifted(lp, scratch, tag)
-        lowest = gathered.min(axis=2)  # (t_max, k) over the lattice's classes (s >= L_n reads the blank)
+        lowest = gathered.min(axis=2)  # (t_max, k) over the lattice's classes
         accepted = run & np.isfinite(log_max).all(axis=0) & (lowest >= loss_numpy.FLOOR_LOG).all(axis=0)
         bits = loss_numpy.frame_bits(lowest, accepted)
         emit = self._exp(gathered, ~accepted, scratch, tag)
@@ -302,9 +305,9 @@ class _ChainPair:
         return emit, log_max, accepted, bits
 
     def _shifted(self, lp, scratch, tag):
-        """``(gathered, log_max)``: ``log y_t(l'_s) - m_t`` ``(t_max, k, L)`` float64 (0 in frames
-        ``t >= T_n``) and ``m_t`` ``(t_max, k)``."""
-        gathered = self._gather(lp, scratch, tag)  # (t_max, k, L) log y_t(l'_s), float64
+        """``(gathered, log_max)``: ``log y_t(c) - m_t`` for the :attr:`classes` ``c``, ``(t_max, k, S + 1)``
+        float64 (0 in frames ``t >= T_n``), and ``m_t`` ``(t_max, k)``."""
+        gathered = self._gather(lp, scratch, tag)  # (t_max, k, S + 1) log y_t(c), float64
         for n in np.flatnonzero(self.il < self.t_max):
             gathered[self.il[n]:, n] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, k)
@@ -312,35 +315,39 @@ class _ChainPair:
         return gathered, log_max
 
     def _exp(self, gathered, silent, scratch, tag):
-        """``(t_max, k, L + 2)`` ``exp(gathered)`` at columns ``2..``, 0 in the padding columns, at ``s >= L_n``
-        and for the ``silent`` ``(k,)`` samples."""
+        """``(t_max, k, L + 2)`` emissions at column ``s + 2``: ``exp(gathered)`` (computed in place) of the blank
+        at every even ``s``, of label ``i`` at ``s = 2i - 1``; 0 in the padding columns, at ``s >= L_n`` and for the
+        ``silent`` ``(k,)`` samples."""
         k, L, t_max = self.k, self.L, self.t_max
         emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
-        np.exp(gathered, out=emit[:, :, 2:])
+        np.exp(gathered, out=gathered)
+        emit[:, :, 2::2] = gathered[:, :, :1]
+        emit[:, :, 3::2] = gathered[:, :, 1:]
         emit[:, silent] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
         return emit
 
     def _gather(self, lp, scratch, tag):
-        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous float64 ``(t_max, k, L)`` array (positions
-        ``s >= L_n`` read blank, a real entry of the row). Only the gathered entries are read or converted: a
-        strided or broadcast ``lp`` is never copied whole."""
-        k, L, t_max = self.k, self.L, self.t_max
+        """``lp[t, n, c]`` for ``t < t_max`` and the :attr:`classes` ``c`` as a contiguous float64
+        ``(t_max, k, S + 1)`` array. Only the gathered entries are read or converted: a strided or broadcast ``lp``
+        is never copied whole."""
+        k, t_max = self.k, self.t_max
+        width = self.classes.shape[1]
         C = lp.shape[2]
-        out = scratch.array("gathered" + tag, (t_max, k, L))
+        out = scratch.array("gathered" + tag, (t_max, k, width))
         if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
             # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
-            columns = (np.arange(k)[:, None] * C + self.ext).reshape(-1)  # (k * L,)
+            columns = (np.arange(k)[:, None] * C + self.classes).reshape(-1)  # (k (S + 1),)
             if lp.dtype == np.float64:
-                np.take(rows, columns, axis=1, out=out.reshape(t_max, k * L), mode="clip")
+                np.take(rows, columns, axis=1, out=out.reshape(t_max, k * width), mode="clip")
             else:
-                out.reshape(t_max, k * L)[...] = np.take(rows, columns, axis=1, mode="clip")
+                out.reshape(t_max, k * width)[...] = np.take(rows, columns, axis=1, mode="clip")
             return out
         for n in range(k):
-            out[:, n] = lp[:t_max, n][:, self.ext[n]]  # (t_max, L): fancy indexing reads only these entries
+            out[:, n] = lp[:t_max, n][:, self.classes[n]]  # (t_max, S + 1): fancy indexing reads only these
         return out
 
     def initial(self):
