@@ -71,7 +71,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 H = 100  # the row is renormalised once a mantissa exceeds 2^H
 P = 1021 - H  # nonzero mantissas stay at least 2^-P
@@ -113,25 +112,22 @@ def log_likelihood(emit, bits, lattice, scratch, tag):
     q = scratch.array("pre" + tag, (half,))  # the next frame's, before it
     q.fill(0.0)
     q.reshape(k, width)[:, 2:4] = 1.0  # alpha_0 = y_0 at s = 0, 1 (0 at s = 1 when L_n = 1: its emission)
-    flat = a.reshape(-1)
-    # feeders[i, n (L + 2) + c] = a at column c - i of the flattened rows (s, s - 1, s - 2) for c >= 2, and the
-    # factors (1, f1, f2) of each: one multiply and one sum per frame
-    feeders = as_strided(flat[2:], shape=(3, half - 2), strides=(-flat.itemsize, flat.itemsize))
-    factors = np.zeros((3, k, width))  # (3, k, L + 2); those of every E = 0 to start
-    factors[0] = 1.0
-    factors[1, :, 3:] = 1.0
-    factors[2] = lattice.skip_up
-    terms = np.empty((3, half - 2))
+    flat, term = a.reshape(-1), np.empty(half - 2)
+    factors = np.zeros((2, k, width))  # (2, k, L + 2) f1, f2 at column s + 2; those of every E = 0 to start
+    factors[0, :, 3:] = 1.0
+    factors[1] = lattice.skip_up
+    f1, f2 = factors.reshape(2, half)[:, 2:]  # aligned with q[2:]
     exponent = np.zeros((k, L), dtype=np.int64)  # E(s)
     lost = np.zeros(k, dtype=bool)
     log_p = np.full(k, -np.inf)
     ends = {int(t) - 1: np.flatnonzero(lattice.il == t) for t in np.unique(lattice.il)}
     spent = 0.0  # sum of b_t since the last renormalisation
+    bits = bits.tolist() + [0.0]
+    largest = np.maximum.reduce
     for t in range(t_max):
         np.multiply(q, emit[t].reshape(-1), out=flat)
         spent += bits[t]
-        upcoming = bits[t + 1] if t + 1 < t_max else 0.0
-        if spent + upcoming > B or flat.max() > _HIGH:
+        if spent + bits[t + 1] > B or largest(flat) > _HIGH:
             _renormalise(a, exponent, factors, lattice.skip_up, lost)
             spent = 0.0
         if t in ends:
@@ -140,15 +136,17 @@ def log_likelihood(emit, bits, lattice, scratch, tag):
             break
         # q_{t+1}(s) = a(s) + f1(s) a(s - 1) + f2(s) a(s - 2), over the flattened rows (the factors are 0 at the
         # padding columns, so nothing crosses from one sample into the next)
-        np.multiply(factors.reshape(3, half)[:, 2:], feeders, out=terms)
-        np.sum(terms, axis=0, out=q[2:])
+        np.multiply(f1, flat[1:-1], out=term)
+        np.add(flat[2:], term, out=q[2:])
+        np.multiply(f2, flat[:-2], out=term)
+        np.add(q[2:], term, out=q[2:])
     log_p[lost] = -np.inf
     return log_p, lost
 
 
 def _renormalise(a, exponent, factors, skip_up, lost):
     """Give row ``a`` ``(k, L + 2)`` new exponents (module docstring), in place with ``exponent`` ``(k, L)`` and
-    ``factors`` ``(3, k, L + 2)`` (``1, f1, f2`` at column ``s + 2``); samples with a cell raised by more than ``R``
+    ``factors`` ``(2, k, L + 2)`` (``f1, f2`` at column ``s + 2``); samples with a cell raised by more than ``R``
     bits become ``lost`` (their row zeroed)."""
     k, width = a.shape
     L = width - 2
@@ -169,9 +167,9 @@ def _renormalise(a, exponent, factors, skip_up, lost):
     cells[far] = 0.0
     exponent[...] = stored
     # powers of two between neighbours: at most 2^G by construction, exact down to 2^-1074, 0 below
-    np.ldexp(1.0, np.maximum(stored[:, :-1] - stored[:, 1:], -1100).astype(np.int32), out=factors[1, :, 3:])
-    np.ldexp(1.0, np.maximum(stored[:, :-2] - stored[:, 2:], -1100).astype(np.int32), out=factors[2, :, 4:])
-    factors[2] *= skip_up
+    np.ldexp(1.0, np.maximum(stored[:, :-1] - stored[:, 1:], -1100).astype(np.int32), out=factors[0, :, 3:])
+    np.ldexp(1.0, np.maximum(stored[:, :-2] - stored[:, 2:], -1100).astype(np.int32), out=factors[1, :, 4:])
+    factors[1] *= skip_up
 
 
 def _capped(e):

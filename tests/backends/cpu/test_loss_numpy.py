@@ -222,7 +222,7 @@ def test_renormalisation_keeps_every_value_exactly_and_bounds_the_factors(rng):
     before = [[(a[n, s + 2], exponent[n, s]) for s in range(L)] for n in range(k)]
     skip = np.zeros((k, width))
     skip[:, 5::2] = 1.0
-    factors = np.zeros((3, k, width))
+    factors = np.zeros((2, k, width))
     lost = np.zeros(k, dtype=bool)
     exponent[2, 4] = exponent[2, 3] - 2000  # sample 2's cell 4 lies ~2000 bits below its feeder
     before[2][4] = (a[2, 6], exponent[2, 4])
@@ -238,7 +238,7 @@ def test_renormalisation_keeps_every_value_exactly_and_bounds_the_factors(rng):
             assert 2.0 ** -(loss_numpy.R + 1) <= mantissa < 1.0
             # same value: the exponents differ by less than 1100, so comparing mantissas scaled by the difference
             assert np.ldexp(mantissa, int(exponent[n, s] - e)) == value
-    factors1, factors2 = factors[1], factors[2]
+    factors1, factors2 = factors
     for n in range(2):
         for s in range(1, L):
             assert factors1[n, s + 2] == 2.0 ** float(exponent[n, s - 1] - exponent[n, s])
