@@ -67,6 +67,19 @@ def test_long_and_peaky_inputs_stay_on_the_fast_path_and_match_torch(rng, T, S, 
     assert_torch_losses(loss, lp, targets, il, tl)
 
 
+@pytest.mark.parametrize("T, C, S, scale", [(2000, 5, 100, 1.0), (600, 8, 60, 10.0), (600, 8, 60, 30.0)])
+def test_within_the_documented_error_of_an_extended_precision_oracle(rng, T, C, S, scale):
+    """The module docstring bounds the error of log p by about (5 T + sum_t d_t) u + T u |sum_t m_t|: well inside
+    8 T u |loss| here. torch float64 cannot check that (its own error is of that order); the extended-precision
+    recursion of tests/utils/oracles.py (64-bit mantissa) can."""
+    lp = oracles.random_log_probs(rng, T, 1, C, scale=scale)
+    targets = oracles.random_targets(rng, np.array([S]), C, 0, S=S, repeat_prob=0.3)
+    loss, stats = loss_only(lp, targets, [T], [S])
+    expected, _ = oracles.extended_precision_reference(lp[:, 0], targets[0])
+    assert stats.fast == 1
+    assert abs(loss[0] - expected) <= 8 * T * 2.0**-53 * abs(expected)
+
+
 @pytest.mark.parametrize("T, C, S, scale", [(1200, 12, 200, 30.0), (300, 5, 40, 50.0)])
 def test_very_confident_outputs_match_torch(rng, T, C, S, scale):
     """logits x 30 and x 50: log-probs down to about -270, neighbouring cells up to ~1,300 bits apart (near the
