@@ -63,7 +63,7 @@ a few ``(k, L + 2)`` rows.
 
 The constants trade the renormalisations' frequency (``H``) against the largest spread between neighbouring cells
 the pass accepts (``G + R = 1391`` bits; measured on logits x 30, ``T = 1200``: up to 1,270). Measured counts: random
-outputs renormalise every 15-25 frames, confident ones (logits x 10) every 4, logits x 30 nearly every frame.
+outputs renormalise every 15-40 frames, confident ones (logits x 10) every 4, logits x 30 nearly every frame.
 """
 
 from __future__ import annotations
