@@ -83,7 +83,7 @@ _HIGH = 2.0 ** H
 _NONE = np.iinfo(np.int64).min // 4  # "no position" in the running maxima; far below any exponent, no overflow
 
 
-def frame_bits(lowest, usable):
+def frame_bits(lowest: np.ndarray, usable: np.ndarray) -> np.ndarray:
     """``b_t`` ``(t_max,)`` float64: bits below 1 of the smallest emission of the ``usable`` ``(k,)`` samples at
     each frame, one bit added for ``exp``'s rounding; ``lowest`` ``(t_max, k)`` holds each sample's smallest
     ``log y_t(l'_s) - m_t`` over its lattice (0 in frames past its end)."""
@@ -91,7 +91,7 @@ def frame_bits(lowest, usable):
     return np.maximum(-smallest / math.log(2.0), 0.0) + 1.0
 
 
-def log_likelihood(emit, bits, lattice, scratch, tag):
+def log_likelihood(emit: np.ndarray, bits: np.ndarray, lattice, scratch, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """Run the forward recursion on the scaled emissions.
 
     Args:
