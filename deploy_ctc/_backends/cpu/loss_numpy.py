@@ -58,8 +58,8 @@ So every operand is nonnegative, every product and sum is a normal float64 round
 it, above), and relative errors neither cancel nor amplify: ``p`` is within about ``(5 T + sum_t d_t) u`` of the
 exact value (relative), ``d_t`` the largest ``|log y_t(l'_s) - m_t|`` of the frame (the rounding of that
 difference before ``exp``; below 312), plus ``T u |sum m_t|`` (absolute, in the loss) from summing the frame scales
--- the rounding torch's own float64 log-space recursion makes. Memory: the ``(t_max, k, L + 2)`` emission table and
-a few ``(k, L + 2)`` rows.
+-- the rounding torch's own float64 log-space recursion makes. Memory: the ``(t_max, k, L + 2)`` emission table, the
+``(t_max, k, S + 1)`` log-probs it comes from, and a few ``(k, L + 2)`` rows.
 
 The constants trade the renormalisations' frequency (``H``) against the largest spread between neighbouring cells
 the pass accepts (``G + R = 1391`` bits; measured on logits x 30, ``T = 1200``: up to 1,270). Measured counts: random
