@@ -30,6 +30,10 @@ its frame's best (a ``-1e30`` mask, say) takes the exact path too. The gradient 
 16, the gradient through an upstream log_softmax): ``y_t(c) - sum_{s: l'_s = c} gamma_t(s)`` (``-sum gamma`` in the
 "plain" convention).
 
+The loss alone (no ``grad_scale``) runs only the forward recursion, with a power-of-two exponent per lattice position
+instead of the scales above, exact without a check on every input it accepts:
+:mod:`deploy_ctc._backends.cpu.loss_numpy` (the others take the log-space forward recursion).
+
 Work is split into chunks of samples whose tables fit a memory budget. Large batches run as a pipeline: the
 recursions on the calling thread, emissions and posteriors on worker threads (NumPy releases the GIL in its
 loops). Frames at ``t >= input_lengths[n]`` never enter the results.
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import common, logspace, workspace
+from . import common, logspace, loss_numpy, workspace
 from .constants import CONSISTENCY_TOL, FLUSH_LOG, LOG_TINY_MASS
 from .. import paths
 
@@ -170,12 +174,19 @@ class _Chunk:
         with np.errstate(all="ignore"):  # per thread; under/overflow and NaN are judged by the check
             t_max = int(self.il.max())
             self.lattice = _ChainPair(self.targets[:, : int(self.tl.max())], self.tl, self.il, self.blank, t_max)
-            self.emit, self.log_max, self.flushed = self.lattice.emissions(self.lp, self.scratch, self.tag)
+            if self.grad is None:
+                self.emit, self.log_max, self.accepted, self.bits = self.lattice.forward_emissions(
+                    self.lp, self.run, self.scratch, self.tag)
+            else:
+                self.emit, self.log_max, self.flushed = self.lattice.emissions(self.lp, self.scratch, self.tag)
 
     def recurse(self):
         with np.errstate(all="ignore"):
-            self.q, self.log_scale = _recursion(self.emit, self.lattice, self.grad is not None, self.scratch,
-                                                self.tag)
+            if self.grad is None:
+                self.log_p, self.lost = loss_numpy.log_likelihood(self.emit, self.bits, self.lattice, self.scratch,
+                                                                  self.tag)
+                return
+            self.q, self.log_scale = _recursion(self.emit, self.lattice, self.scratch, self.tag)
         self.log_z = np.empty((self.lattice.t_max, self.lattice.k))  # (t_max, k), filled by the posterior parts
 
     def posterior(self, part, parts):
@@ -189,36 +200,34 @@ class _Chunk:
                                     self.convention, self.scratch, f"{self.tag}.{part}", frames, self.log_z)
 
     def check(self):
-        """Per-sample loss and the consistency check; releases the tables."""
+        """Per-sample loss and the consistency check (the loss alone: whether the forward pass accepted the
+        sample); releases the tables."""
         with np.errstate(all="ignore"):
             self._check()
-        del self.emit, self.q  # the tables go back to the workspace
+        del self.emit  # the tables go back to the workspace
+        if self.grad is not None:
+            del self.q
 
     def _check(self):
-        lattice, emit, q, log_scale, il = self.lattice, self.emit, self.q, self.log_scale, self.il
+        lattice, il = self.lattice, self.il
         t_max, k = lattice.t_max, lattice.k
         last, n = il - 1, np.arange(k)
         rows = np.arange(t_max)[:, None] < il[None, :]  # (t_max, k) frames inside each sample
         total_max = np.where(rows, self.log_max, 0.0).sum(axis=0)  # (k,) sum of the emission log-scales m_t
         if self.grad is None:
-            # q: (2k, L + 2) each chain's pre-emission row at its last step
-            log_p_fwd = (_log_end_mass(q[:k], emit[last, n, 2:], lattice.lengths - 1) + log_scale[last, n]
-                         + total_max)
-            # the reversed chains end at step t_max - 1 (frame 0), in positions 0 and 1
-            log_p_rev = (_log_end_mass(q[k:], emit[0, :, 2:], (lattice.lengths > 1).astype(np.int64))
-                         + log_scale[t_max - 1, k:] + total_max)
-            good = np.abs(log_p_fwd - log_p_rev) <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd))
+            log_p_fwd = self.log_p + total_max
+            good = self.accepted & ~self.lost
         else:
-            log_z = self.log_z
+            log_z, log_scale = self.log_z, self.log_scale
             # log p = log Z_t + the scales of both chains at the frame, the same for every frame t < T_n
             log_p = log_z + log_scale[:, :k] + log_scale[::-1, k:] + total_max[None, :]  # (t_max, k)
             log_p_fwd = log_p[last, n]  # (k,) the forward chain's end: torch's definition of the loss
             spread = np.where(rows, np.abs(log_p - log_p_fwd[None, :]), 0.0).max(axis=0)  # NaN propagates
             smallest_z = np.where(rows, log_z, 0.0).min(axis=0)  # (k,) tiny Z_t: subnormal, imprecise values
             good = ((spread <= _CONSISTENCY_TOL * np.maximum(1.0, np.abs(log_p_fwd)))
-                    & (smallest_z > _LOG_Z_FLOOR))
+                    & (smallest_z > _LOG_Z_FLOOR) & ~self.flushed)
         self.nll[self.run] = -log_p_fwd[self.run]
-        self.ok[self.run] = (good & np.isfinite(log_p_fwd) & ~self.flushed)[self.run]
+        self.ok[self.run] = (good & np.isfinite(log_p_fwd))[self.run]
 
 
 class _ChainPair:
@@ -233,6 +242,8 @@ class _ChainPair:
 
     Attributes:
         ext: ``(k, L)`` int64 extended labels (blank beyond ``L_n``).
+        classes: ``(k, S + 1)`` int64 the blank, then the target's labels (blank beyond its length): the classes
+            whose emissions are computed, each once per frame (every even position of ``l'`` is the blank).
         valid: ``(k, L)`` bool, ``s < L_n``.
         lengths: ``(k,)`` ``L_n = 2 target_lengths + 1``.
         skip_up: ``(k, L + 2)`` 1 at column ``s + 2`` where ``s - 2 -> s`` is allowed (a label differing from
@@ -248,6 +259,8 @@ class _ChainPair:
         self.valid = np.arange(L)[None, :] < self.lengths[:, None]  # (k, L)
         self.ext = np.full((k, L), blank, dtype=np.int64)  # (k, L)
         self.ext[:, 1::2] = targets
+        self.ext[~self.valid] = blank  # read as the blank: a class of the sample's lattice
+        self.classes = np.concatenate([np.full((k, 1), blank, dtype=np.int64), self.ext[:, 1::2]], axis=1)
         self.skip_up = np.zeros((k, L + 2))  # (k, L + 2)
         self.skip_up[:, 5::2] = (targets[:, 1:] != targets[:, :-1]) & self.valid[:, 3::2]
         self.skip_down = np.zeros((k, L + 2))
@@ -266,41 +279,75 @@ class _ChainPair:
         ``s >= L_n`` hold 0. Frames ``t >= T_n`` are replaced by probability 1 before use: padding frames (possibly
         NaN) never reach the chains, and the values computed there are never used.
         """
-        k, L, t_max = self.k, self.L, self.t_max
-        gathered = self._gather(lp, scratch, tag)  # (t_max, k, L) log y_t(l'_s), float64
-        for n in np.flatnonzero(self.il < t_max):
+        gathered, log_max = self._shifted(lp, scratch, tag)
+        flushed = ((gathered < _FLUSH_LOG) & (gathered > -np.inf)).any(axis=(0, 2))  # (k,) lattice classes only
+        # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
+        # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
+        emit = self._exp(gathered, ~np.isfinite(log_max).all(axis=0), scratch, tag)
+        return emit, log_max, flushed
+
+    def forward_emissions(self, lp, run, scratch, tag):
+        """The emissions of the loss-only pass (:func:`deploy_ctc._backends.cpu.loss_numpy.log_likelihood`):
+        ``(emit, log_max, accepted, bits)``.
+
+        ``accepted`` ``(k,)``: the ``run`` samples whose lattice emissions (frames ``t < T_n``, positions
+        ``s < L_n``) are all finite and within ``loss_numpy.FLOOR_LOG`` of their frame's largest; ``emit`` as
+        :meth:`emissions`, with 0 also in frames ``t >= T_n`` and for every sample not accepted; ``bits``
+        ``(t_max,)`` :func:`deploy_ctc._backends.cpu.loss_numpy.frame_bits` of the accepted samples.
+        """
+        gathered, log_max = self._shifted(lp, scratch, tag)
+        lowest = gathered.min(axis=2)  # (t_max, k) over the lattice's classes
+        accepted = run & np.isfinite(log_max).all(axis=0) & (lowest >= loss_numpy.FLOOR_LOG).all(axis=0)
+        bits = loss_numpy.frame_bits(lowest, accepted)
+        emit = self._exp(gathered, ~accepted, scratch, tag)
+        for n in np.flatnonzero(self.il < self.t_max):
+            emit[self.il[n]:, n] = 0.0  # past the sample's end: the pass ends there
+        return emit, log_max, accepted, bits
+
+    def _shifted(self, lp, scratch, tag):
+        """``(gathered, log_max)``: ``log y_t(c) - m_t`` for the :attr:`classes` ``c``, ``(t_max, k, S + 1)``
+        float64 (0 in frames ``t >= T_n``), and ``m_t`` ``(t_max, k)``."""
+        gathered = self._gather(lp, scratch, tag)  # (t_max, k, S + 1) log y_t(c), float64
+        for n in np.flatnonzero(self.il < self.t_max):
             gathered[self.il[n]:, n] = 0.0
         log_max = gathered.max(axis=2)  # (t_max, k)
         np.subtract(gathered, log_max[:, :, None], out=gathered)
-        flushed = ((gathered < _FLUSH_LOG) & (gathered > -np.inf) & self.valid[None]).any(axis=(0, 2))  # (k,)
+        return gathered, log_max
+
+    def _exp(self, gathered, silent, scratch, tag):
+        """``(t_max, k, L + 2)`` emissions at column ``s + 2``: ``exp(gathered)`` (computed in place) of the blank
+        at every even ``s``, of label ``i`` at ``s = 2i - 1``; 0 in the padding columns, at ``s >= L_n`` and for the
+        ``silent`` ``(k,)`` samples."""
+        k, L, t_max = self.k, self.L, self.t_max
         emit = scratch.array("emit" + tag, (t_max, k, L + 2))
         emit[:, :, :2] = 0.0
-        np.exp(gathered, out=emit[:, :, 2:])
-        # A NaN or all -inf frame (NaN here) gets the sample no mass at all, so it fails the check and is redone
-        # exactly; left in, its NaN would cross into the next chain of the flattened rows and fail that one too.
-        emit[:, ~np.isfinite(log_max).all(axis=0)] = 0.0
+        np.exp(gathered, out=gathered)
+        emit[:, :, 2::2] = gathered[:, :, :1]
+        emit[:, :, 3::2] = gathered[:, :, 1:]
+        emit[:, silent] = 0.0
         for n in np.flatnonzero(self.lengths < L):
             emit[:, n, 2 + self.lengths[n]:] = 0.0  # s >= L_n
-        return emit, log_max, flushed
+        return emit
 
     def _gather(self, lp, scratch, tag):
-        """``lp[t, n, l'_s]`` for ``t < t_max`` as a contiguous float64 ``(t_max, k, L)`` array (positions
-        ``s >= L_n`` read blank, a real entry of the row). Only the gathered entries are read or converted: a
-        strided or broadcast ``lp`` is never copied whole."""
-        k, L, t_max = self.k, self.L, self.t_max
+        """``lp[t, n, c]`` for ``t < t_max`` and the :attr:`classes` ``c`` as a contiguous float64
+        ``(t_max, k, S + 1)`` array. Only the gathered entries are read or converted: a strided or broadcast ``lp``
+        is never copied whole."""
+        k, t_max = self.k, self.t_max
+        width = self.classes.shape[1]
         C = lp.shape[2]
-        out = scratch.array("gathered" + tag, (t_max, k, L))
+        out = scratch.array("gathered" + tag, (t_max, k, width))
         if lp.strides[2] == lp.itemsize and lp.strides[1] == C * lp.itemsize:
             # Rows of (N * C) contiguous values: one take over flattened (sample, class) columns.
             rows = np.lib.stride_tricks.as_strided(lp, shape=(t_max, k * C), strides=(lp.strides[0], lp.itemsize))
-            columns = (np.arange(k)[:, None] * C + self.ext).reshape(-1)  # (k * L,)
+            columns = (np.arange(k)[:, None] * C + self.classes).reshape(-1)  # (k (S + 1),)
             if lp.dtype == np.float64:
-                np.take(rows, columns, axis=1, out=out.reshape(t_max, k * L), mode="clip")
+                np.take(rows, columns, axis=1, out=out.reshape(t_max, k * width), mode="clip")
             else:
-                out.reshape(t_max, k * L)[...] = np.take(rows, columns, axis=1, mode="clip")
+                out.reshape(t_max, k * width)[...] = np.take(rows, columns, axis=1, mode="clip")
             return out
         for n in range(k):
-            out[:, n] = lp[:t_max, n][:, self.ext[n]]  # (t_max, L): fancy indexing reads only these entries
+            out[:, n] = lp[:t_max, n][:, self.classes[n]]  # (t_max, S + 1): fancy indexing reads only these
         return out
 
     def initial(self):
@@ -314,23 +361,22 @@ class _ChainPair:
         return init
 
 
-def _recursion(emit, lattice, store, scratch, tag):
+def _recursion(emit, lattice, scratch, tag):
     """Run the ``2k`` scaled chains over ``t_max`` steps.
 
     Each step works on the rows of each direction flattened into one contiguous vector of ``k (L + 2)`` values
     (strided 2-D operations cost NumPy about three times more).
 
     Returns:
-        ``(q, log_scale)``. With ``store``, ``q`` ``(t_max, 2k, L + 2)`` pre-emission values (column ``s + 2`` is
-        position ``s``; padding columns hold values that zero emission cancels); without, ``q`` ``(2k, L + 2)``:
-        each forward chain's row at its last frame and each reversed chain's row at the last step. ``log_scale``
+        ``(q, log_scale)``: ``q`` ``(t_max, 2k, L + 2)`` pre-emission values (column ``s + 2`` is position ``s``;
+        padding columns hold values that zero emission cancels). ``log_scale``
         ``(t_max, 2k)``: the log of the normalisers divided out of ``q`` since the chain started (true
         ``q = q_hat * exp(log_scale + sum of the m's of the frames already emitted)``).
     """
     t_max, k, width = emit.shape
     chains, half = 2 * k, k * width
     init = lattice.initial()  # (2k, L + 2)
-    q = scratch.array("chains" + tag, (t_max if store else 2, chains, width))
+    q = scratch.array("chains" + tag, (t_max, chains, width))
     q[:, 0, :2] = 0.0  # the only cells the flattened updates never write
     q[0] = init
     flat_emit = emit.reshape(t_max, half)
@@ -342,14 +388,10 @@ def _recursion(emit, lattice, store, scratch, tag):
     down0, down1, down2 = a[half:2 * half], a[half + 1:2 * half + 1], a[half + 2:]  # s, s + 1, s + 2 (reversed)
     skipped_up, skipped_down = np.empty(half - 2), np.empty(half)
     norm = np.ones((t_max, chains))
-    last = np.zeros((chains, width))
-    ends = {} if store else {int(t) - 1: np.flatnonzero(lattice.il == t) for t in np.unique(lattice.il) if t > 0}
     for t in range(t_max):
-        q_t = q[t if store else t % 2]
+        q_t = q[t]
         if t in lattice.starts:
             q_t[lattice.starts[t]] = init[lattice.starts[t]]
-        if t in ends:
-            last[ends[t]] = q_t[ends[t]]
         if t == t_max - 1:
             break
         q_flat = q_t.reshape(-1)
@@ -360,7 +402,7 @@ def _recursion(emit, lattice, store, scratch, tag):
             np.max(a_rows, axis=1, out=c)
             c[c == 0.0] = 1.0  # a chain without mass stays 0 rather than 0 / 0 (NaN that would cross chains)
             np.divide(a_rows, c[:, None], out=a_rows)
-        q_next = q[t + 1 if store else (t + 1) % 2].reshape(-1)
+        q_next = q[t + 1].reshape(-1)
         fwd_next, rev_next = q_next[2:half], q_next[half:]
         np.multiply(up2, up, out=skipped_up)
         np.add(up0, up1, out=fwd_next)
@@ -368,25 +410,12 @@ def _recursion(emit, lattice, store, scratch, tag):
         np.multiply(down2, down, out=skipped_down)
         np.add(down0, down1, out=rev_next)
         np.add(rev_next, skipped_down, out=rev_next)
-    if not store:
-        last[k:] = q[(t_max - 1) % 2, k:]
     log_norm = np.log(norm)  # (t_max, chains)
     for step, chains_starting in lattice.starts.items():
         log_norm[:step, chains_starting] = 0.0  # normalisers of a reversed chain before it starts don't count
     log_scale = np.zeros((t_max, chains))
     np.cumsum(log_norm[:-1], axis=0, out=log_scale[1:])
-    return (q if store else last), log_scale
-
-
-def _log_end_mass(q_last, emit_last, end):
-    """``log(q_hat(i) y_hat(i) + q_hat(i-1) y_hat(i-1))`` at index ``i = end`` per chain (the second term only
-    for ``i >= 1``): a chain's log-likelihood without its scales. ``q_last`` ``(k, L + 2)``, ``emit_last`` ``(k, L)``.
-    """
-    n = np.arange(q_last.shape[0])
-    mass = q_last[n, end + 2] * emit_last[n, end]
-    prev = np.maximum(end - 1, 0)
-    mass = mass + np.where(end >= 1, q_last[n, prev + 2] * emit_last[n, prev], 0.0)
-    return np.log(mass)
+    return q, log_scale
 
 
 def _posterior_and_gradient(q, emit, lattice, lp, run, grad, grad_scale, convention, scratch, tag, frames, log_z):

@@ -200,6 +200,21 @@ def test_harness_loss_only_runs_the_forward_lattice(harness, rng):
                          np.float64, "nll")
 
 
+@pytest.mark.parametrize("T, S, scale, dtype", [(1000, 100, 1.0, np.float32)] + [
+    (600, 60, scale, dtype) for scale in (10.0, 40.0) for dtype in DTYPES])
+def test_harness_loss_only_on_long_and_peaky_inputs(T, S, scale, dtype, harness, rng):
+    """The forward lattice blocks alone (no gradient wanted) on long lattices, whose forward variables span thousands
+    of bits, and confident outputs (logits x 10, x 40, log-probs down to about -300): log space keeps them all."""
+    C = 8
+    il, tl = np.array([T, T - 50]), np.array([S, S // 2])
+    lp = oracles.random_log_probs(rng, T, 2, C, dtype=dtype, scale=scale)
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    nll, grad = _run(harness, lp, targets, il, tl, 0)
+    assert grad is None and harness.launches == [f"ctc_lattice<{'double' if dtype == np.float64 else 'float'}>"]
+    oracles.assert_close(nll, oracles.torch_losses(lp.astype(np.float64), targets, il, tl), dtype, "nll",
+                         _tolerance(dtype, lp))
+
+
 def test_harness_strided_log_probs(harness, rng):
     """A non-contiguous view (batch-major storage, every other class) is read in place through its strides."""
     case = CASES[0]
