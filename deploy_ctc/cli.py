@@ -146,6 +146,7 @@ def check(args: argparse.Namespace) -> int:
     print(f"  cuda    {_gpu_status()}")
     print(f"  onnx    {'available' if _version('onnxruntime') and _version('onnx') else 'not installed'}")
     print(f"  onnxruntime ops: {native_library.describe()}; without it, the models' portable function bodies")
+    print(f"  onnxruntime ops on CUDA: {native_library.describe_cuda()}")
     print(f"worker threads: {_threads()}")
     print(f"build cache: {_cache()}")
     backends = ("native", "numpy") if cpu_backends.name() == "native" else ("numpy",)

@@ -317,3 +317,16 @@ def test_ort_library_cuda_portable_build_command(monkeypatch, capsys, tmp_path):
     assert "-fPIC" in host and all(flag in host for flag in native_library.FLAGS if not flag.startswith(("-std", "-O")))
     assert [Path(flag).name for flag in command if flag.endswith((".cu", ".cpp"))] == \
         ["ort_ops.cpp", "ort_cuda_ops.cpp", "ctc_cpu.cpp", "ctc_align_cpu.cpp", "ctc_launch.cu"]
+
+
+def test_check_names_the_nvcc_of_the_cuda_library_or_why_there_is_none(capsys, monkeypatch, tmp_path):
+    from deploy_ctc.onnx import native_library, native_library_cuda
+
+    monkeypatch.setenv(native_library_cuda.NVCC_ENV, str(tmp_path / "nvcc"))  # not there
+    _, out = run_main(["check"], capsys)
+    assert f"onnxruntime ops on CUDA: CUDA variant unavailable ({native_library_cuda.NVCC_ENV}=" in out
+    nvcc = tmp_path / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o700)
+    _, out = run_main(["check"], capsys)
+    assert f"onnxruntime ops on CUDA: CUDA variant buildable with {nvcc}" in out

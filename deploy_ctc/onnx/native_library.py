@@ -140,6 +140,16 @@ def describe() -> str:
         return f"native library unavailable ({error})"
 
 
+def describe_cuda() -> str:
+    """One line for ``deploy-ctc check`` on the CUDA variant, without building it (an nvcc build takes half a
+    minute): the nvcc it would use, or why there is none."""
+    try:
+        nvcc = cuda_build.find_nvcc()
+    except NativeUnavailable as error:
+        return f"CUDA variant unavailable ({error})"
+    return f"CUDA variant buildable with {nvcc} (deploy-ctc ort-library --cuda; not yet run on a GPU)"
+
+
 def _kernels() -> Path:
     try:
         return kernel_sources_dir()
