@@ -40,18 +40,19 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         MemoryError: the engine's scratch memory could not be allocated.
     """
     lib = native_build.library()
-    if problem.log_probs.dtype == np.float16:
+    if problem.log_probs.dtype.char == "e":  # float16
         return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
     samples = np.flatnonzero(run)  # (R,)
     if samples.size:
-        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,) the engine's ENGINE_* code of each sample
+        # The engine's ENGINE_* code of each sample; those it is not given count as fast (they need no redo).
+        ok = np.full(nll.shape, ENGINE_FAST, dtype=np.uint8)  # (N,)
         parts = _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
-        redo = samples[ok[samples] == ENGINE_LEFT]
-        if redo.size:
+        if not ok.all():  # a sample left to the exact log-space redo (ENGINE_LEFT is 0)
             with np.errstate(all="ignore"):
-                common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
-        paths.record("native", samples, samples[ok[samples] != ENGINE_FAST], parts)
+                common.redo_exact(problem, np.flatnonzero(ok == ENGINE_LEFT), nll, grad, grad_scale, convention)
+        if paths.recording_now():
+            paths.record("native", samples, np.flatnonzero(ok != ENGINE_FAST), parts)
     return common.finish(problem, nll, grad)
 
 
@@ -60,25 +61,31 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     when the work is large enough; returns how many parts it was split into."""
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
-    if any(stride % lp.itemsize for stride in lp.strides):
+    itemsize = lp.itemsize
+    if any(stride % itemsize for stride in lp.strides):
         lp = np.ascontiguousarray(lp)  # strides that are not whole elements (a view into a packed record)
-    st, sn, sc = (stride // lp.itemsize for stride in lp.strides)
+    st, sn, sc = (stride // itemsize for stride in lp.strides)
     # The engine indexes these as dense arrays: grad_output reaches grad_scale as a stride-0 broadcast, say.
     il, tl = (np.ascontiguousarray(a, dtype=np.int64) for a in (problem.input_lengths, problem.target_lengths))
     targets = np.ascontiguousarray(problem.targets, dtype=np.int64)  # (N, S)
-    grad_scale = None if grad_scale is None else np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
-    address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
-
-    cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
-    parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
-    shared = (address(targets), targets.shape[1], address(il), address(tl), problem.blank)
+    S = targets.shape[1]
+    gradient_cells = 0 if grad is None else C
+    if T * N * (2 * S + 1 + gradient_cells) >= _PARALLEL_MIN_CELLS:  # a bound on the cost below
+        cost = il[samples] * (2 * tl[samples] + 1 + gradient_cells)  # (R,) cells each sample touches
+        parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    else:  # too little work to hand to threads, or to order for the engine's lanes: one call, on this thread
+        parts = [np.ascontiguousarray(samples, dtype=np.int64)]
+    loss_only, with_gradient = native_build.entry_points(lp.dtype)
+    shared = (targets.ctypes.data, S, il.ctypes.data, tl.ctypes.data, problem.blank)
     if grad is None:  # the loss-only entry point: the forward recursion alone
-        entry = getattr(lib, native_build.NLL_ENTRY_POINTS[lp.dtype.name])
-        head, tail = (address(lp), C, st, sn, sc) + shared, (address(nll), address(ok))
+        entry = loss_only
+        head, tail = (lp.ctypes.data, C, st, sn, sc) + shared, (nll.ctypes.data, ok.ctypes.data)
     else:
-        entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
-        head = (address(lp), N, C, st, sn, sc) + shared
-        tail = (address(grad), address(grad_scale), int(convention == "plain"), address(nll), address(ok))
+        entry = with_gradient
+        grad_scale = np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
+        head = (lp.ctypes.data, N, C, st, sn, sc) + shared
+        tail = (grad.ctypes.data, grad_scale.ctypes.data, int(convention == "plain"), nll.ctypes.data,
+                ok.ctypes.data)
 
     def call(part):
         if entry(*head, part.ctypes.data, part.size, *tail) != 0:
@@ -87,4 +94,3 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
 
     common.run_parts(call, parts)
     return len(parts)
-
