@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
-from . import common, native_build
+from . import common, native, native_build
 
 ENV = "DEPLOY_CTC_CPU_BACKEND"
 CHOICES = ("auto", "native", "numpy")
@@ -47,8 +47,6 @@ def _select(warn):
     if choice != "numpy":
         try:
             native_build.library()
-            from . import native
-
             return native
         except native_build.NativeUnavailable as error:
             if choice == "native":
@@ -77,7 +75,10 @@ def using(choice: str) -> Iterator[None]:
 
 
 def _choice_from_environment():
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    setting = os.environ.get(ENV)
+    if setting is None:  # the usual case, read on every call: the variable may be set at any time
+        return "auto"
+    choice = setting.strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {os.environ[ENV]!r}")
     return choice

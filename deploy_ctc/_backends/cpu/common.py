@@ -34,20 +34,24 @@ def start(problem, grad_scale):
     grad = None if grad_scale is None else np.zeros(lp.shape, dtype=lp.dtype)
     if grad is not None:
         grad_scale = np.asarray(grad_scale, dtype=np.float64)
-    if _fewest_frames(il) >= max(1, 2 * S - 1):
+    fewest = _fewest_frames(il)
+    if fewest >= max(1, 2 * S - 1):
         # The common case, without a pass over the targets: every sample has at least one frame and room for its
         # labels with a blank between each two (2 S_n - 1 frames), so each is feasible and runs.
         return np.full(N, np.nan), grad, grad_scale, np.ones(N, dtype=bool)
-    inside = np.arange(1, S)[None, :] < tl[:, None]  # (N, S - 1) pairs within the target
+    inside = np.arange(1, S) < tl[:, None]  # (N, S - 1) pairs within the target
     repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
     feasible = il >= tl + repeats  # (N,)
-    for n in np.flatnonzero(~feasible & (il > 0)):
-        classes = np.append(targets[n, : tl[n]], problem.blank)  # (tl + 1,)
-        if not (lp[: il[n], n][:, classes] < np.inf).all():  # NaN or +inf on the lattice
-            feasible[n] = True
+    framed = il > 0  # (N,)
+    if not feasible.all():
+        for n in np.flatnonzero(~feasible & framed):
+            classes = np.append(targets[n, : tl[n]], problem.blank)  # (tl + 1,)
+            if not (lp[: il[n], n][:, classes] < np.inf).all():  # NaN or +inf on the lattice
+                feasible[n] = True
     nll = np.where(feasible, np.nan, np.inf)  # (N,)
-    nll[(il == 0) & (tl == 0)] = 0.0
-    return nll, grad, grad_scale, feasible & (il > 0)
+    if fewest == 0:
+        nll[(il == 0) & (tl == 0)] = 0.0
+    return nll, grad, grad_scale, feasible & framed
 
 
 def _fewest_frames(il) -> int:

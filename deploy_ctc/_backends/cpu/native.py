@@ -14,6 +14,8 @@ releases the GIL); small batches run on the calling thread.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from . import common, native_build
@@ -62,11 +64,13 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
     itemsize = lp.itemsize
-    if any(stride % itemsize for stride in lp.strides):
+    st, sn, sc = lp.strides
+    if st % itemsize or sn % itemsize or sc % itemsize:
         lp = np.ascontiguousarray(lp)  # strides that are not whole elements (a view into a packed record)
-    st, sn, sc = (stride // itemsize for stride in lp.strides)
+        st, sn, sc = lp.strides
     # The engine indexes these as dense arrays: grad_output reaches grad_scale as a stride-0 broadcast, say.
-    il, tl = (np.ascontiguousarray(a, dtype=np.int64) for a in (problem.input_lengths, problem.target_lengths))
+    il = np.ascontiguousarray(problem.input_lengths, dtype=np.int64)  # (N,)
+    tl = np.ascontiguousarray(problem.target_lengths, dtype=np.int64)  # (N,)
     targets = np.ascontiguousarray(problem.targets, dtype=np.int64)  # (N, S)
     S = targets.shape[1]
     gradient_cells = 0 if grad is None else C
@@ -76,21 +80,34 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     else:  # too little work to hand to threads, or to order for the engine's lanes: one call, on this thread
         parts = [np.ascontiguousarray(samples, dtype=np.int64)]
     loss_only, with_gradient = native_build.entry_points(lp.dtype)
-    shared = (targets.ctypes.data, S, il.ctypes.data, tl.ctypes.data, problem.blank)
+    strides = (st // itemsize, sn // itemsize, sc // itemsize)
+    shared = (_address(targets), S, _address(il), _address(tl), problem.blank)
     if grad is None:  # the loss-only entry point: the forward recursion alone
         entry = loss_only
-        head, tail = (lp.ctypes.data, C, st, sn, sc) + shared, (nll.ctypes.data, ok.ctypes.data)
+        head, tail = (lp.ctypes.data, C, *strides, *shared), (_address(nll), _address(ok))
     else:
         entry = with_gradient
         grad_scale = np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
-        head = (lp.ctypes.data, N, C, st, sn, sc) + shared
-        tail = (grad.ctypes.data, grad_scale.ctypes.data, int(convention == "plain"), nll.ctypes.data,
-                ok.ctypes.data)
+        head = (lp.ctypes.data, N, C, *strides, *shared)
+        tail = (_address(grad), _address(grad_scale), int(convention == "plain"), _address(nll), _address(ok))
 
     def call(part):
-        if entry(*head, part.ctypes.data, part.size, *tail) != 0:
+        if entry(*head, _address(part), part.size, *tail) != 0:
             raise MemoryError(f"deploy_ctc's native engine could not allocate its scratch memory for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 
     common.run_parts(call, parts)
     return len(parts)
+
+
+_char_at = ctypes.c_char.from_buffer
+
+
+def _address(array) -> int:
+    """The data address of a C-contiguous array: through the buffer protocol where the array is writable and not
+    empty (a quarter of the cost of ``array.ctypes.data``, which builds a Python object per call), else
+    ``array.ctypes.data``."""
+    try:
+        return ctypes.addressof(_char_at(array))
+    except (TypeError, ValueError):  # read-only, or no byte to view
+        return array.ctypes.data
