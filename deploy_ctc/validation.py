@@ -84,6 +84,8 @@ def check_blank(blank) -> int:
     Raises:
         TypeError: ``blank`` is not an integer (a bool is not one).
     """
+    if type(blank) is int:  # the usual case, without the abstract-class check below
+        return blank
     if isinstance(blank, (bool, np.bool_)) or not isinstance(blank, numbers.Integral):
         raise TypeError(f"blank must be an integer, got {blank!r} of type {type(blank).__name__}")
     return int(blank)
@@ -169,11 +171,11 @@ def integer_array(value, name: str, xp):
     """
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be integers, got {value!r}")
-    if xp is not np and isinstance(value, xp.ndarray):
+    if isinstance(value, np.ndarray) or (xp is not np and isinstance(value, xp.ndarray)):
         arr = value
     elif isinstance(value, (list, tuple)):
         arr = np.asarray(value)
-        if not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        if not (_is_integer_dtype(arr.dtype) or arr.size == 0):
             # NumPy turns ints beyond 64 bits into objects, and a mix of uint64- and int64-only values into floats.
             for i, item in enumerate(np.asarray(value, dtype=object).reshape(-1)):
                 if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Integral):
@@ -186,8 +188,6 @@ def integer_array(value, name: str, xp):
         if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{name} = {value} is outside the int64 range")
         arr = np.asarray(value, dtype=np.int64)
-    elif isinstance(value, np.ndarray):
-        arr = value
     elif type(value).__module__.startswith("cupy"):
         # NumPy log_probs with device targets/lengths: NumPy cannot read device memory.
         raise TypeError(f"{name} is a CuPy (device) array but log_probs is a NumPy array; pass {name} as a NumPy "
