@@ -146,9 +146,10 @@ def _float_log_probs(log_probs, xp):
     if not dtype.isnative:  # big-endian data from a file, say: the backends compute in native byte order
         dtype = dtype.newbyteorder("=")
         log_probs = log_probs.astype(dtype)
-    if dtype == np.float16:
+    kind = dtype.char  # one letter per type: comparing dtypes converts the other side on every call
+    if kind == "e":  # float16
         return (log_probs if xp is np else log_probs.astype(np.float32)), dtype
-    if dtype in (np.float32, np.float64):
+    if kind in ("f", "d") or dtype in (np.float32, np.float64):  # (a platform may spell one with another letter)
         return log_probs, dtype
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
 
@@ -270,9 +271,9 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
 
     if xp is np:
         # The lengths are private copies (_lengths): the checks and the backends see the same values.
-        S = _check_lengths(il, tl, T, width, concatenated)
+        S, labels = _check_lengths(il, tl, T, width, concatenated)
         dense = _dense_targets(targets, tl, tl, S, width, concatenated, np)  # (N, S) private, checked next
-        if not _labels_valid(dense, tl, C, blank):
+        if not _labels_valid(dense, labels, C, blank):
             bad = _bad_targets(targets, tl, C, blank, width, concatenated, np)
             _raise_bad_target(targets, bad, tl, C, blank, concatenated, batched, np)
         il_host, tl_host = il, tl
@@ -282,7 +283,7 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         bad_count = xp.count_nonzero(bad).reshape(1).astype(np.int64)
         host = _to_host(xp.concatenate([il, tl, bad_count]), xp)  # (2N + 1,)
         il_host, tl_host, n_bad = host[:N], host[N:2 * N], int(host[2 * N])
-        S = _check_lengths(il_host, tl_host, T, width, concatenated)
+        S, _ = _check_lengths(il_host, tl_host, T, width, concatenated)
         if n_bad:
             _raise_bad_target(targets, bad, tl_host, C, blank, concatenated, batched, xp)
         dense = _dense_targets(targets, tl, tl_host, S, width, concatenated, xp)
@@ -295,15 +296,18 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
 def _low_high(values: np.ndarray) -> tuple[int, int]:
     """``(min, max)`` of a non-empty host integer array, as ints (a short one through a list: a NumPy reduction costs
     more than the whole list)."""
-    if values.size <= 64:
+    if values.size <= _SHORT:
         listed = values.tolist()
         return min(listed), max(listed)
     return int(values.min()), int(values.max())
 
 
-def _check_lengths(il, tl, T: int, width: int, concatenated: bool) -> int:
+_SHORT = 64  # arrays up to this long are reduced as Python lists
+
+
+def _check_lengths(il, tl, T: int, width: int, concatenated: bool) -> tuple[int, int]:
     """Check the host ``(N,)`` int64 lengths against ``T`` and the targets' ``width`` (``S``, or the concatenated
-    length); returns ``max(target_lengths)``.
+    length); returns ``(max(target_lengths), sum(target_lengths))``.
 
     Raises:
         ValueError: a negative length, ``input_lengths[n] > T``, ``target_lengths[n] > width``, or concatenated
@@ -324,14 +328,13 @@ def _check_lengths(il, tl, T: int, width: int, concatenated: bool) -> int:
             raise ValueError(f"target_lengths[{i}] = {tl[i]} exceeds the length of the 1-D (concatenated) "
                              f"targets, {width}")
         raise ValueError(f"target_lengths[{i}] = {tl[i]} exceeds S={width} (targets.shape[-1])")
-    if concatenated:
-        # Each length is now in [0, width]: their int64 sum is exact below 2^63, else summed in Python ints (an int64
-        # sum could wrap around to the right total).
-        total = int(tl.sum()) if tl.size * width < 2**63 else sum(tl.tolist())
-        if total != width:
-            raise ValueError(f"sum(target_lengths) = {total} must equal the length of the 1-D "
-                             f"(concatenated) targets, {width}")
-    return tl_high
+    # Each length is now in [0, width]: their int64 sum is exact below 2^63, else summed in Python ints (an int64 sum
+    # could wrap around to the right total).
+    total = int(tl.sum()) if _SHORT < tl.size and tl.size * width < 2**63 else sum(tl.tolist())
+    if concatenated and total != width:
+        raise ValueError(f"sum(target_lengths) = {total} must equal the length of the 1-D "
+                         f"(concatenated) targets, {width}")
+    return tl_high, total
 
 
 def _bad_targets(targets, tl, C: int, blank: int, width: int, concatenated: bool, xp):
@@ -365,16 +368,16 @@ def _dense_targets(targets, tl, tl_host, S: int, width: int, concatenated: bool,
     return xp.ascontiguousarray(xp.where(keep, gathered, 0), dtype=np.int64)
 
 
-def _labels_valid(dense, tl, C: int, blank: int) -> bool:
-    """Whether every label of host ``dense`` ``(N, S)`` int64 targets (0 beyond each length ``tl``) is in
-    ``[0, C)`` and differs from ``blank``, in two or three NumPy calls."""
+def _labels_valid(dense, labels: int, C: int, blank: int) -> bool:
+    """Whether every label of host ``dense`` ``(N, S)`` int64 targets (0 beyond each target's length; ``labels`` the
+    sum of the lengths) is in ``[0, C)`` and differs from ``blank``, in two NumPy calls."""
     if not dense.size:
         return True
     # Negative labels are above 2^63 as unsigned: one maximum checks both ends of [0, C) (the padding 0 is in it).
     if int(dense.view(np.uint64).max()) >= C:
         return False
     if blank == 0:  # the padding is 0 too: exactly the sum(tl) labels must be nonzero
-        return int(np.count_nonzero(dense)) == int(tl.sum())  # at most N S: no wrap-around
+        return int(np.count_nonzero(dense)) == labels
     return not (dense == blank).any()
 
 

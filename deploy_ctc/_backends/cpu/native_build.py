@@ -92,7 +92,8 @@ def entry_points(dtype) -> tuple:
         NativeUnavailable: the engine cannot be built here.
     """
     library()
-    return _entry_points[dtype.char]
+    entries = _entry_points.get(dtype.char)
+    return entries if entries is not None else _entry_points[np.dtype(dtype.name).char]  # float64 by another letter
 
 
 def describe():
