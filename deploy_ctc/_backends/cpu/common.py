@@ -117,13 +117,24 @@ def deal(samples, cost, workers):
     and forth across the parts (0, 1, ..., w-1, w-1, ..., 1, 0, 0, 1, ...), so each part stays in decreasing cost
     (the engine's lanes get similar lengths) and, per round of 2w samples, every part gets a large and a small
     one. Vectorized: hundreds of thousands of samples are dealt in milliseconds."""
-    order = np.ascontiguousarray(samples[np.argsort(-cost, kind="stable")], dtype=np.int64)  # (R,)
+    order = np.ascontiguousarray(samples[_decreasing(cost)], dtype=np.int64)  # (R,)
     if workers <= 1 or samples.size <= 1:
         return [order]
     rank = np.arange(order.size) % (2 * workers)
     part = np.where(rank < workers, rank, 2 * workers - 1 - rank)  # (R,) the back-and-forth deal
     return [order[part == p] for p in range(workers) if (part == p).any()]
 
+
+
+def _decreasing(cost):
+    """The stable argsort of ``-cost`` (R,): through 16-bit keys when the costs span fewer than 2^16 values, which
+    NumPy sorts by radix, several times faster than 64-bit keys for the hundred thousand samples of a batch of short
+    ones."""
+    if cost.size:
+        low, high = int(cost.min()), int(cost.max())
+        if high - low < 1 << 16:
+            return np.argsort((high - cost).astype(np.uint16), kind="stable")
+    return np.argsort(-cost, kind="stable")
 
 
 def run_parts(call, parts):

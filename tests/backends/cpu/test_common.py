@@ -136,6 +136,17 @@ def test_work_is_dealt_into_balanced_parts():
     assert len(common.deal(samples, cost, 1)) == 1
 
 
+@pytest.mark.parametrize("span", [7, 1 << 16, 1 << 40])
+def test_dealing_order_is_decreasing_cost_stable_for_any_span(span):
+    """Costs spanning fewer than 2^16 values are sorted through 16-bit keys: the order is still NumPy's stable
+    argsort of -cost (ties in sample order), beside the 64-bit path for wider spans."""
+    rng = np.random.default_rng(span)
+    cost = rng.integers(0, span, 5000) + span  # many ties when the span is small
+    samples = np.arange(5000, dtype=np.int64) * 2
+    (order,) = common.deal(samples, cost, 1)
+    np.testing.assert_array_equal(order, samples[np.argsort(-cost, kind="stable")])
+
+
 def test_bad_thread_count_fails_a_small_forced_alignment(monkeypatch, fresh_pool_size):
     monkeypatch.setenv(common.THREADS_ENV, "0")
     with pytest.raises(ValueError, match="DEPLOY_CTC_NUM_THREADS must be a positive integer, got '0'"):
