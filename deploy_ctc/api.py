@@ -122,7 +122,9 @@ def _reduce(problem, nll):
         nll = xp.where(nll == np.inf, 0.0, nll)
     if problem.reduction == "mean":
         divisor = xp.asarray(np.maximum(problem.target_lengths, 1.0), dtype=nll.dtype)  # (N,)
-        loss = (nll / divisor).mean()
+        per_label = nll / divisor  # (N,)
+        # NumPy: mean()'s own value, without its Python wrapper (a sixth of a small call's overhead).
+        loss = np.add.reduce(per_label) / per_label.size if xp is np else per_label.mean()
     elif problem.reduction == "sum":
         loss = nll.sum()
     else:

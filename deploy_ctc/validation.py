@@ -197,7 +197,7 @@ def integer_array(value, name: str, xp):
         raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
     if not _is_integer_dtype(arr.dtype):
         raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {arr.dtype}")
-    if arr.dtype == np.uint64 and arr.size:
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size:  # uint64
         too_big = _to_host(arr > _INT64_MAX, xp)  # uint64 above int64: casting would wrap it to a negative value
         if too_big.any():
             first = _first_index(too_big)
@@ -374,7 +374,7 @@ def _labels_valid(dense, labels: int, C: int, blank: int) -> bool:
     if not dense.size:
         return True
     # Negative labels are above 2^63 as unsigned: one maximum checks both ends of [0, C) (the padding 0 is in it).
-    if int(dense.view(np.uint64).max()) >= C:
+    if int(np.maximum.reduce(dense.view(np.uint64), axis=None)) >= C:
         return False
     if blank == 0:  # the padding is 0 too: exactly the sum(tl) labels must be nonzero
         return int(np.count_nonzero(dense)) == labels

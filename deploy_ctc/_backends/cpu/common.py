@@ -38,7 +38,10 @@ def start(problem, grad_scale):
     if fewest >= max(1, 2 * S - 1):
         # The common case, without a pass over the targets: every sample has at least one frame and room for its
         # labels with a blank between each two (2 S_n - 1 frames), so each is feasible and runs.
-        return np.full(N, np.nan), grad, grad_scale, np.ones(N, dtype=bool)
+        nll, run = np.empty(N), np.empty(N, dtype=bool)
+        nll.fill(np.nan)
+        run.fill(True)
+        return nll, grad, grad_scale, run
     inside = np.arange(1, S) < tl[:, None]  # (N, S - 1) pairs within the target
     repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
     feasible = il >= tl + repeats  # (N,)
@@ -61,7 +64,7 @@ def _fewest_frames(il) -> int:
 
 def finish(problem, nll, grad):
     """Rows of samples with a non-finite loss: NaN, or 0 for +inf under zero_infinity (torch's behaviour)."""
-    if grad is not None and not math.isfinite(nll.sum()):  # one reduction when every loss is finite
+    if grad is not None and not math.isfinite(np.add.reduce(nll)):  # one reduction when every loss is finite
         for n in np.flatnonzero(~np.isfinite(nll) & (problem.input_lengths > 0)):
             zero = problem.zero_infinity and nll[n] == np.inf
             grad[: problem.input_lengths[n], n, :] = 0.0 if zero else np.nan

@@ -45,12 +45,13 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
     if problem.log_probs.dtype.char == "e":  # float16
         return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
-    samples = np.flatnonzero(run)  # (R,)
+    samples = run.nonzero()[0]  # (R,)
     if samples.size:
         # The engine's ENGINE_* code of each sample; those it is not given count as fast (they need no redo).
-        ok = np.full(nll.shape, ENGINE_FAST, dtype=np.uint8)  # (N,)
+        ok = np.empty(nll.shape, dtype=np.uint8)  # (N,)
+        ok.fill(ENGINE_FAST)
         parts = _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
-        if not ok.all():  # a sample left to the exact log-space redo (ENGINE_LEFT is 0)
+        if np.minimum.reduce(ok) == ENGINE_LEFT:  # a sample left to the exact log-space redo (the lowest code)
             with np.errstate(all="ignore"):
                 common.redo_exact(problem, np.flatnonzero(ok == ENGINE_LEFT), nll, grad, grad_scale, convention)
         if paths.recording_now():
