@@ -85,11 +85,11 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     shared = (_address(targets), S, _address(il), _address(tl), problem.blank)
     if grad is None:  # the loss-only entry point: the forward recursion alone
         entry = loss_only
-        head, tail = (lp.ctypes.data, C, *strides, *shared), (_address(nll), _address(ok))
+        head, tail = (_address(lp), C, *strides, *shared), (_address(nll), _address(ok))
     else:
         entry = with_gradient
         grad_scale = np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
-        head = (lp.ctypes.data, N, C, *strides, *shared)
+        head = (_address(lp), N, C, *strides, *shared)
         tail = (_address(grad), _address(grad_scale), int(convention == "plain"), _address(nll), _address(ok))
 
     def call(part):
@@ -105,10 +105,10 @@ _char_at = ctypes.c_char.from_buffer
 
 
 def _address(array) -> int:
-    """The data address of a C-contiguous array: through the buffer protocol where the array is writable and not
-    empty (a quarter of the cost of ``array.ctypes.data``, which builds a Python object per call), else
-    ``array.ctypes.data``."""
+    """The address of ``array``'s first element (``array.ctypes.data``): through the buffer protocol where the array
+    is writable, C-contiguous and not empty (a quarter of the cost of ``array.ctypes.data``, which builds a Python
+    object per call), else ``array.ctypes.data``."""
     try:
         return ctypes.addressof(_char_at(array))
-    except (TypeError, ValueError):  # read-only, or no byte to view
+    except (TypeError, ValueError):  # read-only, strided, or no byte to view
         return array.ctypes.data

@@ -270,5 +270,6 @@ def test_engine_addresses_of_every_kind_of_array():
     base = np.arange(12, dtype=np.int64)
     read_only = base.copy()
     read_only.flags.writeable = False
-    for array in (base, base[2:], read_only, np.broadcast_to(base, (2, 12)), np.zeros((3, 0)), base[::2]):
+    strided = (base[::2], base[::-1], np.asfortranarray(base.reshape(3, 4)), base.reshape(3, 4)[:, 1:])
+    for array in (base, base[2:], read_only, np.broadcast_to(base, (2, 12)), np.zeros((3, 0)), *strided):
         assert native._address(array) == array.ctypes.data
