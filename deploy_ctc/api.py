@@ -123,7 +123,7 @@ def _reduce(problem, nll):
     if problem.reduction == "mean":
         divisor = xp.asarray(np.maximum(problem.target_lengths, 1.0), dtype=nll.dtype)  # (N,)
         per_label = nll / divisor  # (N,)
-        # NumPy: mean()'s own value, without its Python wrapper (a sixth of a small call's overhead).
+        # NumPy: mean()'s own value, without the Python wrapper of ndarray.mean (microseconds per call).
         loss = np.add.reduce(per_label) / per_label.size if xp is np else per_label.mean()
     elif problem.reduction == "sum":
         loss = nll.sum()

@@ -19,6 +19,7 @@ from . import common, native, native_build
 ENV = "DEPLOY_CTC_CPU_BACKEND"
 CHOICES = ("auto", "native", "numpy")
 
+
 class _Override(threading.local):
     choice: str | None = None  # per thread: the choice of the innermost using() block, None outside any
 
