@@ -228,6 +228,8 @@ def main(argv=None, prog="bench_cpu.py"):
     parser.add_argument("--quick", action="store_true", help="only the two smallest shapes, 3 repeats")
     parser.add_argument("--extra", action="store_true",
                         help="also a small batch, many short samples and two long sequences (minutes for torch)")
+    parser.add_argument("--extra-only", action="store_true",
+                        help="only the shapes --extra adds (the geometric means are then over them)")
     parser.add_argument("--no-numpy", action="store_true", help="skip the pure-NumPy backend")
     parser.add_argument("--logit-scale", type=float, default=1.0,
                         help="multiply the random logits (10: confident outputs that disagree with the targets)")
@@ -239,7 +241,11 @@ def main(argv=None, prog="bench_cpu.py"):
     except ImportError:
         print("the CPU benchmark compares against torch: pip install 'deploy_ctc[test]'", file=sys.stderr)
         return 2
-    shapes, repeats = (SHAPES[:2], 3) if args.quick else (SHAPES + (EXTRA_SHAPES if args.extra else []), args.repeats)
+    if args.quick:
+        shapes, repeats = SHAPES[:2], 3
+    else:
+        shapes = EXTRA_SHAPES if args.extra_only else SHAPES + (EXTRA_SHAPES if args.extra else [])
+        repeats = args.repeats
     report = run(shapes, repeats, memory=not args.no_memory, logit_scale=args.logit_scale,
                  numpy_backend=not args.no_numpy)
     print(format_table(report))

@@ -21,10 +21,11 @@
 // g_t = (e_t qe_t, o_t qo_t) is the posterior of each position at frame t up to 1 / Z_t, Z_t = sum g_t, and
 //   log p(l|x) = log Z_t + (A_t + Cq_t) ln 2 + sum_t m_t      for every t,
 // A_t = sum_{u<t} a_u and Cq_t = sum_{u>t} c_u. That identity is the accuracy check: Z_t 2^(A_t + Cq_t) must equal
-// its value at the last frame within kConsistencyTol (relative). Mass flushed to zero by extreme (peaky) inputs,
-// all -inf frames or NaN break it, and the sample is recomputed by the exact log-space path (log_space_sample,
-// twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The loss is torch's forward end, at
-// t = T - 1.
+// its value at the last frame within kConsistencyTol (relative). Mass flushed to zero (long lattices, peaky
+// inputs), all -inf frames or NaN break it; such a sample is recomputed with an exponent per lattice position in
+// both directions (exponent_sample, exact by construction), and where even that is out of range by the exact
+// log-space path (log_space_sample, twin of deploy_ctc/_backends/cpu/logspace.py, which takes the NaN results). The
+// loss is torch's forward end, at t = T - 1.
 //
 // The loss alone (run_loss, the deploy_ctc_cpu_nll_* entry points) runs the forward recursion only, with an exponent
 // per lattice position instead of per frame, which makes it exact by construction (see "Loss only" below).
@@ -59,7 +60,7 @@ using dctc::kFlushLog;  // an emission this far below its frame's largest sends 
 // What ok[n] reports for each listed sample (deploy_ctc/_backends/cpu/native.py reads it): left to the caller's
 // exact path (a NaN result), done by the scaled recursions, or redone here in log space after failing the check.
 constexpr std::uint8_t kLeft = 0, kFast = 1, kExact = 2;
-// The loss-only pass (see forward_only_step): mantissas are renormalised once one falls below kLowMantissa or rises
+// The per-position exponent passes (see lattice_step): mantissas are renormalised once one falls below kLowMantissa or rises
 // above 2^(1018 - the largest factor's exponent) (at most 2^662); factors between neighbouring exponents stay at most
 // 2^kMaxGap, by raising a cell's stored exponent up to kMaxExcess bits; an emission below e^-kEmitFloor (2^-600)
 // relative to its frame's largest, or a larger raise, sends the sample to the exact log-space path. These bounds
@@ -179,6 +180,38 @@ inline double inverse_power_of_two(std::int64_t a) {
   return bit_cast<double>(static_cast<std::uint64_t>(1023 - a) << 52);
 }
 
+// One recursion with an exponent per lattice position (see "Per-position exponents" below): alpha_t(s) = x_t(s) 2^E(s)
+// over the planes of a lattice of S labels with skip flags `skip`. The rows are pointers so that a pass can point
+// them at the rows of a table.
+struct ExponentLattice {
+  std::int64_t S = 0;
+  const double* skip = nullptr;  // (S + 1,)      k_i (k_0 = k_S = 0)
+  double* x_blank[2];            // (S_max + 1,)  x of the blank plane, frames t - 1 and t (by cur)
+  double* x_label[2];            // (S_max + 2,)  x of the label plane at +1 (a zero at -1 and S)
+  double* exp_blank;             // (S_max + 1,)  E of the blank plane (integers held as doubles; -inf: dead)
+  double* exp_label;             // (S_max,)      E of the label plane
+  double* f_eo;                  // (S_max + 1,)  2^(E_label[i-1] - E_blank[i]), 0 for i = 0
+  double* f_oe;                  // (S_max,)      2^(E_blank[i] - E_label[i])
+  double* f_oo;                  // (S_max,)      k_i 2^(E_label[i-1] - E_label[i])
+  int cur = 0;
+  double high_mantissa = 1.0;    // mantissas above it may overflow a factor's product: renormalise
+
+  double* blank_row() const { return x_blank[cur]; }
+  double* label_row() const { return x_label[cur] + 1; }
+
+  // Takes the exponents and factors (and, with rows, the two rows of each plane) from a Lane's carving.
+  template <typename Take>
+  void carve(Take& take, std::int64_t s_max, bool rows) {
+    if (rows) take(x_blank[0], s_max + 1), take(x_blank[1], s_max + 1);
+    if (rows) take(x_label[0], s_max + 2), take(x_label[1], s_max + 2);
+    take(exp_blank, s_max + 1);
+    take(exp_label, s_max);
+    take(f_eo, s_max + 1);
+    take(f_oe, s_max);
+    take(f_oo, s_max);
+  }
+};
+
 // One sample's scratch and state: a lane. Several lanes advance frame by frame in lockstep (see run): each frame of
 // a recursion reads the row its sample stored one frame earlier at shifted positions, and a vector load spanning
 // two recent vector stores waits until they reach the cache; the other lanes' frames fill that wait.
@@ -201,21 +234,20 @@ struct Lane {
   std::int32_t* members;  // (S_max,)      label positions grouped by slot: slot j owns members[first[j] .. first[j+1])
   std::int32_t* first;    // (S_max + 1,)
 
-  // Loss-only pass (forward_only_step): per-position mantissas and exponents, alpha_t = x 2^E, and the factors
-  // between neighbouring exponents; emit_label / emit_blank then hold kEmitBlock frames.
-  double* x_blank[2];     // (S_max + 1,)  x of the blank plane, frames t - 1 and t (by cur)
-  double* x_label[2];     // (width,)      x of the label plane at +1 (a zero at -1 and S)
-  double* exp_blank;      // (S_max + 1,)  E of the blank plane (integers held as doubles)
-  double* exp_label;      // (S_max,)      E of the label plane
-  double* f_eo;           // (S_max + 1,)  2^(E_label[i-1] - E_blank[i]), 0 for i = 0
-  double* f_oe;           // (S_max,)      2^(E_blank[i] - E_label[i])
-  double* f_oo;           // (S_max,)      k_i 2^(E_label[i-1] - E_label[i])
-  bool* emit_zero;        // (kEmitBlock,) whether the frame has an emission of exactly 0 (a -inf log-prob)
-  int cur = 0;
-  double high_mantissa = 1.0;  // mantissas above it may overflow a factor's product: renormalise
+  // Per-position exponent passes (see "Per-position exponents" below): the loss-only pass runs `fwd` on its own two
+  // rows with kEmitBlock frames of emissions; the loss-and-gradient pass, for samples the per-frame scaling loses,
+  // runs `fwd` on the table's rows (with exponents saved per renormalisation in `epochs`) and `bwd`, the same
+  // recursion on the mirrored lattice (beta), combining them frame by frame.
+  ExponentLattice fwd, bwd;
+  double* skip_mirror;    // (S_max + 1,)  k of the mirrored lattice: k_{S-j} at j (0 < j < S), 0 at 0 and S
+  double* emit_mirror;    // (S_max,)      y_t(l_{S-1-j}) at j
+  double* log_blank;      // (S_max + 1,)  log2 magnitude of each blank cell's posterior term (the combine)
+  double* log_label;      // (S_max,)      the same for the label plane
+  bool* emit_zero;        // (kEmitBlock,) or (T,): whether the frame has an emission of exactly 0 (a -inf log-prob)
 
   std::int64_t n = 0, T = 0, S = 0, count = 0;  // sample, frames T_n, target length S_n, distinct labels
   bool alive = false;                           // false once the sample failed (it then takes the exact path)
+  bool emitted = false;                         // the emission table holds every frame (the scan found no reason to stop)
   double m_sum = 0.0;                           // sum_t m_t
   std::int64_t a_total = 0;                     // forward: A_t; after the forward pass, A_{T-1}
   std::int64_t shift = 0, c_next = 0;           // backward: A_t + Cq_t - A_{T-1}, and c_{t+1}
@@ -238,6 +270,12 @@ struct Lane {
     take(emit_blank, t_max);
     take(b_blank[0], s_max + 2), take(b_blank[1], s_max + 2);
     take(b_label[0], width), take(b_label[1], width);
+    fwd.carve(take, s_max, false);
+    bwd.carve(take, s_max, true);
+    take(skip_mirror, s_max + 1);
+    take(emit_mirror, s_max);
+    take(log_blank, s_max + 1);
+    take(log_label, s_max);
     take(skip, s_max + 1);
     take(unique_emit, s_max);
     take(offset, s_max);
@@ -246,6 +284,7 @@ struct Lane {
     take(slot, s_max);
     take(members, s_max);
     take(first, s_max + 1);
+    take(emit_zero, t_max);
     return (used + 63) / 64 * 64;
   }
 
@@ -258,13 +297,7 @@ struct Lane {
       pointer = memory == nullptr ? nullptr : reinterpret_cast<T*>(memory + used);
       used += sizeof(T) * static_cast<std::size_t>(count);
     };
-    take(x_blank[0], s_max + 1), take(x_blank[1], s_max + 1);
-    take(x_label[0], width), take(x_label[1], width);
-    take(exp_blank, s_max + 1);
-    take(exp_label, s_max);
-    take(f_eo, s_max + 1);
-    take(f_oe, s_max);
-    take(f_oo, s_max);
+    fwd.carve(take, s_max, true);
     take(emit_label, kEmitBlock * s_max);
     take(emit_blank, kEmitBlock);
     take(skip, s_max + 1);
@@ -281,7 +314,7 @@ struct Lane {
   // Take sample n: its skip flags, class slots (slot_of: class -> slot, all -1 before and after) and row offsets.
   void start(std::int64_t n_, std::int64_t T_, const std::int64_t* target, std::int64_t S_, std::int64_t sc,
              std::int32_t* slot_of) {
-    n = n_, T = T_, S = S_, count = 0, alive = true;
+    n = n_, T = T_, S = S_, count = 0, alive = true, emitted = false;
     for (std::int64_t i = 0; i < S; ++i) {
       const std::int64_t c = target[i];
       if (slot_of[c] < 0) slot_of[c] = static_cast<std::int32_t>(count), offset[count] = c * sc, classes[count++] = c;
@@ -359,7 +392,7 @@ void emissions(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t blank_
     }
     m_sum += m;
   }
-  w.m_sum = m_sum, w.a_total = 0;
+  w.m_sum = m_sum, w.a_total = 0, w.emitted = true;
 }
 
 // Forward frame t of the lane's sample.
@@ -642,30 +675,28 @@ double log_space_sample(Lane& w, const scalar_t* lp, std::int64_t st, std::int64
 // samples with an emission below e^-415 relative to its frame's largest, a raise beyond kMaxExcess (a cell 2^1800
 // below its feeder) or a frame whose classes are all -inf; NaN goes back to Python.
 
-// Frame t = 0 of the loss-only pass, from the emissions of block row `row`: e[0] = y(blank), o[0] = y(l_0), every
-// exponent 0 (so the factors are 1, and k_i for f_oo). Returns whether that already needs a renormalisation (an
-// emission below kLowMantissa).
-inline bool forward_only_first(Lane& w, std::int64_t row) {
-  double* e = w.x_blank[w.cur];
-  double* o = w.x_label[w.cur] + 1;
+// Frame t = 0 into the current row, from the emissions yb (blank) and y (labels): e[0] = y(blank), o[0] = y(l_0),
+// every exponent 0 (so the factors are 1, and k_i for f_oo). Returns whether that already needs a renormalisation
+// (an emission below kLowMantissa).
+inline bool lattice_first(ExponentLattice& w, double yb, const double* y) {
+  double* e = w.blank_row();
+  double* o = w.label_row();
   for (std::int64_t i = 0; i <= w.S; ++i) e[i] = 0.0, w.exp_blank[i] = 0.0, w.f_eo[i] = 1.0;
   for (std::int64_t i = 0; i < w.S; ++i) o[i] = 0.0, w.exp_label[i] = 0.0, w.f_oe[i] = 1.0, w.f_oo[i] = w.skip[i];
   w.f_eo[0] = 0.0;
   w.high_mantissa = 0x1p662;
-  e[0] = w.emit_blank[row];
-  if (w.S > 0) o[0] = w.emit_label[row * w.s_max];
+  e[0] = yb;
+  if (w.S > 0) o[0] = y[0];
   const bool low_e = e[0] > 0.0 && e[0] < kLowMantissa;
   return low_e || (w.S > 0 && o[0] > 0.0 && o[0] < kLowMantissa);
 }
 
-// Frame t >= 1 of the loss-only pass, from the emissions of block row `row`. Returns whether a nonzero mantissa
-// left [kLowMantissa, high_mantissa].
-inline bool forward_only_step(Lane& w, std::int64_t row) {
+// Frame t >= 1 from the current row into the other, which becomes current, with the emissions yb (blank) and y
+// (labels). Returns whether a nonzero mantissa left [kLowMantissa, high_mantissa].
+inline bool lattice_step(ExponentLattice& w, double yb, const double* y) {
   const std::int64_t S = w.S;
-  const double yb = w.emit_blank[row];
-  const double* y = w.emit_label + row * w.s_max;
-  const double* pe = w.x_blank[w.cur];
-  const double* po = w.x_label[w.cur] + 1;
+  const double* pe = w.blank_row();
+  const double* po = w.label_row();
   double* e = w.x_blank[1 - w.cur];
   double* o = w.x_label[1 - w.cur] + 1;
   const double *f_eo = w.f_eo, *f_oe = w.f_oe, *f_oo = w.f_oo;
@@ -696,11 +727,11 @@ inline double exponent_factor(double d) {
 
 // Renormalises the current row and recomputes the factors (see above); false when a cell would need more than
 // kMaxExcess bits of headroom.
-inline bool renormalise(Lane& w) {
+inline bool renormalise(ExponentLattice& w) {
   constexpr double kDead = -std::numeric_limits<double>::infinity();
   const std::int64_t S = w.S;
-  double* e = w.x_blank[w.cur];
-  double* o = w.x_label[w.cur] + 1;
+  double* e = w.blank_row();
+  double* o = w.label_row();
   double *eb = w.exp_blank, *el = w.exp_label;
   bool fine = true;
   // A cell's true exponent: its own once normalised, else the smallest among its live feeders' true exponents. Its
@@ -769,18 +800,19 @@ bool emission_block(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t b
   return true;
 }
 
-// -log p of the loss-only pass at its last frame: log p = log(x_e 2^E_e + x_o 2^E_o) + sum_t m_t.
-inline double forward_only_nll(const Lane& w) {
+// log(x_e 2^E_e + x_o 2^E_o) of the current row's two end cells (blank S and label S - 1): the log-probability of
+// the target up to the emission scales (sum_t m_t), -inf when both are 0.
+inline double lattice_log_end(const ExponentLattice& w) {
   constexpr double kLn2 = 0.693147180559945309;
-  const double* e = w.x_blank[w.cur];
-  const double* o = w.x_label[w.cur] + 1;
+  const double* e = w.blank_row();
+  const double* o = w.label_row();
   const std::int64_t S = w.S;
   const double a = e[S], b = S > 0 ? o[S - 1] : 0.0;
-  if (!(a > 0.0) && !(b > 0.0)) return std::numeric_limits<double>::infinity();
+  if (!(a > 0.0) && !(b > 0.0)) return -std::numeric_limits<double>::infinity();
   const double la = a > 0.0 ? std::log(a) + w.exp_blank[S] * kLn2 : -std::numeric_limits<double>::infinity();
   const double lb = b > 0.0 ? std::log(b) + w.exp_label[S - 1] * kLn2 : -std::numeric_limits<double>::infinity();
   const double top = la > lb ? la : lb, low = la > lb ? lb : la;
-  return -(top + std::log1p(std::exp(low - top)) + w.m_sum);
+  return top + std::log1p(std::exp(low - top));
 }
 
 // The exact log-space forward recursion alone (for the samples the loss-only pass leaves): -log p, +inf when no
@@ -792,13 +824,201 @@ double log_space_nll(Lane& w, const scalar_t* lp, std::int64_t st, std::int64_t 
   int cur = 0;
   for (std::int64_t t = 0; t < w.T; ++t) {
     if (!log_emission_row(w, lp + t * st, blank_offset, w.emit_label, w.emit_blank)) return NAN;
-    log_forward_row(w, t == 0 ? nullptr : w.x_blank[cur], t == 0 ? nullptr : w.x_label[cur] + 1,
-                    w.x_blank[1 - cur], w.x_label[1 - cur] + 1, w.emit_blank[0], w.emit_label);
+    log_forward_row(w, t == 0 ? nullptr : w.fwd.x_blank[cur], t == 0 ? nullptr : w.fwd.x_label[cur] + 1,
+                    w.fwd.x_blank[1 - cur], w.fwd.x_label[1 - cur] + 1, w.emit_blank[0], w.emit_label);
     cur = 1 - cur;
   }
-  const double log_p = log_add2(w.x_blank[cur][S], S > 0 ? w.x_label[cur][S] : kNeg);  // o[S - 1] at +1
+  const double log_p = log_add2(w.fwd.x_blank[cur][S], S > 0 ? w.fwd.x_label[cur][S] : kNeg);  // o[S - 1] at +1
   if (log_p == kNeg) return std::numeric_limits<double>::infinity();
   return -log_p;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Loss and gradient with per-position exponents, for the samples whose per-frame scaling loses mass (long lattices:
+// the forward mass runs far ahead of the alignments that can still finish, and the backward mass far behind).
+//
+// The forward pass is the loss-only recursion with its rows in the table (x of every frame) and its exponents saved
+// at each renormalisation (an epoch: frames [start_k, start_{k+1}) share exponents E^a_k). The backward pass is the
+// same recursion on the mirrored lattice (position s <-> 2S - s: blank i <-> S - i, label i <-> S - 1 - i, labels
+// reversed, k_{S-j} at j), which computes beta_t(s) (with the emission at t) = x^b 2^E^b. At frame t
+//   alpha_t(s) beta_t(s) / y_t(s) = 2^M v(s),   v(s) = (n^a n^b / n^y) 2^(lg(s) - M),
+// with x = n 2^e (n in [1/2, 1)) for x^a, x^b, y, lg(s) = E^a + E^b + e^a + e^b - e^y, and M the largest lg: each
+// v is exact to a few ulps, the largest at least 1/4, and a v below 2^-1022 (dropped) is negligible beside it. The
+// posterior is v / Z_t with Z_t = sum_s v, and log Z_t + M ln 2 must equal the forward's log p at every frame (the
+// same identity as the per-frame path's check, kept as a safety net).
+
+// The forward exponents of each epoch: (start frame, E of the 2S + 1 positions, blank plane first) as int32.
+struct Epochs {
+  std::int64_t count = 0, capacity = 0, row = 0;
+  std::int64_t* start = nullptr;
+  std::int32_t* exponents = nullptr;
+
+  ~Epochs() { std::free(start), std::free(exponents); }
+
+  // Saves the lattice's exponents as the epoch starting at frame t (replacing the last one if it starts there
+  // too); false when memory runs out or an exponent leaves the int32 range (the sample then takes the log-space path).
+  bool save(const ExponentLattice& w, std::int64_t t) {
+    if (count > 0 && start[count - 1] == t) --count;
+    if (count == capacity) {
+      const std::int64_t grown = capacity < 16 ? 16 : 2 * capacity;
+      auto* s = static_cast<std::int64_t*>(std::realloc(start, sizeof(std::int64_t) * grown));
+      if (s == nullptr) return false;
+      start = s;
+      auto* e = static_cast<std::int32_t*>(std::realloc(exponents, sizeof(std::int32_t) * grown * row));
+      if (e == nullptr) return false;
+      exponents = e, capacity = grown;
+    }
+    std::int32_t* out = exponents + count * row;
+    bool fine = true;
+    auto keep = [&fine](double e) {  // a dead position (-inf) holds only zeros: any value will do
+      fine &= !(e > 0x1p30 || (e < -0x1p30 && e > -std::numeric_limits<double>::infinity()));
+      return e > -0x1p30 ? static_cast<std::int32_t>(e) : 0;
+    };
+    for (std::int64_t i = 0; i <= w.S; ++i) out[i] = keep(w.exp_blank[i]);
+    for (std::int64_t i = 0; i < w.S; ++i) out[w.S + 1 + i] = keep(w.exp_label[i]);
+    start[count++] = t;
+    return fine;
+  }
+};
+
+// Whether frame t's emissions are in the per-position passes' range (each finite one at least e^-kEmitFloor of the
+// frame's largest, none NaN); sets emit_zero[t] when one is exactly 0.
+inline bool frame_in_range(Lane& w, std::int64_t t) {
+  const double* y = w.emit_label + t * w.s_max;
+  const double yb = w.emit_blank[t], floor = std::exp(-kEmitFloor);
+  bool fine = yb == 0.0 || (yb >= floor && yb <= 1.0), zero = yb == 0.0;
+  for (std::int64_t i = 0; i < w.S; ++i) {
+    fine &= y[i] == 0.0 || (y[i] >= floor && y[i] <= 1.0);
+    zero |= y[i] == 0.0;
+  }
+  w.emit_zero[t] = zero;
+  return fine;
+}
+
+// x = n 2^e with n in [1/2, 1) for a normal x > 0, from its bits: n, and e + kExponentBias as a double, formed
+// without an integer -> float conversion (which the loops' vector units lack): or-ing an integer below 2^52 into the
+// bits of 2^52 makes the double 2^52 + that integer.
+constexpr double kExponentBias = 1u << 20;
+__attribute__((always_inline)) inline double mantissa_of(double x) {
+  return bit_cast<double>((bit_cast<std::uint64_t>(x) & 0x000fffffffffffffull) | 0x3fe0000000000000ull);
+}
+__attribute__((always_inline)) inline double biased_exponent_of(double x) {
+  const std::uint64_t biased = (bit_cast<std::uint64_t>(x) >> 52) - 1022 + (1u << 20);
+  return bit_cast<double>(biased | 0x4330000000000000ull) - 0x1p52;
+}
+
+// 2^d for an integer-valued d <= 0, 0 below -1022 (and for d = -inf), without a float -> integer conversion.
+__attribute__((always_inline)) inline double power_of_two_below_one(double d) {
+  const double clamped = d < -1023.0 ? -1023.0 : d;  // 2^-1023 has exponent bits 0: the double 0
+  return bit_cast<double>((bit_cast<std::uint64_t>(clamped + (1023.0 + 0x1.8p52)) & 0x7ff) << 52);
+}
+
+// Frame t's posterior terms v into the table row (ge, go), from the forward mantissas there, the forward exponents
+// `ea` of its epoch and the backward row; returns Z_t and sets *log_scale = M ln 2.
+inline double combine(Lane& w, std::int64_t t, const std::int32_t* ea, double* ge, double* go, double* log_scale) {
+  constexpr double kDead = -std::numeric_limits<double>::infinity();
+  const std::int64_t S = w.S;
+  const double* y = w.emit_label + t * w.s_max;
+  const double* xb_blank = w.bwd.blank_row();
+  const double* xb_label = w.bwd.label_row();
+  const double *eb_blank = w.bwd.exp_blank, *eb_label = w.bwd.exp_label;
+  double* lg_blank = w.log_blank;
+  double* lg_label = w.log_label;
+  // n^a n^b / n^y into the row, lg into the log planes (-inf for a zero term); M = the largest lg.
+  const double ny_blank = mantissa_of(w.emit_blank[t]), ey_blank = biased_exponent_of(w.emit_blank[t]);
+  // The epoch's exponents as doubles first: a loop mixing 32-bit integers with the doubles does not vectorize.
+  for (std::int64_t i = 0; i <= S; ++i) lg_blank[i] = static_cast<double>(ea[i]);
+  for (std::int64_t i = 0; i < S; ++i) lg_label[i] = static_cast<double>(ea[S + 1 + i]);
+  double top = kDead;
+#pragma omp simd reduction(max : top)
+  for (std::int64_t i = 0; i <= S; ++i) {
+    const double xa = ge[i], xb = xb_blank[S - i];
+    const double lg = lg_blank[i] + eb_blank[S - i] +
+                      (biased_exponent_of(xa) + biased_exponent_of(xb) - ey_blank - kExponentBias);
+    const bool live = xa > 0.0 && xb > 0.0;
+    ge[i] = live ? mantissa_of(xa) * mantissa_of(xb) / ny_blank : 0.0;
+    const double kept = live ? lg : kDead;
+    lg_blank[i] = kept;
+    top = kept > top ? kept : top;
+  }
+#pragma omp simd reduction(max : top)
+  for (std::int64_t i = 0; i < S; ++i) {
+    const double xa = go[i], xb = xb_label[S - 1 - i], yv = y[i];
+    const double lg = lg_label[i] + eb_label[S - 1 - i] +
+                      (biased_exponent_of(xa) + biased_exponent_of(xb) - biased_exponent_of(yv) - kExponentBias);
+    const bool live = xa > 0.0 && xb > 0.0;
+    go[i] = live ? mantissa_of(xa) * mantissa_of(xb) / mantissa_of(yv) : 0.0;
+    const double kept = live ? lg : kDead;
+    lg_label[i] = kept;
+    top = kept > top ? kept : top;
+  }
+  if (top == kDead) return 0.0;
+  double z = 0.0;
+#pragma omp simd reduction(+ : z)
+  for (std::int64_t i = 0; i <= S; ++i) {
+    ge[i] *= power_of_two_below_one(lg_blank[i] - top);
+    z += ge[i];
+  }
+#pragma omp simd reduction(+ : z)
+  for (std::int64_t i = 0; i < S; ++i) {
+    go[i] *= power_of_two_below_one(lg_label[i] - top);
+    z += go[i];
+  }
+  *log_scale = top * 0.693147180559945309;
+  return z;
+}
+
+// Loss and gradient rows of the lane's sample with per-position exponents (above), from the emission table that
+// `emissions` filled. Returns false, having maybe written some gradient rows, when the sample is outside the passes'
+// range (an emission below e^-kEmitFloor, NaN, a raise beyond kMaxExcess, no feasible alignment, memory): it then
+// takes the log-space path, which rewrites every row.
+template <typename scalar_t>
+bool exponent_sample(Lane& w, const GradientTarget<scalar_t>* grad, double* nll) {
+  const std::int64_t S = w.S, T = w.T, W = w.width, WB = w.s_max + 1;
+  if (!std::isfinite(w.m_sum)) return false;
+  ExponentLattice& f = w.fwd;
+  f.S = S, f.skip = w.skip, f.cur = 0;
+  Epochs epochs;
+  epochs.row = 2 * S + 1;
+  // Forward: the rows are the table's.
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (!frame_in_range(w, t)) return false;
+    const int next = t == 0 ? f.cur : 1 - f.cur;
+    f.x_blank[next] = w.fwd_blank + t * WB;
+    f.x_label[next] = w.fwd_label + t * W;
+    f.x_label[next][0] = f.x_label[next][S + 1] = 0.0;  // o[-1] and o[S]
+    const double yb = w.emit_blank[t];
+    const double* y = w.emit_label + t * w.s_max;
+    const bool again = t == 0 ? lattice_first(f, yb, y) : lattice_step(f, yb, y) || w.emit_zero[t];
+    if (again && !renormalise(f)) return false;
+    if ((t == 0 || again) && !epochs.save(f, t)) return false;
+  }
+  const double log_end = lattice_log_end(f);
+  if (!(log_end > -std::numeric_limits<double>::infinity())) return false;
+  // Backward on the mirrored lattice, combined frame by frame.
+  ExponentLattice& b = w.bwd;
+  b.S = S, b.skip = w.skip_mirror, b.cur = 0;
+  for (std::int64_t j = 0; j <= S; ++j) w.skip_mirror[j] = j > 0 && j < S ? w.skip[S - j] : 0.0;
+  for (double* r : {b.x_label[0], b.x_label[1]}) r[0] = r[S + 1] = 0.0;
+  std::int64_t k = epochs.count - 1;
+  const double tolerance = kConsistencyTol * (std::fabs(log_end) > 1.0 ? std::fabs(log_end) : 1.0);
+  for (std::int64_t t = T - 1; t >= 0; --t) {
+    const double yb = w.emit_blank[t];
+    const double* y = w.emit_label + t * w.s_max;
+    for (std::int64_t j = 0; j < S; ++j) w.emit_mirror[j] = y[S - 1 - j];
+    const bool again = t == T - 1 ? lattice_first(b, yb, w.emit_mirror)
+                                  : lattice_step(b, yb, w.emit_mirror) || w.emit_zero[t];
+    if (again && !renormalise(b)) return false;
+    while (epochs.start[k] > t) --k;
+    double* ge = w.fwd_blank + t * WB;
+    double* go = w.fwd_label + t * W + 1;
+    double log_scale = 0.0;
+    const double z = combine(w, t, epochs.exponents + k * epochs.row, ge, go, &log_scale);
+    if (!(z > 0.0) || !(std::fabs(std::log(z) + log_scale - log_end) <= tolerance)) return false;
+    if (grad != nullptr) gradient_row(w, ge, go, z, *grad, t);
+  }
+  *nll = -(log_end + w.m_sum);
+  return true;
 }
 
 // Lanes per group: enough to hide the row-to-row store latency of short lattices, while the group's tables stay
@@ -835,8 +1055,8 @@ int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t s
       Lane& w = group[j];
       const std::int64_t n = samples[first + j];
       w.start(n, input_lengths[n], targets + n * S_max, target_lengths[n], sc, slot_of);
-      w.m_sum = 0.0, w.cur = 0;
-      for (double* r : {w.x_label[0], w.x_label[1]}) r[0] = r[w.S + 1] = 0.0;  // o[-1] and o[S]
+      w.m_sum = 0.0, w.fwd.cur = 0, w.fwd.S = w.S, w.fwd.skip = w.skip;
+      for (double* r : {w.fwd.x_label[0], w.fwd.x_label[1]}) r[0] = r[w.S + 1] = 0.0;  // o[-1] and o[S]
       frames = w.T > frames ? w.T : frames;
     }
     for (std::int64_t t = 0; t < frames; ++t) {
@@ -849,14 +1069,16 @@ int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t s
           w.alive = emission_block(w, lp + w.n * sn, st, blank * sc, t, end);
           if (!w.alive) continue;
         }
-        const bool renormalise_now = t == 0 ? forward_only_first(w, row)
-                                            : forward_only_step(w, row) || w.emit_zero[row];
-        if (renormalise_now) w.alive = renormalise(w);
+        const double yb = w.emit_blank[row];
+        const double* y = w.emit_label + row * w.s_max;
+        const bool renormalise_now = t == 0 ? lattice_first(w.fwd, yb, y)
+                                            : lattice_step(w.fwd, yb, y) || w.emit_zero[row];
+        if (renormalise_now) w.alive = renormalise(w.fwd);
       }
     }
     for (int j = 0; j < used; ++j) {
       Lane& w = group[j];
-      const double value = w.alive ? forward_only_nll(w) : log_space_nll(w, lp + w.n * sn, st, blank * sc);
+      const double value = w.alive ? -(lattice_log_end(w.fwd) + w.m_sum) : log_space_nll(w, lp + w.n * sn, st, blank * sc);
       nll[w.n] = value;
       ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
@@ -917,9 +1139,13 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
     for (int j = 0; j < used; ++j) {
       Lane& w = group[j];
       // torch's loss is the forward end: log p = log Z_{T-1} + A_{T-1} ln 2 + sum_t m_t.
-      const double value = w.alive
-          ? -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum)
-          : log_space_sample(w, lp + w.n * sn, st, blank * sc, grad == nullptr ? nullptr : &targets_of[j]);
+      const GradientTarget<scalar_t>* target = grad == nullptr ? nullptr : &targets_of[j];
+      double value = 0.0;
+      if (w.alive)  // torch's loss is the forward end: log p = log Z_{T-1} + A_{T-1} ln 2 + sum_t m_t.
+        value = -(std::log(w.z_end) + static_cast<double>(w.a_total) * 0.693147180559945309 + w.m_sum);
+      else
+        w.alive = w.emitted && exponent_sample(w, target, &value);
+      if (!w.alive) value = log_space_sample(w, lp + w.n * sn, st, blank * sc, target);
       nll[w.n] = value;
       ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }

@@ -53,7 +53,7 @@ VERSION_SCRIPT = "ort_ops.map"
 SYMBOL = "RegisterCustomOps"
 #: Compile flags: the engine's, with every symbol hidden but RegisterCustomOps (also enforced by the version script,
 #: so the bundled engine and C++ runtime symbols cannot clash with the host's or with the ctypes-loaded engine).
-FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fvisibility=hidden", "-fvisibility-inlines-hidden")
+FLAGS = ("-std=c++17", "-O3", "-fopenmp-simd", "-fno-trapping-math", "-fvisibility=hidden", "-fvisibility-inlines-hidden")
 #: Link flags: export RegisterCustomOps only, and leave no symbol undefined but the C/C++ runtime's (no
 #: libonnxruntime: the host hands over its API table).
 LINK_FLAGS = ("-Wl,--version-script={kernels}/" + VERSION_SCRIPT, "-Wl,-z,defs")

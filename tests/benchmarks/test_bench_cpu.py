@@ -39,3 +39,13 @@ def test_geometric_means_are_over_the_main_shapes_only():
     assert report["geomean_speedup"] == pytest.approx(main["speedup"])
     assert report["loss_min_speedup"] == min(main["loss_speedup"], extra["loss_speedup"])
     assert "numpy_backend_ms" not in main and "NumPy" not in benchmark.format_table(report)
+
+
+def test_extra_only_times_just_the_extra_shapes(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(benchmark, "EXTRA_SHAPES", [(12, 2, 5, 3)])
+    output = tmp_path / "extra.json"
+    assert benchmark.main(["--extra-only", "--no-memory", "--no-numpy", "--repeats", "1", "--output",
+                           str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert [row["shape"] for row in report["rows"]] == [[12, 2, 5, 3]] == report["geomean_shapes"]

@@ -5,7 +5,8 @@ protocol). Each sample runs its scaled probability-space forward and backward re
 lattice's blank and label positions, and writes its gradient rows directly into the ``(T, N, C)`` output: no ``T x N x
 (2S + 1)`` table outlives its sample, so peak memory is the gradient plus about ``3 T_n S_n`` float64 of scratch per
 sample in flight (one per worker thread, or up to four short ones in lockstep). Samples whose consistency check fails
-(confident outputs that disagree with the target) are redone exactly in log space by the engine; only samples with NaN
+(long lattices, confident outputs that disagree with the target) are redone by the engine with an exponent per
+lattice position (exact by construction), or in log space where even that is out of range; only samples with NaN
 log-probs come back here, for :mod:`deploy_ctc._backends.cpu.logspace`.
 
 Samples are dealt to the worker threads of :func:`deploy_ctc._backends.cpu.common.pool` by estimated cost (the engine

@@ -137,6 +137,88 @@ def test_nan_log_probs_are_left_to_the_python_twin(rng):
     oracles.assert_close(grad, ref_grad, np.float64, "grad")
 
 
+# Loss and gradient on lattices a per-frame scale cannot hold (long or peaky): the engine's per-position exponent
+# passes (kernels/README.md), not the log-space path.
+
+
+def loss_and_grad(lp, targets, il, tl, convention="torch"):
+    """``(nll, grad, paths)`` of the native backend with unit gradient weights."""
+    problem = validation.validate(lp, targets, il, tl, 0, "none", False)
+    with paths.recording() as stats:
+        nll, grad = native.forward_backward(problem, np.ones(len(il)), convention)
+    return nll, grad, stats
+
+
+@pytest.mark.parametrize("T, S, scale", [(3000, 300, 1.0), (2000, 100, 10.0), (1200, 200, 20.0), (500, 40, 5.0)])
+def test_long_and_peaky_gradients_stay_on_the_fast_path(rng, T, S, scale):
+    """Random logits at T = 3000 and confident ones at any length put alpha's and beta's mass 1e-300 and more apart
+    (a per-frame scale flushes one of them, and the consistency check fails); per-position exponents keep both, so
+    these samples are not redone in log space and still match torch float64. NaN padding is never read."""
+    N, C = 2, 12
+    lp = oracles.random_log_probs(rng, T, N, C, scale=scale)
+    tl = np.array([S, S // 2])
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    il = np.array([T, T - 7])
+    lp[T - 7:, 1] = np.nan
+    for convention in ("torch", "plain"):
+        nll, grad, stats = loss_and_grad(lp, targets, il, tl, convention)
+        assert stats.exact == 0 and stats.fast == N
+        ref_nll, ref_grad = oracles.torch_reference(lp, targets, il, tl, 0, "none", convention=convention)
+        oracles.assert_close(nll, ref_nll, np.float64, "nll")
+        oracles.assert_close(grad, ref_grad, np.float64, f"grad ({convention})")
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).eps > 1e-18, reason="needs an extended-precision long double")
+@pytest.mark.parametrize("T, S, scale", [(1500, 150, 1.0), (600, 60, 10.0)])
+def test_long_and_peaky_gradients_are_exact_to_a_few_ulps(rng, T, S, scale):
+    """Against an extended-precision oracle the per-position exponent passes are within ~1e-14 where torch float64
+    itself is ~1e-11 off: they round a few times per cell and never lose mass."""
+    C = 8
+    lp = oracles.random_log_probs(rng, T, 1, C, scale=scale)
+    targets = oracles.random_targets(rng, np.array([S]), C, 0, S=S, repeat_prob=0.3)
+    nll, grad, stats = loss_and_grad(lp, targets, np.array([T]), np.array([S]))
+    assert stats.exact == 0
+    ref_nll, ref_grad = oracles.extended_precision_reference(lp[:, 0], targets[0, :S])
+    assert abs(nll[0] - ref_nll) <= 1e-14 * ref_nll
+    assert np.max(np.abs(grad[:, 0] - ref_grad)) <= 1e-13
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_long_gradients_with_minus_inf_log_probs(rng, dtype):
+    """-inf emissions (exact zeros) on a long, confident lattice: cells they empty restart from their feeders'
+    exponents in both directions; a label impossible everywhere makes the loss infinite (NaN rows, torch's)."""
+    T, N, C, S = 1500, 3, 6, 100
+    lp = oracles.random_log_probs(rng, T, N, C, dtype, scale=5.0)
+    tl = np.array([S, S, 3])
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    lp[rng.random((T, N, C)) < 0.1] = -np.inf
+    lp[::5, 0, 0] = -np.inf  # no blank on every 5th frame
+    lp[:, 2, targets[2, 0]] = -np.inf
+    nll, grad, stats = loss_and_grad(lp, targets, np.full(N, T), tl)
+    assert np.isinf(nll[2])
+    ref_nll, ref_grad = oracles.torch_reference(lp, targets, np.full(N, T), tl, 0, "none")
+    # torch's NaN at a -inf entry of a finite-loss sample is its -inf - (-inf); the derivative there is 0.
+    ref_grad = np.where(np.isneginf(lp) & np.isnan(ref_grad) & np.isfinite(ref_nll)[None, :, None], 0.0, ref_grad)
+    oracles.assert_close(nll, ref_nll, np.float64, "nll")
+    oracles.assert_close(grad, ref_grad, dtype, "grad")
+
+
+def test_gradients_outside_the_exponent_passes_range_take_the_log_space_path(rng):
+    """An emission between e^-700 and e^-415 of its frame's largest (log-probs near -500) on a long lattice is outside
+    the per-position passes' proven range: that sample is redone in log space, its neighbour is not."""
+    T, N, C, S = 1500, 2, 8, 100
+    lp = oracles.random_log_probs(rng, T, N, C, scale=5.0)  # confident: beyond a per-frame scale
+    lp[1000, 0, 3] = lp[1000, 0].max() - 500.0
+    tl = np.full(N, S)
+    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    targets[0, :4] = 3  # the class is used
+    nll, grad, stats = loss_and_grad(lp, targets, np.full(N, T), tl)
+    assert stats.records[0].exact == (0,) and stats.fast == 1
+    ref_nll, ref_grad = oracles.torch_reference(lp, targets, np.full(N, T), tl, 0, "none")
+    oracles.assert_close(nll, ref_nll, np.float64, "nll")
+    oracles.assert_close(grad, ref_grad, np.float64, "grad")
+
+
 # The loss-only pass (forward recursion alone, per-position exponents; kernels/README.md): exact on every input,
 # with the log-space path only for the extreme ones. Oracle: torch float64 losses (tests/utils/oracles.py).
 
