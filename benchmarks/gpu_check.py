@@ -6,8 +6,10 @@ Run from the repository root on a machine with a CUDA GPU, CuPy and torch (CUDA 
 
     python benchmarks/gpu_check.py [--reps 20] [--skip-tests]
 
-1. runs ``tests/backends/cuda/test_cupy_kernels.py``, ``tests/backends/cuda/test_cupy_align.py`` (forced alignment)
-   and ``tests/backends/cuda/test_kernels_compile.py`` (their GPU tests run there);
+1. runs ``tests/backends/cuda/test_cupy_kernels.py``, ``tests/backends/cuda/test_cupy_align.py`` (forced alignment),
+   ``tests/backends/cuda/test_kernels_compile.py`` and ``tests/onnx/test_native_library_cuda.py`` (the ONNX Runtime
+   library's CUDA ops in a CUDAExecutionProvider session: needs onnxruntime-gpu, nvcc and ONNX Runtime's headers)
+   (their GPU tests run there);
 2. for (T, N, C, S) in SHAPES, on :func:`benchmarks.common.make_inputs` (float32, full input lengths, target
    lengths in [S/2, S]): interleaved medians over ``reps`` CUDA-event timings (after warm-up) of loss + gradient for
    deploy_ctc (``ctc_loss_and_grad`` on CuPy arrays, validation included), torch native CUDA (int64 padded targets) and
@@ -117,7 +119,8 @@ def main():
     if not args.skip_tests:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/backends/cuda/test_cupy_kernels.py",
                                 "tests/backends/cuda/test_cupy_align.py",
-                                "tests/backends/cuda/test_kernels_compile.py"],
+                                "tests/backends/cuda/test_kernels_compile.py",
+                                "tests/onnx/test_native_library_cuda.py"],
                                cwd=ROOT, capture_output=True, text=True)
         print(tests.stdout[-3000:])
         report["tests"] = {"returncode": tests.returncode, "summary": tests.stdout.strip().splitlines()[-1:]}

@@ -8,7 +8,8 @@
   (:mod:`deploy_ctc.demo`).
 - ``deploy-ctc bench``: the CPU benchmark against torch (``benchmarks/bench_cpu.py``, from a source checkout).
 - ``deploy-ctc ort-library``: the native ONNX Runtime custom-op library's path (built if needed), or with
-  ``--portable --output PATH`` a copy for other machines (:mod:`deploy_ctc.onnx.native_library`).
+  ``--portable --output PATH`` a copy for other machines (:mod:`deploy_ctc.onnx.native_library`); ``--cuda``: its
+  variant with CUDA kernels, built with nvcc.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def bench(args: argparse.Namespace) -> int:
 
 def ort_library(args: argparse.Namespace) -> int:
     """``deploy-ctc ort-library``: the library's path, or a copy built at ``--output``; returns the exit code."""
-    return native_library.run_command(portable=args.portable, output=args.output)
+    return native_library.run_command(portable=args.portable, output=args.output, cuda=args.cuda)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="generic code for shipping (Triton, devices), no -march=native")
     library_parser.add_argument("--output", type=Path, default=None,
                                 help="build a fresh copy at this path instead of using the cache")
+    library_parser.add_argument("--cuda", action="store_true",
+                                help="the CUDA variant (built with nvcc): the CPU ops, also for "
+                                     "CUDAExecutionProvider (not yet run on a GPU)")
     library_parser.set_defaults(run=ort_library)
     return parser
 

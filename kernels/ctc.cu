@@ -22,9 +22,10 @@
 // beta is alpha run on the reversed frames and reversed l' (s -> 2L-s keeps parity and the skip rule), so one
 // kernel computes both: blocks [0, N) run the forward direction, blocks [N, 2N) the backward one.
 //
-// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py): ctc_lattice (alpha, beta, nll, and in spare blocks the
-// dense part w * exp(lp) of the gradient), ctc_label_links, ctc_grad (the target's classes). Deterministic: no atomics;
-// every sum runs in an order fixed by the shapes.
+// Launch sequence (deploy_ctc/_backends/cuda/cupy_kernels.py; the same plan in C++ for the ONNX Runtime library:
+// ctc_launch.cu): ctc_lattice (alpha, beta, nll, and in spare blocks the dense part w * exp(lp) of the gradient),
+// ctc_label_links, ctc_grad (the target's classes). Deterministic: no atomics; every sum runs in an order fixed by the
+// shapes.
 #include "ctc.cuh"
 
 using dctc::Math;

@@ -8,7 +8,8 @@
 // (deploy_ctc/validation.py, deploy_ctc/api.py, deploy_ctc/_backends/cpu/{common,native}.py): the argument checks
 // with the same messages, the targets' padded / concatenated / unbatched forms, infeasible samples, zero_infinity
 // and the reduction, so a session computes bit for bit what deploy_ctc.ctc_loss / ctc_loss_and_grad /
-// forced_align compute.
+// forced_align compute. Compiled with -DDEPLOY_CTC_ORT_CUDA (the CUDA variant, deploy_ctc/onnx/native_library_cuda.py),
+// the domain also gets the CUDA execution provider's ops of ort_cuda_ops.cpp.
 //
 // Ops (schemas: deploy_ctc/onnx/schemas.py), one registration per float type; the integer inputs are untyped, so
 // each registration serves every int32 / int64 mix:
@@ -35,7 +36,7 @@
 // one +inf, as any infeasible sample), where the Python API follows torch's arithmetic through them
 // (deploy_ctc/_backends/cpu/logspace.py); for NaN the two agree.
 
-#include <onnxruntime_c_api.h>
+#include "ort_ops.h"
 
 #include <algorithm>
 #include <climits>
@@ -90,26 +91,9 @@ int align_samples(const scalar_t* lp, Args... args) {
   else return deploy_ctc_align_double(lp, args...);
 }
 
-constexpr std::uint32_t kApiVersion = 17;
-constexpr const char* kDomain = "deploy_ctc";
 // Below this much work (lattice cells plus gradient cells) a batch runs on the calling thread, as in
 // deploy_ctc/_backends/cpu/native.py.
 constexpr std::int64_t kParallelMinCells = 200000;
-
-enum class Reduction { kNone, kMean, kSum };
-
-// A failure to report as an OrtStatus: an invalid argument (message only) or a status from the API itself.
-struct Failure {
-  OrtErrorCode code;
-  std::string message;
-  OrtStatus* status;  // non-null: pass this status on as it is
-};
-
-[[noreturn]] void invalid(std::string message) { throw Failure{ORT_INVALID_ARGUMENT, std::move(message), nullptr}; }
-
-void check(OrtStatus* status) {
-  if (status != nullptr) throw Failure{ORT_FAIL, std::string(), status};
-}
 
 // Python's repr of a shape tuple: (), (5,), (2, 3).
 std::string shape_text(const std::vector<std::int64_t>& shape) {
@@ -145,19 +129,6 @@ const char* dtype_name(ONNXTensorElementDataType type) {
   }
 }
 
-// An input tensor, read in place.
-struct Tensor {
-  ONNXTensorElementDataType type;
-  std::vector<std::int64_t> shape;
-  const void* data;
-
-  std::int64_t size() const {  // the dims describe memory that exists, so the product fits
-    std::int64_t n = 1;
-    for (std::int64_t d : shape) n *= d;
-    return n;
-  }
-};
-
 Tensor input(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
   const OrtValue* value = nullptr;
   check(api->KernelContext_GetInput(context, index, &value));
@@ -177,16 +148,6 @@ Tensor input(const OrtApi* api, OrtKernelContext* context, std::size_t index) {
   check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
   tensor.data = data;
   return tensor;
-}
-
-template <typename scalar_t>
-scalar_t* output(const OrtApi* api, OrtKernelContext* context, const std::vector<std::int64_t>& shape,
-                 std::size_t index = 0) {
-  OrtValue* value = nullptr;
-  check(api->KernelContext_GetOutput(context, index, shape.data(), shape.size(), &value));
-  void* data = nullptr;
-  check(api->GetTensorMutableData(value, &data));
-  return static_cast<scalar_t*>(data);
 }
 
 // An int32 / int64 tensor as int64 values (validation.py's _integer_array).
@@ -215,20 +176,26 @@ std::vector<std::int64_t> lengths(const Tensor& tensor, const char* name, std::i
   return values;
 }
 
-struct Attributes {
-  std::int64_t blank;
-  Reduction reduction;
-  bool zero_infinity;
-};
+void check_d_loss(const Tensor& d_loss, const Problem& p, Reduction reduction) {
+  const std::vector<std::int64_t> loss_shape =
+      reduction == Reduction::kNone && p.batched ? std::vector<std::int64_t>{p.N} : std::vector<std::int64_t>{};
+  if (d_loss.shape != loss_shape && d_loss.size() != 1)
+    invalid("d_loss must be a scalar or have the loss's shape " + shape_text(loss_shape) + ", got shape " +
+            shape_text(d_loss.shape));
+}
 
-// A validated batch: validation.py's CTCProblem for contiguous (T, N, C) log-probs.
-struct Problem {
-  std::int64_t T, N, C, S;            // S = max(target_lengths)
-  bool batched;
-  std::vector<std::int64_t> shape;    // log_probs' shape as given
-  std::vector<std::int64_t> targets;  // (N, S) padded with 0 (at least one element)
-  std::vector<std::int64_t> input_lengths, target_lengths;
-};
+void set_common_fields(OrtCustomOp& op) {
+  op.version = kApiVersion;  // what this library calls, whatever the headers' ORT_API_VERSION
+  op.GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+}
 
 // validation.py's validate, in its order and with its messages.
 Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in, const Tensor& tl_in,
@@ -393,12 +360,6 @@ struct EngineRun {
   }
 };
 
-struct Kernel {
-  const OrtApi* api;
-  Attributes attributes;
-  bool grad;
-};
-
 // The per-sample losses (and, with grad, the gradient) of a validated batch: common.start, the engine, common.finish.
 template <typename scalar_t>
 std::vector<double> forward_backward(const Kernel& k, OrtKernelContext* context, const Problem& p,
@@ -478,11 +439,7 @@ void compute(const Kernel& k, OrtKernelContext* context) {
 
   // api.py's _grad_scale: d_loss (a scalar, or the loss's shape) times the reduction's factor, per sample.
   const Tensor d_loss = input(api, context, 0);
-  const std::vector<std::int64_t> loss_shape =
-      reduction == Reduction::kNone && p.batched ? std::vector<std::int64_t>{N} : std::vector<std::int64_t>{};
-  if (d_loss.shape != loss_shape && d_loss.size() != 1)
-    invalid("d_loss must be a scalar or have the loss's shape " + shape_text(loss_shape) + ", got shape " +
-            shape_text(d_loss.shape));
+  check_d_loss(d_loss, p, reduction);
   const scalar_t* d = static_cast<const scalar_t*>(d_loss.data);
   std::vector<double> scale(static_cast<std::size_t>(N));
   for (std::int64_t n = 0; n < N; ++n) {
@@ -536,25 +493,6 @@ Attributes read_attributes(const OrtApi* api, const OrtKernelInfo* info) {
     invalid("zero_infinity must be a bool (or 0/1), got " + std::to_string(zero_infinity));
   a.zero_infinity = zero_infinity == 1;
   return a;
-}
-
-// Runs `body`, turning a Failure or any C++ exception into a status (nothing escapes into ONNX Runtime).
-template <typename Body>
-OrtStatus* guarded(const OrtApi* api, const char* op, Body&& body) noexcept {
-  std::string prefix = std::string(kDomain) + "::" + op + ": ";
-  try {
-    body();
-    return nullptr;
-  } catch (const Failure& failure) {
-    if (failure.status != nullptr) return failure.status;
-    return api->CreateStatus(failure.code, (prefix + failure.message).c_str());
-  } catch (const std::bad_alloc&) {
-    return api->CreateStatus(ORT_FAIL, (prefix + "out of memory").c_str());
-  } catch (const std::exception& error) {
-    return api->CreateStatus(ORT_FAIL, (prefix + error.what()).c_str());
-  } catch (...) {
-    return api->CreateStatus(ORT_FAIL, (prefix + "unknown error").c_str());
-  }
 }
 
 // CTCAlign: the forced alignment of deploy_ctc.align (kernels/ctc_align_cpu.cpp) on a validated batch, samples
@@ -623,7 +561,7 @@ struct AlignOp : OrtCustomOp {
   ONNXTensorElementDataType float_type;
 
   explicit AlignOp(ONNXTensorElementDataType type) : OrtCustomOp{}, float_type(type) {
-    version = kApiVersion;
+    set_common_fields(*this);
     GetName = [](const OrtCustomOp*) { return "CTCAlign"; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 4; };
@@ -634,15 +572,6 @@ struct AlignOp : OrtCustomOp {
     GetOutputType = [](const OrtCustomOp* op, std::size_t index) {
       return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : static_cast<const AlignOp*>(op)->float_type;
     };
-    GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
-    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** kernel) -> OrtStatus* {
       return guarded(api, "CTCAlign", [&] { *kernel = new AlignKernel{api, int_attribute(api, info, "blank", 0)}; });
@@ -669,7 +598,7 @@ struct Op : OrtCustomOp {
 
   Op(const char* name, bool is_grad, ONNXTensorElementDataType type) : OrtCustomOp{}, op_name(name), grad(is_grad),
                                                                        float_type(type) {
-    version = kApiVersion;  // what this library calls, whatever the headers' ORT_API_VERSION
+    set_common_fields(*this);
     GetName = [](const OrtCustomOp* op) { return static_cast<const Op*>(op)->op_name; };
     GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp* op) -> std::size_t { return static_cast<const Op*>(op)->grad ? 5 : 4; };
@@ -680,15 +609,6 @@ struct Op : OrtCustomOp {
     };
     GetOutputTypeCount = [](const OrtCustomOp*) -> std::size_t { return 1; };
     GetOutputType = [](const OrtCustomOp* op, std::size_t) { return static_cast<const Op*>(op)->float_type; };
-    GetInputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, std::size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, std::size_t) { return OrtMemTypeDefault; };
-    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
                         void** kernel) -> OrtStatus* {
       const Op* self = static_cast<const Op*>(op);
@@ -724,10 +644,15 @@ const Registry& registry(const OrtApi* api) {
   static const Registry registry = [api] {
     Registry r;
     OrtStatus* status = api->CreateCustomOpDomain(kDomain, &r.domain);
+#ifndef DEPLOY_CTC_ORT_CUDA_ON_CPU  // the test harness's build serves the CUDA ops on the CPU provider instead
     for (const Op& op : kOps)
       if (status == nullptr) status = api->CustomOpDomain_Add(r.domain, &op);
     for (const AlignOp& op : kAlignOps)
       if (status == nullptr) status = api->CustomOpDomain_Add(r.domain, &op);
+#endif
+#ifdef DEPLOY_CTC_ORT_CUDA
+    if (status == nullptr) status = add_cuda_ops(api, r.domain);
+#endif
     if (status != nullptr) {
       r.error = api->GetErrorMessage(status);
       api->ReleaseStatus(status);

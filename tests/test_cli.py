@@ -254,8 +254,8 @@ def test_check_says_whether_the_onnxruntime_library_is_available(capsys, monkeyp
     pytest.importorskip("onnxruntime")
     from deploy_ctc.onnx import native_library
 
-    monkeypatch.setattr(native_library, "_failure", None)
-    monkeypatch.setattr(native_library, "_path", None)
+    monkeypatch.setattr(native_library, "_failures", {})
+    monkeypatch.setattr(native_library, "_paths", {})
     monkeypatch.setenv(native_library.INCLUDE_ENV, str(tmp_path))  # no headers there
     monkeypatch.setattr(native_library, "SYSTEM_INCLUDE", tmp_path / "none")
     _, out = run_main(["check"], capsys)
@@ -290,3 +290,30 @@ def test_ort_library_portable_build_command(monkeypatch, capsys, tmp_path):
     assert "-fvisibility=hidden" in command and "-Wl,-z,defs" in command and f"-I{tmp_path}" in command
     assert any(flag.startswith("-Wl,--version-script=") and flag.endswith("ort_ops.map") for flag in command)
     assert (tmp_path / "lib").is_dir()
+
+
+def test_ort_library_cuda_portable_build_command(monkeypatch, capsys, tmp_path):
+    """--cuda builds with nvcc: device code for sm_80 and sm_90, the CUDA runtime linked statically, the export list,
+    no undefined symbols, the CUDA sources; --portable leaves out -march=native."""
+    from deploy_ctc.onnx import native_library, native_library_cuda
+
+    commands = []
+    monkeypatch.setattr(native_library, "include_dir", lambda: tmp_path)
+    monkeypatch.setattr(native_library_cuda, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(native_library_cuda, "toolkit_flags", lambda nvcc: ["-I/opt/cuda/include", "-L/opt/cuda/lib"])
+    monkeypatch.setattr(native_library.subprocess, "run", lambda command: commands.append(command) or
+                        subprocess.CompletedProcess(command, 0))
+    code, _ = run_main(["ort-library", "--cuda", "--portable", "--output", str(tmp_path / "x.so")], capsys)
+    assert code == 0 and len(commands) == 1
+    command = commands[0]
+    assert command[0] == "/opt/cuda/bin/nvcc"
+    assert not any("-march" in flag for flag in command)
+    text = " ".join(command)
+    for part in ("-gencode arch=compute_80,code=sm_80", "-gencode arch=compute_90,code=sm_90", "-cudart static",
+                 "-Xlinker -z,defs", "-DDEPLOY_CTC_ORT_CUDA", "-L/opt/cuda/lib", f"-I{tmp_path}"):
+        assert part in text
+    assert any(flag.startswith("--version-script=") and flag.endswith("ort_ops.map") for flag in command)
+    host = command[command.index("-Xcompiler") + 1].split(",")  # the CPU library's host flags, the engine's among them
+    assert "-fPIC" in host and all(flag in host for flag in native_library.FLAGS if not flag.startswith(("-std", "-O")))
+    assert [Path(flag).name for flag in command if flag.endswith((".cu", ".cpp"))] == \
+        ["ort_ops.cpp", "ort_cuda_ops.cpp", "ctc_cpu.cpp", "ctc_align_cpu.cpp", "ctc_launch.cu"]

@@ -102,10 +102,11 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
                   link_flags: Sequence[str] = (), include_dirs: Sequence[str | os.PathLike] = (),
                   depends: Sequence[str | os.PathLike] = (),
                   target_flags: Sequence[Sequence[str]] = NATIVE_TARGETS, source_dir: str | os.PathLike | None = None,
-                  description: str | None = None) -> Path:
+                  description: str | None = None, compiler: str | None = None,
+                  shared_flags: Sequence[str] = SHARED_FLAGS) -> Path:
     """Compile ``sources`` into a shared library in the verified per-user cache; its path, ready for ``dlopen``.
 
-    The command is ``$CXX <compile_flags> <target> -I<source_dir> -I<include_dirs>... -fPIC -shared <sources> -o
+    The command is ``$CXX <compile_flags> <target> -I<source_dir> -I<include_dirs>... <shared_flags> <sources> -o
     <library> <link_flags>``, with ``<target>`` the first entry of ``target_flags`` the compiler accepts. A verified
     library built earlier (by any process, with any of the target flag sets) is returned without compiling. Call it
     once per process and keep the path: each call runs ``$CXX --version`` and digests the inputs.
@@ -124,6 +125,10 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
         target_flags: alternatives tried in order; ``[()]`` for one portable build.
         source_dir: the folder of ``sources``; default the kernels folder.
         description: what the INFO log line says is built (default ``name``).
+        compiler: the compiler driver to run instead of :func:`find_compiler`'s (nvcc, say); its path and
+            ``--version`` output are part of the key.
+        shared_flags: the flags making a shared library of position-independent code (default
+            :data:`SHARED_FLAGS`; nvcc takes ``-fPIC`` through ``-Xcompiler``).
 
     Raises:
         NativeUnavailable: no compiler, a missing source, a failed build (the compiler's messages), a built
@@ -145,13 +150,13 @@ def build_library(name: str, sources: Sequence[str], *, symbols: Iterable[str], 
             raise ValueError(f"sources must name a file directly inside {folder}, got {source!r}")
         if not path.is_file():
             raise NativeUnavailable(f"source {source!r} is not a file in {folder} (an incomplete installation?)")
-    compiler = find_compiler()
+    compiler = compiler or find_compiler()
     include_paths = [folder, *(Path(d).resolve() for d in include_dirs)]
     include = [f"-I{d}" for d in include_paths]
     key = _key(name, compiler, source_paths, include_paths, depends, [*compile_flags, *include, *link_flags])
     builds = []  # (command up to the sources, link flags, file name), in order of preference
     for target in target_flags:
-        command = [compiler, *compile_flags, *target, *include, *SHARED_FLAGS, *map(str, source_paths)]
+        command = [compiler, *compile_flags, *target, *include, *shared_flags, *map(str, source_paths)]
         digest = key.copy()
         digest.update("\0".join(target).encode())
         builds.append((command, list(link_flags), f"{name}-{digest.hexdigest()[:24]}.so"))

@@ -22,6 +22,10 @@ code, no ``-march=native``)::
 Where the library cannot be built (no headers, no compiler), :func:`library_path` raises
 :class:`NativeUnavailable` saying what is missing; :func:`deploy_ctc.onnx.session_options` then leaves the
 SessionOptions alone and sessions run the models' portable function bodies.
+
+**CUDA.** ``library_path(cuda=True)`` (``deploy-ctc ort-library --cuda``) builds the CUDA variant with nvcc: the
+same CPU ops plus ``CTCLoss`` / ``CTCLossGrad`` / ``CTCAlign`` for ``CUDAExecutionProvider``, for sessions on a GPU
+(:mod:`deploy_ctc.onnx.native_library_cuda`: why a second file, where nvcc comes from). Not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 from deploy_ctc._backends.kernel_sources import kernel_sources_dir
 from deploy_ctc._backends.native_cache import NATIVE_TARGETS, SHARED_FLAGS, NativeUnavailable, build_library, \
     find_compiler
+from deploy_ctc.onnx import native_library_cuda as cuda_build
 
 __all__ = ["INCLUDE_ENV", "NativeUnavailable", "build_command", "describe", "include_dir", "library_path"]
 
@@ -61,8 +66,8 @@ LINK_FLAGS = ("-Wl,--version-script={kernels}/" + VERSION_SCRIPT, "-Wl,-z,defs")
 PORTABLE_TARGET = ()
 
 _lock = threading.Lock()
-_path: str | None = None
-_failure: NativeUnavailable | None = None
+_paths: dict[bool, str] = {}  # cuda -> the built library
+_failures: dict[bool, NativeUnavailable] = {}
 
 
 def include_dir() -> Path:
@@ -84,38 +89,47 @@ def include_dir() -> Path:
                             f"package into a private folder)")
 
 
-def build_command(output, target=NATIVE_TARGETS[0]) -> list[str]:
-    """The compiler command building the library at ``output`` for ``target`` (``()``: portable code), as the cache
-    builds it.
+def build_command(output, target=None, cuda: bool = False) -> list[str]:
+    """The compiler command building the library (``cuda``: its CUDA variant) at ``output`` for ``target`` (``()``:
+    portable code; None: this machine's CPU), as the cache builds it.
 
     Raises:
-        NativeUnavailable: no compiler, no headers, an incomplete installation.
+        NativeUnavailable: no compiler (nvcc for ``cuda``), no headers, an incomplete installation.
     """
     kernels = _kernels()
+    if cuda:
+        nvcc = cuda_build.find_nvcc()
+        target = cuda_build.NATIVE_TARGETS[0] if target is None else target
+        return [nvcc, *cuda_build.compile_flags(FLAGS), *cuda_build.toolkit_flags(nvcc), *target, f"-I{kernels}",
+                f"-I{include_dir()}", *cuda_build.SHARED_FLAGS, *(str(kernels / name) for name in cuda_build.SOURCES),
+                "-o", str(output), *(flag.format(kernels=kernels) for flag in cuda_build.LINK_FLAGS)]
+    target = NATIVE_TARGETS[0] if target is None else target
     return [find_compiler(), *FLAGS, *target, f"-I{kernels}", f"-I{include_dir()}", *SHARED_FLAGS,
             *(str(kernels / name) for name in (SOURCE, *ENGINE_SOURCES)), "-o", str(output),
             *(flag.format(kernels=kernels) for flag in LINK_FLAGS)]
 
 
-def library_path() -> str:
+def library_path(cuda: bool = False) -> str:
     """Path of the custom-op library (register it with ``SessionOptions.register_custom_ops_library``), built on
     first use; thread-safe (concurrent first calls build once).
 
+    Args:
+        cuda: the CUDA variant (the CPU ops, plus CTCLoss, CTCLossGrad and CTCAlign for
+            ``CUDAExecutionProvider``), built with nvcc; for sessions on a GPU. Not yet run on a GPU.
+
     Raises:
-        NativeUnavailable: no ONNX Runtime headers, no C++ compiler, or a failed build; the message says which and
-            how to provide it. The failure is remembered for the process.
+        NativeUnavailable: no ONNX Runtime headers, no C++ compiler (nvcc or the CUDA runtime for ``cuda``), or a
+            failed build; the message says which and how to provide it. The failure is remembered for the process.
     """
-    global _path, _failure
     with _lock:
-        if _path is None and _failure is None:
+        if cuda not in _paths and cuda not in _failures:
             try:
-                _path = str(_build())
+                _paths[cuda] = str(_build_cuda() if cuda else _build())
             except NativeUnavailable as error:
-                _failure = error
-        if _failure is not None:
-            raise _failure
-        assert _path is not None  # built above, or the failure was raised
-        return _path
+                _failures[cuda] = error
+        if cuda in _failures:
+            raise _failures[cuda]
+        return _paths[cuda]
 
 
 def describe() -> str:
@@ -141,16 +155,30 @@ def _build() -> Path:
                          description="the native ONNX Runtime library")
 
 
-def run_command(portable: bool = False, output: Path | None = None) -> int:
+def _build_cuda() -> Path:
+    kernels, include = _kernels(), include_dir()
+    nvcc = cuda_build.find_nvcc()
+    return build_library("deploy_ctc_ort_cuda", cuda_build.SOURCES, symbols=[SYMBOL],
+                         compile_flags=[*cuda_build.compile_flags(FLAGS), *cuda_build.toolkit_flags(nvcc)],
+                         link_flags=[flag.format(kernels=kernels) for flag in cuda_build.LINK_FLAGS],
+                         include_dirs=[include], depends=[*(kernels / name for name in cuda_build.DEPENDS),
+                                                          include / HEADER],
+                         target_flags=cuda_build.NATIVE_TARGETS, compiler=nvcc,
+                         shared_flags=cuda_build.SHARED_FLAGS,
+                         description="the native ONNX Runtime library with CUDA kernels")
+
+
+def run_command(portable: bool = False, output: Path | None = None, cuda: bool = False) -> int:
     """``deploy-ctc ort-library``: print the library's path (building it if needed), or build a copy at ``output``
-    (default ``libdeploy_ctc_ort.so``) when ``output`` or ``portable`` is given; returns the exit code."""
+    (default ``libdeploy_ctc_ort.so``, ``libdeploy_ctc_ort_cuda.so`` with ``cuda``) when ``output`` or ``portable``
+    is given; returns the exit code."""
     try:
         if output is None and not portable:
-            print(library_path())
+            print(library_path(cuda=cuda))
             return 0
-        output = Path(output or "libdeploy_ctc_ort.so").resolve()
+        output = Path(output or ("libdeploy_ctc_ort_cuda.so" if cuda else "libdeploy_ctc_ort.so")).resolve()
         output.parent.mkdir(parents=True, exist_ok=True)
-        command = build_command(output, PORTABLE_TARGET if portable else NATIVE_TARGETS[0])
+        command = build_command(output, PORTABLE_TARGET if portable else None, cuda=cuda)
     except NativeUnavailable as error:
         print(f"deploy_ctc: {error}", file=sys.stderr)
         return 1

@@ -89,3 +89,30 @@ def grad_model(dtype: str = "float32", **attrs):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     attach_functions(model)
     return model
+
+
+def onnx_elem(array) -> int:
+    """The ONNX element type of ``array``'s dtype (float32/64, int32/64)."""
+    import onnx
+
+    types = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
+             np.dtype(np.int32): onnx.TensorProto.INT32, np.dtype(np.int64): onnx.TensorProto.INT64}
+    return types[np.asarray(array).dtype]
+
+
+def node_model(op: str, feeds: dict, **attrs):
+    """One deploy_ctc node over inputs typed like ``feeds`` (rank left open), attributes only those given; its output
+    ``out`` (CTCAlign: ``alignment`` and ``scores``)."""
+    import onnx
+
+    helper = onnx.helper
+    inputs = [helper.make_tensor_value_info(name, onnx_elem(value), None) for name, value in feeds.items()]
+    float_out = onnx_elem(feeds["log_probs"])
+    outputs = ([helper.make_tensor_value_info("alignment", onnx.TensorProto.INT64, None),
+                helper.make_tensor_value_info("scores", float_out, None)] if op == "CTCAlign" else
+               [helper.make_tensor_value_info("out", float_out, None)])
+    node = helper.make_node(op, list(feeds), [output.name for output in outputs], domain="deploy_ctc", **attrs)
+    graph = helper.make_graph([node], op, inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
+    model.ir_version = 10  # what onnxruntime-training 1.19.2, the oldest runtime tested, loads
+    return model

@@ -23,29 +23,15 @@ ort = pytest.importorskip("onnxruntime")
 import deploy_ctc  # noqa: E402
 import deploy_ctc.onnx as dco  # noqa: E402
 from deploy_ctc.onnx import native_library  # noqa: E402
-from tests.onnx.helpers import make_problem, native_library_or_skip  # noqa: E402
+from tests.onnx.helpers import make_problem, native_library_or_skip, node_model  # noqa: E402
 from tests.utils.oracles import assert_close, concatenate_targets, non_finite_batch, torch_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-ELEM = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float64): onnx.TensorProto.DOUBLE,
-        np.dtype(np.int32): onnx.TensorProto.INT32, np.dtype(np.int64): onnx.TensorProto.INT64}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def library():
     return native_library_or_skip()
-
-
-def node_model(op: str, feeds: dict, **attrs) -> onnx.ModelProto:
-    """One deploy_ctc node over inputs typed like ``feeds`` (rank left open), attributes only those given."""
-    helper = onnx.helper
-    inputs = [helper.make_tensor_value_info(name, ELEM[np.asarray(value).dtype], None) for name, value in feeds.items()]
-    out_elem = ELEM[np.asarray(feeds["log_probs"]).dtype]
-    node = helper.make_node(op, list(feeds), ["out"], domain="deploy_ctc", **attrs)
-    graph = helper.make_graph([node], op, inputs, [helper.make_tensor_value_info("out", out_elem, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
-    model.ir_version = 10  # what onnxruntime-training 1.19.2, the oldest runtime tested, loads
-    return model
 
 
 def run(op: str, feeds: dict, **attrs):
@@ -265,12 +251,12 @@ def test_only_register_custom_ops_is_exported(library):
 
 def test_missing_headers_fall_back_to_the_portable_body(monkeypatch, tmp_path, rng):
     monkeypatch.setenv(native_library.INCLUDE_ENV, str(tmp_path))
-    monkeypatch.setattr(native_library, "_path", None)
-    monkeypatch.setattr(native_library, "_failure", None)
+    monkeypatch.setattr(native_library, "_paths", {})
+    monkeypatch.setattr(native_library, "_failures", {})
     monkeypatch.setattr(native_library, "SYSTEM_INCLUDE", tmp_path / "none")
     from deploy_ctc.onnx import runtime
 
-    monkeypatch.setattr(runtime, "_warned", False)
+    monkeypatch.setattr(runtime, "_warned", set())
     with pytest.raises(native_library.NativeUnavailable, match=native_library.INCLUDE_ENV):
         dco.library_path()
     with pytest.warns(RuntimeWarning, match="portable function bodies"):
@@ -449,15 +435,7 @@ def test_non_finite_losses_follow_torch(rng, reduction, zero_infinity):
 # ----------------------------------------------------------------------------------------------------------
 def align(feeds: dict, **attrs):
     """The library's (alignment, scores) for ``feeds``."""
-    helper = onnx.helper
-    inputs = [helper.make_tensor_value_info(name, ELEM[np.asarray(value).dtype], None) for name, value in feeds.items()]
-    outputs = [helper.make_tensor_value_info("alignment", onnx.TensorProto.INT64, None),
-               helper.make_tensor_value_info("scores", ELEM[np.asarray(feeds["log_probs"]).dtype], None)]
-    node = helper.make_node("CTCAlign", list(feeds), ["alignment", "scores"], domain="deploy_ctc", **attrs)
-    model = helper.make_model(helper.make_graph([node], "CTCAlign", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("deploy_ctc", 1)])
-    model.ir_version = 10  # onnxruntime-training 1.19.2 runs these tests too
-    session = ort.InferenceSession(model.SerializeToString(), dco.session_options(),
+    session = ort.InferenceSession(node_model("CTCAlign", feeds, **attrs).SerializeToString(), dco.session_options(),
                                    providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 

@@ -56,7 +56,8 @@ def params(rng):
 def portable(request, monkeypatch):
     """Both ways of running CTCLoss / CTCLossGrad; the portable one where the native library cannot be built."""
     if request.param:
-        monkeypatch.setattr(native_library, "_failure", native_library.NativeUnavailable("not built for this test"))
+        unavailable = native_library.NativeUnavailable("not built for this test")
+        monkeypatch.setattr(native_library, "_failures", {False: unavailable})
     else:
         native_library_or_skip()
     return request.param
@@ -212,7 +213,7 @@ def test_log_probs_output_must_be_float_rank3(params, tmp_path):
 def test_unavailable_library_is_explained(params, tmp_path, monkeypatch):
     artifacts = generate(params, tmp_path)
     path = native_library_or_skip()
-    monkeypatch.setattr(native_library, "_failure", native_library.NativeUnavailable("no headers here"))
+    monkeypatch.setattr(native_library, "_failures", {False: native_library.NativeUnavailable("no headers here")})
 
     with pytest.raises(native_library.NativeUnavailable, match=r"no headers here; .*portable=True"):
         training.generate_artifacts(tiny_model.make_model(params), list(tiny_model.PARAMETERS),

@@ -23,6 +23,8 @@ CAPABILITIES = {
     "native": re.compile(r"native engine|C\+\+ compiler|needs g\+\+"),
     # deploy_ctc's native ONNX Runtime custom-op library (built against the headers DEPLOY_CTC_ORT_INCLUDE names)
     "ortlib": re.compile(r"native ONNX Runtime library"),
+    # Its CUDA variant, built with nvcc (the ort-cuda extra's nvidia-cuda-nvcc, or a CUDA toolkit)
+    "ortcuda": re.compile(r"CUDA ONNX Runtime library"),
     # CuPy and NVRTC (the cuda-build extra): the CUDA kernels compile, and run on the CPU harness
     "nvrtc": re.compile(r"NVRTC|cuda-build|could not import 'cupy|needs cupy\b|deploy_ctc\[cuda\]"),
     "gpu": re.compile(r"\bGPU\b|needs gpu\b"),

@@ -25,6 +25,8 @@ REASONS = {
     "no C++ compiler (g++ or $CXX) to build the CUDA kernel harness": ["native"],
     "needs g++ and the onnxruntime wheel's capi/libonnxruntime.so.*": ["native"],
     "the native ONNX Runtime library is unavailable here: no onnxruntime_c_api.h": ["ortlib"],
+    "the CUDA ONNX Runtime library cannot be built here: nvcc was not found": ["ortcuda"],
+    "needs a GPU and onnxruntime's CUDAExecutionProvider": ["gpu"],
     "NVRTC is not loadable (libnvrtc.so: cannot open); pip install deploy_ctc[cuda-build]": ["nvrtc"],
     "could not import 'cupy_backends.cuda.libs.nvrtc': No module named 'cupy_backends'": ["nvrtc"],
     "README.md:200 needs cupy: pip install 'deploy_ctc[cuda]'": ["nvrtc"],
