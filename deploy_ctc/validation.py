@@ -84,6 +84,8 @@ def check_blank(blank) -> int:
     Raises:
         TypeError: ``blank`` is not an integer (a bool is not one).
     """
+    if type(blank) is int:  # the usual case, without the abstract-class check below
+        return blank
     if isinstance(blank, (bool, np.bool_)) or not isinstance(blank, numbers.Integral):
         raise TypeError(f"blank must be an integer, got {blank!r} of type {type(blank).__name__}")
     return int(blank)
@@ -144,14 +146,21 @@ def _float_log_probs(log_probs, xp):
     if not dtype.isnative:  # big-endian data from a file, say: the backends compute in native byte order
         dtype = dtype.newbyteorder("=")
         log_probs = log_probs.astype(dtype)
-    if dtype == np.float16:
+    kind = dtype.char  # one letter per type: comparing dtypes converts the other side on every call
+    if kind == "e":  # float16
         return (log_probs if xp is np else log_probs.astype(np.float32)), dtype
-    if dtype in (np.float32, np.float64):
+    if kind in ("f", "d") or dtype in (np.float32, np.float64):  # (a platform may spell one with another letter)
         return log_probs, dtype
     raise TypeError(f"log_probs must have a floating dtype (float16, float32 or float64), got {dtype}")
 
 
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+def _is_integer_dtype(dtype) -> bool:
+    """Whether ``dtype`` is an integer dtype (bool is not one), as ``np.issubdtype(dtype, np.integer)``; the usual
+    kinds are answered without it (it costs microseconds)."""
+    return dtype.kind in "iu" or (dtype.kind != "b" and bool(np.issubdtype(dtype, np.integer)))
 
 
 def integer_array(value, name: str, xp):
@@ -163,11 +172,11 @@ def integer_array(value, name: str, xp):
     """
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be integers, got {value!r}")
-    if xp is not np and isinstance(value, xp.ndarray):
+    if isinstance(value, np.ndarray) or (xp is not np and isinstance(value, xp.ndarray)):
         arr = value
     elif isinstance(value, (list, tuple)):
         arr = np.asarray(value)
-        if not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        if not (_is_integer_dtype(arr.dtype) or arr.size == 0):
             # NumPy turns ints beyond 64 bits into objects, and a mix of uint64- and int64-only values into floats.
             for i, item in enumerate(np.asarray(value, dtype=object).reshape(-1)):
                 if isinstance(item, (bool, np.bool_)) or not isinstance(item, numbers.Integral):
@@ -180,17 +189,15 @@ def integer_array(value, name: str, xp):
         if not -_INT64_MAX - 1 <= value <= _INT64_MAX:
             raise ValueError(f"{name} = {value} is outside the int64 range")
         arr = np.asarray(value, dtype=np.int64)
-    elif isinstance(value, np.ndarray):
-        arr = value
     elif type(value).__module__.startswith("cupy"):
         # NumPy log_probs with device targets/lengths: NumPy cannot read device memory.
         raise TypeError(f"{name} is a CuPy (device) array but log_probs is a NumPy array; pass {name} as a NumPy "
                         "array, a sequence or an int")
     else:
         raise TypeError(f"{name} must be an int, a sequence of ints or an integer array, got {type(value).__name__}")
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+    if not _is_integer_dtype(arr.dtype):
         raise TypeError(f"{name} must have an integer dtype (int32 or int64), got {arr.dtype}")
-    if arr.dtype == np.uint64 and arr.size:
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size:  # uint64
         too_big = _to_host(arr > _INT64_MAX, xp)  # uint64 above int64: casting would wrap it to a negative value
         if too_big.any():
             first = _first_index(too_big)
@@ -206,7 +213,9 @@ def _lengths(value, name: str, n: int, batched: bool, xp):
     if arr.size != n:
         expected = f"N={n} entries (one per batch item)" if batched else "a single length for unbatched (T, C) log_probs"
         raise ValueError(f"{name} must have {expected}, got shape {tuple(arr.shape)}")
-    return xp.asarray(arr.reshape(n), dtype=np.int64)
+    # On NumPy, a private copy: what is checked is what the backends read, whatever the caller does meanwhile (CuPy
+    # lengths reach the host as a copy).
+    return arr.reshape(n).astype(np.int64, copy=xp is np)
 
 
 def _first_index(mask) -> tuple[int, ...]:
@@ -260,7 +269,78 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     concatenated = batched and not padded
     width = targets.shape[-1]  # S of the padded / unbatched form, total length when concatenated
 
-    # Device-side check of target values: only entries inside each target's length count.
+    if xp is np:
+        # The lengths are private copies (_lengths): the checks and the backends see the same values.
+        S, labels = _check_lengths(il, tl, T, width, concatenated)
+        dense = _dense_targets(targets, tl, tl, S, width, concatenated, np)  # (N, S) private, checked next
+        if not _labels_valid(dense, labels, C, blank):
+            bad = _bad_targets(targets, tl, C, blank, width, concatenated, np)
+            _raise_bad_target(targets, bad, tl, C, blank, concatenated, batched, np)
+        il_host, tl_host = il, tl
+    else:
+        # Device-side check of target values, then the one host transfer: both lengths and the bad-value count.
+        bad = _bad_targets(targets, tl, C, blank, width, concatenated, xp)
+        bad_count = xp.count_nonzero(bad).reshape(1).astype(np.int64)
+        host = _to_host(xp.concatenate([il, tl, bad_count]), xp)  # (2N + 1,)
+        il_host, tl_host, n_bad = host[:N], host[N:2 * N], int(host[2 * N])
+        S, _ = _check_lengths(il_host, tl_host, T, width, concatenated)
+        if n_bad:
+            _raise_bad_target(targets, bad, tl_host, C, blank, concatenated, batched, xp)
+        dense = _dense_targets(targets, tl, tl_host, S, width, concatenated, xp)
+
+    return CTCProblem(xp=xp, log_probs=log_probs, targets=dense, input_lengths=il_host, target_lengths=tl_host,
+                      blank=blank, reduction=reduction, zero_infinity=zero_infinity, batched=batched,
+                      out_dtype=out_dtype)
+
+
+def _low_high(values: np.ndarray) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty host integer array, as ints (a short one through a list: a NumPy reduction costs
+    more than the whole list)."""
+    if values.size <= _SHORT:
+        listed = values.tolist()
+        return min(listed), max(listed)
+    return int(values.min()), int(values.max())
+
+
+_SHORT = 64  # arrays up to this long are reduced as Python lists
+
+
+def _check_lengths(il, tl, T: int, width: int, concatenated: bool) -> tuple[int, int]:
+    """Check the host ``(N,)`` int64 lengths against ``T`` and the targets' ``width`` (``S``, or the concatenated
+    length); returns ``(max(target_lengths), sum(target_lengths))``.
+
+    Raises:
+        ValueError: a negative length, ``input_lengths[n] > T``, ``target_lengths[n] > width``, or concatenated
+            targets whose length is not ``sum(target_lengths)`` (the first of these, in this order).
+    """
+    il_low, il_high = _low_high(il)
+    tl_low, tl_high = _low_high(tl)
+    for name, lengths, low in (("input_lengths", il, il_low), ("target_lengths", tl, tl_low)):
+        if low < 0:
+            i = int(np.argmax(lengths < 0))
+            raise ValueError(f"{name}[{i}] = {lengths[i]} must be non-negative")
+    if il_high > T:
+        i = int(np.argmax(il > T))
+        raise ValueError(f"input_lengths[{i}] = {il[i]} exceeds T={T} (log_probs.shape[0])")
+    if tl_high > width:
+        i = int(np.argmax(tl > width))
+        if concatenated:
+            raise ValueError(f"target_lengths[{i}] = {tl[i]} exceeds the length of the 1-D (concatenated) "
+                             f"targets, {width}")
+        raise ValueError(f"target_lengths[{i}] = {tl[i]} exceeds S={width} (targets.shape[-1])")
+    # Each length is now in [0, width]: their int64 sum is exact below 2^63, else summed in Python ints (an int64 sum
+    # could wrap around to the right total).
+    total = int(tl.sum()) if _SHORT < tl.size and tl.size * width < 2**63 else sum(tl.tolist())
+    if concatenated and total != width:
+        raise ValueError(f"sum(target_lengths) = {total} must equal the length of the 1-D "
+                         f"(concatenated) targets, {width}")
+    return tl_high, total
+
+
+def _bad_targets(targets, tl, C: int, blank: int, width: int, concatenated: bool, xp):
+    """Which entries within their target's length are outside ``[0, C)`` or equal ``blank``: ``(P,)`` bool for
+    concatenated targets, else ``(N, width)``; ``tl`` the ``(N,)`` lengths in ``xp``."""
+    N = tl.shape[0]
     if concatenated:
         ends = xp.cumsum(tl)  # (N,) end offset of each target
         bad_value = (targets < 0) | (targets >= C) | (targets == blank)  # (P,)
@@ -269,37 +349,14 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
         flat_targets = targets.reshape(N, width)  # (N, S)
         bad_value = (flat_targets < 0) | (flat_targets >= C) | (flat_targets == blank)  # (N, S)
         inside = xp.arange(width)[None, :] < tl[:, None]  # (N, S)
-    bad_count = xp.count_nonzero(bad_value & inside).reshape(1).astype(np.int64)
+    return bad_value & inside
 
-    # The one host transfer: both lengths and the bad-value count.
-    host = _to_host(xp.concatenate([il, tl, bad_count]), xp)  # (2N + 1,)
-    il_host, tl_host, n_bad = host[:N], host[N:2 * N], int(host[2 * N])
 
-    for name, lengths in (("input_lengths", il_host), ("target_lengths", tl_host)):
-        if (lengths < 0).any():
-            i = int(np.argmax(lengths < 0))
-            raise ValueError(f"{name}[{i}] = {lengths[i]} must be non-negative")
-    if (il_host > T).any():
-        i = int(np.argmax(il_host > T))
-        raise ValueError(f"input_lengths[{i}] = {il_host[i]} exceeds T={T} (log_probs.shape[0])")
-    if concatenated:
-        # Each length is checked before the sum (then at most N * width, but summed in Python ints: an int64 sum
-        # can wrap around to the right total).
-        if (tl_host > width).any():
-            i = int(np.argmax(tl_host > width))
-            raise ValueError(f"target_lengths[{i}] = {tl_host[i]} exceeds the length of the 1-D (concatenated) "
-                             f"targets, {width}")
-        total = sum(tl_host.tolist())
-        if total != width:
-            raise ValueError(f"sum(target_lengths) = {total} must equal the length of the 1-D "
-                             f"(concatenated) targets, {width}")
-    elif (tl_host > width).any():
-        i = int(np.argmax(tl_host > width))
-        raise ValueError(f"target_lengths[{i}] = {tl_host[i]} exceeds S={width} (targets.shape[-1])")
-    if n_bad:
-        _raise_bad_target(targets, bad_value & inside, tl_host, C, blank, concatenated, batched, xp)
-
-    S = int(tl_host.max())
+def _dense_targets(targets, tl, tl_host, S: int, width: int, concatenated: bool, xp):
+    """The ``(N, S)`` int64 C-contiguous targets of :class:`CTCProblem` (a new array, zero beyond each length) from
+    lengths-checked padded, unbatched or concatenated ``targets``; ``tl`` the lengths in ``xp``, ``tl_host`` on the
+    host."""
+    N = tl_host.shape[0]
     pos = xp.arange(S)  # (S,)
     if concatenated:
         starts = xp.asarray(np.cumsum(tl_host) - tl_host)  # (N,)
@@ -308,11 +365,20 @@ def validate(log_probs, targets, input_lengths, target_lengths, blank=0, reducti
     else:
         gathered = targets.reshape(N, width)[:, :S]  # (N, S)
     keep = pos[None, :] < tl[:, None]  # (N, S)
-    dense = xp.ascontiguousarray(xp.where(keep, gathered, 0).astype(np.int64))  # (N, S)
+    return xp.ascontiguousarray(xp.where(keep, gathered, 0), dtype=np.int64)
 
-    return CTCProblem(xp=xp, log_probs=log_probs, targets=dense, input_lengths=il_host.astype(np.int64),
-                      target_lengths=tl_host.astype(np.int64), blank=blank, reduction=reduction,
-                      zero_infinity=zero_infinity, batched=batched, out_dtype=out_dtype)
+
+def _labels_valid(dense, labels: int, C: int, blank: int) -> bool:
+    """Whether every label of host ``dense`` ``(N, S)`` int64 targets (0 beyond each target's length; ``labels`` the
+    sum of the lengths) is in ``[0, C)`` and differs from ``blank``, in two NumPy calls."""
+    if not dense.size:
+        return True
+    # Negative labels are above 2^63 as unsigned: one maximum checks both ends of [0, C) (the padding 0 is in it).
+    if int(np.maximum.reduce(dense.view(np.uint64), axis=None)) >= C:
+        return False
+    if blank == 0:  # the padding is 0 too: exactly the sum(tl) labels must be nonzero
+        return int(np.count_nonzero(dense)) == labels
+    return not (dense == blank).any()
 
 
 def _to_host(arr, xp) -> np.ndarray:

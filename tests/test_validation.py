@@ -249,6 +249,36 @@ def test_validate_padded_problem(case):
     assert (problem.blank, problem.reduction, problem.zero_infinity) == (0, "sum", True)
 
 
+def test_validate_holds_private_lengths_and_targets(case):
+    """What validate checked is what the backends read: changing the caller's arrays afterwards changes nothing."""
+    lp, targets, il, tl = case
+    problem = validation.validate(lp, targets, il, tl)
+    il[0], tl[0], targets[0, 0] = 99, 99, -7
+    np.testing.assert_array_equal(problem.input_lengths, [6, 5, 4])
+    np.testing.assert_array_equal(problem.target_lengths, [4, 2, 1])
+    assert problem.targets[0, 0] == 1
+
+
+@pytest.mark.parametrize("blank", [0, 3])
+@pytest.mark.parametrize("pad", ["blank", -1, C, 0])
+def test_labels_are_checked_within_each_length_only(case, blank, pad):
+    """Padding equal to blank, negative or >= C is ignored, label 0 is valid when blank is not 0; a label that
+    equals blank or leaves [0, C) inside a length is reported (torch float64 is the oracle for the accepted ones)."""
+    torch = pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
+    lp, _, il, tl = case
+    targets = np.array([[1, 2, 4, 1], [0 if blank else 2, 1, 0, 0], [4, 0, 0, 0]])
+    targets[1, 2:] = targets[2, 1:] = blank if pad == "blank" else pad
+    expected = torch.nn.functional.ctc_loss(torch.from_numpy(lp), torch.as_tensor(targets), torch.as_tensor(il),
+                                            torch.as_tensor(tl), blank=blank, reduction="none")
+    np.testing.assert_allclose(call(lp, targets, il, tl, blank=blank, reduction="none"), expected.numpy(),
+                               rtol=1e-12)
+    for value, fragment in ((blank, "blank"), (-1, "outside"), (C, "outside")):
+        bad = targets.copy()
+        bad[1, 1] = value
+        with raises(ValueError, "targets[1, 1]", str(value), fragment):
+            call(lp, bad, il, tl, blank=blank)
+
+
 def test_validate_concatenated_problem_has_width_max_length(case):
     lp, _, il, _ = case
     problem = validation.validate(lp, np.array([3, 1, 1, 2]), il, [1, 0, 3])

@@ -77,6 +77,11 @@ def recording() -> Iterator[PathStats]:
             _active.remove(stats)
 
 
+def recording_now() -> bool:
+    """Whether a :func:`recording` block is active (a backend may then skip gathering what :func:`record` takes)."""
+    return bool(_active)
+
+
 def record(backend: str, samples: np.ndarray, exact: np.ndarray, parts: int) -> None:
     """Report one call: ``samples`` ``(R,)`` the batch indices that ran the recursions, ``exact`` those of them
     redone exactly, ``parts`` the pieces of work dispatched to threads. A no-op unless a block is recording."""

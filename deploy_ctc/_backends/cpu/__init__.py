@@ -14,12 +14,17 @@ import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
-from . import common, native_build
+from . import common, native, native_build
 
 ENV = "DEPLOY_CTC_CPU_BACKEND"
 CHOICES = ("auto", "native", "numpy")
 
-_override = threading.local()
+
+class _Override(threading.local):
+    choice: str | None = None  # per thread: the choice of the innermost using() block, None outside any
+
+
+_override = _Override()
 _warned = False
 
 
@@ -43,12 +48,10 @@ def name() -> str:
 def _select(warn):
     global _warned
     common.pool_size()  # a bad DEPLOY_CTC_NUM_THREADS fails every call, not only one large enough for threads
-    choice = getattr(_override, "choice", None) or _choice_from_environment()
+    choice = _override.choice or _choice_from_environment()
     if choice != "numpy":
         try:
             native_build.library()
-            from . import native
-
             return native
         except native_build.NativeUnavailable as error:
             if choice == "native":
@@ -68,7 +71,7 @@ def using(choice: str) -> Iterator[None]:
     """Run the block with CPU backend ``choice`` (one of :data:`CHOICES`) on this thread."""
     if choice not in CHOICES:
         raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
-    previous = getattr(_override, "choice", None)
+    previous = _override.choice
     _override.choice = choice
     try:
         yield
@@ -77,7 +80,10 @@ def using(choice: str) -> Iterator[None]:
 
 
 def _choice_from_environment():
-    choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    setting = os.environ.get(ENV)
+    if setting is None:  # the usual case, read on every call: the variable may be set at any time
+        return "auto"
+    choice = setting.strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {os.environ[ENV]!r}")
     return choice

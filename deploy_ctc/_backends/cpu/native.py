@@ -15,6 +15,8 @@ releases the GIL); small batches run on the calling thread.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 from . import common, native_build
@@ -41,18 +43,20 @@ def forward_backward(problem, grad_scale=None, convention="torch"):
         MemoryError: the engine's scratch memory could not be allocated.
     """
     lib = native_build.library()
-    if problem.log_probs.dtype == np.float16:
+    if problem.log_probs.dtype.char == "e":  # float16
         return common.in_float32_groups(problem, grad_scale, convention, forward_backward)
     nll, grad, grad_scale, run = common.start(problem, grad_scale)
-    samples = np.flatnonzero(run)  # (R,)
+    samples = run.nonzero()[0]  # (R,)
     if samples.size:
-        ok = np.zeros(nll.shape, dtype=np.uint8)  # (N,) the engine's ENGINE_* code of each sample
+        # The engine's ENGINE_* code of each sample; those it is not given count as fast (they need no redo).
+        ok = np.empty(nll.shape, dtype=np.uint8)  # (N,)
+        ok.fill(ENGINE_FAST)
         parts = _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention)
-        redo = samples[ok[samples] == ENGINE_LEFT]
-        if redo.size:
+        if np.minimum.reduce(ok) == ENGINE_LEFT:  # a sample left to the exact log-space redo (the lowest code)
             with np.errstate(all="ignore"):
-                common.redo_exact(problem, redo, nll, grad, grad_scale, convention)
-        paths.record("native", samples, samples[ok[samples] != ENGINE_FAST], parts)
+                common.redo_exact(problem, np.flatnonzero(ok == ENGINE_LEFT), nll, grad, grad_scale, convention)
+        if paths.recording_now():
+            paths.record("native", samples, np.flatnonzero(ok != ENGINE_FAST), parts)
     return common.finish(problem, nll, grad)
 
 
@@ -61,31 +65,51 @@ def _run_engine(lib, problem, samples, nll, ok, grad, grad_scale, convention):
     when the work is large enough; returns how many parts it was split into."""
     lp = problem.log_probs  # (T, N, C)
     T, N, C = lp.shape
-    if any(stride % lp.itemsize for stride in lp.strides):
+    itemsize = lp.itemsize
+    st, sn, sc = lp.strides
+    if st % itemsize or sn % itemsize or sc % itemsize:
         lp = np.ascontiguousarray(lp)  # strides that are not whole elements (a view into a packed record)
-    st, sn, sc = (stride // lp.itemsize for stride in lp.strides)
+        st, sn, sc = lp.strides
     # The engine indexes these as dense arrays: grad_output reaches grad_scale as a stride-0 broadcast, say.
-    il, tl = (np.ascontiguousarray(a, dtype=np.int64) for a in (problem.input_lengths, problem.target_lengths))
+    il = np.ascontiguousarray(problem.input_lengths, dtype=np.int64)  # (N,)
+    tl = np.ascontiguousarray(problem.target_lengths, dtype=np.int64)  # (N,)
     targets = np.ascontiguousarray(problem.targets, dtype=np.int64)  # (N, S)
-    grad_scale = None if grad_scale is None else np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
-    address = lambda array: None if array is None else array.ctypes.data  # noqa: E731
-
-    cost = il[samples] * (2 * tl[samples] + 1 + (C if grad is not None else 0))  # (R,) cells each sample touches
-    parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
-    shared = (address(targets), targets.shape[1], address(il), address(tl), problem.blank)
+    S = targets.shape[1]
+    gradient_cells = 0 if grad is None else C
+    if T * N * (2 * S + 1 + gradient_cells) >= _PARALLEL_MIN_CELLS:  # a bound on the cost below
+        cost = il[samples] * (2 * tl[samples] + 1 + gradient_cells)  # (R,) cells each sample touches
+        parts = common.deal(samples, cost, common.workers() if cost.sum() >= _PARALLEL_MIN_CELLS else 1)
+    else:  # too little work to hand to threads, or to order for the engine's lanes: one call, on this thread
+        parts = [np.ascontiguousarray(samples, dtype=np.int64)]
+    loss_only, with_gradient = native_build.entry_points(lp.dtype)
+    strides = (st // itemsize, sn // itemsize, sc // itemsize)
+    shared = (_address(targets), S, _address(il), _address(tl), problem.blank)
     if grad is None:  # the loss-only entry point: the forward recursion alone
-        entry = getattr(lib, native_build.NLL_ENTRY_POINTS[lp.dtype.name])
-        head, tail = (address(lp), C, st, sn, sc) + shared, (address(nll), address(ok))
+        entry = loss_only
+        head, tail = (_address(lp), C, *strides, *shared), (_address(nll), _address(ok))
     else:
-        entry = getattr(lib, native_build.ENTRY_POINTS[lp.dtype.name])
-        head = (address(lp), N, C, st, sn, sc) + shared
-        tail = (address(grad), address(grad_scale), int(convention == "plain"), address(nll), address(ok))
+        entry = with_gradient
+        grad_scale = np.ascontiguousarray(grad_scale, dtype=np.float64)  # (N,)
+        head = (_address(lp), N, C, *strides, *shared)
+        tail = (_address(grad), _address(grad_scale), int(convention == "plain"), _address(nll), _address(ok))
 
     def call(part):
-        if entry(*head, part.ctypes.data, part.size, *tail) != 0:
+        if entry(*head, _address(part), part.size, *tail) != 0:
             raise MemoryError(f"deploy_ctc's native engine could not allocate its scratch memory for "
                               f"{part.size} samples of up to T={int(il[part].max())} frames")
 
     common.run_parts(call, parts)
     return len(parts)
 
+
+_char_at = ctypes.c_char.from_buffer
+
+
+def _address(array) -> int:
+    """The address of ``array``'s first element (``array.ctypes.data``): through the buffer protocol where the array
+    is writable, C-contiguous and not empty (a quarter of the cost of ``array.ctypes.data``, which builds a Python
+    object per call), else ``array.ctypes.data``."""
+    try:
+        return ctypes.addressof(_char_at(array))
+    except (TypeError, ValueError):  # read-only, strided, or no byte to view
+        return array.ctypes.data

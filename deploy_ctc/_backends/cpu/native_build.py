@@ -15,10 +15,12 @@ import ctypes
 import os
 import threading
 
+import numpy as np
+
 from ..native_cache import NativeUnavailable, build_library
 
 __all__ = ["ALIGN_ENTRY_POINTS", "ALIGN_SOURCE", "ENTRY_POINTS", "FLAGS", "NLL_ENTRY_POINTS", "NativeUnavailable",
-           "SOURCE", "describe", "library"]
+           "SOURCE", "describe", "entry_points", "library"]
 
 #: The translation unit of the CPU engine, in the kernels folder.
 SOURCE = "ctc_cpu.cpp"
@@ -52,6 +54,7 @@ _ALIGN_SIGNATURE = ([ctypes.c_void_p] + [ctypes.c_int64] * 4  # lp; N and lp's e
 _lock = threading.Lock()
 _library = None
 _failure: NativeUnavailable | None = None
+_entry_points: dict = {}  # dtype.char -> (losses only, losses and gradients)
 
 
 def library():
@@ -60,19 +63,39 @@ def library():
     Raises:
         NativeUnavailable: no C++ compiler, a failed build or load (the failure is remembered for the process).
     """
-    global _library, _failure
+    global _library, _failure, _entry_points
+    if _library is not None:  # loaded once per process, never unloaded: no lock needed to read it
+        return _library
     with _lock:
         if _library is None and _failure is None:
             try:
-                _library = _load(build_library("ctc_cpu", [SOURCE, ALIGN_SOURCE],
-                                               symbols=[*ENTRY_POINTS.values(), *NLL_ENTRY_POINTS.values(),
-                                                        *ALIGN_ENTRY_POINTS.values()],
-                                               compile_flags=FLAGS, description="the native CPU engine"))
+                lib = _load(build_library("ctc_cpu", [SOURCE, ALIGN_SOURCE],
+                                          symbols=[*ENTRY_POINTS.values(), *NLL_ENTRY_POINTS.values(),
+                                                   *ALIGN_ENTRY_POINTS.values()],
+                                          compile_flags=FLAGS, description="the native CPU engine"))
             except NativeUnavailable as error:
                 _failure = error
+            else:
+                # By the dtype's one-letter code (dtype.name costs microseconds per call); set before _library,
+                # which callers read without the lock.
+                _entry_points = {np.dtype(name).char: (getattr(lib, NLL_ENTRY_POINTS[name]),
+                                                       getattr(lib, ENTRY_POINTS[name])) for name in ENTRY_POINTS}
+                _library = lib
         if _failure is not None:
             raise _failure
         return _library
+
+
+def entry_points(dtype) -> tuple:
+    """``(losses only, losses and gradients)``: the engine's two typed entry points for ``log_probs`` of ``dtype``
+    (float32 or float64).
+
+    Raises:
+        NativeUnavailable: the engine cannot be built here.
+    """
+    library()
+    entries = _entry_points.get(dtype.char)
+    return entries if entries is not None else _entry_points[np.dtype(dtype.name).char]  # float64 by another letter
 
 
 def describe():

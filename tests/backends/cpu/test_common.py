@@ -136,7 +136,41 @@ def test_work_is_dealt_into_balanced_parts():
     assert len(common.deal(samples, cost, 1)) == 1
 
 
+@pytest.mark.parametrize("span", [7, 1 << 16, 1 << 40])
+def test_dealing_order_is_decreasing_cost_stable_for_any_span(span):
+    """Costs spanning fewer than 2^16 values are sorted through 16-bit keys: the order is still NumPy's stable
+    argsort of -cost (ties in sample order), beside the 64-bit path for wider spans."""
+    rng = np.random.default_rng(span)
+    cost = rng.integers(0, span, 5000) + span  # many ties when the span is small
+    samples = np.arange(5000, dtype=np.int64) * 2
+    (order,) = common.deal(samples, cost, 1)
+    np.testing.assert_array_equal(order, samples[np.argsort(-cost, kind="stable")])
+
+
 def test_bad_thread_count_fails_a_small_forced_alignment(monkeypatch, fresh_pool_size):
     monkeypatch.setenv(common.THREADS_ENV, "0")
     with pytest.raises(ValueError, match="DEPLOY_CTC_NUM_THREADS must be a positive integer, got '0'"):
         deploy_ctc.forced_align(np.log(np.full((3, 4), 0.25)), np.array([1, 2]), np.array(3), np.array(2))
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_feasibility_at_the_frames_bound(backend):
+    """start() skips the repeat count when every sample has 2 S - 1 frames; at and below that bound the losses stay
+    torch's (+inf where a target needs more frames than the sample has, zero_infinity's 0, and their gradient rows)."""
+    torch = pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracle")
+    rng = np.random.default_rng(5)
+    T, C, S = 7, 4, 4
+    targets = np.array([[1, 1, 1, 1], [1, 2, 1, 2], [2, 2, 3, 3], [3, 0, 0, 0]])
+    tl = np.array([4, 4, 4, 1])
+    for il in (np.full(4, 2 * S - 1), np.array([7, 4, 5, 1]), np.array([6, 3, 6, 0])):
+        lp = np.log(rng.dirichlet(np.ones(C), size=(T, 4)))
+        for zero_infinity in (False, True):
+            with deploy_ctc.backends.using(backend):
+                loss, grad = deploy_ctc.ctc_loss_and_grad(lp, targets, il, tl, reduction="sum",
+                                                          zero_infinity=zero_infinity)
+            x = torch.from_numpy(lp).requires_grad_()
+            expected = torch.nn.functional.ctc_loss(x, torch.as_tensor(targets), torch.as_tensor(il),
+                                                    torch.as_tensor(tl), reduction="sum", zero_infinity=zero_infinity)
+            expected.backward()
+            np.testing.assert_allclose(loss, expected.item(), rtol=1e-12)
+            np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-10, atol=1e-12)

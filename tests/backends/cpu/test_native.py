@@ -344,3 +344,14 @@ def test_scratch_size_beyond_64_bits_is_a_memory_error_not_a_crash():
     result = subprocess.run([sys.executable, "-c", HUGE_T_SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
     assert result.stdout.startswith("MemoryError"), result.stdout
+
+
+def test_engine_addresses_of_every_kind_of_array():
+    """_address reads the data address through the buffer protocol, falling back for arrays that cannot export a
+    writable buffer; numpy's own .ctypes.data is the oracle."""
+    base = np.arange(12, dtype=np.int64)
+    read_only = base.copy()
+    read_only.flags.writeable = False
+    strided = (base[::2], base[::-1], np.asfortranarray(base.reshape(3, 4)), base.reshape(3, 4)[:, 1:])
+    for array in (base, base[2:], read_only, np.broadcast_to(base, (2, 12)), np.zeros((3, 0)), *strided):
+        assert native._address(array) == array.ctypes.data
