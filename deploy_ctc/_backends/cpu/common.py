@@ -43,18 +43,19 @@ def start(problem, grad_scale):
         run.fill(True)
         return nll, grad, grad_scale, run
     inside = np.arange(1, S) < tl[:, None]  # (N, S - 1) pairs within the target
-    repeats = np.count_nonzero((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,)
+    repeats = np.add.reduce((targets[:, 1:] == targets[:, :-1]) & inside, axis=1)  # (N,) counts
     feasible = il >= tl + repeats  # (N,)
-    framed = il > 0  # (N,)
-    if not feasible.all():
+    if not np.logical_and.reduce(feasible):
+        framed = il > 0 if fewest == 0 else True  # (N,) samples with a frame (all of them when fewest > 0)
         for n in np.flatnonzero(~feasible & framed):
             classes = np.append(targets[n, : tl[n]], problem.blank)  # (tl + 1,)
             if not (lp[: il[n], n][:, classes] < np.inf).all():  # NaN or +inf on the lattice
                 feasible[n] = True
     nll = np.where(feasible, np.nan, np.inf)  # (N,)
-    if fewest == 0:
-        nll[(il == 0) & (tl == 0)] = 0.0
-    return nll, grad, grad_scale, feasible & framed
+    if fewest > 0:
+        return nll, grad, grad_scale, feasible
+    nll[(il == 0) & (tl == 0)] = 0.0
+    return nll, grad, grad_scale, feasible & (il > 0)
 
 
 def _fewest_frames(il) -> int:

@@ -111,5 +111,5 @@ def _address(array) -> int:
     object per call), else ``array.ctypes.data``."""
     try:
         return ctypes.addressof(_char_at(array))
-    except (TypeError, ValueError):  # read-only, strided, or no byte to view
+    except (TypeError, ValueError, BufferError):  # read-only, strided, or no byte to view
         return array.ctypes.data
