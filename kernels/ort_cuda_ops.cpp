@@ -136,9 +136,7 @@ template <typename scalar_t>
 void compute_cuda(const Kernel& k, OrtKernelContext* context) {
   const OrtApi* api = k.api;
   const std::size_t first = k.grad ? 1 : 0;  // CTCLossGrad's d_loss comes first
-  const Tensor lp = input(api, context, first);
-  const Problem p = validate(lp, input(api, context, first + 1), input(api, context, first + 2),
-                             input(api, context, first + 3), k.attributes);
+  const auto [lp, p] = validated_inputs(api, context, first, k.attributes);
   const Reduction reduction = k.attributes.reduction;
   const dctc_cuda::Call call =
       plan(k.grad ? dctc_cuda::Kind::kGrad : dctc_cuda::Kind::kLoss, p, k.attributes, sizeof(scalar_t));
@@ -167,9 +165,7 @@ void compute_cuda(const Kernel& k, OrtKernelContext* context) {
 template <typename scalar_t>
 void compute_cuda_align(const Kernel& k, OrtKernelContext* context) {
   const OrtApi* api = k.api;
-  const Tensor lp = input(api, context, 0);
-  const Problem p = validate(lp, input(api, context, 1), input(api, context, 2), input(api, context, 3),
-                             k.attributes);
+  const auto [lp, p] = validated_inputs(api, context, 0, k.attributes);
   const dctc_cuda::Call call = plan(dctc_cuda::Kind::kAlign, p, k.attributes, sizeof(scalar_t));
   const std::vector<std::int64_t> upload = upload_block(call, p, k.attributes.reduction);
   const Target target = launch_target(api, context, 0);

@@ -197,6 +197,13 @@ void set_common_fields(OrtCustomOp& op) {
   op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
 }
 
+Inputs validated_inputs(const OrtApi* api, OrtKernelContext* context, std::size_t first, const Attributes& attributes) {
+  Tensor lp = input(api, context, first);
+  Problem p = validate(lp, input(api, context, first + 1), input(api, context, first + 2),
+                       input(api, context, first + 3), attributes);
+  return {std::move(lp), std::move(p)};
+}
+
 // validation.py's validate, in its order and with its messages.
 Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in, const Tensor& tl_in,
                  const Attributes& attributes) {
@@ -411,9 +418,7 @@ template <typename scalar_t>
 void compute(const Kernel& k, OrtKernelContext* context) {
   const OrtApi* api = k.api;
   const std::size_t first = k.grad ? 1 : 0;  // CTCLossGrad's d_loss comes first
-  const Tensor lp = input(api, context, first);
-  const Problem p = validate(lp, input(api, context, first + 1), input(api, context, first + 2),
-                             input(api, context, first + 3), k.attributes);
+  const auto [lp, p] = validated_inputs(api, context, first, k.attributes);
   const Reduction reduction = k.attributes.reduction;
   const std::int64_t N = p.N;
   const scalar_t* log_probs = static_cast<const scalar_t*>(lp.data);
@@ -527,9 +532,7 @@ struct AlignRun {
 template <typename scalar_t>
 void compute_align(const AlignKernel& k, OrtKernelContext* context) {
   const OrtApi* api = k.api;
-  const Tensor lp = input(api, context, 0);
-  const Problem p = validate(lp, input(api, context, 1), input(api, context, 2), input(api, context, 3),
-                             Attributes{k.blank, Reduction::kMean, false});
+  const auto [lp, p] = validated_inputs(api, context, 0, Attributes{k.blank, Reduction::kMean, false});
   const std::vector<std::int64_t> shape(p.shape.begin(), p.shape.end() - 1);  // (T, N) or (T,)
   std::int64_t* alignment = output<std::int64_t>(api, context, shape, 0);
   scalar_t* scores = output<scalar_t>(api, context, shape, 1);

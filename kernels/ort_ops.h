@@ -90,6 +90,14 @@ struct Problem {
 Problem validate(const Tensor& lp, const Tensor& targets_in, const Tensor& il_in, const Tensor& tl_in,
                  const Attributes& attributes);
 
+// The log-probs and the validated batch of a call whose inputs first .. first + 3 are log_probs, targets,
+// input_lengths and target_lengths (first = 1 for CTCLossGrad, whose d_loss comes first).
+struct Inputs {
+  Tensor lp;
+  Problem p;
+};
+Inputs validated_inputs(const OrtApi* api, OrtKernelContext* context, std::size_t first, const Attributes& attributes);
+
 // CTCLossGrad's d_loss: a scalar or the loss's shape (api.py's _grad_scale); reads only its shape.
 void check_d_loss(const Tensor& d_loss, const Problem& p, Reduction reduction);
 

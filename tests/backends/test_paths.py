@@ -31,17 +31,8 @@ def backend(request):
 
 
 def random_batch(rng, T, N, C, S, aligned=False, full=False):
-    """``(lp, targets, il, tl)``: random targets with repeats (sample 0, or with ``full`` all, of length S), input
-    lengths from each target's shortest feasible one to T (sample 0, or all, of length T); lp random, or confident
-    along a random alignment of each target."""
-    tl = np.full(N, S) if full else rng.integers(S // 2, S + 1, N)
-    tl[0] = S
-    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
-    shortest = np.array([oracles.minimal_input_length(targets[n, :tl[n]]) for n in range(N)])
-    il = np.full(N, T) if full else rng.integers(np.minimum(shortest, T), T + 1)
-    il[0] = T
-    lp = oracles.aligned_log_probs(rng, targets, il, tl, C) if aligned else oracles.random_log_probs(rng, T, N, C)
-    return lp, targets, il, tl
+    """:func:`tests.utils.oracles.random_batch`: random log-probs, or confident along each target with ``aligned``."""
+    return oracles.random_batch(rng, T, N, C, S, full=full, aligned=aligned)
 
 
 def run_paths(lp, targets, il, tl, with_grad=True):

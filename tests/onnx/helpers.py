@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tests.utils.oracles import Tolerance, random_log_probs, random_targets
+from tests.utils.oracles import Tolerance, concatenate_targets, random_log_probs, random_targets
 
 #: The portable body computes in the input's float type: float32 log-space recursions over T <= 60 frames
 #: lose ~T*6e-8 relative (here < 1e-6); gradient entries lie in [-|d_loss|, |d_loss|] with |d_loss| < 4.
@@ -29,8 +29,15 @@ class Problem:
                 "input_lengths": np.asarray(self.input_lengths, dtype=int_dtype),
                 "target_lengths": np.asarray(self.target_lengths, dtype=int_dtype)}
 
-    def args(self):
-        return self.log_probs, self.targets, self.input_lengths, self.target_lengths
+    def args(self, layout: str = "padded"):
+        """``(log_probs, targets, input_lengths, target_lengths)`` with targets "padded" (N, S), "concatenated"
+        (sum of the target lengths,), or "unbatched": sample 0 alone, log_probs (T, C) and targets (S,)."""
+        lp, targets, il, tl = self.log_probs, self.targets, self.input_lengths, self.target_lengths
+        if layout == "concatenated":
+            targets = concatenate_targets(targets, tl)
+        elif layout == "unbatched":
+            lp, targets, il, tl = lp[:, 0], targets[0, :tl[0]], il[0], tl[0]
+        return lp, targets, il, tl
 
 
 def make_problem(rng, T, N, C, S, dtype=np.float32, blank=0, input_lengths=None, target_lengths=None,

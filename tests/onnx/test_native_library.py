@@ -60,11 +60,7 @@ def feeds_of(lp, targets, il, tl, int_types=(np.int64, np.int64, np.int64)) -> d
 def test_bit_identical_to_the_python_api(rng, dtype, int_types, layout, reduction):
     p = make_problem(rng, T=25, N=1 if layout == "unbatched" else 5, C=7, S=6, dtype=dtype, blank=3)
     p.input_lengths[-1] = 1  # infeasible unless its target is empty: +inf, then 0 under zero_infinity
-    lp, targets, il, tl = p.args()
-    if layout == "concatenated":
-        targets = concatenate_targets(targets, tl)
-    elif layout == "unbatched":
-        lp, targets, il, tl = lp[:, 0], targets[0, :tl[0]], il[0], tl[0]
+    lp, targets, il, tl = p.args(layout)
     attrs = dict(blank=3, reduction=reduction, zero_infinity=int(rng.integers(2)))
     feeds = feeds_of(lp, targets, il, tl, int_types)
     d_loss = rng.uniform(0.5, 2.0, np.shape(deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs))).astype(dtype)

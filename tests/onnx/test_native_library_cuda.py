@@ -30,7 +30,7 @@ from tests.onnx.helpers import make_problem, native_library_or_skip, node_model 
 from tests.utils import cuda_harness  # noqa: E402
 from tests.utils.cuda_harness.launch import build_ort_library  # noqa: E402
 from tests.utils.gpu import gpu_count  # noqa: E402
-from tests.utils.oracles import FLOAT32_COMPUTE, assert_close, concatenate_targets, torch_reference  # noqa: E402
+from tests.utils.oracles import FLOAT32_COMPUTE, assert_close, torch_reference  # noqa: E402
 
 #: Threads per block the launch code (ctc_launch.cu) gives each kernel at most: registers x threads must fit the
 #: 65536-register file of sm_80 / sm_90.
@@ -121,9 +121,7 @@ def test_needs_no_cuda_library_at_load_time(cuda_library):
 def test_cpu_session_serves_the_cpu_ops_as_the_python_api(cuda_library, rng, dtype, int_dtype, layout):
     p = make_problem(rng, T=20, N=4, C=6, S=5, dtype=dtype, blank=2)
     p.input_lengths[-1] = 1  # infeasible unless its target is empty
-    lp, targets, il, tl = p.args()
-    if layout == "concatenated":
-        targets = concatenate_targets(targets, tl)
+    lp, targets, il, tl = p.args(layout)
     feeds = feeds_of(lp, targets, il, tl, int_dtype)
     attrs = dict(blank=2, reduction="none", zero_infinity=1)
     loss = session(cuda_library, node_model("CTCLoss", feeds, **attrs)).run(None, feeds)[0]
@@ -228,11 +226,7 @@ def test_cuda_ops_host_code_matches_torch(ops_on_cpu, rng, dtype, int_dtype, lay
     unwritten would hold the arena's leftovers."""
     p = make_problem(rng, T=14, N=1 if layout == "unbatched" else 4, C=6, S=4, dtype=dtype, blank=1)
     p.input_lengths[-1] = 1  # infeasible unless its target is empty
-    lp, targets, il, tl = p.args()
-    if layout == "concatenated":
-        targets = concatenate_targets(targets, tl)
-    elif layout == "unbatched":
-        lp, targets, il, tl = lp[:, 0], targets[0, :tl[0]], il[0], tl[0]
+    lp, targets, il, tl = p.args(layout)
     feeds = feeds_of(lp, targets, il, tl, int_dtype)
     for reduction in ("none", "mean", "sum"):
         attrs = dict(blank=1, reduction=reduction, zero_infinity=bool(rng.integers(2)))
@@ -296,11 +290,7 @@ def run_on_cuda(library, op, feeds, **attrs):
 def test_cuda_provider_matches_torch(cuda_provider, rng, dtype, int_dtype, reduction, layout):
     p = make_problem(rng, T=30, N=1 if layout == "unbatched" else 5, C=7, S=6, dtype=dtype, blank=1)
     p.input_lengths[-1] = 1  # infeasible unless its target is empty: +inf, 0 under zero_infinity
-    lp, targets, il, tl = p.args()
-    if layout == "concatenated":
-        targets = concatenate_targets(targets, tl)
-    elif layout == "unbatched":
-        lp, targets, il, tl = lp[:, 0], targets[0, :tl[0]], il[0], tl[0]
+    lp, targets, il, tl = p.args(layout)
     attrs = dict(blank=1, reduction=reduction, zero_infinity=bool(rng.integers(2)))
     feeds = feeds_of(lp, targets, il, tl, int_dtype)
     loss_shape = np.shape(deploy_ctc.ctc_loss(lp, targets, il, tl, **attrs))

@@ -170,6 +170,21 @@ def minimal_input_length(target) -> int:
     return len(target) + sum(a == b for a, b in zip(target, target[1:]))
 
 
+def random_batch(rng, T, N, C, S, full=False, aligned=False, scale=1.0, dtype=np.float64):
+    """``(lp, targets, il, tl)`` of a random batch: targets with repeats of lengths in ``[S/2, S]`` (sample 0, or with
+    ``full`` every sample, of length S), input lengths from each target's shortest feasible one to T (sample 0, or
+    all, of length T); log-probs random (``scale`` times standard normal logits, rounded to ``dtype``), or confident
+    along a random alignment of each target with ``aligned``."""
+    tl = np.full(N, S) if full else rng.integers(S // 2, S + 1, N)
+    tl[0] = S
+    targets = random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
+    shortest = np.array([minimal_input_length(targets[n, :tl[n]]) for n in range(N)])
+    il = np.full(N, T) if full else rng.integers(np.minimum(shortest, T), T + 1)
+    il[0] = T
+    lp = aligned_log_probs(rng, targets, il, tl, C) if aligned else random_log_probs(rng, T, N, C, dtype, scale)
+    return lp, targets, il, tl
+
+
 def concatenate_targets(targets, target_lengths):
     """Padded (N, S) targets -> concatenated 1-D (sum(target_lengths),)."""
     return np.concatenate([np.asarray(row[:length]) for row, length in zip(targets, target_lengths)]

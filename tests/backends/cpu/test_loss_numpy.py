@@ -21,15 +21,8 @@ pytest.importorskip("torch", reason="torch (the test extra) is the float64 oracl
 
 
 def batch(rng, T, N, C, S, scale=1.0, dtype=np.float64, full=False):
-    """``(lp, targets, il, tl)``: random log-probs, targets of lengths in [S/2, S] with repeats, input lengths from
-    the shortest feasible one to T (sample 0, or with ``full`` every sample, at S and T)."""
-    tl = np.full(N, S) if full else rng.integers(S // 2, S + 1, N)
-    tl[0] = S
-    targets = oracles.random_targets(rng, tl, C, 0, S=S, repeat_prob=0.3)
-    shortest = np.array([oracles.minimal_input_length(targets[n, :tl[n]]) for n in range(N)])
-    il = np.full(N, T) if full else rng.integers(np.minimum(shortest, T), T + 1)
-    il[0] = T
-    return oracles.random_log_probs(rng, T, N, C, dtype, scale), targets, il, tl
+    """:func:`tests.utils.oracles.random_batch` with random (``scale``-times) log-probs."""
+    return oracles.random_batch(rng, T, N, C, S, full=full, scale=scale, dtype=dtype)
 
 
 def loss_only(lp, targets, il, tl, reduction="none", zero_infinity=False):
