@@ -70,6 +70,7 @@ constexpr double kEmitFloor = 415.0;
 constexpr double kMaxGap = 900.0;
 constexpr double kMaxExcess = 900.0;
 constexpr std::int64_t kEmitBlock = 32;  // frames whose emissions the loss-only pass computes ahead
+constexpr std::int64_t kEmitPad = 8;     // the emission loop's length is a multiple of this (whole vectors)
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bit_cast(From from) {
@@ -227,7 +228,7 @@ struct Lane {
   double* b_blank[2];   // (S_max + 2,)    be_{t+1} and be_t (a zero beyond S)
   double* b_label[2];   // (width,)        bo_{t+1} and bo_t at +1
   double* skip;         // (S_max + 1,)    k_i, and k_S = 0
-  double* unique_emit;    // (S_max,)      y_t of each distinct label, by slot
+  double* unique_emit;    // (S_max + 1 + kEmitPad,) y_t of each distinct label, by slot, then the blank
   std::int64_t* offset;   // (S_max,)      classes[j] * sc: element offset of slot j's class within a row of lp
   std::int64_t* classes;  // (S_max,)      the distinct labels, in slot order
   std::int32_t* slot;     // (S_max,)      slot of l_i
@@ -277,7 +278,7 @@ struct Lane {
     take(log_blank, s_max + 1);
     take(log_label, s_max);
     take(skip, s_max + 1);
-    take(unique_emit, s_max);
+    take(unique_emit, s_max + kEmitPad + 1);
     take(offset, s_max);
     take(classes, s_max);
     take(scale, t_max);
@@ -301,7 +302,7 @@ struct Lane {
     take(emit_label, kEmitBlock * s_max);
     take(emit_blank, kEmitBlock);
     take(skip, s_max + 1);
-    take(unique_emit, s_max);
+    take(unique_emit, s_max + kEmitPad + 1);
     take(offset, s_max);
     take(classes, s_max);
     take(slot, s_max);
@@ -341,36 +342,42 @@ struct FrameCheck {
 };
 
 // One frame's emissions, with m the frame's largest log-prob among the sample's classes: y[i] = exp(lp[t, l_i] - m)
-// for the target's positions (one exponential per distinct class, in unique_emit by slot) and *yb for the blank;
-// returns m, or -inf when every class is -inf (nothing else is then written). `ahead`'s lines of the same classes
-// are prefetched.
+// for the target's positions (one exponential per distinct class, in unique_emit by slot, the blank after them) and
+// *yb for the blank; returns m, or -inf when every class is -inf (nothing else is then written). `ahead`'s lines of
+// the same classes are prefetched.
 template <typename scalar_t>
 inline double frame_emissions(Lane& w, const scalar_t* row, const scalar_t* ahead, std::int64_t blank_offset,
                               double* y, double* yb, FrameCheck* check) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   double* u = w.unique_emit;
-  for (std::int64_t j = 0; j < w.count; ++j) {  // a plain gather: no dependency between iterations
+  const std::int64_t count = w.count, used = count + 1;  // the distinct labels, then the blank
+  for (std::int64_t j = 0; j < count; ++j) {  // a plain gather: no dependency between iterations
     __builtin_prefetch(ahead + w.offset[j]);  // a wide row is read from memory, one line per label
     u[j] = static_cast<double>(row[w.offset[j]]);
   }
-  const double b = static_cast<double>(row[blank_offset]);
-  double m = b == b ? b : -kInf;  // NaN: poisons its own emission below
+  u[count] = static_cast<double>(row[blank_offset]);
+  double m = -kInf;  // NaN is skipped here and poisons its own emission below
 #pragma omp simd reduction(max : m)
-  for (std::int64_t j = 0; j < w.count; ++j) m = u[j] > m ? u[j] : m;
+  for (std::int64_t j = 0; j < used; ++j) m = u[j] > m ? u[j] : m;
   if (!(m > -kInf)) return m;
-  const double blank_log = b - m;
-  double lowest = blank_log > -kInf ? blank_log : 0.0;
-  int zero = blank_log == -kInf, special = blank_log != blank_log;
+  double lowest = 0.0;
+  int zero = 0, special = 0;
 #pragma omp simd reduction(min : lowest) reduction(| : zero, special)
-  for (std::int64_t j = 0; j < w.count; ++j) {
+  for (std::int64_t j = 0; j < used; ++j) {
     const double d = u[j] - m;
     lowest = d < lowest && d > -kInf ? d : lowest;
     zero |= d == -kInf;
     special |= d != d;
-    u[j] = exp_poly(d);
+    u[j] = d;
   }
+  // The exponentials over whole vectors: the padding up to kEmitPad holds m - m = 0 (exp 1, never read), so no
+  // element is left to a scalar remainder loop, whose exponentials would each be a long dependency chain.
+  const std::int64_t padded = (used + kEmitPad - 1) / kEmitPad * kEmitPad;
+  for (std::int64_t j = used; j < padded; ++j) u[j] = 0.0;
+#pragma omp simd
+  for (std::int64_t j = 0; j < padded; ++j) u[j] = exp_poly(u[j]);
   for (std::int64_t i = 0; i < w.S; ++i) y[i] = u[w.slot[i]];
-  *yb = exp_poly(blank_log);
+  *yb = u[count];
   check->lowest = lowest, check->zero = zero != 0, check->special = special != 0;
   return m;
 }
