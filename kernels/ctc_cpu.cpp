@@ -1033,6 +1033,32 @@ bool exponent_sample(Lane& w, const GradientTarget<scalar_t>* grad, double* nll)
 constexpr int kMaxLanes = 4;
 constexpr std::size_t kLaneBytes = std::size_t(1) << 20;
 
+// The lanes of one call, carved from one allocation (as many as fit kLaneBytes, at most kMaxLanes), and the
+// class -> slot map Lane::start uses (all -1 between samples). `carve(lane, memory)` lays one lane out and returns
+// its size in bytes (memory == nullptr: only measures). ok() is false when the allocation failed.
+struct LaneGroup {
+  Lane lanes[kMaxLanes];
+  int count = 0;
+  char* memory = nullptr;
+  std::int32_t* slot_of = nullptr;
+
+  template <typename Carve>
+  LaneGroup(std::int64_t C, Carve carve) {
+    const std::size_t lane_bytes = carve(lanes[0], nullptr);
+    count = static_cast<int>(kLaneBytes / lane_bytes);
+    count = count < 1 ? 1 : (count > kMaxLanes ? kMaxLanes : count);
+    memory = static_cast<char*>(std::malloc(count * lane_bytes + sizeof(std::int32_t) * C));
+    if (memory == nullptr) return;
+    for (int j = 0; j < count; ++j) carve(lanes[j], memory + j * lane_bytes);
+    slot_of = reinterpret_cast<std::int32_t*>(memory + count * lane_bytes);
+    for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
+  }
+  LaneGroup(const LaneGroup&) = delete;
+  LaneGroup& operator=(const LaneGroup&) = delete;
+  ~LaneGroup() { std::free(memory); }
+  bool ok() const { return memory != nullptr; }
+};
+
 // Losses of the listed samples, forward recursion only (the loss-only pass above; the exact log-space forward for
 // the samples it leaves). Lanes of up to kMaxLanes samples advance in lockstep.
 template <typename scalar_t>
@@ -1045,15 +1071,11 @@ int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t s
     const std::int64_t n = samples[i];
     s_max = target_lengths[n] > s_max ? target_lengths[n] : s_max;
   }
-  const std::size_t lane_bytes = Lane().carve_forward(nullptr, s_max);
-  int lanes = static_cast<int>(kLaneBytes / lane_bytes);
-  lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);
-  char* memory = static_cast<char*>(std::malloc(lanes * lane_bytes + sizeof(std::int32_t) * C));
-  if (memory == nullptr) return -1;
-  Lane group[kMaxLanes];
-  for (int j = 0; j < lanes; ++j) group[j].carve_forward(memory + j * lane_bytes, s_max);
-  std::int32_t* slot_of = reinterpret_cast<std::int32_t*>(memory + lanes * lane_bytes);
-  for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
+  LaneGroup lane_group(C, [s_max](Lane& lane, char* memory) { return lane.carve_forward(memory, s_max); });
+  if (!lane_group.ok()) return -1;
+  Lane* group = lane_group.lanes;
+  const int lanes = lane_group.count;
+  std::int32_t* slot_of = lane_group.slot_of;
 
   for (std::int64_t first = 0; first < n_samples; first += lanes) {
     const int used = static_cast<int>(n_samples - first < lanes ? n_samples - first : lanes);
@@ -1090,7 +1112,6 @@ int run_loss(const scalar_t* lp, std::int64_t C, std::int64_t st, std::int64_t s
       ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
   }
-  std::free(memory);
   return 0;
 }
 
@@ -1110,15 +1131,11 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
   // A lane holds about (3 S + 5) T values: sizes a 64-bit byte count cannot hold (a broadcast log_probs can have
   // any T) are refused like a failed allocation, before any product of them is formed in integers.
   if (static_cast<double>(t_max) * (3.0 * static_cast<double>(s_max) + 16.0) * 8.0 > 0x1p60) return -1;
-  const std::size_t lane_bytes = Lane().carve(nullptr, t_max, s_max);
-  int lanes = static_cast<int>(kLaneBytes / lane_bytes);
-  lanes = lanes < 1 ? 1 : (lanes > kMaxLanes ? kMaxLanes : lanes);
-  char* memory = static_cast<char*>(std::malloc(lanes * lane_bytes + sizeof(std::int32_t) * C));
-  if (memory == nullptr) return -1;
-  Lane group[kMaxLanes];
-  for (int j = 0; j < lanes; ++j) group[j].carve(memory + j * lane_bytes, t_max, s_max);
-  std::int32_t* slot_of = reinterpret_cast<std::int32_t*>(memory + lanes * lane_bytes);
-  for (std::int64_t c = 0; c < C; ++c) slot_of[c] = -1;
+  LaneGroup lane_group(C, [t_max, s_max](Lane& lane, char* memory) { return lane.carve(memory, t_max, s_max); });
+  if (!lane_group.ok()) return -1;
+  Lane* group = lane_group.lanes;
+  const int lanes = lane_group.count;
+  std::int32_t* slot_of = lane_group.slot_of;
 
   for (std::int64_t first = 0; first < n_samples; first += lanes) {
     const int used = static_cast<int>(n_samples - first < lanes ? n_samples - first : lanes);
@@ -1157,7 +1174,6 @@ int run(const scalar_t* lp, std::int64_t N, std::int64_t C, std::int64_t st, std
       ok[w.n] = std::isnan(value) ? kLeft : (w.alive ? kFast : kExact);
     }
   }
-  std::free(memory);
   return 0;
 }
 

@@ -308,40 +308,18 @@ def test_concurrent_first_use_from_threads():
     assert out.split()[:2] == ["60", "60"] and out.strip().endswith("[]"), out
 
 
-# The library's first use starts on a thread; the process forks while that build holds the module's lock. The
-# child gives up after a minute (SIGALRM) rather than hang forever where it would deadlock.
-FORK_DURING_BUILD = """
-import os, signal, sys, threading, time
-from pathlib import Path
-from deploy_ctc.onnx import native_library
-builder = threading.Thread(target=native_library.describe)
-builder.start()
-while not Path(sys.argv[1]).exists():
-    time.sleep(0.01)
-pid = os.fork()
-if pid == 0:
-    signal.alarm(60)
-    try:
-        print("child:", native_library.describe(), flush=True)
-    finally:
-        os._exit(0)
-_, status = os.waitpid(pid, 0)
-builder.join()
-print("parent:", native_library.describe(), "status", status)
-"""
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_process_forked_during_the_first_build_does_not_hang(tmp_path):
     """A stub compiler builds (slowly) a library exporting RegisterCustomOps, next to an empty header folder."""
-    from tests.backends.cpu.test_native_build import stub_environment
+    from tests.backends.cpu.test_native_build import FORK_DURING_BUILD, stub_environment
 
     include = tmp_path / "include"
     include.mkdir()
     (include / native_library.HEADER).write_text("")
     environment = stub_environment(tmp_path, tmp_path / "cache", names=[native_library.SYMBOL],
                                    **{native_library.INCLUDE_ENV: str(include)})
-    result = subprocess.run([sys.executable, "-c", FORK_DURING_BUILD, str(tmp_path / "builds.log")],
+    script = FORK_DURING_BUILD.format(module="deploy_ctc.onnx.native_library")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "builds.log")],
                             capture_output=True, text=True, env=environment, timeout=120)
     assert result.returncode == 0, result.stderr
     library = next((tmp_path / "cache").glob("deploy_ctc_ort-*.so"))
